@@ -1,0 +1,1 @@
+"""Lightning callbacks (metrics file, export, diagnostics, influence, ...)."""

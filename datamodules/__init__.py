@@ -1,0 +1,1 @@
+"""LightningDataModules: local text, synthetic corpora, federated clients, tasks, questions."""

@@ -1,0 +1,1 @@
+"""LightningModules, one file per method, plus the shared causal-LM module."""

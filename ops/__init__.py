@@ -1,0 +1,1 @@
+"""Lightning-free math, one file per method: pure functions with unit tests."""

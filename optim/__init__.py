@@ -1,0 +1,1 @@
+"""torch.optim optimizers, learning-rate schedules and subproblem solvers."""

@@ -1,0 +1,1 @@
+"""Custom Lightning strategies and FSDP helpers."""

@@ -1,0 +1,30 @@
+"""Test-wide settings: offline Hugging Face, few threads, shared tiny assets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return REPO_ROOT / "data" / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def corpus_file() -> Path:
+    return REPO_ROOT / "data" / "corpus" / "python_docs.jsonl"
