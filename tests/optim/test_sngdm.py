@@ -1,0 +1,98 @@
+"""Spec §7 SNGDM tests: exact step norm, beta=0 normalized GD, clipped == SGD, state round-trip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optim.sngdm import SNGDM
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(3, 4, generator=gen, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(5, generator=gen, dtype=torch.float64)),
+    ]
+
+
+def _set_grads(params, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+
+def _flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in params])
+
+
+def test_normalized_step_norm_equals_lr():
+    params = _params()
+    opt = SNGDM(params, lr=0.37, momentum=0.9)
+    for t in range(5):
+        before = _flat(params)
+        _set_grads(params, seed=t)
+        opt.step()
+        assert float(torch.linalg.vector_norm(_flat(params) - before)) == pytest.approx(
+            0.37, rel=1e-12
+        )
+
+
+def test_beta_zero_is_normalized_gd_with_global_norm():
+    params = _params()
+    opt = SNGDM(params, lr=0.1, momentum=0.0)
+    _set_grads(params, seed=1)
+    grads = torch.cat([p.grad.flatten() for p in params])
+    before = _flat(params)
+    opt.step()
+    expected = before - 0.1 * grads / torch.linalg.vector_norm(grads)
+    assert torch.allclose(_flat(params), expected, atol=1e-14, rtol=0)
+
+
+def test_clipped_equals_sgd_below_threshold_and_clips_above():
+    a, b = _params(), _params()
+    clipped = SNGDM(a, lr=0.1, momentum=0.5, mode="clipped", clip_threshold=1e6)
+    sgd = SNGDM(b, lr=0.1, momentum=0.5, mode="sgd")
+    for t in range(4):
+        _set_grads(a, seed=t)
+        _set_grads(b, seed=t)
+        clipped.step()
+        sgd.step()
+    assert torch.allclose(_flat(a), _flat(b), atol=1e-14, rtol=0)
+    # Above the threshold the step norm is exactly c.
+    c = _params()
+    opt = SNGDM(c, lr=10.0, momentum=0.0, mode="clipped", clip_threshold=0.01)
+    before = _flat(c)
+    _set_grads(c, seed=9)
+    opt.step()
+    assert float(torch.linalg.vector_norm(_flat(c) - before)) == pytest.approx(0.01, rel=1e-12)
+
+
+def test_state_round_trip():
+    a = _params()
+    opt_a = SNGDM(a, lr=0.05, momentum=0.9, mode="clipped", clip_threshold=0.3)
+    for t in range(3):
+        _set_grads(a, seed=t)
+        opt_a.step()
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_b = SNGDM(b, lr=1.0, momentum=0.1)
+    # deepcopy as a checkpoint would: torch's state_dict() shares the buffer tensors.
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    assert opt_b.mode == "clipped" and opt_b.clip_threshold == 0.3
+    for t in range(3, 6):
+        _set_grads(a, seed=t)
+        _set_grads(b, seed=t)
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(_flat(a), _flat(b))
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="mode"):
+        SNGDM(_params(), mode="adam")
+    with pytest.raises(ValueError, match="clip_threshold"):
+        SNGDM(_params(), mode="clipped")
+    with pytest.raises(ValueError, match="momentum"):
+        SNGDM(_params(), momentum=1.0)
