@@ -1,0 +1,69 @@
+"""Goldfish loss masks (spec section 7, Goldfish)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ops.goldfish import goldfish_cross_entropy, goldfish_drop_mask
+
+
+def _ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, 100, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_mask_is_deterministic_across_calls_and_rows():
+    ids = _ids(4, 64)
+    m1 = goldfish_drop_mask(ids, k=4, h=13)
+    assert torch.equal(m1, goldfish_drop_mask(ids, k=4, h=13))
+    stacked = torch.cat([ids[:1], ids[:1]], 0)
+    m2 = goldfish_drop_mask(stacked, k=4, h=13)
+    assert torch.equal(m2[0], m2[1]) and torch.equal(m2[0], m1[0])
+    # Depends only on the h-token window: a shifted copy gets the shifted mask.
+    shifted = torch.cat([torch.tensor([[7, 8, 9]]), ids[:1]], 1)
+    assert torch.equal(goldfish_drop_mask(shifted, 4, 13)[0, 3 + 12 :], m1[0, 12:])
+
+
+def test_drop_rate_within_4_sigma_of_one_over_k():
+    k, h = 4, 13
+    mask = goldfish_drop_mask(_ids(64, 512, seed=1), k=k, h=h)
+    n = mask[:, h - 1 :].numel()
+    rate = float(mask[:, h - 1 :].float().mean())
+    assert abs(rate - 1 / k) <= 4 * math.sqrt((1 / k) * (1 - 1 / k) / n)
+
+
+def test_first_positions_never_dropped_and_static_positions():
+    h = 5
+    mask = goldfish_drop_mask(_ids(32, 40), k=1.5, h=h)
+    assert not bool(mask[:, : h - 1].any())
+    static = goldfish_drop_mask(_ids(1, 10), k=3, strategy="static")
+    assert static[0].nonzero().flatten().tolist() == [2, 5, 8]
+    static0 = goldfish_drop_mask(_ids(1, 10), k=3, strategy="static", start=0)
+    assert static0[0].nonzero().flatten().tolist() == [0, 3, 6, 9]
+
+
+def test_wrapping_product_matches_mod_product_when_no_overflow():
+    ids = torch.randint(2, 5, (3, 30), generator=torch.Generator().manual_seed(2))
+    a = goldfish_drop_mask(ids, k=4, h=4, hash_mode="mod_product")
+    b = goldfish_drop_mask(ids, k=4, h=4, hash_mode="wrapping_product")
+    assert torch.equal(a, b)
+
+
+def test_k_infinite_is_plain_cross_entropy_and_dropped_tokens_get_no_gradient():
+    logits = torch.randn(2, 20, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 20))
+    targets[0, :3] = -100
+    mask = goldfish_drop_mask(targets.clamp(min=0), k=float("inf"))
+    plain = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(goldfish_cross_entropy(logits, targets, mask), plain)
+    mask = goldfish_drop_mask(targets.clamp(min=0), k=2, strategy="static")
+    goldfish_cross_entropy(logits, targets, mask).backward()
+    assert float(logits.grad[mask].abs().sum()) == 0.0
+
+
+def test_bad_k_raises():
+    with pytest.raises(ValueError, match="k must be"):
+        goldfish_drop_mask(_ids(1, 10), k=0.5)

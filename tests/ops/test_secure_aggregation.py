@@ -1,0 +1,82 @@
+"""Pairwise-masked secure aggregation (spec section 7, SecAgg)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ops.secure_aggregation import (
+    check_no_wrap,
+    dequantize,
+    error_bound,
+    mask_update,
+    pair_seed,
+    pairwise_mask,
+    quantize,
+    secure_sum,
+    unmask_sum,
+)
+
+F, M_BITS = 24, 40
+M = 2**M_BITS
+
+
+def test_masks_sum_to_zero_and_unmasked_sum_is_exact_integer_sum():
+    parts = [0, 3, 5, 9]
+    zeros = torch.zeros(1000, dtype=torch.int64)
+    masked_zeros = [mask_update(zeros, c, parts, 7, 2, M_BITS) for c in parts]
+    total = torch.zeros_like(zeros)
+    for y in masked_zeros:
+        total = torch.remainder(total + y, M)
+    assert torch.equal(total, zeros)
+
+    g = torch.Generator().manual_seed(0)
+    updates = [0.2 * torch.randn(1000, generator=g) for _ in parts]
+    encoded = [quantize(u, 1.0, F, M_BITS)[0] for u in updates]
+    ys = [mask_update(e, c, parts, 7, 2, M_BITS) for e, c in zip(encoded, parts, strict=True)]
+    int_sum = sum(torch.round(u.double() * 2**F).long() for u in updates)
+    assert torch.equal(unmask_sum(ys, F, M_BITS), int_sum.double() / 2**F)
+
+
+def test_secure_sum_within_quantization_error_and_negative_values_round_trip():
+    g = torch.Generator().manual_seed(1)
+    updates = [0.3 * torch.randn(50, 20, generator=g) for _ in range(3)]
+    plain = sum(u.double().clamp(-1, 1) for u in updates)  # bound holds "plus clipping"
+    secure = secure_sum(updates, [0, 1, 2], master_seed=1, round_index=0)
+    assert float((secure - plain).abs().max()) <= error_bound(3, F) + 1e-12
+    neg = torch.tensor([-0.5, -1e-3, -0.99])
+    q, clipped = quantize(neg, 1.0, F, M_BITS)
+    assert clipped == 0
+    torch.testing.assert_close(dequantize(q, F, M_BITS), neg.double(), atol=2.0**-F, rtol=0)
+
+
+def test_clipping_is_counted():
+    q, clipped = quantize(torch.tensor([2.0, -3.0, 0.5]), 1.0, F, M_BITS)
+    assert clipped == 2
+    torch.testing.assert_close(dequantize(q, F, M_BITS), torch.tensor([1.0, -1.0, 0.5]).double())
+
+
+def test_overflow_guard_raises():
+    with pytest.raises(ValueError, match="overflow"):
+        check_no_wrap(num_clients=3, clip_range=1.0, frac_bits=24, modulus_bits=26)
+    check_no_wrap(num_clients=3, clip_range=1.0, frac_bits=24, modulus_bits=40)
+
+
+def test_single_masked_vector_looks_uniform_and_uncorrelated():
+    g = torch.Generator().manual_seed(2)
+    u = 0.5 * torch.randn(20000, generator=g)
+    e, _ = quantize(u, 1.0, F, M_BITS)
+    y = mask_update(e, 0, [0, 1, 2], 11, 0, M_BITS)
+    y_unit = y.double() / M
+    assert abs(float(y_unit.mean()) - 0.5) < 0.01  # mean ~ M/2
+    corr = torch.corrcoef(torch.stack([y_unit, u.double()]))[0, 1]
+    assert abs(float(corr)) < 0.03
+
+
+def test_pair_seed_is_symmetric_input_checked_and_round_dependent():
+    assert pair_seed(0, 1, 2, 5) == pair_seed(0, 1, 2, 5)
+    assert pair_seed(0, 1, 2, 5) != pair_seed(0, 2, 2, 5)
+    with pytest.raises(ValueError, match="i < j"):
+        pair_seed(0, 1, 5, 2)
+    m = pairwise_mask(3, 100, M_BITS)
+    assert int(m.min()) >= 0 and int(m.max()) < M
