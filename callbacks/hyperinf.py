@@ -1,0 +1,295 @@
+"""HyperINF influence scores of the training examples, computed at the end of fit or validate.
+
+The callback scores every training example of ``trainer.datamodule`` by its influence on the mean
+validation loss (``ops.influence``; ``> 0`` = harmful) with the trainable parameters selected by
+``include``/``exclude`` (LoRA ``A``/``B`` and a head by default), for several methods side by side.
+It writes ``influence.csv`` (or ``.parquet``) and ``influence_summary.json`` to
+``<log_dir>/influence``, logs score statistics, a histogram per method and the top/bottom examples
+to the logger, and, if the flipped labels are known (datamodule ``noisy_mask`` or
+``noise_index_path``), the detection ROC-AUC and recall at 10%/20% inspected.
+
+DDP: every rank scores its own shard (``rank::world_size``, no padding), the curvature statistics
+are all-reduced, and the scores are gathered on rank 0, which writes the files.
+
+The LightningModule must provide ``per_sample_loss(batch) -> Tensor[B]``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from callbacks.hyperinf_report import log_influence, noise_metrics, write_table
+from ops.influence_config import DampingConfig, GradConfig, LissaConfig, SchulzConfig
+from ops.influence_engine import InfluenceEngine, InfluenceResult
+from ops.per_sample_grads import select_params
+
+
+class _Indexed(Dataset):
+    """Yields ``(position, item)`` for the positions of one shard."""
+
+    def __init__(self, dataset: Dataset, positions: list[int]):
+        self.dataset, self.positions = dataset, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return self.positions[i], self.dataset[self.positions[i]]
+
+
+class HyperINFCallback(L.Callback):
+    """Influence of every training example on the validation loss (HyperINF + baselines).
+
+    Args:
+        methods: methods to run, side by side; the first is primary (its top/bottom examples are
+            logged). Any of ``hyperinf``, ``exact_gfim``, ``datainf``, ``lissa``,
+            ``lissa_code_faithful``, ``exact_fim``, ``grad_dot``, ``hyperinf_mislabel``,
+            ``hyperinf_llm_selection``, ``hyperinf_vlm_selection``.
+        include: substrings of the names of the trainable parameters to use.
+        exclude: substrings of parameter names to leave out.
+        damping: damping of the curvature (relative DataInf heuristic by default).
+        schulz: Schulz iteration settings of ``hyperinf``.
+        lissa: LiSSA baseline settings.
+        grads: per-sample gradient settings (``vmap``/``loop``, batch size, cache, dtype).
+        code_faithful_preset: run ``hyperinf`` with an official preset (``mislabel``,
+            ``llm_selection``, ``vlm_selection``: fixed start ``5e-5``, 30/15 iterations).
+        run_on: ``fit_end`` (after ``trainer.fit``), ``validate`` (after ``trainer.validate``),
+            ``fit_end_or_validate`` (both) or ``manual`` (call :meth:`compute`).
+        output_dir: where to write the files (default ``<log_dir>/influence``).
+        output_format: ``csv`` or ``parquet`` for the score table.
+        noise_index_path: file listing the dataset positions of flipped labels (``.json`` list,
+            ``.pt`` tensor or one integer per line); default: the datamodule's ``noisy_mask``.
+        train_dataset_attr: datamodule attribute holding the training dataset.
+        val_dataset_attr: datamodule attribute holding the validation dataset.
+        top_k: number of top and bottom examples logged as text.
+    """
+
+    def __init__(
+        self,
+        methods: list[str] | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        damping: DampingConfig | None = None,
+        schulz: SchulzConfig | None = None,
+        lissa: LissaConfig | None = None,
+        grads: GradConfig | None = None,
+        code_faithful_preset: Literal["mislabel", "llm_selection", "vlm_selection"] | None = None,
+        run_on: Literal["fit_end", "validate", "fit_end_or_validate", "manual"] = (
+            "fit_end_or_validate"
+        ),
+        output_dir: str | None = None,
+        output_format: Literal["csv", "parquet"] = "csv",
+        noise_index_path: str | None = None,
+        train_dataset_attr: str = "train_dataset",
+        val_dataset_attr: str = "val_dataset",
+        top_k: int = 10,
+    ):
+        super().__init__()
+        self.methods = list(methods or ["hyperinf", "datainf", "grad_dot"])
+        self.include = list(include or ["lora_A", "lora_B"])
+        self.exclude = list(exclude or [])
+        self.damping, self.schulz = damping or DampingConfig(), schulz or SchulzConfig()
+        self.lissa, self.grads = lissa or LissaConfig(), grads or GradConfig()
+        self.preset = code_faithful_preset
+        if run_on not in ("fit_end", "validate", "fit_end_or_validate", "manual"):
+            raise ValueError(f"HyperINFCallback run_on={run_on!r} is not a known trigger")
+        if output_format not in ("csv", "parquet"):
+            raise ValueError(f"HyperINFCallback output_format={output_format!r}: csv or parquet")
+        self.run_on, self.output_dir, self.output_format = run_on, output_dir, output_format
+        self.noise_index_path = noise_index_path
+        self.train_attr, self.val_attr, self.top_k = train_dataset_attr, val_dataset_attr, top_k
+        # validate the method names and configs now, not after training
+        InfluenceEngine(
+            self.methods, self.damping, self.schulz, self.lissa, self.grads, self.preset
+        )
+        self.result: InfluenceResult | None = None
+        self.table: dict[str, torch.Tensor] | None = None
+        self.last_output: str | None = None
+
+    # -- hooks -----------------------------------------------------------------------------
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.run_on in ("fit_end", "fit_end_or_validate"):
+            self.compute(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        standalone = trainer.state.fn == TrainerFn.VALIDATING
+        if standalone and self.run_on in ("validate", "fit_end_or_validate"):
+            self.compute(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"methods": self.methods, "last_output": self.last_output}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_output = state_dict.get("last_output")
+
+    # -- work ------------------------------------------------------------------------------
+    def _dataset(self, trainer: L.Trainer, attr: str, stage: str) -> Dataset:
+        dm = trainer.datamodule
+        if dm is None:
+            raise ValueError("HyperINFCallback needs a LightningDataModule (trainer.datamodule)")
+        ds = getattr(dm, attr, None)
+        if ds is None:
+            dm.setup(stage)
+            ds = getattr(dm, attr, None)
+        if ds is None:
+            raise ValueError(
+                f"HyperINFCallback: {type(dm).__name__}.{attr} is missing or None; set "
+                f"{'train' if attr == self.train_attr else 'val'}_dataset_attr to the attribute "
+                "that holds the dataset"
+            )
+        return ds
+
+    def _batches(self, trainer: L.Trainer, pl_module: L.LightningModule, ds: Dataset, ids: dict):
+        rank, world = trainer.global_rank, trainer.world_size
+        positions = list(range(rank, len(ds), world))  # no padding, unlike DistributedSampler
+
+        def iterate():
+            loader = DataLoader(
+                _Indexed(ds, positions),
+                batch_size=self.grads.batch_size,
+                shuffle=False,
+                collate_fn=default_collate,
+            )
+            for index, item in loader:
+                if isinstance(item, dict):
+                    if "sample_id" in item:
+                        ids.update(zip(index.tolist(), item["sample_id"].tolist(), strict=True))
+                    item = {k: t for k, t in item.items() if isinstance(t, torch.Tensor)}
+                yield index, move_data_to_device(item, pl_module.device)
+
+        return iterate
+
+    def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> InfluenceResult:
+        """Score the training set now; returns this rank's result (rank 0 also writes files)."""
+        name = type(trainer.strategy).__name__
+        if "FSDP" in name or "DeepSpeed" in name:
+            raise RuntimeError(
+                f"HyperINFCallback does not support {name}: sharded parameters make per-sample "
+                "gradients incomplete; use DDP or a single device"
+            )
+        if not callable(getattr(pl_module, "per_sample_loss", None)):
+            raise TypeError(
+                f"{type(pl_module).__name__} has no per_sample_loss(batch) -> Tensor[B]; "
+                "HyperINFCallback needs it"
+            )
+        train_ds = self._dataset(trainer, self.train_attr, "fit")
+        val_ds = self._dataset(trainer, self.val_attr, "validate")
+        params = select_params(pl_module, self.include, self.exclude)
+
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            if trainer.world_size == 1:
+                return t
+            return trainer.strategy.reduce(t.clone(), reduce_op="sum")
+
+        engine = InfluenceEngine(
+            self.methods,
+            self.damping,
+            self.schulz,
+            self.lissa,
+            self.grads,
+            self.preset,
+            reduce_sum=reduce_sum,
+        )
+        ids: dict[int, int] = {}
+        was_training = pl_module.training
+        pl_module.eval()  # no dropout: deterministic per-sample gradients
+        try:
+            result = engine.run(
+                pl_module,
+                params,
+                pl_module.per_sample_loss,
+                self._batches(trainer, pl_module, train_ds, ids),
+                self._batches(trainer, pl_module, val_ds, {}),
+            )
+        finally:
+            pl_module.train(was_training)
+        self.result = result
+        table = self._gather(trainer, result, ids)
+        if trainer.is_global_zero:
+            self._report(trainer, table, result)
+        trainer.strategy.barrier("hyperinf")
+        return result
+
+    def _gather(self, trainer: L.Trainer, result: InfluenceResult, ids: dict[int, int]):
+        local = {"index": result.index, **{f"score_{m}": s for m, s in result.scores.items()}}
+        if ids:
+            local["sample_id"] = torch.tensor([ids[i] for i in result.index.tolist()])
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, local)
+            local = {k: torch.cat([p[k] for p in parts]) for k in local}
+        order = torch.argsort(local["index"])
+        return {k: t[order] for k, t in local.items()}
+
+    def _noise_mask(self, trainer: L.Trainer, n: int) -> torch.Tensor | None:
+        if self.noise_index_path is not None:
+            path = Path(self.noise_index_path)
+            if not path.exists():
+                raise FileNotFoundError(f"noise_index_path={path} does not exist")
+            if path.suffix == ".json":
+                index = torch.tensor(json.loads(path.read_text()), dtype=torch.long)
+            elif path.suffix == ".pt":
+                index = torch.as_tensor(torch.load(path)).long()
+            else:
+                index = torch.tensor([int(s) for s in path.read_text().split()], dtype=torch.long)
+            if index.numel() and (index.min() < 0 or index.max() >= n):
+                raise ValueError(f"{path}: indices must lie in [0, {n}), got {index.max()}")
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[index] = True
+            return mask
+        mask = getattr(trainer.datamodule, "noisy_mask", None)
+        return None if mask is None else torch.as_tensor(mask).bool()
+
+    def _report(self, trainer: L.Trainer, table: dict, result: InfluenceResult) -> None:
+        out = Path(
+            self.output_dir or Path(trainer.log_dir or trainer.default_root_dir, "influence")
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        n_total = result.stats.n if result.stats is not None else table["index"].numel()
+        mask = self._noise_mask(trainer, n_total)
+        if mask is not None:
+            table["is_noisy"] = mask[table["index"]]
+        self.table = table
+        path = write_table(table, out, self.output_format)
+        metrics = noise_metrics(table, self.methods) if mask is not None else {}
+        for m in self.methods:
+            metrics[f"influence/{m}/runtime_s"] = result.runtime_s[m]
+            if m in result.residuals:
+                metrics[f"influence/{m}/schulz_residual_max"] = max(result.residuals[m].values())
+        summary = {
+            "n_train": n_total,
+            "methods": self.methods,
+            "lambdas": result.lambdas,
+            "residuals": result.residuals,
+            "runtime_s": result.runtime_s,
+            "metrics": metrics,
+            "cached_gradients": result.cached,
+            "config": {
+                "include": self.include,
+                "exclude": self.exclude,
+                "damping": asdict(self.damping),
+                "schulz": asdict(self.schulz),
+                "lissa": asdict(self.lissa),
+                "grads": asdict(self.grads),
+                "code_faithful_preset": self.preset,
+            },
+            "table": str(path),
+        }
+        (out / "influence_summary.json").write_text(json.dumps(summary, indent=2))
+        self.last_output = str(path)
+        if trainer.logger is not None:
+            log_influence(trainer, table, self.methods, metrics, self.top_k)
+        elif metrics:
+            warnings.warn("HyperINFCallback: no logger, metrics only in the summary", stacklevel=2)

@@ -1,0 +1,86 @@
+"""Writing and logging of influence score tables (used by ``callbacks.hyperinf``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from ops.influence_metrics import detection_rate, roc_auc
+
+
+def write_table(table: dict[str, torch.Tensor], out_dir: Path, fmt: str) -> Path:
+    """Write the per-example table (``index``, ``sample_id``, ``score_<method>``, ...)."""
+    import pandas as pd
+
+    frame = pd.DataFrame({k: t.numpy() for k, t in table.items()})
+    path = out_dir / f"influence.{fmt}"
+    if fmt == "parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False)
+    return path
+
+
+def noise_metrics(table: dict[str, torch.Tensor], methods: list[str]) -> dict[str, float]:
+    """ROC-AUC and recall at 10%/20% inspected of "high score = flipped label", per method."""
+    mask = table["is_noisy"]
+    if mask.all() or not mask.any():
+        return {}
+    metrics = {}
+    for m in methods:
+        s = table[f"score_{m}"]
+        metrics[f"influence/{m}/auc"] = roc_auc(s, mask)
+        metrics[f"influence/{m}/detect_at_10"] = detection_rate(s, mask, 0.1)
+        metrics[f"influence/{m}/detect_at_20"] = detection_rate(s, mask, 0.2)
+    return metrics
+
+
+def _top_bottom_markdown(table: dict[str, torch.Tensor], method: str, k: int) -> str:
+    s = table[f"score_{method}"]
+    order = torch.argsort(s, descending=True)
+    cols = ["index", *(["sample_id"] if "sample_id" in table else [])]
+    cols += ["is_noisy"] if "is_noisy" in table else []
+
+    def rows(sel: torch.Tensor) -> list[str]:
+        return [
+            "| "
+            + " | ".join([*(str(table[c][i].item()) for c in cols), f"{s[i].item():.4g}"])
+            + " |"
+            for i in sel.tolist()
+        ]
+
+    head = "| " + " | ".join([*cols, "score"]) + " |\n|" + "---|" * (len(cols) + 1)
+    top = "\n".join([head, *rows(order[:k])])
+    bottom = "\n".join([head, *rows(order.flip(0)[:k])])
+    return (
+        f"**{method}: top {k} (most harmful)**\n\n{top}\n\n"
+        f"**{method}: bottom {k} (most helpful)**\n\n{bottom}"
+    )
+
+
+def log_influence(
+    trainer: L.Trainer,
+    table: dict[str, torch.Tensor],
+    methods: list[str],
+    metrics: dict[str, float],
+    top_k: int,
+) -> None:
+    """Log score statistics + ``metrics`` as scalars; histograms and top/bottom text if supported."""
+    step = trainer.global_step
+    scalars = dict(metrics)
+    for m in methods:
+        s = table[f"score_{m}"].double()
+        scalars[f"influence/{m}/score_mean"] = float(s.mean())
+        scalars[f"influence/{m}/score_std"] = float(s.std()) if s.numel() > 1 else 0.0
+    for logger in trainer.loggers:
+        logger.log_metrics(scalars, step=step)
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_histogram"):
+            for m in methods:
+                experiment.add_histogram(f"influence/{m}/scores", table[f"score_{m}"], step)
+            experiment.add_text(
+                "influence/top_bottom", _top_bottom_markdown(table, methods[0], top_k), step
+            )
+        logger.save()

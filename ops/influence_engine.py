@@ -1,0 +1,305 @@
+"""Influence engine: gradient passes, curvature, preconditioning and scores (spec 3.6).
+
+Passes over the data (no Lightning involved; ``reduce_sum`` makes it data-parallel):
+
+1. validation: ``v_l = (1/m) sum_j g_jl``;
+2. training: ``G_l = (1/n) sum_i g_il^T g_il``, ``S_l = sum_i mean(g_il^2)``, ``n`` (plus the dense
+   flattened Fisher only if ``lissa``/``exact_fim`` are requested); oriented gradients are cached
+   on CPU while they fit the budget;
+3. (``datainf`` only) training again for ``sum_i (v - c_i g_i)``, which needs ``lambda_l`` first;
+4. scores ``IF_i = - sum_l <h_l, g_il>`` from the cache, or from recomputed gradients (streaming).
+
+Streaming memory: ``sum_l (d_l^2 + 2 r_l d_l)`` floats per method plus one gradient batch,
+independent of the number of training examples ``n``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ops.influence import (
+    METHODS,
+    datainf_terms,
+    influence_scores,
+    orient_grad,
+    precondition_exact_fim,
+    precondition_exact_gfim,
+    precondition_grad_dot,
+    precondition_hyperinf,
+    precondition_lissa,
+    precondition_lissa_code_faithful,
+    relative_damping,
+)
+from ops.influence_config import (
+    CODE_FAITHFUL_PRESETS,
+    DampingConfig,
+    GradConfig,
+    LissaConfig,
+    SchulzConfig,
+)
+from ops.per_sample_grads import per_sample_grads
+
+Batches = Callable[[], Iterable[tuple[torch.Tensor, Any]]]
+"""A callable returning a fresh iterator of ``(dataset_index LongTensor[B], batch)``."""
+
+PRESET_METHODS = tuple(f"hyperinf_{p}" for p in CODE_FAITHFUL_PRESETS)
+
+
+@dataclass
+class InfluenceStats:
+    """Reduced statistics of the gradient passes (all ranks summed)."""
+
+    v: dict[str, torch.Tensor]
+    G: dict[str, torch.Tensor]
+    lambdas: dict[str, float]
+    n: int
+    m: int
+    F: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class InfluenceResult:
+    """Scores of this process's training examples.
+
+    Attributes:
+        index: ``(n_local,)`` dataset indices.
+        scores: method -> ``(n_local,)`` scores, aligned with ``index`` (``> 0`` = harmful).
+        lambdas: tensor name -> damping ``lambda_l``.
+        residuals: method -> tensor name -> final Schulz residual (Schulz methods only).
+        runtime_s: method -> seconds (shared gradient passes included).
+        cached: whether the score pass reused cached gradients.
+        stats: the reduced statistics (for diagnostics and side-by-side experiments).
+    """
+
+    index: torch.Tensor
+    scores: dict[str, torch.Tensor]
+    lambdas: dict[str, float]
+    residuals: dict[str, dict[str, float]]
+    runtime_s: dict[str, float]
+    cached: bool
+    stats: InfluenceStats | None = None
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class InfluenceEngine:
+    """Computes influence scores of training examples on a validation set for several methods.
+
+    Args:
+        methods: any of ``ops.influence.METHODS`` plus ``hyperinf_<preset>`` for a code-faithful
+            preset (``mislabel``, ``llm_selection``, ``vlm_selection``).
+        damping: :class:`DampingConfig`.
+        schulz: :class:`SchulzConfig` of ``hyperinf``.
+        lissa: :class:`LissaConfig`.
+        grads: :class:`GradConfig`.
+        code_faithful_preset: run ``hyperinf`` itself with this preset.
+        reduce_sum: all-reduce (sum) for data-parallel runs; identity on one process.
+    """
+
+    def __init__(
+        self,
+        methods: Iterable[str] = ("hyperinf", "datainf", "grad_dot"),
+        damping: DampingConfig | None = None,
+        schulz: SchulzConfig | None = None,
+        lissa: LissaConfig | None = None,
+        grads: GradConfig | None = None,
+        code_faithful_preset: str | None = None,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.methods = list(methods)
+        for m in self.methods:
+            if m not in METHODS and m not in PRESET_METHODS:
+                raise ValueError(
+                    f"unknown influence method {m!r}; expected one of "
+                    f"{list(METHODS) + list(PRESET_METHODS)}"
+                )
+        if not self.methods:
+            raise ValueError("influence: methods must not be empty")
+        if code_faithful_preset is not None and code_faithful_preset not in CODE_FAITHFUL_PRESETS:
+            raise ValueError(
+                f"code_faithful_preset={code_faithful_preset!r}: expected one of "
+                f"{list(CODE_FAITHFUL_PRESETS)} or null"
+            )
+        self.damping = damping or DampingConfig()
+        if self.damping.mode == "fixed" and self.damping.value is None:
+            raise ValueError("damping.mode='fixed' needs damping.value")
+        self.schulz = schulz or SchulzConfig()
+        self.lissa = lissa or LissaConfig()
+        self.grads = grads or GradConfig()
+        self.preset = code_faithful_preset
+        self.reduce_sum = reduce_sum or _identity
+        self.dtype = getattr(torch, self.grads.dtype)
+
+    # -- passes ----------------------------------------------------------------------------
+    def _grad_batches(self, module, params, loss_fn, batches: Batches) -> Iterator:
+        for index, batch in batches():
+            g = per_sample_grads(module, params, loss_fn, batch, mode=self.grads.mode)
+            yield index, {n: t.to(self.dtype) for n, t in g.items()}
+
+    def run(
+        self,
+        module: nn.Module,
+        params: dict[str, nn.Parameter],
+        loss_fn: Callable[[Any], torch.Tensor],
+        train_batches: Batches,
+        val_batches: Batches,
+    ) -> InfluenceResult:
+        """Run all passes and return this process's scores (see module docstring)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._run(module, params, loss_fn, train_batches, val_batches)
+
+    def _run(self, module, params, loss_fn, train_batches, val_batches) -> InfluenceResult:
+        t0 = time.perf_counter()
+        grads_of = lambda b: self._grad_batches(module, params, loss_fn, b)  # noqa: E731
+
+        # zero accumulators from the oriented shapes, so a rank with an empty shard still reduces
+        zeros = {
+            n: torch.zeros(orient_grad(n, p).shape, dtype=self.dtype, device=p.device)
+            for n, p in params.items()
+        }
+
+        # pass 1: mean validation gradient
+        v_sum = {n: z.clone() for n, z in zeros.items()}
+        m = 0
+        for _, g in grads_of(val_batches):
+            for n, t in g.items():
+                v_sum[n] += t.sum(0)
+            m += next(iter(g.values())).shape[0]
+        m_total = int(self.reduce_sum(torch.tensor(float(m))))
+        if m_total == 0:
+            raise ValueError("influence: the validation set is empty")
+        v = {n: self.reduce_sum(t) / m_total for n, t in v_sum.items()}
+
+        # pass 2: curvature statistics (+ gradient cache)
+        need_F = any(x in self.methods for x in ("lissa", "lissa_code_faithful", "exact_fim"))
+        G_sum = {n: z.new_zeros(z.shape[1], z.shape[1]) for n, z in zeros.items()}
+        S_sum = {n: z.new_zeros(()) for n, z in zeros.items()}
+        F_sum: dict[str, torch.Tensor] = {}
+        if need_F:
+            for n, z in zeros.items():
+                if z.numel() > self.grads.fim_max_dim:
+                    raise ValueError(
+                        f"tensor {n!r}: flattened size {z.numel()} > grads.fim_max_dim="
+                        f"{self.grads.fim_max_dim}; lissa/exact_fim need the dense Fisher"
+                    )
+                F_sum[n] = z.new_zeros(z.numel(), z.numel())
+        cache: list | None = [] if self.grads.cache in ("auto", "always") else None
+        cache_bytes, n_local = 0, 0
+        for index, g in grads_of(train_batches):
+            for n, t in g.items():
+                G_sum[n] += torch.einsum("bri,brj->ij", t, t)
+                S_sum[n] += t.pow(2).flatten(1).mean(1).sum()
+                if need_F:
+                    flat = t.flatten(1)
+                    F_sum[n] += flat.T @ flat
+            n_local += index.numel()
+            if cache is not None:
+                cache_bytes += sum(t.numel() * t.element_size() for t in g.values())
+                if self.grads.cache == "auto" and cache_bytes > self.grads.cache_limit_bytes:
+                    cache = None  # over budget: stream (recompute in the score pass)
+                else:
+                    cache.append((index, {n: t.cpu() for n, t in g.items()}))
+        n_total = int(self.reduce_sum(torch.tensor(float(n_local))))
+        if n_total == 0:
+            raise ValueError("influence: the training set is empty")
+        G = {n: self.reduce_sum(t) / n_total for n, t in G_sum.items()}
+        F = {n: self.reduce_sum(t) / n_total for n, t in F_sum.items()}
+        if self.damping.mode == "relative":
+            lambdas = {
+                n: relative_damping(self.reduce_sum(t), n_total, self.damping.lambda_const)
+                for n, t in S_sum.items()
+            }
+        else:
+            lambdas = {n: float(self.damping.value) for n in G}
+        stats = InfluenceStats(v=v, G=G, lambdas=lambdas, n=n_total, m=m_total, F=F)
+        t_shared = time.perf_counter() - t0
+
+        def train_grads() -> Iterable:
+            return cache if cache is not None else grads_of(train_batches)
+
+        # preconditioning per method
+        h: dict[str, dict[str, torch.Tensor]] = {}
+        residuals: dict[str, dict[str, float]] = {}
+        runtime: dict[str, float] = {}
+        for method in self.methods:
+            t1 = time.perf_counter()
+            h[method], res = self._precondition(method, stats, train_grads)
+            if res:
+                residuals[method] = res
+            runtime[method] = t_shared + time.perf_counter() - t1
+
+        # final pass: scores
+        t2 = time.perf_counter()
+        idx, out = [], {mth: [] for mth in self.methods}
+        for index, g in train_grads():
+            idx.append(index.cpu())
+            for method in self.methods:
+                g_dev = {n: t.to(h[method][n].device) for n, t in g.items()}
+                out[method].append(influence_scores(h[method], g_dev).cpu())
+        t_score = time.perf_counter() - t2
+        runtime = {k: t + t_score / len(self.methods) for k, t in runtime.items()}
+        return InfluenceResult(
+            index=torch.cat(idx) if idx else torch.empty(0, dtype=torch.long),
+            scores={k: torch.cat(s) if s else torch.empty(0) for k, s in out.items()},
+            lambdas=lambdas,
+            residuals=residuals,
+            runtime_s=runtime,
+            cached=cache is not None,
+            stats=stats,
+        )
+
+    # -- methods ---------------------------------------------------------------------------
+    def _precondition(self, method: str, stats: InfluenceStats, train_grads):
+        v, G, lam = stats.v, stats.G, stats.lambdas
+        delta = self.damping.extra
+        if method == "hyperinf" or method in PRESET_METHODS:
+            preset = self.preset if method == "hyperinf" else method[len("hyperinf_") :]
+            cfg = dataclasses.asdict(self.schulz)
+            if preset is not None:
+                p = CODE_FAITHFUL_PRESETS[preset]
+                delta = p["extra"]
+                cfg.update(init=p["init"], max_iter=p["max_iter"], early_stop=False)
+                faithful = True
+            else:
+                faithful = False
+            out, res = {}, {}
+            for n in v:
+                out[n], info = precondition_hyperinf(
+                    v[n], G[n], lam[n] + delta, raise_on_divergence=not faithful, **cfg
+                )
+                res[n] = info.residual
+            return out, res
+        if method == "exact_gfim":
+            return {n: precondition_exact_gfim(v[n], G[n], lam[n] + delta) for n in v}, {}
+        if method == "grad_dot":
+            return {n: precondition_grad_dot(v[n]) for n in v}, {}
+        if method == "lissa":
+            return {
+                n: precondition_lissa(v[n], stats.F[n], lam[n], self.lissa.iters, self.lissa.scale)
+                for n in v
+            }, {}
+        if method == "lissa_code_faithful":
+            return {
+                n: precondition_lissa_code_faithful(
+                    v[n], stats.F[n], lam[n], self.lissa.code_faithful_iters
+                )
+                for n in v
+            }, {}
+        if method == "exact_fim":
+            return {n: precondition_exact_fim(v[n], lam[n], F=stats.F[n]) for n in v}, {}
+        if method == "datainf":
+            acc = {n: torch.zeros_like(t) for n, t in v.items()}
+            for _, g in train_grads():
+                for n, t in g.items():
+                    acc[n] += datainf_terms(v[n].to(t.device), t, lam[n]).to(acc[n].device)
+            return {n: self.reduce_sum(acc[n]) / (stats.n * lam[n]) for n in v}, {}
+        raise ValueError(f"unknown influence method {method!r}")

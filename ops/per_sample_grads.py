@@ -1,0 +1,125 @@
+"""Per-sample gradients of selected (trainable, e.g. LoRA) parameters with ``torch.func``.
+
+The loss is any callable ``loss_fn(batch) -> Tensor[B]`` that runs ``module`` on a batch (a
+tensor, tuple or dict of tensors with a leading batch axis) and returns one loss per example.
+``vmap(grad(.))`` evaluates it on batches of one, with the selected parameters swapped in by
+``functional_call``; the ``loop`` mode is a batch-1 autograd fallback for models ``vmap``
+cannot trace. Neither leaves ``.grad`` populated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
+
+from ops.influence import orient_grad
+
+
+def select_params(
+    module: nn.Module, include: Sequence[str], exclude: Sequence[str] = ()
+) -> dict[str, nn.Parameter]:
+    """Trainable parameters whose name contains one of ``include`` and none of ``exclude``.
+
+    Args:
+        module: the model.
+        include: name substrings, e.g. ``["lora_A", "lora_B", "head.weight"]``.
+        exclude: name substrings to drop.
+
+    Raises:
+        ValueError: nothing matched, or a matched tensor has more than two dimensions.
+    """
+    chosen = {
+        name: p
+        for name, p in module.named_parameters()
+        if p.requires_grad
+        and any(s in name for s in include)
+        and not any(s in name for s in exclude)
+    }
+    if not chosen:
+        trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+        raise ValueError(
+            f"no trainable parameter matches include={list(include)} exclude={list(exclude)}; "
+            f"trainable parameters are {trainable[:20]}"
+        )
+    for name, p in chosen.items():
+        if p.ndim > 2:
+            raise ValueError(
+                f"parameter {name!r} has shape {tuple(p.shape)}: influence supports 1-D and 2-D "
+                "tensors only; exclude it"
+            )
+    return chosen
+
+
+class _LossCall(nn.Module):
+    """Holds ``module`` as a child so ``functional_call`` can swap its parameters."""
+
+    def __init__(self, module: nn.Module, loss_fn: Callable[[Any], torch.Tensor]):
+        super().__init__()
+        self.inner = module
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self._loss_fn(batch)
+
+
+def per_sample_grads(
+    module: nn.Module,
+    params: dict[str, nn.Parameter],
+    loss_fn: Callable[[Any], torch.Tensor],
+    batch: Any,
+    mode: Literal["vmap", "loop"] = "vmap",
+    orient: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Gradients ``d loss(z_b) / d theta_l`` for every example ``b`` of ``batch``.
+
+    Args:
+        module: the model whose parameters ``loss_fn`` uses.
+        params: the selected parameters (name -> parameter of ``module``).
+        loss_fn: ``batch -> Tensor[B]`` per-example losses (e.g. ``pl_module.per_sample_loss``).
+        batch: tensor / tuple / dict of tensors with leading batch axis ``B``.
+        mode: ``vmap`` (``torch.func``) or ``loop`` (one autograd call per example).
+        orient: return oriented ``(B, r, d)`` gradients (:func:`ops.influence.orient_grad`),
+            otherwise raw ``(B, *shape)``.
+
+    Returns:
+        name -> ``(B, r, d)`` (or ``(B, *shape)``) gradients, detached.
+    """
+    if mode == "vmap":
+        wrapper = _LossCall(module, loss_fn)
+        detached = {"inner." + n: p.detach() for n, p in params.items()}
+
+        def loss_one(p: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
+            one = tree_map(lambda t: t.unsqueeze(0), example)
+            return functional_call(wrapper, p, (one,), strict=False).sum()
+
+        raw = vmap(grad(loss_one), in_dims=(None, 0), randomness="error")(detached, batch)
+        out = {n: raw["inner." + n] for n in params}
+    elif mode == "loop":
+        leaves = [t for t in _tensors(batch)]
+        size = leaves[0].shape[0]
+        names = list(params)
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        for b in range(size):
+            one = tree_map(lambda t, b=b: t[b : b + 1], batch)
+            gs = torch.autograd.grad(loss_fn(one).sum(), [params[n] for n in names])
+            for n, g in zip(names, gs, strict=True):
+                rows[n].append(g.detach())
+        out = {n: torch.stack(rows[n]) for n in names}
+    else:
+        raise ValueError(f"per-sample gradient mode={mode!r}: expected 'vmap' or 'loop'")
+    if orient:
+        out = {n: orient_grad(n, g, batched=True) for n, g in out.items()}
+    return out
+
+
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    leaves: list[torch.Tensor] = []
+    tree_map(lambda t: leaves.append(t) if isinstance(t, torch.Tensor) else None, batch)
+    if not leaves:
+        raise ValueError("per_sample_grads: batch contains no tensor")
+    return leaves

@@ -1,0 +1,90 @@
+"""Schulz iteration: closed form, convergence bound, divergence of the legacy start (spec 7.1-7.3)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from ops.schulz import SchulzDivergenceError, schulz_alpha, schulz_inverse
+
+
+def _random_spd(d: int, n: int, seed: int, damping: float = 0.01) -> torch.Tensor:
+    g = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return g.T @ g / n + damping * torch.eye(d, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 6])
+@pytest.mark.parametrize("init", ["frobenius", "trace", "legacy"])
+def test_closed_form_on_diagonal(k: int, init: str) -> None:
+    # E_k = (I - alpha A)^(2^k)  =>  X_k = A^{-1} (I - (I - alpha A)^(2^k)) entrywise
+    a = torch.tensor([3.0, 1.0, 0.25, 1e-2], dtype=torch.float64)
+    A = torch.diag(a)
+    X, info = schulz_inverse(A, init=init, max_iter=k, early_stop=False, accept_tol=math.inf)
+    alpha = schulz_alpha(A, init)
+    # 1 - (1 - x)^N without cancellation: -expm1(N log1p(-x))
+    expected = -torch.expm1(2**k * torch.log1p(-alpha * a)) / a
+    assert info.iters == k
+    torch.testing.assert_close(torch.diagonal(X), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(X - torch.diag(torch.diagonal(X)), torch.zeros_like(X))
+
+
+def test_random_spd_frobenius_converges_within_bound() -> None:
+    A = _random_spd(64, 40, seed=0)
+    X, info = schulz_inverse(A, init="frobenius", max_iter=200, tol=1e-13)
+    inv = torch.linalg.inv(A)
+    rel = torch.linalg.matrix_norm(X - inv) / torch.linalg.matrix_norm(inv)
+    assert rel <= 1e-10
+    mu_min = float(torch.linalg.eigvalsh(A)[0])
+    bound = math.ceil(math.log2(float(torch.linalg.matrix_norm(A)) / mu_min)) + 7
+    assert info.iters <= bound
+    assert info.converged
+    # monotone up to the step that may have triggered the stagnation stop at the float64 floor
+    h = info.history[:-1]
+    assert all(b <= a for a, b in itertools.pairwise(h))
+    assert info.residual == min(info.history)
+
+
+def test_residual_non_increasing_after_below_one_float32() -> None:
+    A = _random_spd(128, 400, seed=1).float()
+    _, info = schulz_inverse(A, init="frobenius", max_iter=60)
+    below = [r for r in info.history if r < 1]
+    assert below, info.history
+    first = info.history.index(below[0])
+    tail = info.history[first:]
+    # the stagnation stop returns the best iterate; the recorded sequence is monotone up to the
+    # single step that triggered the stop
+    assert all(b <= a for a, b in itertools.pairwise(tail[:-1]))
+    assert info.residual == min(info.history)
+    assert info.converged
+
+
+def test_legacy_start_diverges_and_frobenius_converges() -> None:
+    A = torch.diag(torch.tensor([5e4, 1.0], dtype=torch.float64))
+    with pytest.raises(SchulzDivergenceError, match="diverged"):
+        schulz_inverse(A, init="legacy", max_iter=30)
+    X, info = schulz_inverse(A, init="frobenius", max_iter=60, tol=1e-12)
+    assert info.converged
+    torch.testing.assert_close(X, torch.linalg.inv(A), rtol=1e-9, atol=1e-12)
+
+
+def test_legacy_faithful_mode_warns_instead_of_raising() -> None:
+    A = torch.diag(torch.tensor([5e4, 1.0], dtype=torch.float64))
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        schulz_inverse(A, init="legacy", max_iter=5, early_stop=False, raise_on_divergence=False)
+
+
+def test_not_converged_warns() -> None:
+    A = _random_spd(32, 8, seed=2, damping=1e-4)
+    with pytest.warns(RuntimeWarning, match="accept_tol"):
+        _, info = schulz_inverse(A, init="frobenius", max_iter=3)
+    assert not info.converged
+
+
+def test_bad_input_errors() -> None:
+    with pytest.raises(ValueError, match="square"):
+        schulz_inverse(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="init"):
+        schulz_inverse(torch.eye(2), init="identity")  # type: ignore[arg-type]
