@@ -1,0 +1,363 @@
+"""Validation problems for stochastic cubic Newton (spec §6) and their data streams.
+
+Problems are ordinary ``nn.Module`` pieces the ``CubicNewtonModule`` combines as
+f(x) = mean_i loss(model(a_i; x), y_i) + regularizer(x):
+
+* non-convex logistic regression: :class:`LinearModel` + :class:`LogisticLoss` +
+  :class:`NonconvexRegularizer` (λ Σⱼ xⱼ²/(1+xⱼ²));
+* convex ridge logistic regression: the same with :class:`L2Regularizer` ((λ/2)‖x‖²);
+* the strict saddle f(x) = ¼x₁⁴ − ½x₁² + ½x₂² with additive gradient noise: :class:`SaddleFunction`
+  (no loss: the model's output is the objective).
+
+The data modules yield one pair ``(batch_g, batch_h)`` per optimizer step: independent samples for the
+gradient and the Hessian (spec §3, step 2). Each step's samples come from a generator seeded by
+(seed, rank, step), so a run resumed from a checkpoint at step t draws exactly what an uninterrupted
+run draws, whatever the loader prefetched before the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+# ----------------------------------------------------------------------------- problem pieces
+class LinearModel(nn.Module):
+    """z = A x (+ b): the linear predictor of logistic regression, initialised at x₀ = 0.
+
+    Args:
+        dim: number of features d.
+        bias: add an intercept.
+        dtype: ``float64`` (default; the spec's tolerances are float64 ones) or ``float32``.
+    """
+
+    def __init__(self, dim: int, bias: bool = False, dtype: str = "float64") -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, dtype=_dtype(dtype)))
+        self.bias = nn.Parameter(torch.zeros((), dtype=_dtype(dtype))) if bias else None
+
+    def forward(self, a: Tensor) -> Tensor:
+        z = a @ self.weight
+        return z + self.bias if self.bias is not None else z
+
+
+class LogisticLoss(nn.Module):
+    """mean log(1 + exp(−y z)) for labels y ∈ {−1, +1}."""
+
+    def forward(self, z: Tensor, y: Tensor) -> Tensor:
+        return nn.functional.softplus(-y * z).mean()
+
+
+class NonconvexRegularizer(nn.Module):
+    """λ Σⱼ xⱼ²/(1 + xⱼ²), the non-convex regularizer of spec §6A.
+
+    Args:
+        lam: regularization strength λ.
+    """
+
+    def __init__(self, lam: float = 1e-2) -> None:
+        super().__init__()
+        self.lam = lam
+
+    def forward(self, x: Tensor) -> Tensor:
+        sq = x * x
+        return self.lam * (sq / (1.0 + sq)).sum()
+
+
+class L2Regularizer(nn.Module):
+    """(λ/2)‖x‖², the ridge term of spec §6C.
+
+    Args:
+        lam: regularization strength λ.
+    """
+
+    def __init__(self, lam: float = 1e-2) -> None:
+        super().__init__()
+        self.lam = lam
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * self.lam * (x * x).sum()
+
+
+class SaddleFunction(nn.Module):
+    """f_ξ(x) = ¼x₁⁴ − ½x₁² + ½x₂² + <ξ, x>: exact Hessian, gradient noise ξ (spec §6B).
+
+    x = 0 is a strict saddle (∇²f = diag(−1, 1)); the minima are x = (±1, 0) with ∇²f = diag(2, 1).
+    ``forward(noise)`` takes a (B, 2) batch of noise vectors and returns the mean of f_ξ over it.
+
+    Args:
+        init: starting point x₀ (default the saddle (0, 0)).
+    """
+
+    def __init__(self, init: tuple[float, float] = (0.0, 0.0)) -> None:
+        super().__init__()
+        self.x = nn.Parameter(torch.tensor(init, dtype=torch.float64))
+
+    def forward(self, noise: Tensor) -> Tensor:
+        x1, x2 = self.x[0], self.x[1]
+        f = 0.25 * x1**4 - 0.5 * x1**2 + 0.5 * x2**2
+        return f + noise.mean(0) @ self.x
+
+
+def logistic_oracles(
+    x: Tensor, A: Tensor, y: Tensor, lam: float, regularizer: str = "nonconvex"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Closed-form value, gradient and Hessian of mean log(1+exp(−y aᵀx)) + regularizer(x).
+
+    With s = σ(−y aᵀx): ∇ = −Aᵀ(y s)/b + r'(x), ∇² = Aᵀ diag(s(1−s)) A / b + diag(r''(x)), where
+    r = λ Σ x²/(1+x²) (``nonconvex``: r' = 2λx/(1+x²)², r'' = 2λ(1−3x²)/(1+x²)³) or (λ/2)‖x‖² (``l2``).
+    Used by tests (against ``torch.func``) and by the fast experiment loop.
+    """
+    b = A.shape[0]
+    z = A @ x
+    s = torch.sigmoid(-y * z)
+    value = nn.functional.softplus(-y * z).mean()
+    grad = -(A.T @ (y * s)) / b
+    hess = (A.T * (s * (1.0 - s))) @ A / b
+    if regularizer == "nonconvex":
+        q = 1.0 + x * x
+        value = value + lam * (x * x / q).sum()
+        grad = grad + 2.0 * lam * x / q**2
+        hess = hess + torch.diag(2.0 * lam * (1.0 - 3.0 * x * x) / q**3)
+    elif regularizer == "l2":
+        value = value + 0.5 * lam * (x * x).sum()
+        grad = grad + lam * x
+        hess = hess + lam * torch.eye(x.numel(), dtype=x.dtype, device=x.device)
+    else:
+        raise ValueError(f"regularizer must be 'nonconvex' or 'l2', got {regularizer!r}")
+    return value, grad, hess
+
+
+def saddle_oracles(x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Closed-form value, gradient (x₁³ − x₁, x₂) + mean ξ and Hessian diag(3x₁² − 1, 1) of the saddle."""
+    xi = noise.mean(0)
+    value = 0.25 * x[0] ** 4 - 0.5 * x[0] ** 2 + 0.5 * x[1] ** 2 + xi @ x
+    grad = torch.stack([x[0] ** 3 - x[0], x[1]]) + xi
+    hess = torch.diag(torch.stack([3.0 * x[0] ** 2 - 1.0, torch.ones((), dtype=x.dtype)]))
+    return value, grad, hess
+
+
+# ----------------------------------------------------------------------------- data
+def make_logistic_data(
+    n: int = 2000,
+    d: int = 30,
+    w_scale: float = 3.0,
+    label_noise: float = 0.3,
+    seed: int = 0,
+    source: str = "synthetic",
+) -> tuple[Tensor, Tensor]:
+    """Features A (n, d) with unit-norm rows and labels y ∈ {−1, +1} (float64).
+
+    ``synthetic`` (spec §6): a_i ~ N(0, I) normalised, y_i = sign(a_iᵀw* + label_noise·ε), w* ~ w_scale·N(0, I).
+    ``breast_cancer``: scikit-learn's bundled Wisconsin data (569 × 30), standardised, rows normalised;
+    ``n``, ``d``, ``w_scale``, ``label_noise`` are ignored.
+    """
+    if source == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        X, t = load_breast_cancer(return_X_y=True)
+        A = torch.as_tensor((X - X.mean(0)) / X.std(0), dtype=torch.float64)
+        A = A / A.norm(dim=1, keepdim=True)
+        y = torch.as_tensor(2.0 * t - 1.0, dtype=torch.float64)
+    elif source == "synthetic":
+        gen = torch.Generator().manual_seed(seed)
+        A = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        w_star = w_scale * torch.randn(d, generator=gen, dtype=torch.float64)
+        eps = torch.randn(n, generator=gen, dtype=torch.float64)
+        A = A / A.norm(dim=1, keepdim=True)
+        y = torch.sign(A @ w_star + label_noise * eps)
+        y[y == 0] = 1.0
+    else:
+        raise ValueError(f"source must be 'synthetic' or 'breast_cancer', got {source!r}")
+    return A, y
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """A generator determined by (seed, rank, step) only: the sampler state needs no checkpointing."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] % (2**63 - 1)))
+
+
+class PairStream(IterableDataset):
+    """Infinite stream of (batch_g, batch_h), one pair per optimizer step, starting at ``start_step``.
+
+    Args:
+        draw: (generator, batch size) ↦ batch tuple.
+        batch_size_grad: b_g.
+        batch_size_hess: b_H.
+        independent_hessian_batch: draw ξ'_t independently of ξ_t; otherwise reuse ξ_t's first b_H rows.
+        seed: base seed; rank: data-parallel rank; start_step: first step index.
+    """
+
+    def __init__(
+        self,
+        draw: Callable[[torch.Generator, int], tuple[Tensor, ...]],
+        batch_size_grad: int,
+        batch_size_hess: int,
+        independent_hessian_batch: bool,
+        seed: int,
+        rank: int = 0,
+        start_step: int = 0,
+    ) -> None:
+        self.draw, self.bg, self.bh = draw, batch_size_grad, batch_size_hess
+        self.independent, self.seed, self.rank, self.start_step = (
+            independent_hessian_batch,
+            seed,
+            rank,
+            start_step,
+        )
+
+    def __iter__(self) -> Iterator[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
+        step = self.start_step
+        while True:
+            gen = step_generator(self.seed, self.rank, step)
+            batch_g = self.draw(gen, self.bg)
+            if self.independent:
+                batch_h = self.draw(gen, self.bh)
+            else:
+                batch_h = tuple(t[: self.bh] for t in batch_g)
+            yield batch_g, batch_h
+            step += 1
+
+
+class _PairDataModule(L.LightningDataModule):
+    """Shared plumbing: a step-indexed training stream and a full-data validation loader."""
+
+    def __init__(
+        self,
+        batch_size_grad: int,
+        batch_size_hess: int,
+        independent_hessian_batch: bool,
+        seed: int,
+        val_batch_size: int | None,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("batch_size_grad", batch_size_grad),
+            ("batch_size_hess", batch_size_hess),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not independent_hessian_batch and batch_size_hess > batch_size_grad:
+            raise ValueError(
+                "independent_hessian_batch=false reuses the gradient batch, so batch_size_hess "
+                f"({batch_size_hess}) must be <= batch_size_grad ({batch_size_grad})"
+            )
+        self.batch_size_grad, self.batch_size_hess = batch_size_grad, batch_size_hess
+        self.independent_hessian_batch, self.seed = independent_hessian_batch, seed
+        self.val_batch_size = val_batch_size
+
+    def _draw(self, gen: torch.Generator, b: int) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _full_data(self) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        # Resuming: the fit loop restores global_step before asking for the loader.
+        trainer = self.trainer
+        start = trainer.global_step if trainer is not None else 0
+        rank = trainer.global_rank if trainer is not None else 0
+        stream = PairStream(
+            self._draw,
+            self.batch_size_grad,
+            self.batch_size_hess,
+            self.independent_hessian_batch,
+            self.seed,
+            rank,
+            start,
+        )
+        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        data = self._full_data()
+        bs = self.val_batch_size or len(data[0])
+        return DataLoader(TensorDataset(*data), batch_size=bs, shuffle=False)
+
+
+class LogisticToyDataModule(_PairDataModule):
+    """Logistic-regression data (spec §6), sampled with replacement, b_g and b_H rows per step.
+
+    Args:
+        n: number of samples (synthetic source).
+        d: number of features (synthetic source).
+        w_scale: scale of the teacher w* (3 for the non-convex experiment, 1 for the convex one).
+        label_noise: std of the noise added to the teacher margin before taking the sign.
+        batch_size_grad: b_g, samples per stochastic gradient.
+        batch_size_hess: b_H, samples per stochastic Hessian.
+        independent_hessian_batch: independent gradient and Hessian samples (default, our choice).
+        seed: data seed (teacher, features) and sampling seed.
+        source: ``synthetic`` or ``breast_cancer`` (scikit-learn's bundled data).
+        val_batch_size: chunk size for the full-batch evaluation (None: one chunk).
+    """
+
+    def __init__(
+        self,
+        n: int = 2000,
+        d: int = 30,
+        w_scale: float = 3.0,
+        label_noise: float = 0.3,
+        batch_size_grad: int = 1,
+        batch_size_hess: int = 1,
+        independent_hessian_batch: bool = True,
+        seed: int = 0,
+        source: str = "synthetic",
+        val_batch_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            batch_size_grad, batch_size_hess, independent_hessian_batch, seed, val_batch_size
+        )
+        self.A, self.y = make_logistic_data(n, d, w_scale, label_noise, seed, source)
+
+    @property
+    def dim(self) -> int:
+        return self.A.shape[1]
+
+    def _draw(self, gen: torch.Generator, b: int) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, self.A.shape[0], (b,), generator=gen)
+        return self.A[idx], self.y[idx]
+
+    def _full_data(self) -> tuple[Tensor, Tensor]:
+        return self.A, self.y
+
+
+class SaddleNoiseDataModule(_PairDataModule):
+    """Gradient-noise stream for :class:`SaddleFunction`: ξ ~ N(0, noise² I) in ℝ².
+
+    Validation uses ξ = 0, i.e. the exact objective.
+
+    Args:
+        noise: standard deviation of the gradient noise.
+        batch_size_grad: noise vectors averaged per stochastic gradient.
+        batch_size_hess: noise vectors per Hessian sample (the Hessian does not depend on them).
+        seed: sampling seed.
+    """
+
+    def __init__(
+        self,
+        noise: float = 0.01,
+        batch_size_grad: int = 1,
+        batch_size_hess: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size_grad, batch_size_hess, True, seed, None)
+        self.noise = noise
+
+    def _draw(self, gen: torch.Generator, b: int) -> tuple[Tensor]:
+        return (self.noise * torch.randn(b, 2, generator=gen, dtype=torch.float64),)
+
+    def _full_data(self) -> tuple[Tensor]:
+        return (torch.zeros(1, 2, dtype=torch.float64),)

@@ -1,0 +1,282 @@
+"""Cubic-regularized Newton subproblem solvers (Lightning-free, float64).
+
+One convention everywhere in this project, the **M/6** one (Nesterov & Polyak 2006; OPTAMI):
+
+    Φ(h) = <g, h> + ½ <H h, h> + (M/6) ‖h‖³,          M ≈ Lipschitz constant of the Hessian.
+
+Its global minimizer h* is characterised by (Nesterov & Polyak 2006, Thm. 10)
+
+    (H + (M r / 2) I) h* = −g,     H + (M r / 2) I ⪰ 0,     r = ‖h*‖.
+
+`konstmish/opt_methods` writes the cubic term as (M/3)‖h‖³; :func:`from_m3_convention` converts such an
+M so the two code bases can be compared without silently doubling or halving the regularization.
+
+Solvers:
+
+* :func:`solve_cubic_exact` eigendecomposes H and solves the scalar secular equation φ(r) = r by
+  bracketing + bisection + safeguarded Newton, with the "hard case" (g ⟂ the λ₁-eigenspace) handled.
+* :func:`solve_cubic_hvp` only needs Hessian-vector products: gradient descent on Φ started at the
+  Cauchy point with a tiny random perturbation of g (Carmon & Duchi 2019, "Gradient descent finds the
+  cubic-regularized nonconvex Newton step").
+* :func:`reg_newton_step` is the gradient-regularized Newton step −(H + √(M‖g‖) I)⁻¹ g (Mishchenko 2023),
+  the step the convex variant of the method uses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+HVP = Callable[[Tensor], Tensor]
+
+
+class CubicStep(NamedTuple):
+    """A solved subproblem plus the diagnostics a trainer logs.
+
+    Attributes:
+        h: the step, in the dtype of the input ``g``.
+        model_value: Φ(h) (float64 scalar tensor).
+        residual: ‖∇Φ(h)‖ = ‖g + H h + (M/2)‖h‖ h‖, the first-order optimality residual.
+        iterations: bisection/Newton iterations (exact) or gradient steps (HVP).
+        hard_case: True when the exact solver took the hard-case branch.
+        lambda_min: smallest eigenvalue of H (exact solver; NaN for the HVP solver).
+    """
+
+    h: Tensor
+    model_value: Tensor
+    residual: Tensor
+    iterations: int
+    hard_case: bool
+    lambda_min: float
+
+
+def from_m3_convention(m3: float) -> float:
+    """Convert a regularization constant of the (M/3)‖h‖³ convention into this project's M/6 one.
+
+    (M₃/3)‖h‖³ = (M₆/6)‖h‖³  ⇔  M₆ = 2 M₃.
+    """
+    return 2.0 * m3
+
+
+def _check_inputs(g: Tensor, M: float) -> None:
+    if g.dim() != 1:
+        raise ValueError(f"g must be a flat vector, got shape {tuple(g.shape)}")
+    if not (M > 0 and math.isfinite(M)):
+        raise ValueError(f"cubic regularization M must be a positive finite number, got M={M}")
+
+
+def cubic_model(h: Tensor, g: Tensor, H: Tensor | HVP, M: float) -> Tensor:
+    """Φ(h) = <g,h> + ½<Hh,h> + (M/6)‖h‖³ (M/6 convention). ``H`` is a matrix or an HVP callable."""
+    Hh = H(h) if callable(H) else H @ h
+    return g @ h + 0.5 * (h @ Hh) + (M / 6.0) * torch.linalg.vector_norm(h) ** 3
+
+
+def cubic_model_grad(h: Tensor, g: Tensor, H: Tensor | HVP, M: float) -> Tensor:
+    """∇Φ(h) = g + Hh + (M/2)‖h‖h."""
+    Hh = H(h) if callable(H) else H @ h
+    return g + Hh + 0.5 * M * torch.linalg.vector_norm(h) * h
+
+
+def solve_cubic_exact(
+    g: Tensor,
+    H: Tensor,
+    M: float,
+    tol: float = 1e-10,
+    max_iter: int = 200,
+    newton_steps: int = 8,
+    hard_case_sign: float = 1.0,
+) -> CubicStep:
+    """Global minimizer of Φ by eigendecomposition (small d), always computed in float64.
+
+    Args:
+        g: gradient (or its momentum estimate), shape (d,).
+        H: symmetric Hessian (estimate), shape (d, d). It is symmetrised as (H + Hᵀ)/2.
+        M: cubic regularization constant of the M/6 convention, > 0.
+        tol: relative bracket width at which bisection stops.
+        max_iter: maximum bisection iterations.
+        newton_steps: safeguarded Newton polishing steps on 1/φ(r) − 1/r after bisection.
+        hard_case_sign: sign (+1/−1) of the λ₁-eigenvector component in the exact hard case (g has no
+            component along it, so both signs are global minimizers).
+
+    Returns:
+        :class:`CubicStep` with ``h`` cast back to ``g.dtype``.
+    """
+    _check_inputs(g, M)
+    if H.shape != (g.numel(), g.numel()):
+        raise ValueError(f"H must have shape {(g.numel(), g.numel())}, got {tuple(H.shape)}")
+    g64 = g.detach().to(torch.float64)
+    H64 = H.detach().to(torch.float64)
+    H64 = 0.5 * (H64 + H64.T)
+    lam_t, U = torch.linalg.eigh(H64)  # λ₁ ≤ … ≤ λ_d
+    m_hat_t = U.T @ g64
+    # The scalar root finding runs on d-vectors in numpy: ~40 tiny evaluations of φ, where per-op torch
+    # dispatch overhead would dominate the whole step for small d.
+    lam, m_hat = lam_t.cpu().numpy(), m_hat_t.cpu().numpy()
+    lam1 = float(lam[0])
+    r_lo = max(0.0, -2.0 * lam1 / M)  # H + (M r/2) I ⪰ 0  ⇔  r ≥ r_lo
+
+    def phi(r: float) -> float:
+        # φ(r) = ‖(Λ + (M r/2) I)⁻¹ m̂‖, decreasing on (r_lo, ∞); the minimizer has φ(r) = r.
+        return float(np.linalg.norm(m_hat / (lam + 0.5 * M * r)))
+
+    def finish(coef: np.ndarray, iters: int, hard: bool) -> CubicStep:
+        h64 = U @ torch.as_tensor(coef, dtype=torch.float64, device=U.device)
+        res = torch.linalg.vector_norm(cubic_model_grad(h64, g64, H64, M))
+        return CubicStep(h64.to(g.dtype), cubic_model(h64, g64, H64, M), res, iters, hard, lam1)
+
+    g_norm = float(np.linalg.norm(m_hat))
+    if g_norm == 0.0 and lam1 >= 0.0:
+        return finish(np.zeros_like(m_hat), 0, False)
+
+    # (Near-)hard case: if the root of φ(r) = r lies within a relative `tol` of r_lo, g is numerically
+    # orthogonal to the λ₁-eigenspace. Bisection cannot resolve r there (the λ₁-component of h is
+    # m̂₁ / (M(r − r_lo)/2), a 0/0), so use the limit r = r_lo: h = −(H + (M r_lo/2) I)⁺ g + τ u₁.
+    if lam1 < 0.0:
+        delta = tol * r_lo
+        if phi(r_lo + delta) <= r_lo + delta:
+            gap = lam - lam1
+            keep = gap > 0.5 * M * delta
+            coef = np.zeros_like(m_hat)
+            coef[keep] = -m_hat[keep] / gap[keep]
+            tau = math.sqrt(max(r_lo**2 - float(coef @ coef), 0.0))
+            # Sign: continuous with the near-hard case (h₁ has the sign of −m̂₁); ± is arbitrary at m̂₁=0.
+            m1 = float(m_hat[0])
+            sign = -math.copysign(1.0, m1) if m1 != 0.0 else math.copysign(1.0, hard_case_sign)
+            coef[0] = sign * tau
+            return finish(coef, 0, True)
+
+    # Bracket [a, b] with φ(a) > a and φ(b) ≤ b. b starts at the a-priori bound on ‖h*‖ from the
+    # optimality condition: (M/2) r² ≤ ‖g‖ + ‖H‖ r  ⇒  r ≤ (‖H‖ + √(‖H‖² + 2M‖g‖))/M.
+    a = r_lo * (1.0 + tol) if lam1 < 0.0 else 0.0
+    h_norm_bound = float(np.abs(lam).max())
+    b = max((h_norm_bound + math.sqrt(h_norm_bound**2 + 2.0 * M * g_norm)) / M, 1e-300)
+    while phi(b) > b:  # numerical safety only; the bound above already brackets the root
+        b *= 2.0
+    iters = 0
+    while b - a > tol * b and iters < max_iter:
+        mid = 0.5 * (a + b)
+        if phi(mid) > mid:
+            a = mid
+        else:
+            b = mid
+        iters += 1
+    r = b
+    # Safeguarded Newton on ψ(r) = 1/φ(r) − 1/r (nearly linear in r, so this polishes to machine
+    # precision); a step leaving the bracket is rejected.
+    for _ in range(newton_steps):
+        d = lam + 0.5 * M * r
+        phi_r = float(np.linalg.norm(m_hat / d))
+        if phi_r == 0.0:
+            break
+        psi = 1.0 / phi_r - 1.0 / r
+        # dφ/dr = −(M/2) Σ m̂ᵢ²/dᵢ³ / φ
+        dphi = -0.5 * M * float((m_hat**2 / d**3).sum()) / phi_r
+        dpsi = -dphi / phi_r**2 + 1.0 / r**2
+        r_new = r - psi / dpsi
+        if not (a < r_new < 2.0 * b) or abs(r_new - r) <= 1e-16 * r:
+            break
+        r = r_new
+        iters += 1
+    return finish(-(m_hat / (lam + 0.5 * M * r)), iters, False)
+
+
+def _power_norm(hvp: HVP, d: int, iters: int, dtype, device, generator) -> float:
+    v = torch.randn(d, dtype=dtype, device=device, generator=generator)
+    v = v / torch.linalg.vector_norm(v)
+    est = 0.0
+    for _ in range(iters):
+        w = hvp(v)
+        est = float(torch.linalg.vector_norm(w))
+        if est == 0.0:
+            return 0.0
+        v = w / est
+    return est
+
+
+def solve_cubic_hvp(
+    g: Tensor,
+    hvp: HVP,
+    M: float,
+    L: float | None = None,
+    rel_acc: float = 1e-2,
+    max_iters: int = 200,
+    perturb: float = 1e-6,
+    power_iters: int = 20,
+    generator: torch.Generator | None = None,
+) -> CubicStep:
+    """Approximate minimizer of Φ with Hessian-vector products only (Carmon & Duchi 2019).
+
+    Gradient descent on Φ from the Cauchy point, with g perturbed by σq (q uniform on the sphere) so
+    that the hard case has probability zero. Iterates run in float64; ``hvp`` is called with vectors in
+    ``g.dtype`` and its output is promoted.
+
+    Args:
+        g: gradient (or momentum) vector, shape (d,).
+        hvp: v ↦ H v.
+        M: cubic regularization constant (M/6 convention), > 0.
+        L: upper bound on ‖H‖; estimated with ``power_iters`` power iterations when None.
+        rel_acc: stop when ‖∇Φ̃(h)‖ ≤ rel_acc · ‖g‖ (Φ̃: the perturbed model; absolute when g = 0).
+        max_iters: maximum gradient steps.
+        perturb: σ = perturb · ‖g‖ (σ = perturb when g = 0, so a saddle with g = 0 is still escaped).
+        power_iters: power iterations for estimating L.
+        generator: torch generator for the perturbation and the power-iteration start.
+
+    Returns:
+        :class:`CubicStep`; ``lambda_min`` is NaN (not computed).
+    """
+    _check_inputs(g, M)
+    in_dtype, device, d = g.dtype, g.device, g.numel()
+
+    def H(v: Tensor) -> Tensor:
+        return hvp(v.to(in_dtype)).detach().to(torch.float64)
+
+    g64 = g.detach().to(torch.float64)
+    g_norm = float(torch.linalg.vector_norm(g64))
+    if L is None:
+        L = _power_norm(H, d, power_iters, torch.float64, device, generator)
+    R = (L + math.sqrt(L**2 + 2.0 * M * g_norm)) / M  # a-priori bound on ‖h*‖
+    q = torch.randn(d, dtype=torch.float64, device=device, generator=generator)
+    sigma = perturb * g_norm if g_norm > 0 else perturb
+    g_t = g64 + sigma * q / torch.linalg.vector_norm(q)
+    gt_norm = torch.linalg.vector_norm(g_t)
+    # Cauchy point: minimizer of Φ along −g̃ (closed form of the 1-d cubic).
+    kappa = float(g_t @ H(g_t)) / float(gt_norm) ** 2
+    r_c = (-kappa + math.sqrt(kappa**2 + 2.0 * M * float(gt_norm))) / M
+    h = -r_c * g_t / gt_norm
+    eta = 1.0 / (4.0 * (L + 0.5 * M * R))
+    target = rel_acc * (g_norm if g_norm > 0 else 1.0)
+    it = 0
+    for it in range(1, max_iters + 1):
+        # Gradient of the perturbed model Φ̃ (g̃ in place of g), the function GD actually minimizes;
+        # ‖∇Φ̃ − ∇Φ‖ = σ, negligible against the default rel_acc = 1e-2.
+        grad = g_t + H(h) + 0.5 * M * torch.linalg.vector_norm(h) * h
+        if float(torch.linalg.vector_norm(grad)) <= target:
+            it -= 1
+            break
+        h = h - eta * grad
+    res = torch.linalg.vector_norm(cubic_model_grad(h, g64, H, M))
+    return CubicStep(h.to(in_dtype), cubic_model(h, g64, H, M), res, it, False, float("nan"))
+
+
+def reg_newton_step(g: Tensor, H: Tensor, M: float) -> CubicStep:
+    """Gradient-regularized Newton step h = −(H + λI)⁻¹ g with λ = √(M‖g‖) (Mishchenko 2023).
+
+    Meant for convex problems (H ⪰ 0, so H + λI ≻ 0 whenever g ≠ 0). Computed in float64.
+    ``model_value`` is the quadratic model <g,h> + ½<Hh,h>; ``residual`` is ‖(H + λI)h + g‖.
+    """
+    _check_inputs(g, M)
+    g64 = g.detach().to(torch.float64)
+    H64 = H.detach().to(torch.float64)
+    H64 = 0.5 * (H64 + H64.T)
+    lam_reg = math.sqrt(M * float(torch.linalg.vector_norm(g64)))
+    A = H64 + lam_reg * torch.eye(g.numel(), dtype=torch.float64, device=g.device)
+    h64 = -torch.linalg.solve(A, g64)
+    res = torch.linalg.vector_norm(A @ h64 + g64)
+    model = g64 @ h64 + 0.5 * (h64 @ (H64 @ h64))
+    lam_min = float(torch.linalg.eigvalsh(H64)[0])
+    return CubicStep(h64.to(g.dtype), model, res, 1, False, lam_min)

@@ -1,0 +1,192 @@
+"""Cubic subproblem solvers: global optimality, closed forms, hard case, HVP agreement (spec §7)."""
+
+import math
+
+import pytest
+import torch
+
+from ops.cubic_subproblem import (
+    cubic_model,
+    from_m3_convention,
+    reg_newton_step,
+    solve_cubic_exact,
+    solve_cubic_hvp,
+)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    # The spec's tolerances (1e-8 .. 1e-12) are float64 tolerances; restore the default afterwards.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _random_problem(d: int, seed: int, scale: float = 1.0):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    H = scale * 0.5 * (A + A.T)  # indefinite with high probability
+    g = torch.randn(d, generator=gen, dtype=torch.float64)
+    return g, H
+
+
+def _phi(h, g, H, M):
+    return float(cubic_model(h, g, H, M))
+
+
+@pytest.mark.parametrize("d", [2, 5, 30])
+@pytest.mark.parametrize("M", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_solver_global_optimality(d, M, seed):
+    g, H = _random_problem(d, seed)
+    sol = solve_cubic_exact(g, H, M)
+    h = sol.h
+    r = float(torch.linalg.vector_norm(h))
+    A = H + 0.5 * M * r * torch.eye(d)
+    assert float(torch.linalg.vector_norm(A @ h + g)) <= 1e-8
+    assert float(torch.linalg.eigvalsh(A)[0]) >= -1e-8
+    # A global-minimizer property: Φ(h*) ≤ −(M/12)‖h*‖³.
+    assert _phi(h, g, H, M) <= -(M / 12.0) * r**3 + 1e-12
+    # Local check against 2000 random perturbations of norm 1e-3.
+    gen = torch.Generator().manual_seed(100 + seed)
+    eps = torch.randn(2000, d, generator=gen)
+    eps = 1e-3 * eps / eps.norm(dim=1, keepdim=True)
+    hs = h + eps
+    vals = hs @ g + 0.5 * ((hs @ H) * hs).sum(1) + (M / 6.0) * hs.norm(dim=1) ** 3
+    assert float(vals.min()) >= _phi(h, g, H, M) - 1e-12
+    assert sol.residual <= 1e-8 and not sol.hard_case
+    assert sol.lambda_min == pytest.approx(float(torch.linalg.eigvalsh(H)[0]))
+
+
+def test_closed_form_one_dimensional_zero_hessian():
+    for gv, M in [(3.0, 2.0), (-0.5, 0.7), (1e-3, 10.0)]:
+        h = solve_cubic_exact(torch.tensor([gv]), torch.zeros(1, 1), M).h
+        expected = -math.copysign(math.sqrt(2 * abs(gv) / M), gv)
+        assert float(h[0]) == pytest.approx(expected, rel=1e-10)
+
+
+def test_tiny_M_recovers_newton_step():
+    g, A = _random_problem(6, 3)
+    H = A @ A.T + torch.eye(6)  # positive definite
+    h = solve_cubic_exact(g, H, 1e-9).h
+    newton = -torch.linalg.solve(H, g)
+    assert torch.allclose(h, newton, rtol=1e-6, atol=1e-8)
+
+
+def test_hard_case_and_continuity():
+    H = torch.diag(torch.tensor([-1.0, 1.0]))
+    M = 1.0
+    sol = solve_cubic_exact(torch.zeros(2), H, M)
+    assert sol.hard_case
+    assert float(sol.h.norm()) == pytest.approx(2.0, rel=1e-12)
+    assert abs(float(sol.h[1])) <= 1e-14  # parallel to e₁
+    assert float(sol.model_value) == pytest.approx(-2.0 / (3.0 * M**2), rel=1e-12)
+    r = float(sol.h.norm())
+    assert float(torch.linalg.vector_norm((H + 0.5 * M * r * torch.eye(2)) @ sol.h)) <= 1e-8
+    # Near-hard case: g = (1e-14, 1) stays close to the hard-case solution of g = (0, 1).
+    g_hard = torch.tensor([0.0, 1.0])
+    g_near = torch.tensor([1e-14, 1.0])
+    h_hard = solve_cubic_exact(g_hard, H, M, hard_case_sign=-1.0).h
+    h_near = solve_cubic_exact(g_near, H, M).h
+    assert torch.allclose(h_hard, h_near, atol=1e-6)
+    for g in (g_hard, g_near):
+        sol = solve_cubic_exact(g, H, M)
+        r = float(sol.h.norm())
+        A = H + 0.5 * M * r * torch.eye(2)
+        assert float(torch.linalg.vector_norm(A @ sol.h + g)) <= 1e-8
+        assert float(torch.linalg.eigvalsh(A)[0]) >= -1e-8
+    # Moving away from the hard case, the solution varies continuously.
+    h_far = solve_cubic_exact(torch.tensor([1e-6, 1.0]), H, M).h
+    assert torch.allclose(h_far, h_near, atol=1e-5)
+
+
+def test_hard_case_random_rotation():
+    # Random orthogonal basis; g orthogonal to the (negative) smallest eigenvector.
+    d, M = 8, 2.0
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(5)))
+    lam = torch.linspace(-3.0, 4.0, d)
+    H = Q @ torch.diag(lam) @ Q.T
+    g = Q[:, 1:] @ (0.01 * torch.ones(d - 1))
+    sol = solve_cubic_exact(g, H, M)
+    assert sol.hard_case
+    r = float(sol.h.norm())
+    A = H + 0.5 * M * r * torch.eye(d)
+    assert float(torch.linalg.vector_norm(A @ sol.h + g)) <= 1e-8
+    assert float(torch.linalg.eigvalsh(A)[0]) >= -1e-8
+    assert r == pytest.approx(2 * 3.0 / M, rel=1e-10)
+
+
+def test_zero_gradient_convex_returns_zero():
+    sol = solve_cubic_exact(torch.zeros(3), torch.eye(3), 1.0)
+    assert torch.equal(sol.h, torch.zeros(3))
+
+
+def test_float32_input_solved_in_float64_and_cast_back():
+    g, H = _random_problem(5, 7)
+    sol32 = solve_cubic_exact(g.float(), H.float(), 1.0)
+    assert sol32.h.dtype == torch.float32
+    sol64 = solve_cubic_exact(g.float().double(), H.float().double(), 1.0)
+    assert torch.equal(sol32.h, sol64.h.float())
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="M must be a positive"):
+        solve_cubic_exact(torch.ones(2), torch.eye(2), 0.0)
+    with pytest.raises(ValueError, match="H must have shape"):
+        solve_cubic_exact(torch.ones(2), torch.eye(3), 1.0)
+
+
+def test_hvp_solver_matches_exact_on_random_50d_problems():
+    for seed in range(20):
+        g, H = _random_problem(50, 1000 + seed, scale=0.2)
+        exact = solve_cubic_exact(g, H, 1.0).h
+        gen = torch.Generator().manual_seed(seed)
+        sol = solve_cubic_hvp(
+            g, lambda v, H=H: H @ v, 1.0, rel_acc=1e-8, max_iters=20000, generator=gen
+        )
+        rel = float((sol.h - exact).norm() / exact.norm())
+        assert rel <= 1e-3, (seed, rel, sol.iterations)
+
+
+def test_hvp_solver_escapes_saddle_with_zero_gradient():
+    H = torch.diag(torch.tensor([-1.0, 1.0]))
+    sol = solve_cubic_hvp(
+        torch.zeros(2), lambda v: H @ v, 1.0, rel_acc=1e-10, max_iters=5000, generator=None
+    )
+    assert float(sol.h.norm()) == pytest.approx(2.0, rel=1e-4)
+    assert float(sol.model_value) == pytest.approx(-2.0 / 3.0, rel=1e-4)
+
+
+def _solve_m3_reference(g, H, M3):
+    """Minimizer of <g,h> + ½<Hh,h> + (M3/3)‖h‖³ (opt_methods convention), by the optimality condition
+    (H + M3 r I) h = −g, r = ‖h‖, bisected independently of the project solver."""
+    lam, U = torch.linalg.eigh(H)
+    m = U.T @ g
+    lo, hi = max(0.0, -float(lam[0]) / M3) + 1e-12, 1e3
+    for _ in range(300):
+        mid = 0.5 * (lo + hi)
+        if float((m / (lam + M3 * mid)).norm()) > mid:
+            lo = mid
+        else:
+            hi = mid
+    return -(U @ (m / (lam + M3 * hi)))
+
+
+def test_from_m3_convention_round_trip():
+    assert from_m3_convention(0.5) == 1.0
+    for seed in range(3):
+        g, H = _random_problem(10, 50 + seed)
+        M3 = 0.8
+        ours = solve_cubic_exact(g, H, from_m3_convention(M3)).h
+        ref = _solve_m3_reference(g, H, M3)
+        assert torch.allclose(ours, ref, atol=1e-8)
+
+
+def test_reg_newton_step_solves_regularized_system():
+    g, A = _random_problem(12, 9)
+    H = A @ A.T
+    M = 3.0
+    sol = reg_newton_step(g, H, M)
+    lam = math.sqrt(M * float(g.norm()))
+    assert float(torch.linalg.vector_norm((H + lam * torch.eye(12)) @ sol.h + g)) <= 1e-10
