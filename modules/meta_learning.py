@@ -1,0 +1,317 @@
+"""Gradient-based meta-learning as a manual-optimization LightningModule (FO-B-MAML + baselines).
+
+One ``training_step`` is one meta-step: every task of the meta-batch (this rank's share under DDP)
+gets a meta-gradient estimate computed functionally on detached copies of ``net``'s parameters
+(``ops.meta_gradients``); the estimates are summed, all-reduced explicitly together with the task
+count, averaged, written to ``.grad`` and the outer optimizer steps. DDP's reducer never sees these
+gradients (``torch.autograd.grad`` fires no reducer hooks and double backward through the wrapper
+is unsupported), hence the explicit reduction (spec §9 DDP).
+
+Methods (``method``):
+    fo_b_maml_forward    (y^0 - y^{+nu}) / (alpha nu)            FO-B-MAML, forward difference
+    fo_b_maml_symmetric  (y^{-nu} - y^{+nu}) / (2 alpha nu)      FO-B-MAML, symmetric difference
+    maml                 grad_x f(y_K(x)) through the K-step loop (second order)
+    fomaml               grad f(y_K) w.r.t. the adapted parameters
+    reptile              (x - y_K) / (K gamma), inner loop on support ∪ query
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ops.meta_gradients import (
+    Estimate,
+    Params,
+    fob_maml_grad,
+    fomaml_grad,
+    inner_solve,
+    maml_grad,
+    reptile_grad,
+    task_objectives,
+)
+from ops.meta_tasks_closed_form import LinearTasks, exact_meta_grad, exact_meta_grads
+from optim.sngdm import SNGDM
+
+METHODS = ("fo_b_maml_forward", "fo_b_maml_symmetric", "maml", "fomaml", "reptile")
+
+
+def half_mse(out: Tensor, target: Tensor) -> Tensor:
+    """0.5 * mean squared error: the loss of the linear-regression closed forms."""
+    return 0.5 * F.mse_loss(out, target)
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+    "half_mse": half_mse,
+}
+
+
+class MetaLearningModule(L.LightningModule):
+    """Meta-learn an initialization of ``net`` with FO-B-MAML or a baseline.
+
+    Args:
+        net: any ``nn.Module`` without BatchNorm running statistics (they break inner loops).
+        loss: ``cross_entropy`` (classification, accuracy is logged), ``mse`` or ``half_mse``
+            (0.5 MSE; the linear-regression closed forms assume it).
+        method: ``fo_b_maml_forward``, ``fo_b_maml_symmetric``, ``maml``, ``fomaml`` or ``reptile``.
+        nu: finite-difference perturbation nu of FO-B-MAML (keep >= 1e-2 in float32).
+        alpha: proximal strength 1/alpha of the FO-B-MAML inner problem.
+        inner_steps: inner GD steps K during meta-training.
+        inner_lr: inner step size gamma.
+        eval_inner_steps: K at validation/test (default: ``inner_steps``).
+        eval_inner_lr: gamma at validation/test (default: ``inner_lr``).
+        warm_start: FO-B-MAML's perturbed solves start from y^0 ([derived] flag ``warm_start``).
+        reptile_uses_query: Reptile's inner loop runs on support ∪ query (Nichol et al. 2018).
+        baselines_use_proximal: FO-MAML and Reptile use the proximal solve y^0 with ``alpha``
+            (the synthetic protocol of spec §3.8) instead of plain K-step GD.
+        inner_batch_size: support mini-batch per inner step (common random numbers across the
+            solves of one estimate); ``None`` = full support set.
+        max_inner_steps_second_order: second-order MAML warns above this K (memory is linear in K).
+        optimizer: outer optimizer factory (default ``SNGDM``, normalized momentum SGD).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: str = "cross_entropy",
+        method: str = "fo_b_maml_symmetric",
+        nu: float = 1e-2,
+        alpha: float = 1.0,
+        inner_steps: int = 5,
+        inner_lr: float = 0.1,
+        eval_inner_steps: int | None = None,
+        eval_inner_lr: float | None = None,
+        warm_start: bool = False,
+        reptile_uses_query: bool = True,
+        baselines_use_proximal: bool = False,
+        inner_batch_size: int | None = None,
+        max_inner_steps_second_order: int = 50,
+        optimizer: OptimizerCallable = SNGDM,
+    ) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"MetaLearningModule: method must be one of {METHODS}, got {method!r}")
+        if loss not in LOSSES:
+            raise ValueError(
+                f"MetaLearningModule: loss must be one of {list(LOSSES)}, got {loss!r}"
+            )
+        if method.startswith("fo_b_maml") and (nu == 0 or alpha <= 0):
+            raise ValueError(
+                f"MetaLearningModule: FO-B-MAML needs nu != 0 and alpha > 0, got nu={nu}, alpha={alpha}"
+            )
+        if inner_steps < 1:
+            raise ValueError(f"MetaLearningModule: inner_steps must be >= 1, got {inner_steps}")
+        if method == "maml" and inner_steps > max_inner_steps_second_order:
+            warnings.warn(
+                f"second-order MAML with inner_steps={inner_steps} > {max_inner_steps_second_order}:"
+                " memory grows linearly with K; consider fo_b_maml_symmetric",
+                stacklevel=2,
+            )
+        for name, module in net.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                raise ValueError(
+                    f"MetaLearningModule: net.{name} is BatchNorm with running statistics; they "
+                    "update during inner adaptation (learn2learn #377). Use GroupNorm or "
+                    "track_running_stats=False"
+                )
+        self.save_hyperparameters(ignore=["net", "optimizer"])
+        self.automatic_optimization = False
+        self.net = net
+        self.loss_fn = LOSSES[loss]
+        self.method = method
+        self.nu, self.alpha = nu, alpha
+        self.inner_steps, self.inner_lr = inner_steps, inner_lr
+        self.eval_inner_steps = eval_inner_steps or inner_steps
+        self.eval_inner_lr = eval_inner_lr or inner_lr
+        self.warm_start = warm_start
+        self.reptile_uses_query = reptile_uses_query
+        self.baselines_use_proximal = baselines_use_proximal
+        self.inner_batch_size = inner_batch_size
+        self.optimizer_factory = optimizer
+
+    # -- configuration ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.net.parameters())
+
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise RuntimeError(
+                "MetaLearningModule does not support FSDP: per-task functional parameter copies "
+                "need full tensors (spec §9). Use strategy: ddp"
+            )
+
+    @property
+    def proximal(self) -> bool:
+        """Whether this method adapts with the proximal inner problem (alpha)."""
+        return self.method.startswith("fo_b_maml") or self.baselines_use_proximal
+
+    def _check_grad_mode(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "MetaLearningModule adapts on support sets during validation/test and needs "
+                "gradients: set `trainer.inference_mode: false`"
+            )
+
+    def on_validation_start(self) -> None:
+        self._check_grad_mode()
+
+    def on_test_start(self) -> None:
+        self._check_grad_mode()
+
+    # -- per-task work ------------------------------------------------------------------------
+    def _params(self) -> Params:
+        return {n: p.detach() for n, p in self.net.named_parameters()}
+
+    def _local_tasks(self, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        """This rank's share of the meta-batch: tasks rank, rank + W, rank + 2W, ..."""
+        rank, world = self.global_rank, self.trainer.world_size if self._trainer else 1
+        count = batch["support_x"].shape[0]
+        keys = ("support_x", "support_y", "query_x", "query_y")
+        return [{k: batch[k][i] for k in keys} for i in range(rank, count, world)]
+
+    def estimate(self, task: dict[str, Tensor], x: Params, seed: int = 0) -> Estimate:
+        """The chosen method's meta-gradient estimate for one task at meta-parameters ``x``."""
+        support, query = (task["support_x"], task["support_y"]), (task["query_x"], task["query_y"])
+        kw = {"inner_batch_size": self.inner_batch_size, "seed": seed}
+        g, f = task_objectives(self.net, self.loss_fn, support, query, **kw)
+        steps, lr = self.inner_steps, self.inner_lr
+        base_alpha = self.alpha if self.baselines_use_proximal else None
+        if self.method.startswith("fo_b_maml"):
+            estimator = self.method.removeprefix("fo_b_maml_")
+            return fob_maml_grad(
+                g, f, x, nu=self.nu, alpha=self.alpha, steps=steps, lr=lr,
+                estimator=estimator, warm_start=self.warm_start,
+            )  # fmt: skip
+        if self.method == "maml":
+            return maml_grad(g, f, x, steps=steps, lr=lr)
+        if self.method == "fomaml":
+            return fomaml_grad(g, f, x, steps=steps, lr=lr, alpha=base_alpha)
+        if self.reptile_uses_query:
+            both = tuple(torch.cat([s, q]) for s, q in zip(support, query, strict=True))
+            g, _ = task_objectives(self.net, self.loss_fn, both, query, **kw)
+        return reptile_grad(g, x, steps=steps, lr=lr, alpha=base_alpha)
+
+    def adapt(self, task: dict[str, Tensor], x: Params) -> Params:
+        """Evaluation-time adaptation on the support set with the method's own inner procedure."""
+        support, query = (task["support_x"], task["support_y"]), (task["query_x"], task["query_y"])
+        g, _ = task_objectives(self.net, self.loss_fn, support, query)
+        alpha = self.alpha if self.proximal else None
+        return inner_solve(
+            g, None, x, nu=0.0, alpha=alpha, steps=self.eval_inner_steps, lr=self.eval_inner_lr
+        )
+
+    @torch.no_grad()
+    def _score(self, params: Params, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        out = functional_call(self.net, params, (inputs,))
+        loss = self.loss_fn(out, targets)
+        if self.hparams.loss == "cross_entropy":
+            return loss, (out.argmax(-1) == targets).float().mean()
+        return loss, torch.full_like(loss, float("nan"))
+
+    # -- closed-form diagnostics (linear-regression tasks) -------------------------------------
+    def _closed_form(self) -> LinearTasks | None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        pool = getattr(dm, "closed_form", None)
+        if not isinstance(pool, LinearTasks) or self.hparams.loss != "half_mse":
+            return None
+        if not self.proximal or list(self._params()) != ["weight"]:
+            return None
+        return pool
+
+    # -- training -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        opt = self.optimizers()
+        x = self._params()
+        names = list(x)
+        tasks = self._local_tasks(batch)
+        grad_sum = torch.zeros(
+            sum(v.numel() for v in x.values()), dtype=torch.float64, device=self.device
+        )
+        stats = torch.zeros(4, dtype=torch.float64, device=self.device)  # count, loss, acc, gap
+        for i, task in enumerate(tasks):
+            est = self.estimate(task, x, seed=self.global_step * 4099 + self.global_rank * 257 + i)
+            grad_sum += torch.cat([est.grad[n].flatten() for n in names]).double()
+            loss, acc = self._score(est.adapted, task["query_x"], task["query_y"])
+            stats += torch.tensor(
+                [1.0, float(loss), float(acc), est.solve_gap or 0.0],
+                dtype=torch.float64,
+                device=self.device,
+            )
+        # Explicit reduction: the summed estimates and the task count travel in one all-reduce.
+        packed = self.trainer.strategy.reduce(torch.cat([grad_sum, stats]), reduce_op="sum")
+        grad_sum, (count, loss_sum, acc_sum, gap_sum) = packed[: grad_sum.numel()], packed[-4:]
+        meta_grad = grad_sum / count
+        offset = 0
+        before = torch.cat([p.detach().flatten().double() for p in self.net.parameters()])
+        for p in self.net.parameters():
+            p.grad = meta_grad[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        opt.step()
+        opt.zero_grad()
+        after = torch.cat([p.detach().flatten().double() for p in self.net.parameters()])
+        logs = {
+            "train/meta_loss": loss_sum / count,
+            "train/meta_grad_norm": meta_grad.norm(),
+            "train/step_norm": (after - before).norm(),
+        }
+        if self.hparams.loss == "cross_entropy":
+            logs["train/meta_acc"] = acc_sum / count
+        if self.method.startswith("fo_b_maml"):
+            logs["train/solve_gap"] = gap_sum / count
+        logs.update(self._closed_form_logs(batch, x, meta_grad))
+        self.log_dict({k: v.float() for k, v in logs.items()}, prog_bar=False)
+
+    def _closed_form_logs(self, batch, x: Params, meta_grad: Tensor) -> dict[str, Tensor]:
+        pool = self._closed_form()
+        if pool is None:
+            return {}
+        w = x["weight"].to(pool.S.dtype)
+        batch_tasks = LinearTasks.from_data(
+            *(batch[k].to(pool.S.dtype) for k in ("support_x", "support_y", "query_x", "query_y"))
+        )
+        batch_true = exact_meta_grads(w, batch_tasks, self.alpha).mean(0)
+        true = exact_meta_grad(w, pool, self.alpha)
+        err = (meta_grad.to(batch_true.dtype) - batch_true).norm()
+        return {
+            "train/true_meta_grad_norm": true.norm(),
+            "train/estimator_error": err,
+            "train/estimator_rel_error": err / batch_true.norm().clamp_min(1e-30),
+        }
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
+        x = self._params()
+        rows = []
+        for task in self._local_tasks_eval(batch):
+            with torch.enable_grad():
+                y = self.adapt(task, x)
+            rows.append((*self._score(x, task["query_x"], task["query_y"]),
+                         *self._score(y, task["query_x"], task["query_y"])))  # fmt: skip
+        vals = torch.stack([torch.stack(r) for r in rows]).mean(0)
+        n = len(rows)
+        self.log(f"{prefix}/pre_adapt_loss", vals[0], batch_size=n, sync_dist=True)
+        self.log(f"{prefix}/query_loss", vals[2], batch_size=n, sync_dist=True)
+        if self.hparams.loss == "cross_entropy":
+            self.log(f"{prefix}/pre_adapt_acc", vals[1], batch_size=n, sync_dist=True)
+            self.log(f"{prefix}/query_acc", vals[3], batch_size=n, sync_dist=True, prog_bar=True)
+
+    def _local_tasks_eval(self, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+        keys = ("support_x", "support_y", "query_x", "query_y")
+        return [{k: batch[k][i] for k in keys} for i in range(batch["support_x"].shape[0])]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
