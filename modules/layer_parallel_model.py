@@ -19,6 +19,8 @@ inside the pair (``pair.members``) unless ``keep_originals=False``, so
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager
 from ops.layer_parallel import (
     POST_NORM_MODES,
     LayerParallelPlan,
+    block_influence,
     fuse_attention,
     fuse_mlp,
     rms_normalize,
@@ -316,8 +319,21 @@ def undo_layer_parallelism(model: nn.Module) -> nn.Module:
     decoder = decoder_of(model)
     if getattr(model, "layer_parallel", None) is None:
         return model
+    layers = original_layers(model)
+    decoder.layers = nn.ModuleList(layers)
+    object.__setattr__(model, "layer_parallel", None)
+    return model
+
+
+def num_sequential_layers(model: nn.Module) -> int:
+    """Sequential depth of the (possibly LP) decoder: the number of modules its loop runs."""
+    return len(decoder_of(model).layers)
+
+
+def original_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's original decoder layers in order (the pairs' members, unpaired layers as is)."""
     layers: list[nn.Module] = []
-    for layer in decoder.layers:
+    for layer in decoder_of(model).layers:
         if isinstance(layer, _LPPair):
             if not hasattr(layer, "members"):
                 raise RuntimeError(
@@ -327,11 +343,48 @@ def undo_layer_parallelism(model: nn.Module) -> nn.Module:
             layers.extend(layer.members)
         else:
             layers.append(layer)
+    return layers
+
+
+@contextmanager
+def sequential_layers(model: nn.Module, keep: Sequence[int] | None = None) -> Iterator[nn.Module]:
+    """Temporarily run the original sequential stack (or only the layers ``keep``).
+
+    The same layer objects are swapped in (no copy), so this is free; used for the sequential
+    baseline next to an LP model and for the drop-layers baselines (spec 3.6).
+    """
+    decoder = decoder_of(model)
+    lp_layers = decoder.layers
+    layers = original_layers(model)
+    if keep is not None:
+        layers = [layers[k] for k in keep]
     decoder.layers = nn.ModuleList(layers)
-    object.__setattr__(model, "layer_parallel", None)
-    return model
+    try:
+        yield model
+    finally:
+        decoder.layers = lp_layers
 
 
-def num_sequential_layers(model: nn.Module) -> int:
-    """Sequential depth of the (possibly LP) decoder: the number of modules its loop runs."""
-    return len(decoder_of(model).layers)
+@torch.no_grad()
+def layer_block_influence(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[float]:
+    """Per-layer Block Influence ``1 - mean cos(x_in, x_out)`` (ShortGPT) of the sequential model."""
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    hooks = []
+    with sequential_layers(model):
+        for idx, layer in enumerate(decoder_of(model).layers):
+
+            def hook(_mod, args, kwargs, out, idx=idx):
+                x_in = args[0] if args else kwargs["hidden_states"]
+                x_out = out[0] if isinstance(out, tuple) else out
+                sums[idx] = sums.get(idx, 0.0) + block_influence(x_in, x_out).item()
+                counts[idx] = counts.get(idx, 0) + 1
+
+            hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
+        try:
+            for ids in batches:
+                model(input_ids=ids)
+        finally:
+            for h in hooks:
+                h.remove()
+    return [sums[k] / counts[k] for k in sorted(sums)]

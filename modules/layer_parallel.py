@@ -1,0 +1,302 @@
+"""Layer parallelism as a LightningModule: evaluate, generate and (optionally) fine-tune LP models.
+
+* ``mlo test`` / ``mlo validate``: applies the plan to a trained or pretrained Hugging Face model
+  and logs ``<stage>/ppl`` (LP), ``<stage>/ppl_seq`` (same weights, sequential) and
+  ``<stage>/ppl_ratio``; ``mlo test`` also measures greedy decode tokens/s (LP vs sequential, batch
+  ``decode_batch_size``) after the test loop.
+* ``mlo predict``: greedy/sampled generation with the LP model (KV cache, one entry per layer).
+* ``mlo fit`` (optional, spec 3.7, protocol reconstructed): trains only the attention, MLP and norm
+  parameters of the paired layers, in reference mode, with next-token loss.
+
+Spec: ``shared/methods/layer-parallel.md``; model surgery in ``modules/layer_parallel_model.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.text import Perplexity
+
+from datamodules.text import load_tokenizer
+from modules.causal_lm import GenerationSettings
+from modules.hf_models import build_causal_lm, is_pretrained_name
+from modules.layer_parallel_model import (
+    LPState,
+    apply_layer_parallelism,
+    original_layers,
+    sequential_layers,
+    undo_layer_parallelism,
+)
+from ops.layer_parallel import LayerParallelPlan, ideal_speedup
+from optim.schedules import fill_total_steps
+
+
+@torch.no_grad()
+def greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Prefill ``prompt`` ``[B, T]`` then ``n_new`` one-token steps with the KV cache (greedy)."""
+    out = model(input_ids=prompt, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    tokens = [token]
+    cache = out.cache
+    for _ in range(n_new - 1):
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache = out.cache
+        token = out.logits[:, -1:].argmax(-1)
+        tokens.append(token)
+    return torch.cat(tokens, dim=1)
+
+
+def decode_tokens_per_s(
+    model: torch.nn.Module, prompt: torch.Tensor, n_new: int, warmup: int = 1, repeats: int = 3
+) -> float:
+    """Median generated tokens/s (batch x new tokens / wall time, prefill included) (spec 3.6)."""
+    times = []
+    for r in range(warmup + repeats):
+        if prompt.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        greedy_decode(model, prompt, n_new)
+        if prompt.device.type == "cuda":
+            torch.cuda.synchronize()
+        if r >= warmup:
+            times.append(time.perf_counter() - t0)
+    return prompt.shape[0] * n_new / statistics.median(times)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Token-level perplexity ``exp(mean NLL)`` of next-token prediction over ``windows`` ``[N, T]``."""
+    total, count = 0.0, 0
+    for chunk in windows.split(batch_size):
+        logits = model(input_ids=chunk).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
+        )
+        total, count = total + nll.item(), count + chunk[:, 1:].numel()
+    return float(torch.tensor(total / count).exp())
+
+
+class LayerParallelModule(L.LightningModule):
+    """Evaluate / generate with / fine-tune a Hugging Face Llama-family model under layer parallelism.
+
+    Args:
+        model: local Hugging Face directory (e.g. ``runs/quickstart/version_0/hf_model``), hub id,
+            preset name or config dict (random weights: for smoke tests only).
+        tokenizer: tokenizer directory or hub id.
+        plan: layers to pair: ``{start: 2, end: 6}`` (pairs (2,3),(4,5)), a list of pairs
+            ``[[2, 3], [4, 5]]`` or ``null`` (no LP, sequential model).
+        mode: LP implementation for validate/test/predict: ``fused`` (folded norms, one wide
+            matmul per pair) or ``reference`` (members computed explicitly). Training always
+            uses ``reference``.
+        post_norm_mode: how both MLPs normalise the shared ``h``: ``per_member`` (spec 3.1) or the
+            code-faithful ``rank_mixed`` / ``averaged`` variants (official-code defect 1).
+        compare_sequential: also evaluate the same weights without LP, logging ``ppl_seq`` and
+            ``ppl_ratio`` (twice the evaluation cost).
+        train_with_lp: in ``fit``, train the paired layers' parameters with LP applied (``True``)
+            or, as the fine-tuning control of spec acceptance 7, the same parameters of the
+            sequential model (``False``).
+        decode_new_tokens: tokens generated per run of the decode throughput measurement after
+            ``mlo test`` (0 disables it).
+        decode_prompt_len: prompt length of the decode measurement (taken from the test data).
+        decode_batch_size: prompts decoded together in the measurement.
+        decode_repeats: timed runs (median reported) after one warm-up run.
+        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps the default.
+        optimizer: optimizer for ``fit`` (``class_path`` in YAML); spec 3.7: AdamW lr 1e-4, wd 0.
+        lr_scheduler: LR schedule stepped per optimizer step (e.g. ``optim.schedules.WarmupCosine``).
+        generation: decoding settings for ``mlo predict``.
+    """
+
+    def __init__(
+        self,
+        model: str | dict[str, Any],
+        tokenizer: str = "data/tokenizer",
+        plan: dict[str, int] | list[list[int]] | None = None,
+        mode: str = "fused",
+        post_norm_mode: str = "per_member",
+        compare_sequential: bool = True,
+        train_with_lp: bool = True,
+        decode_new_tokens: int = 64,
+        decode_prompt_len: int = 32,
+        decode_batch_size: int = 1,
+        decode_repeats: int = 3,
+        dtype: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        generation: GenerationSettings | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.generation = generation or GenerationSettings()
+        self.tokenizer = load_tokenizer(tokenizer)
+        vocab = None if is_pretrained_name(model) else len(self.tokenizer)
+        self.model = build_causal_lm(model, vocab_size=vocab, dtype=dtype)
+        self.plan = LayerParallelPlan.parse(plan)
+        # Reference mode holds the original layer objects, so parameter names (and checkpoints)
+        # are the same whichever mode is active later; fused weights are non-persistent buffers.
+        apply_layer_parallelism(self.model, self.plan, "reference", post_norm_mode)
+        self._freeze_all_but_paired_layers()
+        self.metrics = torch.nn.ModuleDict(
+            {f"{s}_{k}": Perplexity() for s in ("val", "test") for k in ("lp", "seq")}
+        )
+        self._decode_prompt: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- LP state
+    def _freeze_all_but_paired_layers(self) -> None:
+        layers = original_layers(self.model)
+        keep = {id(p) for k in self.plan.layers for p in layers[k].parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in keep)
+
+    def use_mode(self, mode: str) -> None:
+        """Switch the LP implementation (``fused``/``reference``) keeping the same weights."""
+        state: LPState = self.model.layer_parallel
+        if state.mode == mode:
+            return
+        with torch.no_grad():
+            undo_layer_parallelism(self.model)
+            apply_layer_parallelism(self.model, self.plan, mode, self.hparams.post_norm_mode)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # from_pretrained returns eval-mode modules; training runs the reference pairs.
+            self.use_mode("reference")
+            self.model.train()
+
+    def on_train_start(self) -> None:
+        self.use_mode("reference")
+
+    def on_validation_start(self) -> None:
+        self.use_mode(self.hparams.mode)
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "fit":
+            self.use_mode("reference")
+
+    def on_test_start(self) -> None:
+        self.use_mode(self.hparams.mode)
+
+    def on_predict_start(self) -> None:
+        self.use_mode(self.hparams.mode)
+
+    # ----------------------------------------------------------------- steps
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        return self.model(input_ids=input_ids, **kwargs)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.hparams.train_with_lp:
+            loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        else:
+            with sequential_layers(self.model):
+                loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        ids, labels = batch["input_ids"], batch["labels"]
+        logits = self.model(input_ids=ids).logits
+        self.metrics[f"{stage}_lp"].update(logits[:, :-1].float(), labels[:, 1:])
+        if self.hparams.compare_sequential:
+            with sequential_layers(self.model):
+                logits = self.model(input_ids=ids).logits
+            self.metrics[f"{stage}_seq"].update(logits[:, :-1].float(), labels[:, 1:])
+        if stage == "test" and self._decode_prompt is None:
+            n = self.hparams.decode_prompt_len
+            rows = ids[: self.hparams.decode_batch_size, :n]
+            if rows.shape[0] == self.hparams.decode_batch_size and rows.shape[1] == n:
+                self._decode_prompt = rows.clone()
+
+    def _log_ppl(self, stage: str) -> None:
+        ppl = self.metrics[f"{stage}_lp"].compute()
+        self.log(f"{stage}/ppl", ppl, prog_bar=True)
+        self.metrics[f"{stage}_lp"].reset()
+        if self.hparams.compare_sequential:
+            seq = self.metrics[f"{stage}_seq"].compute()
+            self.log(f"{stage}/ppl_seq", seq)
+            self.log(f"{stage}/ppl_ratio", ppl / seq, prog_bar=True)
+            self.metrics[f"{stage}_seq"].reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_ppl("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_ppl("test")
+        n_new = self.hparams.decode_new_tokens
+        if n_new <= 0:
+            return
+        if self._decode_prompt is None:
+            raise ValueError(
+                f"decode measurement needs a test batch of >= decode_batch_size="
+                f"{self.hparams.decode_batch_size} rows of >= decode_prompt_len="
+                f"{self.hparams.decode_prompt_len} tokens (set decode_new_tokens: 0 to skip it)"
+            )
+        prompt, repeats = self._decode_prompt, self.hparams.decode_repeats
+        lp = decode_tokens_per_s(self.model, prompt, n_new, repeats=repeats)
+        with sequential_layers(self.model):
+            seq = decode_tokens_per_s(self.model, prompt, n_new, repeats=repeats)
+        layers = self.model.config.num_hidden_layers
+        self.log("test/decode_tok_s", lp, rank_zero_only=True)
+        self.log("test/decode_tok_s_seq", seq, rank_zero_only=True)
+        self.log("test/decode_speedup", lp / seq, rank_zero_only=True)
+        self.log("test/ideal_speedup", ideal_speedup(layers, self.plan.delta), rank_zero_only=True)
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, str]]:
+        g, results = self.generation, []
+        sampling = {"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p}
+        for prompt in batch["prompts"]:
+            ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=g.max_new_tokens,
+                do_sample=g.do_sample,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **(sampling if g.do_sample else {}),
+            )
+            completion = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            results.append(
+                {"prompt": prompt, "completion": completion, "plan": self.plan.to_list()}
+            )
+        return results
+
+    # ----------------------------------------------------------------- optimization & export
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("plan is empty: fine-tuning trains only the paired layers (set plan)")
+        optimizer = self.optimizer(params)
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        fill_total_steps(scheduler, self.trainer.estimated_stepping_batches)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def save_pretrained(self, directory: str | Path, merge_lora: bool = False) -> Path:
+        """Write the (sequential, unfused) model in Hugging Face format plus ``layer_parallel.json``.
+
+        The canonical weights are the unfused ones (spec 3.4); the plan is re-applied on load.
+        """
+        directory = Path(directory)
+        with sequential_layers(self.model):
+            self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        info = {"plan": self.plan.to_list(), "post_norm_mode": self.hparams.post_norm_mode}
+        (directory / "layer_parallel.json").write_text(json.dumps(info, indent=2))
+        return directory
