@@ -1,0 +1,201 @@
+"""Update geometry of one training step: the math behind the warmup diagnostics.
+
+Kosson, Messmer, Jaggi, *Analyzing & Reducing the Need for Learning Rate Warmup in GPT Training*
+(NeurIPS 2024) measure an update Δw_t = w_{t+1} − w_t in three ways (ℓ2 norm, angle, relative
+representation change) and relate warmup to the gradient signal-to-noise ratio. Everything here
+is Lightning-free and works on detached tensors; norms and angles are formed in float64 because
+equilibrium angles (1e-3 to 1e-2 rad) are below what float32 ``arccos`` can resolve.
+
+Section numbers refer to the project spec ``methods/warmup-diagnostics.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "adamw_white_noise_rms",
+    "angle_from_sums",
+    "angular_update",
+    "equilibrium_angle",
+    "lionar_target_angle",
+    "noise_scale",
+    "rows",
+    "rrc",
+    "rrc_lr_factor",
+    "update_norms",
+]
+
+
+def rows(t: Tensor) -> Tensor:
+    """View a tensor as (neurons, fan_in): one row per output feature (dim 0), in float64.
+
+    The per-neuron convention (dim 0 = output features) holds for ``nn.Linear`` and conv weights;
+    a vector is one neuron.
+    """
+    t = t.detach().to(torch.float64)
+    return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+
+
+def angle_from_sums(diff_sq: Tensor, sum_sq: Tensor) -> Tensor:
+    """θ = 2·atan2(‖a−b‖, ‖a+b‖) for unit vectors a, b, given ‖a−b‖² and ‖a+b‖² (spec D2).
+
+    Unlike ``arccos(⟨a,b⟩)`` this keeps full relative precision for tiny angles.
+    """
+    return 2.0 * torch.atan2(diff_sq.clamp_min(0).sqrt(), sum_sq.clamp_min(0).sqrt())
+
+
+def angular_update(w_old: Tensor, w_new: Tensor, per_neuron: bool = False) -> Tensor:
+    """Angle in radians between ``w_old`` and ``w_new`` (spec D2), computed in float64.
+
+    Args:
+        w_old: weights before the step.
+        w_new: weights after the step (same shape).
+        per_neuron: return one angle per row of dim 0 (shape ``(rows,)``) instead of a scalar.
+
+    A zero vector has no direction; its angle is reported as 0 (e.g. a step skipped by AMP).
+    """
+    if w_old.shape != w_new.shape:
+        raise ValueError(
+            f"shape mismatch: w_old {tuple(w_old.shape)} vs w_new {tuple(w_new.shape)}"
+        )
+    a, b = rows(w_old), rows(w_new)
+    if not per_neuron:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    ok = (na > 0) & (nb > 0)
+    a = torch.where(ok, a / na.clamp_min(1e-300), torch.zeros_like(a))
+    b = torch.where(ok, b / nb.clamp_min(1e-300), torch.zeros_like(b))
+    theta = angle_from_sums(((a - b) ** 2).sum(1), ((a + b) ** 2).sum(1))
+    theta = torch.where(ok.squeeze(1), theta, torch.zeros_like(theta))
+    return theta if per_neuron else theta.squeeze(0)
+
+
+def update_norms(
+    w_old: Tensor, w_new: Tensor, lr: float, weight_decay: float = 0.0, decoupled: bool = True
+) -> tuple[float, float]:
+    """ℓ2 norm of the total update and RMS of the optimizer direction (spec D1).
+
+    The direction u_t is recovered from the step, so any optimizer works: with decoupled weight
+    decay (AdamW, Lion) Δw = −η(u + λw_t), hence u = −Δw/η − λw_t; with coupled decay (SGD, Adam's
+    L2) the decay is already part of u and u = −Δw/η.
+
+    Args:
+        w_old: weights before the step.
+        w_new: weights after the step.
+        lr: the learning rate η_t that was applied in this step.
+        weight_decay: the group's weight decay λ.
+        decoupled: whether λ is decoupled from the gradient (AdamW-style).
+
+    Returns:
+        ``(‖Δw‖₂, ‖u‖₂/√C)``; the second is ``nan`` when ``lr == 0``.
+    """
+    a, b = w_old.detach().to(torch.float64), w_new.detach().to(torch.float64)
+    delta = b - a
+    dw = float(delta.norm())
+    if lr == 0:
+        return dw, math.nan
+    u = -delta / lr - (weight_decay * a if decoupled else 0.0)
+    return dw, float(u.norm()) / math.sqrt(max(1, a.numel()))
+
+
+def rrc(x_probe: Tensor, w_old: Tensor, w_new: Tensor) -> float:
+    """Relative representation change of a linear layer y = x Wᵀ on fixed inputs (spec D3).
+
+    RRC = ‖X (W_{t+1} − W_t)ᵀ‖_F / ‖X W_tᵀ‖_F; a bias would cancel in the numerator and is left
+    out of both terms. ``x_probe`` has shape ``(..., fan_in)``.
+    """
+    x = x_probe.detach().to(torch.float64).reshape(-1, x_probe.shape[-1])
+    a, b = rows(w_old), rows(w_new)
+    if a.shape[1] != x.shape[1]:
+        raise ValueError(f"probe fan_in {x.shape[1]} does not match weight fan_in {a.shape[1]}")
+    num = (x @ (b - a).T).norm()
+    den = (x @ a.T).norm()
+    return float(num / den) if den > 0 else math.nan
+
+
+def noise_scale(g1: Tensor, g2: Tensor, batch_size: int) -> tuple[float, float]:
+    """Two-batch estimates of |G|² and tr Σ (McCandlish et al. 2018, App. A; spec D4).
+
+    ``g1``, ``g2`` are the mean gradients of the two halves of a batch of ``batch_size`` samples
+    (flattened and concatenated over tensors, or already all-reduced under DDP). With
+    B_small = B/2 and B_big = B the unbiased estimators reduce to
+    |G|² ≈ ⟨G₁, G₂⟩ and tr Σ ≈ (B/4)·‖G₁ − G₂‖². The simple noise scale is B_noise = tr Σ / |G|²
+    and the per-sample SNR is φ = 1/B_noise. The |G|² estimate may be negative for a single draw,
+    so smooth (EMA or sum over draws) before taking the ratio.
+    """
+    g1, g2 = g1.detach().to(torch.float64).flatten(), g2.detach().to(torch.float64).flatten()
+    return float(g1 @ g2), batch_size / 4.0 * float(((g1 - g2) ** 2).sum())
+
+
+def adamw_white_noise_rms(t: int, beta1: float) -> float:
+    """Expected ‖u_t‖/√C of Adam's direction under i.i.d. N(0, σ²) gradients (spec §7).
+
+    The bias-corrected momentum averages t noise samples with EMA weights, so its RMS relative to
+    the √v normalizer is √((1−β₁)(1+β₁ᵗ) / ((1+β₁)(1−β₁ᵗ))) (β₂'s long memory makes √v ≈ σ).
+    It is 1 at t = 1 (a sign-like first step) and tends to √((1−β₁)/(1+β₁)): the first update is
+    √((1+β₁)/(1−β₁)) times the steady state, 4.36× for β₁ = 0.9.
+    """
+    if t < 1:
+        raise ValueError(f"step t counts from 1, got {t}")
+    return math.sqrt((1 - beta1) * (1 + beta1**t) / ((1 + beta1) * (1 - beta1**t)))
+
+
+def lionar_target_angle(lr: float, weight_decay: float, betas: tuple[float, float]) -> float:
+    """Rotational-equilibrium angle η_r of Lion (REQ; spec §3.3), used as LionAR's target.
+
+    η_r = √(π/2)·√(2ηλ)·√((1−β₁)² + β₁²(1−β₂)/(1+β₂)). η is the *scheduled* LR, so η_r ∝ √η_t:
+    a linear warmup of η is a square-root warmup of the angle.
+    """
+    b1, b2 = betas
+    return (
+        math.sqrt(math.pi / 2)
+        * math.sqrt(2 * lr * weight_decay)
+        * math.sqrt((1 - b1) ** 2 + b1**2 * (1 - b2) / (1 + b2))
+    )
+
+
+def equilibrium_angle(
+    kind: str, lr: float, weight_decay: float, betas_or_momentum: float | tuple[float, float]
+) -> float:
+    """Expected angular update per step in rotational equilibrium (Kosson et al. 2024, REQ).
+
+    Args:
+        kind: ``"adamw"`` (√(2ηλ(1−β₁)/(1+β₁))), ``"sgdm"`` (√(2ηλ/(1+μ))) or ``"lion"``
+            (see :func:`lionar_target_angle`; accurate for small ηλ only).
+        lr: learning rate η.
+        weight_decay: decoupled weight decay λ.
+        betas_or_momentum: (β₁, β₂) for AdamW and Lion, μ for SGDM.
+    """
+    if kind == "adamw":
+        b1 = (
+            betas_or_momentum[0]
+            if isinstance(betas_or_momentum, tuple | list)
+            else betas_or_momentum
+        )
+        return math.sqrt(2 * lr * weight_decay * (1 - b1) / (1 + b1))
+    if kind == "sgdm":
+        mu = float(betas_or_momentum)  # type: ignore[arg-type]
+        return math.sqrt(2 * lr * weight_decay / (1 + mu))
+    if kind == "lion":
+        b1, b2 = betas_or_momentum  # type: ignore[misc]
+        return lionar_target_angle(lr, weight_decay, (b1, b2))
+    raise ValueError(f"kind={kind!r}: expected 'adamw', 'sgdm' or 'lion'")
+
+
+def rrc_lr_factor(phi: float, batch_size: int) -> float:
+    """Step multiplier that holds the RRC at its noise-floor value (spec §3.5, derived).
+
+    For a normalized step on a linear layer, RRC² ∝ η²(φ + 1/B²)/(φ + 1/B) for a per-sample SNR φ;
+    keeping it at the φ → 0 value gives ρ = √((1 + Bφ)/(1 + B²φ)): 1 for pure noise, 1/√B when the
+    signal dominates, so a high early SNR lowers the step like an automatic warmup.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    phi = max(0.0, float(phi)) if math.isfinite(phi) else math.inf
+    if math.isinf(phi):
+        return 1.0 / math.sqrt(batch_size)
+    return math.sqrt((1 + batch_size * phi) / (1 + batch_size**2 * phi))

@@ -1,0 +1,441 @@
+"""Lion and the normalized variants LionA and LionAR of Kosson, Messmer & Jaggi (NeurIPS 2024).
+
+* :class:`Lion`: c = β₁m + (1−β₁)g; w ← w − η(sign(c) + λw); m ← β₂m + (1−β₂)g (Chen et al. 2023).
+* :class:`LionA`: the same direction rescaled to a fixed ℓ2 norm κ√C (reconstructed form).
+* :class:`LionAR`: rotational Lion: each neuron turns by a fixed angle per step and its norm is
+  held at its initial value by projection, which replaces weight decay (mechanics of epfml/REQ).
+
+All three share the momentum variants of spec §3.4 (Nesterov look-ahead, inverse bias correction)
+and the SNR-based RRC correction of §3.5, each behind its own flag. State holds only tensors and
+ints, so ``torch.load(weights_only=True)`` reads checkpoints and resumes are bit-exact.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ops.warmup import lionar_target_angle, rrc_lr_factor
+
+log = logging.getLogger(__name__)
+
+RRCMode = Literal["none", "derived"]
+
+# Name patterns of the parameters inside transformer blocks (Llama/Mistral ``layers``, GPT-2 ``h``,
+# nanoGPT-style ``blocks``); used by ``LionAR(rotational="blocks")``.
+BLOCK_PATTERNS = ("*.layers.*", "*.h.*", "*.blocks.*", "layers.*", "h.*", "blocks.*")
+
+
+class Lion(Optimizer):
+    """Lion with optional Nesterov momentum, inverse bias correction and RRC correction.
+
+    Args:
+        params: parameters, ``named_parameters()`` or param-group dicts.
+        lr: learning rate η.
+        betas: (β₁, β₂): interpolation factor of the update direction and momentum decay.
+        weight_decay: decoupled weight decay λ (the step is η(sign(c) + λw)).
+        nesterov: Nesterov form (reconstructed): m ← β₂m + (1−β₂)g first, then the direction is
+            sign(β₁m + (1−β₁)g); identical to Lion with betas (β₁β₂, β₂).
+        inverse_bias_correction: multiply the step by σ_t = 1 − β₂ᵗ (reconstructed, low
+            confidence; acts like a built-in warmup over ~1/(1−β₂) steps).
+        rrc_correction: ``"derived"`` multiplies the step by ρ_t = √((1+Bφ)/(1+B²φ)) from the
+            gradient SNR φ that ``UpdateDiagnostics`` hands over via :meth:`set_gradient_snr`
+            (reconstructed; spec §3.5). ``"none"`` disables it.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        inverse_bias_correction: bool = False,
+        rrc_correction: RRCMode = "none",
+        **extra_defaults: Any,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two values in [0, 1), got {betas}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if rrc_correction not in ("none", "derived"):
+            raise ValueError(f"rrc_correction={rrc_correction!r}: expected 'none' or 'derived'")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            inverse_bias_correction=inverse_bias_correction,
+            rrc_correction=rrc_correction,
+            snr_phi=-1.0,  # per-sample SNR φ from the diagnostics callback; < 0 = not provided
+            snr_batch_size=0,
+            **extra_defaults,
+        )
+        super().__init__(params, defaults)
+
+    def set_gradient_snr(self, phi: float, batch_size: int) -> None:
+        """Store the per-sample gradient SNR φ and the (global) batch size for the RRC correction.
+
+        Stored in the param groups so it is checkpointed with the optimizer.
+        """
+        for group in self.param_groups:
+            group["snr_phi"], group["snr_batch_size"] = float(phi), int(batch_size)
+
+    @property
+    def wants_gradient_snr(self) -> bool:
+        """True when a group uses the RRC correction (the callback then measures φ every step)."""
+        return any(g["rrc_correction"] != "none" for g in self.param_groups)
+
+    # -- shared pieces --------------------------------------------------------------------------
+
+    @staticmethod
+    def _effective_betas(group: dict[str, Any]) -> tuple[float, float]:
+        b1, b2 = group["betas"]
+        return (b1 * b2, b2) if group["nesterov"] else (b1, b2)
+
+    def _step_multiplier(self, group: dict[str, Any], step: int) -> float:
+        """σ_t (inverse bias correction) times ρ_t (RRC correction)."""
+        mult = 1.0 - group["betas"][1] ** step if group["inverse_bias_correction"] else 1.0
+        if group["rrc_correction"] == "derived":
+            if group["snr_phi"] < 0 or group["snr_batch_size"] < 1:
+                raise RuntimeError(
+                    "rrc_correction='derived' needs the gradient SNR every step: add "
+                    "callbacks.warmup_diagnostics.UpdateDiagnostics to trainer.callbacks "
+                    "(or call optimizer.set_gradient_snr(phi, batch_size) before step())"
+                )
+            mult *= rrc_lr_factor(group["snr_phi"], group["snr_batch_size"])
+        return mult
+
+    def _sign_direction(self, p: Tensor, group: dict[str, Any]) -> tuple[Tensor, int]:
+        """Advance the momentum of ``p`` and return (sign(c), step count t ≥ 1)."""
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        g, m = p.grad, state["exp_avg"]
+        b1, b2 = group["betas"]
+        if group["nesterov"]:
+            m.lerp_(g, 1 - b2)  # m_t first, then look ahead from it (spec §3.4)
+            direction = torch.lerp(m, g, 1 - b1).sign_()
+        else:
+            direction = torch.lerp(m, g, 1 - b1).sign_()
+            m.lerp_(g, 1 - b2)
+        return direction, state["step"]
+
+    def _direction(self, p: Tensor, sign: Tensor, group: dict[str, Any]) -> Tensor:
+        return sign
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                sign, t = self._sign_direction(p, group)
+                lr = group["lr"] * self._step_multiplier(group, t)
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled decay: η·λw
+                p.add_(self._direction(p, sign, group), alpha=-lr)
+        return loss
+
+
+class LionA(Lion):
+    """Lion whose update has a fixed ℓ2 norm: u = κ√C·s/‖s‖ with s = sign(c) (reconstructed).
+
+    Sign updates of low-precision gradients contain exact zeros, so plain Lion's norm drops below
+    √C; LionA renormalizes (u = 0 when s = 0). The step is w ← w − η(u + λw).
+
+    Args:
+        params: parameters, ``named_parameters()`` or param-group dicts.
+        lr: learning rate η.
+        betas: (β₁, β₂) as in :class:`Lion`.
+        weight_decay: decoupled weight decay λ.
+        nesterov: Nesterov form of the momentum (see :class:`Lion`).
+        inverse_bias_correction: multiply the step by 1 − β₂ᵗ (reconstructed).
+        rrc_correction: ``"none"`` or ``"derived"`` (see :class:`Lion`).
+        update_norm_scale: κ, the update's RMS; ‖u‖ = κ√C (κ = 1 is Lion's norm without zeros).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        inverse_bias_correction: bool = False,
+        rrc_correction: RRCMode = "none",
+        update_norm_scale: float = 1.0,
+    ) -> None:
+        if update_norm_scale <= 0:
+            raise ValueError(f"update_norm_scale must be > 0, got {update_norm_scale}")
+        super().__init__(
+            params,
+            lr,
+            betas,
+            weight_decay,
+            nesterov,
+            inverse_bias_correction,
+            rrc_correction,
+            update_norm_scale=update_norm_scale,
+        )
+
+    def _direction(self, p: Tensor, sign: Tensor, group: dict[str, Any]) -> Tensor:
+        norm = sign.norm()
+        if norm == 0:
+            return sign
+        return sign.mul_(group["update_norm_scale"] * math.sqrt(sign.numel()) / norm)
+
+
+def _named(params: Iterable[Any]) -> list[dict[str, Any]]:
+    """Normalize optimizer input to groups whose ``params`` are (name | None, tensor) pairs."""
+    items = list(params)
+    if not items:
+        raise ValueError("optimizer got an empty parameter list")
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    out = []
+    for g in groups:
+        ps = g["params"]
+        ps = [ps] if isinstance(ps, Tensor) else list(ps)
+        pairs = [p if isinstance(p, tuple) else (None, p) for p in ps]
+        names = g.get("param_names")
+        if names is not None:
+            pairs = [(n, p) for n, (_, p) in zip(names, pairs, strict=True)]
+        out.append({**{k: v for k, v in g.items() if k != "param_names"}, "params": pairs})
+    return out
+
+
+class LionAR(Lion):
+    """Rotational Lion: fixed angular updates, weight decay replaced by a norm projection.
+
+    For each rotational tensor (per neuron = row of dim 0 when ``per_neuron``), following
+    epfml/REQ ``perform_rotational_update`` (spec §3.3):
+
+    1. d = sign(c) as in Lion (or its Nesterov form); update m.
+    2. With ``zero_mean``, subtract the per-neuron mean of d.
+    3. Remove the radial part: d ← d − w⟨d, w⟩/n₀², with n₀ = ‖w₀‖ stored at the first step.
+    4. q ← ν q + (1−ν)‖d‖², d̄ = √(q/(1−νᵗ)) (ν = ``update_norm_decay``).
+    5. w' = w − σ_t ρ_t η_r n₀ d/(d̄ + ε); w ← w' n₀/‖w'‖.
+
+    The target angle is η_r = √(π/2)√(2ηλ)√((1−β₁)² + β₁²(1−β₂)/(1+β₂)) with the scheduled η
+    (so η_r ∝ √η_t) and the effective betas (β₁β₂, β₂) under Nesterov; with ν = 0 each neuron
+    turns by exactly atan(σ_t ρ_t η_r) per step. Non-rotational tensors (embeddings, head, gains,
+    biases by default) get plain Lion in their own groups with ``lr_other``.
+
+    Args:
+        params: parameters, ``named_parameters()`` (needed for ``rotational="blocks"`` or
+            patterns) or param-group dicts; a group with a ``rotational: bool`` key is used as is.
+        lr: the "virtual" learning rate η that sets the angle (not comparable to AdamW's LR).
+        betas: (β₁, β₂) as in :class:`Lion`; [paper] uses β = (0.98, 0.98) with Nesterov.
+        weight_decay: λ; enters only through η_r for rotational tensors and must be > 0 there.
+        nesterov: Nesterov form of the momentum (reconstructed; see :class:`Lion`).
+        inverse_bias_correction: multiply every step by 1 − β₂ᵗ (reconstructed, low confidence).
+        update_norm_decay: ν, EMA decay of the squared update norm; 0 = strict per-step control
+            (reconstructed default; epfml/REQ uses 0.9).
+        per_neuron: control each row of dim 0 separately (REQ default) or the whole tensor
+            (``False``; which one the paper uses is reconstructed).
+        zero_mean: center the direction per neuron, and each rotational neuron once before the
+            first step (REQ default).
+        rotational_eps: ε added to d̄ in step 5.
+        rrc_correction: ``"none"`` or ``"derived"`` (see :class:`Lion`); scales η_r.
+        rotational: which tensors rotate when a group has no ``rotational`` key:
+            ``"all_matrices"`` (every ≥2-D tensor, REQ default), ``"blocks"`` (≥2-D tensors
+            inside transformer blocks, project default; needs names), ``"none"``, or a list of
+            fnmatch patterns over parameter names (≥2-D tensors only).
+        lr_other: Lion learning rate of the non-rotational tensors [derived].
+        weight_decay_other: weight decay of the non-rotational matrices (``None``: ``weight_decay``).
+        vector_weight_decay: weight decay of gains and biases (≤1-D tensors).
+        center_in_constructor: center the rotational weights in ``__init__`` as REQ does
+            (code-faithful flag; by default centering happens once, at the first step or when the
+            module calls :meth:`center_rotational_weights`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.1,
+        nesterov: bool = False,
+        inverse_bias_correction: bool = False,
+        update_norm_decay: float = 0.0,
+        per_neuron: bool = True,
+        zero_mean: bool = True,
+        rotational_eps: float = 1e-8,
+        rrc_correction: RRCMode = "none",
+        rotational: str | list[str] = "all_matrices",
+        lr_other: float = 3e-4,
+        weight_decay_other: float | None = None,
+        vector_weight_decay: float = 0.0,
+        center_in_constructor: bool = False,
+    ) -> None:
+        if not 0.0 <= update_norm_decay < 1.0:
+            raise ValueError(f"update_norm_decay must lie in [0, 1), got {update_norm_decay}")
+        wd_other = weight_decay if weight_decay_other is None else weight_decay_other
+        groups = []
+        for g in _named(params):
+            if "rotational" in g:
+                groups.append(g)
+                continue
+            split: dict[str, list] = {"rot": [], "mat": [], "vec": []}
+            for name, p in g["params"]:
+                kind = "vec" if p.dim() < 2 else "mat"
+                if kind == "mat" and _is_rotational(name, rotational):
+                    kind = "rot"
+                split[kind].append((name, p))
+            base = {k: v for k, v in g.items() if k != "params"}
+            if split["rot"]:
+                groups.append({**base, "params": split["rot"], "rotational": True})
+            if split["mat"]:
+                groups.append(
+                    {**base, "params": split["mat"], "rotational": False, "lr": lr_other}
+                    | {"weight_decay": wd_other}
+                )
+            if split["vec"]:
+                groups.append(
+                    {**base, "params": split["vec"], "rotational": False, "lr": lr_other}
+                    | {"weight_decay": vector_weight_decay}
+                )
+        named = [p for g in groups for p in g["params"]]
+        if all(n is not None for n, _ in named):
+            for g in groups:
+                g["params"] = list(g["params"])
+        else:
+            for g in groups:
+                g["params"] = [p for _, p in g["params"]]
+        super().__init__(
+            groups,
+            lr,
+            betas,
+            weight_decay,
+            nesterov,
+            inverse_bias_correction,
+            rrc_correction,
+            update_norm_decay=update_norm_decay,
+            per_neuron=per_neuron,
+            zero_mean=zero_mean,
+            rotational_eps=rotational_eps,
+            rotational=False,
+        )
+        for i, g in enumerate(self.param_groups):
+            if g["rotational"] and g["weight_decay"] <= 0:
+                raise ValueError(
+                    f"param group {i} is rotational but has weight_decay={g['weight_decay']}: "
+                    "the target angle η_r ∝ √(ηλ) would be 0; set weight_decay > 0 or "
+                    "rotational: false for this group"
+                )
+            for j, p in enumerate(g["params"]):
+                if g["rotational"] and _rows(p, g["per_neuron"]).norm(dim=1).min() == 0:
+                    name = g.get("param_names", [None] * len(g["params"]))[j] or f"#{j}"
+                    raise ValueError(
+                        f"parameter {name} (group {i}) has a zero-norm neuron and cannot rotate "
+                        "(e.g. a zero-initialized LoRA B matrix); exclude it from the rotational set"
+                    )
+        if center_in_constructor:
+            self.center_rotational_weights()
+
+    @torch.no_grad()
+    def center_rotational_weights(self) -> int:
+        """Center each rotational neuron and rescale it to its original norm, once (idempotent).
+
+        Returns the number of tensors centered now. A tensor whose optimizer state exists (it has
+        taken a step, or was restored from a checkpoint) is never centered again.
+        """
+        done = 0
+        for g in self.param_groups:
+            if not (g["rotational"] and g["zero_mean"]):
+                continue
+            for p in g["params"]:
+                state = self.state[p]
+                if state.get("centered", 0):
+                    continue
+                w = _rows(p, g["per_neuron"])
+                norm = w.norm(dim=1, keepdim=True)
+                w.sub_(w.mean(dim=1, keepdim=True))
+                w.mul_(norm / w.norm(dim=1, keepdim=True).clamp_min(1e-30))
+                state["centered"] = 1
+                done += 1
+        if done:
+            log.info("LionAR: centered %d rotational tensors (zero_mean=True)", done)
+        return done
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if any(g["rotational"] and g["zero_mean"] for g in self.param_groups):
+            self.center_rotational_weights()  # no-op after the first step
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:  # REQ indexes such tensors and crashes (spec §4.1): skip them
+                    continue
+                sign, t = self._sign_direction(p, group)
+                mult = self._step_multiplier(group, t)
+                if group["rotational"]:
+                    self._rotate(p, sign, group, t, mult)
+                else:
+                    lr = group["lr"] * mult
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(sign, alpha=-lr)
+        return loss
+
+    def _rotate(self, p: Tensor, sign: Tensor, group: dict[str, Any], t: int, mult: float) -> None:
+        state = self.state[p]
+        w = _rows(p, group["per_neuron"])
+        d = _rows(sign, group["per_neuron"])
+        if "n0" not in state:
+            state["n0"] = w.norm(dim=1, keepdim=True)
+            state["update_norm_sq"] = torch.zeros_like(state["n0"])
+        n0, q = state["n0"], state["update_norm_sq"]
+        if group["zero_mean"]:
+            d.sub_(d.mean(dim=1, keepdim=True))
+        d.sub_(w * ((d * w).sum(dim=1, keepdim=True) / n0.square()))  # tangent to the sphere
+        nu = group["update_norm_decay"]
+        q.mul_(nu).add_((1 - nu) * d.square().sum(dim=1, keepdim=True))
+        d_bar = (q / (1 - nu**t)).sqrt()
+        eta_r = lionar_target_angle(
+            group["lr"], group["weight_decay"], self._effective_betas(group)
+        )
+        w.sub_(d * (mult * eta_r * n0 / (d_bar + group["rotational_eps"])))
+        w.mul_(n0 / w.norm(dim=1, keepdim=True))  # projection replaces weight decay
+
+
+def _rows(t: Tensor, per_neuron: bool = True) -> Tensor:
+    """A (neurons, fan_in) view of ``t`` that shares its storage."""
+    if not per_neuron or t.dim() < 2:
+        return t.view(1, -1)
+    return t.view(t.shape[0], -1)
+
+
+def _is_rotational(name: str | None, rotational: str | list[str]) -> bool:
+    if rotational == "all_matrices":
+        return True
+    if rotational == "none":
+        return False
+    patterns = BLOCK_PATTERNS if rotational == "blocks" else rotational
+    if isinstance(patterns, str):
+        raise ValueError(
+            f"rotational={rotational!r}: expected 'all_matrices', 'blocks', 'none' or a list of "
+            "name patterns"
+        )
+    if name is None:
+        raise ValueError(
+            f"rotational={rotational!r} selects tensors by name: pass model.named_parameters() "
+            "(or param groups with 'param_names') to LionAR"
+        )
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
