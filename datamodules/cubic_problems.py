@@ -266,21 +266,25 @@ class _PairDataModule(L.LightningDataModule):
     def _full_data(self) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
-    def train_dataloader(self) -> DataLoader:
-        # Resuming: the fit loop restores global_step before asking for the loader.
-        trainer = self.trainer
-        start = trainer.global_step if trainer is not None else 0
-        rank = trainer.global_rank if trainer is not None else 0
-        stream = PairStream(
+    def stream(self, rank: int = 0, start_step: int = 0) -> PairStream:
+        """The (batch_g, batch_h) stream of ``rank`` from step ``start_step`` on."""
+        return PairStream(
             self._draw,
             self.batch_size_grad,
             self.batch_size_hess,
             self.independent_hessian_batch,
             self.seed,
             rank,
-            start,
+            start_step,
         )
-        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        # Resuming: the trainer restores global_step before it asks for the loader, so the stream
+        # continues exactly where the checkpointed run stopped.
+        trainer = self.trainer
+        start = trainer.global_step if trainer is not None else 0
+        rank = trainer.global_rank if trainer is not None else 0
+        return DataLoader(self.stream(rank, start), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         data = self._full_data()
@@ -299,9 +303,12 @@ class LogisticToyDataModule(_PairDataModule):
         batch_size_grad: b_g, samples per stochastic gradient.
         batch_size_hess: b_H, samples per stochastic Hessian.
         independent_hessian_batch: independent gradient and Hessian samples (default, our choice).
-        seed: data seed (teacher, features) and sampling seed.
+        seed: sampling seed (and data seed unless ``data_seed`` is given).
+        data_seed: seed of the synthetic data draw (teacher, features, label noise); None = ``seed``.
         source: ``synthetic`` or ``breast_cancer`` (scikit-learn's bundled data).
         val_batch_size: chunk size for the full-batch evaluation (None: one chunk).
+        full_batch: every step uses the whole data set for both ĝ and Ĥ (deterministic cubic Newton;
+            the batch sizes are then ignored).
     """
 
     def __init__(
@@ -316,17 +323,23 @@ class LogisticToyDataModule(_PairDataModule):
         seed: int = 0,
         source: str = "synthetic",
         val_batch_size: int | None = None,
+        full_batch: bool = False,
+        data_seed: int | None = None,
     ) -> None:
         super().__init__(
             batch_size_grad, batch_size_hess, independent_hessian_batch, seed, val_batch_size
         )
-        self.A, self.y = make_logistic_data(n, d, w_scale, label_noise, seed, source)
+        data_seed = seed if data_seed is None else data_seed
+        self.A, self.y = make_logistic_data(n, d, w_scale, label_noise, data_seed, source)
+        self.full_batch = full_batch
 
     @property
     def dim(self) -> int:
         return self.A.shape[1]
 
     def _draw(self, gen: torch.Generator, b: int) -> tuple[Tensor, Tensor]:
+        if self.full_batch:
+            return self.A, self.y
         idx = torch.randint(0, self.A.shape[0], (b,), generator=gen)
         return self.A[idx], self.y[idx]
 

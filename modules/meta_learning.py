@@ -252,6 +252,8 @@ class MetaLearningModule(L.LightningModule):
         packed = self.trainer.strategy.reduce(torch.cat([grad_sum, stats]), reduce_op="sum")
         grad_sum, (count, loss_sum, acc_sum, gap_sum) = packed[: grad_sum.numel()], packed[-4:]
         meta_grad = grad_sum / count
+        # Closed-form diagnostics before the step: ``x`` aliases the parameters updated in place.
+        closed_form = self._closed_form_logs(batch, x, meta_grad)
         offset = 0
         before = torch.cat([p.detach().flatten().double() for p in self.net.parameters()])
         for p in self.net.parameters():
@@ -269,7 +271,7 @@ class MetaLearningModule(L.LightningModule):
             logs["train/meta_acc"] = acc_sum / count
         if self.method.startswith("fo_b_maml"):
             logs["train/solve_gap"] = gap_sum / count
-        logs.update(self._closed_form_logs(batch, x, meta_grad))
+        logs.update(closed_form)
         self.log_dict({k: v.float() for k, v in logs.items()}, prog_bar=False)
 
     def _closed_form_logs(self, batch, x: Params, meta_grad: Tensor) -> dict[str, Tensor]:

@@ -14,7 +14,7 @@ M so the two code bases can be compared without silently doubling or halving the
 Solvers:
 
 * :func:`solve_cubic_exact` eigendecomposes H and solves the scalar secular equation φ(r) = r by
-  bracketing + bisection + safeguarded Newton, with the "hard case" (g ⟂ the λ₁-eigenspace) handled.
+  bracketing + safeguarded Newton with bisection fallback, with the "hard case" (g ⟂ the λ₁-eigenspace) handled.
 * :func:`solve_cubic_hvp` only needs Hessian-vector products: gradient descent on Φ started at the
   Cauchy point with a tiny random perturbation of g (Carmon & Duchi 2019, "Gradient descent finds the
   cubic-regularized nonconvex Newton step").
@@ -88,7 +88,6 @@ def solve_cubic_exact(
     M: float,
     tol: float = 1e-10,
     max_iter: int = 200,
-    newton_steps: int = 8,
     hard_case_sign: float = 1.0,
 ) -> CubicStep:
     """Global minimizer of Φ by eigendecomposition (small d), always computed in float64.
@@ -97,11 +96,10 @@ def solve_cubic_exact(
         g: gradient (or its momentum estimate), shape (d,).
         H: symmetric Hessian (estimate), shape (d, d). It is symmetrised as (H + Hᵀ)/2.
         M: cubic regularization constant of the M/6 convention, > 0.
-        tol: relative bracket width at which bisection stops.
-        max_iter: maximum bisection iterations.
-        newton_steps: safeguarded Newton polishing steps on 1/φ(r) − 1/r after bisection.
-        hard_case_sign: sign (+1/−1) of the λ₁-eigenvector component in the exact hard case (g has no
-            component along it, so both signs are global minimizers).
+        tol: relative accuracy of the Newton iteration on s = ‖h‖ − r_lo.
+        max_iter: maximum Newton/bisection iterations.
+        hard_case_sign: sign (+1/−1) of the λ₁-eigenvector component in the exact hard case (g has
+            no component along it, so both signs are global minimizers).
 
     Returns:
         :class:`CubicStep` with ``h`` cast back to ``g.dtype``.
@@ -119,10 +117,10 @@ def solve_cubic_exact(
     lam, m_hat = lam_t.cpu().numpy(), m_hat_t.cpu().numpy()
     lam1 = float(lam[0])
     r_lo = max(0.0, -2.0 * lam1 / M)  # H + (M r/2) I ⪰ 0  ⇔  r ≥ r_lo
-
-    def phi(r: float) -> float:
-        # φ(r) = ‖(Λ + (M r/2) I)⁻¹ m̂‖, decreasing on (r_lo, ∞); the minimizer has φ(r) = r.
-        return float(np.linalg.norm(m_hat / (lam + 0.5 * M * r)))
+    # Work with s = r − r_lo and base = Λ + (M r_lo/2) I = Λ − λ₁ (exactly 0 at i = 1 when λ₁ < 0):
+    # the denominators base + M s/2 then carry no cancellation, so near-hard cases (root within
+    # machine precision of r_lo in r) are still resolved to full relative accuracy in s.
+    base = lam - lam1 if lam1 < 0.0 else lam
 
     def finish(coef: np.ndarray, iters: int, hard: bool) -> CubicStep:
         h64 = U @ torch.as_tensor(coef, dtype=torch.float64, device=U.device)
@@ -133,56 +131,59 @@ def solve_cubic_exact(
     if g_norm == 0.0 and lam1 >= 0.0:
         return finish(np.zeros_like(m_hat), 0, False)
 
-    # (Near-)hard case: if the root of φ(r) = r lies within a relative `tol` of r_lo, g is numerically
-    # orthogonal to the λ₁-eigenspace. Bisection cannot resolve r there (the λ₁-component of h is
-    # m̂₁ / (M(r − r_lo)/2), a 0/0), so use the limit r = r_lo: h = −(H + (M r_lo/2) I)⁺ g + τ u₁.
+    # Hard case: λ₁ < 0 and m̂ vanishes on the λ₁-eigenspace, so φ(s) = ‖m̂/(base + Ms/2)‖ stays
+    # finite as s → 0⁺; if φ(0⁺) ≤ r_lo there is no root with s > 0 and the minimizer is
+    # h = −(H + (M r_lo/2) I)⁺ g + τ u₁ with ‖h‖ = r_lo (Nesterov & Polyak 2006, §5).
     if lam1 < 0.0:
-        delta = tol * r_lo
-        if phi(r_lo + delta) <= r_lo + delta:
-            gap = lam - lam1
-            keep = gap > 0.5 * M * delta
+        null = base <= 0.0
+        if not np.any(m_hat[null]):
             coef = np.zeros_like(m_hat)
-            coef[keep] = -m_hat[keep] / gap[keep]
-            tau = math.sqrt(max(r_lo**2 - float(coef @ coef), 0.0))
-            # Sign: continuous with the near-hard case (h₁ has the sign of −m̂₁); ± is arbitrary at m̂₁=0.
-            m1 = float(m_hat[0])
-            sign = -math.copysign(1.0, m1) if m1 != 0.0 else math.copysign(1.0, hard_case_sign)
-            coef[0] = sign * tau
-            return finish(coef, 0, True)
+            coef[~null] = -m_hat[~null] / base[~null]
+            if float(coef @ coef) <= r_lo**2:
+                coef[0] = math.copysign(1.0, hard_case_sign) * math.sqrt(
+                    r_lo**2 - float(coef @ coef)
+                )
+                return finish(coef, 0, True)
 
-    # Bracket [a, b] with φ(a) > a and φ(b) ≤ b. b starts at the a-priori bound on ‖h*‖ from the
-    # optimality condition: (M/2) r² ≤ ‖g‖ + ‖H‖ r  ⇒  r ≤ (‖H‖ + √(‖H‖² + 2M‖g‖))/M.
-    a = r_lo * (1.0 + tol) if lam1 < 0.0 else 0.0
+    # Bracket the root of φ(s) = r_lo + s in [a, b]: φ(0⁺) > r_lo here, and b comes from the bound
+    # (M/2) r² ≤ ‖g‖ + ‖H‖ r  ⇒  r ≤ (‖H‖ + √(‖H‖² + 2M‖g‖))/M on the minimizer's norm.
     h_norm_bound = float(np.abs(lam).max())
-    b = max((h_norm_bound + math.sqrt(h_norm_bound**2 + 2.0 * M * g_norm)) / M, 1e-300)
-    while phi(b) > b:  # numerical safety only; the bound above already brackets the root
+    r_hi = (h_norm_bound + math.sqrt(h_norm_bound**2 + 2.0 * M * g_norm)) / M
+    a, b = 0.0, max(r_hi - r_lo, 1e-300)
+    while True:  # numerical safety only; the bound above already brackets the root
+        q = m_hat / (base + 0.5 * M * b)
+        if math.sqrt(float(q @ q)) <= r_lo + b:
+            break
         b *= 2.0
-    iters = 0
-    while b - a > tol * b and iters < max_iter:
-        mid = 0.5 * (a + b)
-        if phi(mid) > mid:
-            a = mid
+    # Safeguarded Newton on ψ(s) = 1/φ(s) − 1/(r_lo + s) (increasing, nearly linear), falling back to
+    # (geometric, when the bracket spans decades) bisection if an iterate leaves the bracket.
+    s_, iters = b, 0
+    while iters < max_iter:
+        iters += 1
+        d = base + 0.5 * M * s_
+        q = m_hat / d
+        phi_s = math.sqrt(float(q @ q))
+        r = r_lo + s_
+        if phi_s > r:
+            a = s_
         else:
-            b = mid
-        iters += 1
-    r = b
-    # Safeguarded Newton on ψ(r) = 1/φ(r) − 1/r (nearly linear in r, so this polishes to machine
-    # precision); a step leaving the bracket is rejected.
-    for _ in range(newton_steps):
-        d = lam + 0.5 * M * r
-        phi_r = float(np.linalg.norm(m_hat / d))
-        if phi_r == 0.0:
+            b = s_
+        if phi_s == r or b - a <= 1e-15 * b:  # exact root, or bracket exhausted
             break
-        psi = 1.0 / phi_r - 1.0 / r
-        # dφ/dr = −(M/2) Σ m̂ᵢ²/dᵢ³ / φ
-        dphi = -0.5 * M * float((m_hat**2 / d**3).sum()) / phi_r
-        dpsi = -dphi / phi_r**2 + 1.0 / r**2
-        r_new = r - psi / dpsi
-        if not (a < r_new < 2.0 * b) or abs(r_new - r) <= 1e-16 * r:
+        # dφ/ds = −(M/2) Σ m̂ᵢ²/dᵢ³ / φ,  dψ/ds = −φ'/φ² + 1/r²
+        dphi = -0.5 * M * float(q @ (q / d)) / phi_s
+        s_new = s_ - (1.0 / phi_s - 1.0 / r) / (-dphi / phi_s**2 + 1.0 / r**2)
+        if not a < s_new < b:
+            s_new = (
+                math.sqrt(a * b)
+                if a > 0.0 and b > 4.0 * a
+                else (0.5 * (a + b) if a > 0 else 1e-4 * b)
+            )
+        elif abs(s_new - s_) <= tol * s_:  # quadratic convergence: s_new is accurate to ~tol²
+            s_ = s_new
             break
-        r = r_new
-        iters += 1
-    return finish(-(m_hat / (lam + 0.5 * M * r)), iters, False)
+        s_ = s_new
+    return finish(-(m_hat / (base + 0.5 * M * s_)), iters, False)
 
 
 def _power_norm(hvp: HVP, d: int, iters: int, dtype, device, generator) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,9 +231,25 @@ class InfluenceEngine:
         h: dict[str, dict[str, torch.Tensor]] = {}
         residuals: dict[str, dict[str, float]] = {}
         runtime: dict[str, float] = {}
+        # A tensor whose gradients are all zero (e.g. LoRA A while B is still zero at init) has
+        # G = 0 and lambda = 0: it contributes nothing to any score, so it is left out.
+        dead = [n for n in v if lambdas[n] == 0.0 and float(G[n].abs().max()) == 0.0]
+        if dead:
+            warnings.warn(
+                f"influence: zero gradients for {dead}; they do not contribute", stacklevel=3
+            )
+        live = InfluenceStats(
+            v={n: t for n, t in v.items() if n not in dead},
+            G={n: t for n, t in G.items() if n not in dead},
+            lambdas={n: x for n, x in lambdas.items() if n not in dead},
+            n=n_total,
+            m=m_total,
+            F={n: t for n, t in F.items() if n not in dead},
+        )
         for method in self.methods:
             t1 = time.perf_counter()
-            h[method], res = self._precondition(method, stats, train_grads)
+            h[method], res = self._precondition(method, live, train_grads)
+            h[method].update({n: torch.zeros_like(v[n]) for n in dead})
             if res:
                 residuals[method] = res
             runtime[method] = t_shared + time.perf_counter() - t1
@@ -300,6 +317,8 @@ class InfluenceEngine:
             acc = {n: torch.zeros_like(t) for n, t in v.items()}
             for _, g in train_grads():
                 for n, t in g.items():
+                    if n not in acc:
+                        continue
                     acc[n] += datainf_terms(v[n].to(t.device), t, lam[n]).to(acc[n].device)
             return {n: self.reduce_sum(acc[n]) / (stats.n * lam[n]) for n in v}, {}
         raise ValueError(f"unknown influence method {method!r}")

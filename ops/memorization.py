@@ -85,14 +85,14 @@ def greedy_continue(
 
     Logits at every step are penalised by ``phi * c_v`` (counts of generated tokens only).
     Rows that emit ``eos_token_id`` stop: later positions are filled with -1 (never a match).
-    Works for any Hugging Face causal LM (uses its KV cache).
+    Works for any Hugging Face (v5) causal LM: the KV cache is passed as ``cache``.
     """
     batch = prompts.shape[0]
     out = torch.full((batch, num_tokens), -1, dtype=torch.long, device=prompts.device)
     counts: Tensor | None = None
     done = torch.zeros(batch, dtype=torch.bool, device=prompts.device)
     result = model(input_ids=prompts, use_cache=True)
-    past, logits = result.past_key_values, result.logits[:, -1, :].float()
+    cache, logits = result.cache, result.logits[:, -1, :].float()
     for t in range(num_tokens):
         if counts is None:
             counts = torch.zeros_like(logits)
@@ -105,8 +105,8 @@ def greedy_continue(
             if bool(done.all()):
                 break
         if t + 1 < num_tokens:
-            result = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
-            past, logits = result.past_key_values, result.logits[:, -1, :].float()
+            result = model(input_ids=token[:, None], cache=cache, use_cache=True)
+            cache, logits = result.cache, result.logits[:, -1, :].float()
     return out
 
 

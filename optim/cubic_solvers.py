@@ -56,6 +56,8 @@ class StochasticCubicNewton(torch.optim.Optimizer):
         hessian_window: HVP-mode Hessian window; only 1 is implemented (β is then ignored).
         max_extrapolation_norm: clip ‖y_t − x_t‖ and ‖z_t − x_t‖ to this norm (``extrapolated`` only).
         seed: seed of the generator used by the HVP solver (perturbation, power iteration).
+        momentum_decay: if set to p > 0, use the schedule α_t = max(grad_momentum, (t+1)^−p) and
+            β_t = max(hess_momentum, (t+1)^−p) instead of constants ([derived], stretch experiment).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class StochasticCubicNewton(torch.optim.Optimizer):
         hessian_window: int = 1,
         max_extrapolation_norm: float | None = None,
         seed: int = 0,
+        momentum_decay: float | None = None,
     ) -> None:
         if not M > 0:
             raise ValueError(f"StochasticCubicNewton: M must be > 0, got M={M}")
@@ -101,6 +104,9 @@ class StochasticCubicNewton(torch.optim.Optimizer):
         self.step_type, self.solver = step_type, solver
         self.solver_kwargs = dict(solver_kwargs or {})
         self.max_extrapolation_norm = max_extrapolation_norm
+        if momentum_decay is not None and not momentum_decay > 0:
+            raise ValueError(f"momentum_decay must be > 0 or None, got {momentum_decay}")
+        self.momentum_decay = momentum_decay
         self._generator = torch.Generator().manual_seed(seed)
         self.dim = sum(p.numel() for p in self._params())
         if solver == "exact" and self.dim > max_dim_exact:
@@ -131,6 +137,13 @@ class StochasticCubicNewton(torch.optim.Optimizer):
     def cubic_state(self) -> dict[str, Any]:
         return self.state[_KEY]  # type: ignore[index]
 
+    def coefficients(self) -> tuple[float, float]:
+        """(α_t, β_t) for the coming step."""
+        if self.momentum_decay is None or self.momentum_type == "none":
+            return self.alpha, self.beta
+        decay = (int(self.cubic_state.get("step", 0)) + 1) ** (-self.momentum_decay)
+        return max(self.alpha, decay), max(self.beta, decay)
+
     # ---------------------------------------------------------------- oracle points
     def evaluation_points(self) -> tuple[Tensor, Tensor]:
         """(y_t, z_t): where ĝ_t and Ĥ_t must be evaluated, as float64 flat vectors (spec §3, step 1)."""
@@ -139,8 +152,9 @@ class StochasticCubicNewton(torch.optim.Optimizer):
         if self.momentum_type != "extrapolated" or "x_prev" not in st:
             self.last_extrapolation_norm = 0.0
             return x, x
-        y = extrapolate(x, st["x_prev"], self.alpha)
-        z = extrapolate(x, st["x_prev"], self.beta)
+        alpha, beta = self.coefficients()
+        y = extrapolate(x, st["x_prev"], alpha)
+        z = extrapolate(x, st["x_prev"], beta)
         self.last_extrapolation_norm = float(torch.linalg.vector_norm(y - x))
         if self.max_extrapolation_norm is not None:
             y, z = (self._clip(x, p) for p in (y, z))
@@ -184,13 +198,14 @@ class StochasticCubicNewton(torch.optim.Optimizer):
         x_prev = st.get("x_prev", x)
         dx = x - x_prev
         g = grad.detach().to(torch.float64)
+        alpha, beta = self.coefficients()
         if self.solver == "exact":
             if hess is None:
                 raise ValueError("solver='exact' needs hess=Ĥ_t")
             H_hat = hess.detach().to(torch.float64)
-            H = hessian_momentum(st.get("H"), H_hat, self.beta)
+            H = hessian_momentum(st.get("H"), H_hat, beta)
             transport = H if self.transport_hessian == "momentum" else H_hat
-            m = momentum_update(self.momentum_type, st.get("m"), g, self.alpha, H=transport, dx=dx)
+            m = momentum_update(self.momentum_type, st.get("m"), g, alpha, H=transport, dx=dx)
             if self.step_type == "cubic":
                 sol = solve_cubic_exact(m, H, M, **self.solver_kwargs)
             else:
@@ -203,7 +218,7 @@ class StochasticCubicNewton(torch.optim.Optimizer):
             def hvp64(v: Tensor) -> Tensor:
                 return hvp(v).detach().to(torch.float64)
 
-            m = momentum_update(self.momentum_type, st.get("m"), g, self.alpha, H=hvp64, dx=dx)
+            m = momentum_update(self.momentum_type, st.get("m"), g, alpha, H=hvp64, dx=dx)
             sol = solve_cubic_hvp(m, hvp64, M, generator=self._generator, **self.solver_kwargs)
         h = sol.h.to(torch.float64)
         if broadcast is not None:

@@ -42,7 +42,7 @@ def train(corpus: Path, vocab_size: int) -> PreTrainedTokenizerFast:
         eos_token="<|endoftext|>",
         unk_token="<|endoftext|>",
         pad_token="<|pad|>",
-        model_max_length=2048,
+        model_max_length=1_000_000,  # documents are packed into blocks by the datamodule
     )
 
 

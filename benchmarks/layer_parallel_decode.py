@@ -1,0 +1,129 @@
+"""CPU decode throughput: fused layer-parallel pairs vs the sequential model, next to the ideal.
+
+Random-weight Llama-shaped models (16 layers by default), greedy decoding with the KV cache,
+``Delta`` middle layers paired (fused mode). On one device LP does the same FLOPs with half the
+kernel launches in the paired range, so the gain is bounded by the depth ratio
+``L / (L - Delta/2)`` and shows up where decode is launch-bound (small width, batch 1).
+
+    python benchmarks/layer_parallel_decode.py                 # widths 64 256 1024, batch 1 and 8
+    python benchmarks/layer_parallel_decode.py --quick         # smoke run
+
+Runs of the sequential and the LP model alternate (same weights, same process), and the median of
+``--repeats`` runs after one warm-up is reported, so slow drifts of a shared CPU hit both equally.
+Writes ``docs/results/benchmarks/layer_parallel_decode.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from modules.hf_models import build_causal_lm  # noqa: E402
+from modules.layer_parallel import greedy_decode  # noqa: E402
+from modules.layer_parallel_model import apply_layer_parallelism, sequential_layers  # noqa: E402
+from ops.layer_parallel import LayerParallelPlan, ideal_speedup  # noqa: E402
+
+
+def llama_config(width: int, layers: int, vocab: int) -> dict:
+    heads = max(1, width // 64)
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "intermediate_size": 256 * ((8 * width // 3 + 255) // 256),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2) if heads > 1 else 1,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    }
+
+
+def middle_plan(layers: int, delta: int) -> LayerParallelPlan:
+    """``delta`` layers centred in the stack (never layer 0, never the last layer)."""
+    start = max(1, (layers - delta) // 2)
+    return LayerParallelPlan.from_range(start, start + delta)
+
+
+@torch.no_grad()
+def measure(model, prompt: torch.Tensor, n_new: int, repeats: int) -> tuple[float, float]:
+    """Median tokens/s of (sequential, LP), alternating runs, one warm-up each."""
+    times: dict[str, list[float]] = {"seq": [], "lp": []}
+    for r in range(repeats + 1):
+        for name in ("seq", "lp"):
+            t0 = time.perf_counter()
+            if name == "seq":
+                with sequential_layers(model):
+                    greedy_decode(model, prompt, n_new)
+            else:
+                greedy_decode(model, prompt, n_new)
+            if r > 0:
+                times[name].append(time.perf_counter() - t0)
+    tokens = prompt.shape[0] * n_new
+    return tokens / statistics.median(times["seq"]), tokens / statistics.median(times["lp"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024])
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--delta", type=int, default=8)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--quick", action="store_true", help="widths 64 256, 32 new tokens, 1 repeat")
+    p.add_argument(
+        "--out", type=Path, default=REPO / "docs/results/benchmarks/layer_parallel_decode.json"
+    )
+    args = p.parse_args()
+    if args.quick:
+        args.widths, args.new_tokens, args.repeats, args.prompt = [64, 256], 32, 1, 32
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    plan = middle_plan(args.layers, args.delta)
+    ideal = ideal_speedup(args.layers, args.delta)
+    rows = []
+    print(f"L={args.layers} Delta={args.delta} pairs={plan.to_list()} ideal={ideal:.3f}x "
+          f"threads={args.threads} prompt={args.prompt} new={args.new_tokens}")  # fmt: skip
+    print(f"{'width':>6} {'batch':>5} {'seq tok/s':>10} {'LP tok/s':>10} {'ratio':>6} "
+          f"{'ideal':>6} {'of ideal gain':>13}")  # fmt: skip
+    for width in args.widths:
+        model = build_causal_lm(llama_config(width, args.layers, args.vocab)).eval()
+        apply_layer_parallelism(model, plan, mode="fused")
+        for batch in args.batches:
+            prompt = torch.randint(0, args.vocab, (batch, args.prompt))
+            seq, lp = measure(model, prompt, args.new_tokens, args.repeats)
+            ratio = lp / seq
+            frac = (ratio - 1) / (ideal - 1)
+            rows.append({"width": width, "batch": batch, "seq_tok_s": seq, "lp_tok_s": lp,
+                         "ratio": ratio, "ideal": ideal, "fraction_of_ideal_gain": frac})  # fmt: skip
+            print(f"{width:6d} {batch:5d} {seq:10.1f} {lp:10.1f} {ratio:6.3f} {ideal:6.3f} "
+                  f"{frac:13.2f}", flush=True)  # fmt: skip
+    result = {
+        "benchmark": "layer_parallel_decode",
+        "command": "python benchmarks/layer_parallel_decode.py " + " ".join(sys.argv[1:]),
+        "layers": args.layers, "delta": args.delta, "pairs": plan.to_list(),
+        "threads": args.threads, "prompt": args.prompt, "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "torch": torch.__version__, "rows": rows,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

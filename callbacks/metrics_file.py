@@ -1,0 +1,61 @@
+"""Write the final ``trainer.callback_metrics`` as ``metrics.json`` in the run's log directory."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def log_dir_of(trainer: L.Trainer) -> Path:
+    """The run's log directory (the logger's version folder, else ``default_root_dir``)."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value
+
+
+class MetricsFile(L.Callback):
+    """At the end of fit / validate / test, write ``metrics.json`` with every logged metric.
+
+    The file is rewritten after each stage, so it always holds the latest values together
+    with the stage that produced them and the global step.
+
+    Args:
+        filename: name of the file inside the log directory.
+    """
+
+    def __init__(self, filename: str = "metrics.json") -> None:
+        self.filename = filename
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, stage: str) -> None:
+        path = log_dir_of(trainer) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metrics = {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())}
+        record = {
+            "stage": stage,
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+        }
+        path.write_text(json.dumps({**record, "metrics": metrics}, indent=2) + "\n")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, "fit")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._write(trainer, "validate")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, "test")

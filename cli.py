@@ -1,0 +1,58 @@
+"""The ``mlo`` command: LightningCLI over every module and datamodule of the project.
+
+    mlo fit --config configs/quickstart.yaml
+    mlo fit --config configs/quickstart.yaml --print_config
+    python cli.py test --config configs/quickstart.yaml --ckpt_path runs/.../last.ckpt
+
+Models and data are chosen by ``class_path`` (subclass mode), so any LightningModule or
+LightningDataModule, of this project or of the user's own package, plugs in. TensorBoard is the
+default logger, the resolved config is saved next to the logs, ``seed_everything`` is on, and
+``metrics.json`` is written at the end of every fit/validate/test.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+import strategies  # noqa: F401  (registers the project's strategies by name)
+from callbacks.metrics_file import MetricsFile
+
+DEFAULT_SEED = 1234
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "default"},
+    },
+}
+
+
+class MloCLI(LightningCLI):
+    """LightningCLI with the project's defaults (see the module docstring)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # Always-on callback, configurable as ``metrics_file.filename``.
+        parser.add_lightning_class_args(MetricsFile, "metrics_file")
+
+
+def main(args: list[str] | None = None) -> MloCLI:
+    """Entry point of the ``mlo`` console script; ``args`` defaults to ``sys.argv[1:]``."""
+    return MloCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=DEFAULT_SEED,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Local text corpora for causal language modelling: load, validate, tokenize, pack, split.
+
+Files are read through ``datasets`` (``json``/``jsonl``/``parquet``/``text`` builders, or a
+``load_from_disk`` directory, or a hub id when online). Documents are split into train / val /
+test deterministically *before* packing, so no document straddles two splits; each split is
+tokenized (cached by ``datasets``), joined with EOS and cut into ``block_size`` blocks.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from datamodules.resumable_sampler import ResumableSampler
+
+_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".md": "text",
+}
+
+
+def validate_jsonl(path: Path, text_field: str) -> int:
+    """Parse every line of a JSON-lines file; raise naming ``path:line`` on the first bad one.
+
+    Returns the number of records. ``datasets`` would fail later with an error that names
+    neither the file nor the line.
+    """
+    n_records = 0
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: malformed JSON line ({err.msg})") from err
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise KeyError(
+                    f"{path}:{line_number}: record has no text field {text_field!r} (found {keys}); "
+                    "set data.text_field"
+                )
+            n_records += 1
+    return n_records
+
+
+def resolve_data_files(data_files: str | list[str]) -> list[Path]:
+    """Expand globs, check existence and a supported suffix for every data file."""
+    patterns = [data_files] if isinstance(data_files, str) else list(data_files)
+    if not patterns:
+        raise ValueError("data_files is empty: name at least one file")
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise FileNotFoundError(f"data file not found: {pattern!r} (cwd: {Path.cwd()})")
+        paths.extend(Path(m) for m in matches)
+    suffixes = {p.suffix for p in paths}
+    unsupported = suffixes - set(_BUILDERS)
+    if unsupported:
+        raise ValueError(
+            f"unsupported data file type(s) {sorted(unsupported)}; use one of {sorted(_BUILDERS)}"
+        )
+    if len({_BUILDERS[s] for s in suffixes}) > 1:
+        raise ValueError(f"data_files mix formats {sorted(suffixes)}: use one format per run")
+    return paths
+
+
+def load_documents(
+    data_files: str | list[str] | None,
+    dataset_dir: str | None,
+    hub_dataset: str | None,
+    text_field: str,
+) -> datasets.Dataset:
+    """Load the raw documents as a ``datasets.Dataset`` with a ``text_field`` column."""
+    sources = [s is not None for s in (data_files, dataset_dir, hub_dataset)]
+    if sum(sources) != 1:
+        raise ValueError("set exactly one of data.data_files, data.dataset_dir, data.hub_dataset")
+    if data_files is not None:
+        paths = resolve_data_files(data_files)
+        builder = _BUILDERS[paths[0].suffix]
+        if builder == "json":
+            for path in paths:
+                if validate_jsonl(path, text_field) == 0:
+                    raise ValueError(f"{path}: the corpus is empty (no records)")
+        ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train")
+    elif dataset_dir is not None:
+        if not Path(dataset_dir).is_dir():
+            raise FileNotFoundError(f"dataset_dir not found: {dataset_dir!r}")
+        ds = datasets.load_from_disk(dataset_dir)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = datasets.concatenate_datasets(list(ds.values()))
+    else:
+        ds = datasets.load_dataset(hub_dataset, split="train")
+    if text_field not in ds.column_names:
+        raise KeyError(f"no text column {text_field!r} in the data (columns: {ds.column_names})")
+    ds = ds.filter(lambda r: bool(r[text_field] and r[text_field].strip()))
+    if len(ds) == 0:
+        raise ValueError("the corpus is empty: no non-blank documents in the data")
+    return ds
+
+
+def pack_blocks(
+    token_lists: list[list[int]], block_size: int, eos_id: int | None
+) -> list[list[int]]:
+    """Join documents (EOS after each) and cut into full ``block_size`` blocks; drop the tail."""
+    stream: list[int] = []
+    for ids in token_lists:
+        stream.extend(ids)
+        if eos_id is not None:
+            stream.append(eos_id)
+    n_blocks = len(stream) // block_size
+    return [stream[i * block_size : (i + 1) * block_size] for i in range(n_blocks)]
+
+
+class TextDataModule(L.LightningDataModule):
+    """Packed next-token-prediction blocks from local text files, a saved dataset or a hub id.
+
+    Args:
+        data_files: file path(s) or glob(s): ``.jsonl``/``.json``/``.parquet``/``.txt``.
+        dataset_dir: a ``datasets.save_to_disk`` directory (alternative to ``data_files``).
+        hub_dataset: a Hugging Face hub dataset id (needs network access).
+        text_field: the column holding the text.
+        tokenizer: tokenizer directory or hub id for ``AutoTokenizer.from_pretrained``.
+        block_size: tokens per training block.
+        batch_size: blocks per batch and per process.
+        val_fraction: fraction of documents held out for validation.
+        test_fraction: fraction of documents held out for testing.
+        split_seed: seed of the document-level split (independent of the training seed).
+        shuffle_seed: seed of the per-epoch shuffle of training blocks.
+        num_workers: DataLoader worker processes.
+        predict_prompts: prompts for ``mlo predict`` (text generation).
+    """
+
+    def __init__(
+        self,
+        data_files: str | list[str] | None = "data/corpus/python_docs.jsonl",
+        dataset_dir: str | None = None,
+        hub_dataset: str | None = None,
+        text_field: str = "text",
+        tokenizer: str = "data/tokenizer",
+        block_size: int = 128,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        split_seed: int = 1234,
+        shuffle_seed: int = 0,
+        num_workers: int = 0,
+        predict_prompts: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {block_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not (
+            0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1
+        ):
+            raise ValueError(
+                f"need 0 <= val_fraction, test_fraction and their sum < 1, got {val_fraction}, {test_fraction}"
+            )
+        self.save_hyperparameters()
+        self.block_size, self.batch_size = block_size, batch_size
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.splits: dict[str, torch.Tensor] = {}
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        # Local rank 0 tokenizes first so the other ranks read the datasets cache.
+        self._build_splits()
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self._build_splits()
+
+    def _build_splits(self) -> None:
+        hp = self.hparams
+        docs = load_documents(hp.data_files, hp.dataset_dir, hp.hub_dataset, hp.text_field)
+        order = torch.randperm(
+            len(docs), generator=torch.Generator().manual_seed(hp.split_seed)
+        ).tolist()
+        n_val, n_test = round(hp.val_fraction * len(docs)), round(hp.test_fraction * len(docs))
+        if hp.val_fraction > 0:
+            n_val = max(1, n_val)
+        if hp.test_fraction > 0:
+            n_test = max(1, n_test)
+        if n_val + n_test >= len(docs):
+            raise ValueError(f"only {len(docs)} documents: too few for the val/test fractions")
+        parts = {
+            "val": order[:n_val],
+            "test": order[n_val : n_val + n_test],
+            "train": order[n_val + n_test :],
+        }
+        tokenizer, field = self.tokenizer, hp.text_field
+        tokenized = docs.map(
+            lambda batch: {"ids": tokenizer(batch[field], add_special_tokens=False)["input_ids"]},
+            batched=True,
+            remove_columns=docs.column_names,
+            desc="tokenizing",
+        )
+        for name, indices in parts.items():
+            if not indices:
+                continue
+            blocks = pack_blocks(
+                tokenized.select(indices)["ids"], self.block_size, tokenizer.eos_token_id
+            )
+            if not blocks:
+                raise ValueError(
+                    f"the {name} split has fewer than block_size={self.block_size} tokens: "
+                    "lower data.block_size or the split fraction"
+                )
+            self.splits[name] = torch.tensor(blocks, dtype=torch.long)
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if name not in self.splits:
+            raise RuntimeError(f"no {name} split: its fraction is 0 or setup() did not run")
+        blocks = self.splits[name]
+        dataset = torch.utils.data.TensorDataset(blocks)
+        kwargs = {
+            "batch_size": self.batch_size,
+            "num_workers": self.hparams.num_workers,
+            "collate_fn": _collate,
+        }
+        if not shuffle:
+            return DataLoader(dataset, shuffle=False, **kwargs)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = ResumableSampler(
+            dataset, world, rank, shuffle=True, seed=self.hparams.shuffle_seed
+        )
+        if trainer is not None and trainer.global_step > 0:
+            self._skip_consumed(sampler, trainer, len(sampler) // self.batch_size)
+        return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
+
+    def _skip_consumed(
+        self, sampler: ResumableSampler, trainer: L.Trainer, batches_per_epoch: int
+    ) -> None:
+        # On resume, skip the batches this epoch already consumed (global_step counts optimizer
+        # steps; accumulate_grad_batches micro-batches make one step).
+        consumed = trainer.global_step * trainer.accumulate_grad_batches
+        done_in_epoch = consumed - trainer.current_epoch * batches_per_epoch
+        if 0 < done_in_epoch < batches_per_epoch:
+            sampler.set_epoch(trainer.current_epoch)
+            sampler.skip_batches(done_in_epoch, self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        prompts = self.hparams.predict_prompts
+        if not prompts:
+            raise ValueError("mlo predict needs prompts: set data.predict_prompts")
+        return DataLoader(prompts, batch_size=1, shuffle=False, collate_fn=lambda p: {"prompts": p})
+
+
+def _collate(rows: list[tuple[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    input_ids = torch.stack([r[0] for r in rows])
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` with a clear error when the directory is missing."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(
+            f"tokenizer {name_or_path!r} not found (HF_HUB_OFFLINE=1: no hub lookup)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

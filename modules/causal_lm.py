@@ -1,0 +1,267 @@
+"""The shared causal-LM LightningModule: a Hugging Face model, optional LoRA, LM loss, perplexity.
+
+The model comes from a preset, a config dict, a local directory or a hub id
+(``modules.hf_models.build_causal_lm``); LoRA goes through ``peft``. Optimizer and LR schedule
+are chosen in YAML (LightningCLI ``OptimizerCallable`` / ``LRSchedulerCallable``) and the
+schedule is stepped once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.text import Perplexity
+from transformers import PreTrainedModel
+
+from datamodules.text import load_tokenizer
+from modules.hf_models import build_causal_lm, is_pretrained_name, max_positions
+from optim.schedules import fill_total_steps
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (``peft.LoraConfig``).
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator: the update is ``alpha / r * B A`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt, or ``"all-linear"``.
+        use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    use_rslora: bool = False
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings for ``predict_step``.
+
+    Args:
+        max_new_tokens: tokens generated after each prompt.
+        do_sample: sample instead of greedy decoding.
+        temperature: softmax temperature when sampling.
+        top_k: keep the k most likely tokens when sampling (``None``: all).
+        top_p: nucleus sampling mass (``None``: off).
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+
+def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
+    """Wrap ``model`` in a ``peft`` LoRA model; only the adapters stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        use_rslora=settings.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _takes_weight_decay(name: str, param: torch.Tensor) -> bool:
+    # Matrices decay; norm gains, biases and embeddings (Llama ``embed_tokens``, GPT-2 ``wte``/
+    # ``wpe``) do not, as in GPT-2/Llama training recipes.
+    return param.ndim >= 2 and not any(key in name for key in ("embed", "wte", "wpe"))
+
+
+class CausalLMModule(L.LightningModule):
+    """Next-token prediction with a Hugging Face causal LM.
+
+    Args:
+        model: preset name (``tiny-llama``, ``tiny-gpt2``, ...), config dict with ``model_type``,
+            local directory or hub id.
+        tokenizer: tokenizer directory or hub id; gives the vocabulary size of models built from
+            a config and decodes generations.
+        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps float32.
+        lora: LoRA settings; ``None`` trains all parameters.
+        optimizer: optimizer class and arguments (``class_path`` in YAML).
+        lr_scheduler: LR schedule, stepped per optimizer step (e.g.
+            ``optim.schedules.WarmupCosine``); ``None`` keeps the LR constant.
+        weight_decay_norms_and_biases: apply the optimizer's weight decay to norm gains, biases
+            and embeddings too (off: they go in a group with ``weight_decay=0``).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        trainable_only_checkpoints: with LoRA, checkpoints hold only the trainable (adapter)
+            weights; the frozen base is rebuilt from ``model`` when loading.
+        generation: decoding settings for ``mlo predict``.
+    """
+
+    def __init__(
+        self,
+        model: str | dict[str, Any] = "tiny-llama",
+        tokenizer: str = "data/tokenizer",
+        dtype: str | None = None,
+        lora: LoraSettings | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        weight_decay_norms_and_biases: bool = False,
+        gradient_checkpointing: bool = False,
+        trainable_only_checkpoints: bool = True,
+        generation: GenerationSettings | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.generation = generation or GenerationSettings()
+        self.tokenizer = load_tokenizer(tokenizer)
+        vocab_size = None if is_pretrained_name(model) else len(self.tokenizer)
+        net = build_causal_lm(model, vocab_size=vocab_size, dtype=dtype)
+        embedding_rows = net.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > embedding_rows:
+            raise ValueError(
+                f"tokenizer {tokenizer!r} has {len(self.tokenizer)} tokens but model {model!r} "
+                f"embeds only {embedding_rows}: use the model's own tokenizer"
+            )
+        if gradient_checkpointing:
+            net.gradient_checkpointing_enable()
+        self.model = apply_lora(net, lora) if lora is not None else net
+        self.uses_lora = lora is not None
+        self.strict_loading = not (self.uses_lora and trainable_only_checkpoints)
+        self.val_ppl, self.test_ppl = Perplexity(ignore_index=-100), Perplexity(ignore_index=-100)
+
+    # ----------------------------------------------------------------- set-up checks
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        block_size = getattr(datamodule, "block_size", None)
+        limit = max_positions(self.model.config)
+        if block_size is not None and limit is not None and block_size > limit:
+            raise ValueError(
+                f"data.block_size={block_size} exceeds the model's maximum positions ({limit}): "
+                "lower data.block_size or raise the model's max_position_embeddings"
+            )
+        data_tokenizer = getattr(datamodule, "tokenizer", None)
+        embedding_rows = self.model.get_input_embeddings().num_embeddings
+        if data_tokenizer is not None and len(data_tokenizer) > embedding_rows:
+            raise ValueError(
+                f"data.tokenizer has {len(data_tokenizer)} tokens but the model embeds only "
+                f"{embedding_rows}: use the same tokenizer for model and data"
+            )
+
+    # ----------------------------------------------------------------- steps
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        return self.model(input_ids=input_ids, **kwargs)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, metric: Perplexity) -> None:
+        out = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
+        # Perplexity over the same shifted targets as the loss: logits at t predict token t+1.
+        metric.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.log(f"{stage}/loss", out.loss, sync_dist=True, prog_bar=stage == "val")
+        self.log(f"{stage}/ppl", metric, prog_bar=stage == "val")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_ppl)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_ppl)
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, str]]:
+        results = []
+        g = self.generation
+        for prompt in batch["prompts"]:
+            ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+            sampling = (
+                {"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p}
+                if g.do_sample
+                else {}
+            )
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=g.max_new_tokens,
+                do_sample=g.do_sample,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **sampling,
+            )
+            completion = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            results.append({"prompt": prompt, "completion": completion})
+        return results
+
+    # ----------------------------------------------------------------- optimization
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters, split so weight decay skips 1-D tensors and embeddings."""
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if self.hparams.weight_decay_norms_and_biases:
+            return [{"params": [p for _, p in trainable]}]
+        decay = [p for n, p in trainable if _takes_weight_decay(n, p)]
+        no_decay = [p for n, p in trainable if not _takes_weight_decay(n, p)]
+        groups: list[dict[str, Any]] = [{"params": decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameter_groups())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        fill_total_steps(scheduler, self.trainer.estimated_stepping_batches)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ----------------------------------------------------------------- checkpoints & export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.strict_loading:
+            return
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+        }
+        checkpoint["trainable_only"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not checkpoint.get("trainable_only"):
+            return
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        saved = set(checkpoint["state_dict"])
+        if saved != trainable:
+            missing, unexpected = sorted(trainable - saved)[:5], sorted(saved - trainable)[:5]
+            raise KeyError(
+                f"adapter-only checkpoint does not match this model's trainable weights "
+                f"(missing e.g. {missing}, unexpected e.g. {unexpected}): same model and lora settings?"
+            )
+
+    def save_pretrained(self, directory: str | Path, merge_lora: bool = False) -> Path:
+        """Write the model (or only its LoRA adapter) and tokenizer in Hugging Face format.
+
+        ``transformers.AutoModelForCausalLM.from_pretrained`` (full model) or
+        ``peft.PeftModel.from_pretrained`` (adapter) load the result directly.
+        """
+        directory = Path(directory)
+        model = self.model
+        if self.uses_lora and merge_lora:
+            model = model.merge_and_unload()
+        model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        provenance = {
+            "source_model": self.hparams.model,
+            "lora_adapter_only": self.uses_lora and not merge_lora,
+            "lora": asdict(self.hparams.lora) if self.hparams.lora else None,
+        }
+        (directory / "mlo_export.json").write_text(json.dumps(provenance, indent=2, default=str))
+        return directory

@@ -1,0 +1,156 @@
+"""Build Hugging Face causal language models from a preset name, a config dict or a directory.
+
+Three ways to name a model, wherever the project accepts one:
+
+* a **preset** (``"tiny-llama"``, ``"tiny-gpt2"``, ...): a small random-init config for CPU runs;
+* a **dict** with ``model_type`` plus sizes, e.g. ``{"model_type": "llama", "hidden_size": 64}``,
+  passed to ``AutoConfig.for_model`` (training from scratch);
+* a **local directory** or **hub id**, loaded with ``from_pretrained`` (hub ids need network access;
+  with ``HF_HUB_OFFLINE=1`` an unknown name fails with the list of presets).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+# Tiny configs keep the real code paths of each family (RoPE, GQA, RMSNorm, SwiGLU for Llama)
+# at a size that trains in minutes on two CPU cores. ``vocab_size`` is overridden by the tokenizer.
+TINY_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-llama": {
+        "model_type": "llama",
+        "vocab_size": 4096,
+        "hidden_size": 128,
+        "intermediate_size": 344,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 1,
+    },
+    "tiny-llama-8l": {
+        "model_type": "llama",
+        "vocab_size": 4096,
+        "hidden_size": 128,
+        "intermediate_size": 344,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 1,
+    },
+    "micro-llama": {
+        "model_type": "llama",
+        "vocab_size": 4096,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 1,
+    },
+    "tiny-gpt2": {
+        "model_type": "gpt2",
+        "vocab_size": 4096,
+        "n_embd": 128,
+        "n_layer": 4,
+        "n_head": 4,
+        "n_positions": 512,
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 1,
+    },
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | None) -> torch.dtype | None:
+    """Map ``"float32" | "bfloat16" | "float16" | None`` to a torch dtype, with a clear error."""
+    if dtype is None:
+        return None
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def build_config(model: str | dict[str, Any], vocab_size: int | None = None) -> PretrainedConfig:
+    """The config a preset name or config dict describes (no weights)."""
+    spec = copy.deepcopy(TINY_PRESETS[model]) if isinstance(model, str) else copy.deepcopy(model)
+    if "model_type" not in spec:
+        raise ValueError(
+            f"model config dict {model!r} has no 'model_type' key "
+            "(e.g. {'model_type': 'llama', 'hidden_size': 64, ...})"
+        )
+    model_type = spec.pop("model_type")
+    if vocab_size is not None:
+        spec["vocab_size"] = vocab_size
+    try:
+        return AutoConfig.for_model(model_type, **spec)
+    except ValueError as err:
+        raise ValueError(f"model_type={model_type!r} in the model config: {err}") from err
+
+
+def is_pretrained_name(model: str | dict[str, Any]) -> bool:
+    """True when ``model`` names weights to load (a directory or hub id), not a random-init config."""
+    return isinstance(model, str) and model not in TINY_PRESETS
+
+
+def build_causal_lm(
+    model: str | dict[str, Any],
+    vocab_size: int | None = None,
+    dtype: str | None = None,
+    attn_implementation: str | None = "sdpa",
+) -> PreTrainedModel:
+    """Instantiate a causal LM from a preset, a config dict, a local directory or a hub id.
+
+    Args:
+        model: preset name (see ``TINY_PRESETS``), config dict with ``model_type``, local
+            directory or hub id.
+        vocab_size: for presets and dicts, the embedding size (normally ``len(tokenizer)``);
+            ignored for pretrained weights.
+        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps the default.
+        attn_implementation: attention kernel passed to ``transformers`` (``sdpa``, ``eager``).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if not is_pretrained_name(model):
+        config = build_config(model, vocab_size)
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        net = AutoModelForCausalLM.from_config(config, **kwargs)
+        return net.to(torch_dtype) if torch_dtype is not None else net
+    assert isinstance(model, str)
+    path = Path(model).expanduser()
+    if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(
+            f"model={model!r} is neither a preset ({', '.join(sorted(TINY_PRESETS))}) nor an "
+            "existing directory, and HF_HUB_OFFLINE=1 forbids downloading it from the hub"
+        )
+    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else model, **kwargs)
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position handling allows, or ``None`` when unbounded."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -1,0 +1,355 @@
+"""Federated fine-tuning (FedAvg) with LoRA or full weights, privacy add-ons and memorization.
+
+Bossy et al., *Mitigating Unintended Memorization with LoRA in Federated Learning for LLMs*
+(arXiv:2502.05087). One ``training_step`` is one federated round (so ``global_step`` counts
+rounds and ``trainer.max_steps`` is the number of rounds):
+
+1. sample the round's clients with a generator seeded by ``(seed, round)`` (same on all ranks);
+2. every rank runs its clients (``c % world_size == rank``) one after the other; each client
+   starts from the global model ``theta_r``, inside ``fork_rng`` seeded by
+   ``(seed, round, client)`` (LoRA init, dropout, data order), with a fresh local optimizer and
+   warmup-cosine schedule, and returns ``Delta_c`` over the *server parameters*;
+3. ``sum_c w_c Delta_c`` is summed across ranks with one all-reduce (integers mod ``M`` under
+   secure aggregation);
+4. the server optimizer steps on the pseudo-gradient ``-sum_c w_c Delta_c`` (SGD lr 1 = FedAvg).
+
+Server parameters by mode: ``full`` = every weight; ``lora`` + ``merged_delta_mean`` (paper) =
+the target weights, updated by the merged deltas ``s B_c A_c`` of fresh per-round adapters;
+``lora`` + ``factor_mean`` = persistent adapter factors (merged into the model only on export).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+import strategies.client_parallel  # noqa: F401  (registers strategy: client_parallel)
+from modules.hf_models import build_causal_lm, is_pretrained_name
+from modules.lora_fl_client import ClientTrainer
+from modules.lora_fl_settings import (
+    GoldfishSettings,
+    LoraFLSettings,
+    MemorizationSettings,
+    NoiseSettings,
+    SecureAggregationSettings,
+)
+from ops import dp
+from ops import secure_aggregation as sa
+from ops.federated import (
+    LoraAggregation,
+    apply_server_update,
+    flatten_tensors,
+    normalize_weights,
+    unflatten_like,
+)
+from ops.federated_lora import LoraAdapter
+from ops.memorization import memorization_counts, memorization_summary, sample_split_indices
+
+
+def _adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+
+
+def _fedavg(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=1.0)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class FederatedLoRAModule(L.LightningModule):
+    """One federated round per ``training_step`` (see the module docstring).
+
+    Args:
+        model: preset name, config dict (``model_type`` + sizes) or local directory of the
+            initial (pretrained) model.
+        vocab_size: embedding size for presets / dicts; ``None`` = ``len(datamodule.vocab)``.
+        finetune_mode: ``lora`` (adapters on ``lora.target_modules``) or ``full`` (all weights).
+        lora: LoRA rank / alpha / dropout / targets.
+        lora_aggregation: ``merged_delta_mean`` (paper: fresh adapters each round, average of
+            ``s B A``) or ``factor_mean`` (persistent adapters, average of ``A`` and ``B``).
+        client_weights: explicit FedAvg weights, one per client; ``None`` = training sequences.
+        clients_per_round: clients sampled per round; ``None`` = all (full participation).
+        local_epochs: local epochs per round (ignored when ``local_steps`` is set).
+        local_steps: fixed number of local steps per round (``None`` = epochs).
+        local_optimizer: optimizer each client creates fresh every round.
+        local_lr_per_client: per-client learning rates overriding the optimizer's ``lr``.
+        local_warmup_steps: linear warmup steps of the local cosine schedule (restarted per round).
+        local_max_grad_norm: batch-level global-norm clipping of local steps (``None`` = off).
+        goldfish: Goldfish loss settings.
+        noise: gradient clipping / noise / DP settings.
+        secure_aggregation: pairwise-masked fixed-point aggregation settings.
+        memorization: canary extraction metric settings.
+        server_optimizer: server optimizer on the pseudo-gradient (SGD lr 1 = FedAvg; Adam =
+            FedAdam).
+        seed: seed of client sampling and of every client's randomness.
+    """
+
+    def __init__(
+        self,
+        model: str | dict[str, Any] = "micro-llama",
+        vocab_size: int | None = None,
+        finetune_mode: Literal["lora", "full"] = "lora",
+        lora: LoraFLSettings | None = None,
+        lora_aggregation: LoraAggregation = "merged_delta_mean",
+        client_weights: list[float] | None = None,
+        clients_per_round: int | None = None,
+        local_epochs: int = 1,
+        local_steps: int | None = None,
+        local_optimizer: OptimizerCallable = _adamw,
+        local_lr_per_client: list[float] | None = None,
+        local_warmup_steps: int = 75,
+        local_max_grad_norm: float | None = 1.0,
+        goldfish: GoldfishSettings | None = None,
+        noise: NoiseSettings | None = None,
+        secure_aggregation: SecureAggregationSettings | None = None,
+        memorization: MemorizationSettings | None = None,
+        server_optimizer: OptimizerCallable = _fedavg,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if finetune_mode not in ("lora", "full"):
+            raise ValueError(f"finetune_mode must be 'lora' or 'full', got {finetune_mode!r}")
+        if lora_aggregation not in ("merged_delta_mean", "factor_mean"):
+            raise ValueError(f"lora_aggregation={lora_aggregation!r} is not a known mode")
+        self.save_hyperparameters(ignore=["local_optimizer", "server_optimizer"])
+        self.automatic_optimization = False
+        self.lora = lora or LoraFLSettings()
+        self.goldfish = goldfish or GoldfishSettings()
+        self.noise = noise or NoiseSettings()
+        self.secagg = secure_aggregation or SecureAggregationSettings()
+        self.mem = memorization or MemorizationSettings()
+        self.local_optimizer, self.server_optimizer = local_optimizer, server_optimizer
+        self.net: nn.Module | None = None
+        self.adapter: LoraAdapter | None = None
+        self.adapter_factors = nn.ParameterDict()
+        self.accountant_history: dict[int, list] = {}
+        self.dp_sigma: float | None = None
+        self.last_memorization: dict[str, float] = {}
+        self.last_round_stats: dict[str, float] = {}
+        if vocab_size is not None or is_pretrained_name(model):
+            self.build_model(vocab_size)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if "16-mixed" in precision and "bf16" not in precision:
+            raise ValueError(
+                "precision='16-mixed' is not supported: local steps bypass Lightning's GradScaler"
+            )
+        if self.net is None:
+            dm = self.trainer.datamodule
+            if not hasattr(dm, "vocab"):
+                raise ValueError("vocab_size is None and the datamodule has no 'vocab' to size it")
+            self.build_model(len(dm.vocab))
+
+    def build_model(self, vocab_size: int | None) -> None:
+        """Build the network (and adapters); done in ``__init__`` when the vocab size is known."""
+        self.net = build_causal_lm(self.hparams.model, vocab_size=vocab_size, dtype="float32")
+        if self.hparams.finetune_mode == "lora":
+            self.net.requires_grad_(False)
+            self.adapter = LoraAdapter(
+                self.net, self.lora.target_modules, self.lora.rank, self.lora.alpha,
+                self.lora.dropout,
+            )  # fmt: skip
+            if self.hparams.lora_aggregation == "factor_mean":
+                init = self.adapter.fresh_factors(torch.Generator().manual_seed(self.hparams.seed))
+                for k, v in init.items():
+                    self.adapter_factors[k.replace(".", "__")] = nn.Parameter(v.detach())
+
+    def server_parameters(self) -> list[tuple[str, Tensor]]:
+        """``(name, tensor)`` of what the server optimizer steps, in a fixed order."""
+        assert self.net is not None
+        if self.hparams.finetune_mode == "full":
+            return list(self.net.named_parameters())
+        assert self.adapter is not None
+        if self.hparams.lora_aggregation == "factor_mean":
+            return [(k, self.adapter_factors[k.replace(".", "__")]) for k in self.adapter.factor_names()]
+        params = dict(self.net.named_parameters())
+        return [(f"{n}.weight", params[f"{n}.weight"]) for n in self.adapter.targets]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.net is None:
+            raise RuntimeError("the model is built in setup(); configure_optimizers ran before it")
+        return self.server_optimizer([p for _, p in self.server_parameters()])
+
+    # ------------------------------------------------------------------ one round
+    def sample_clients(self, round_index: int, num_clients: int) -> list[int]:
+        """Participants of a round: all, or ``clients_per_round`` drawn by ``(seed, round)``."""
+        k = self.hparams.clients_per_round
+        if k is None or k >= num_clients:
+            return list(range(num_clients))
+        gen = torch.Generator().manual_seed(derive_seed(self.hparams.seed, round_index, -1))
+        return sorted(torch.randperm(num_clients, generator=gen)[:k].tolist())
+
+    def client_weights(self, clients: list[int], sizes: list[int]) -> list[float]:
+        explicit = self.hparams.client_weights
+        if explicit is not None and len(explicit) != len(sizes):
+            raise ValueError(f"client_weights has {len(explicit)} entries for {len(sizes)} clients")
+        raw = [float((explicit or sizes)[c]) for c in clients]
+        return normalize_weights(raw).tolist()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        dm = self.trainer.datamodule
+        round_index = self.trainer.global_step  # resume-safe: not the batch content
+        sizes = list(dm.client_num_samples)
+        clients = self.sample_clients(round_index, len(sizes))
+        weights = dict(zip(clients, self.client_weights(clients, sizes), strict=True))
+        rank, world = self.global_rank, self.trainer.world_size
+        names, server = zip(*self.server_parameters(), strict=True)
+        numel = sum(p.numel() for p in server)
+        trainer = ClientTrainer(self, dm, round_index, sizes)
+
+        plain = torch.zeros(numel + 2, dtype=torch.float32, device=self.device)  # + loss stats
+        masked = torch.zeros(numel, dtype=torch.int64, device=self.device)
+        clipped = 0
+        for c in clients:
+            if c % world != rank:
+                continue
+            delta, loss = trainer.run(c, derive_seed(self.hparams.seed, round_index, c))
+            update = weights[c] * delta
+            plain[:numel] += update
+            plain[numel] += weights[c] * loss
+            plain[numel + 1] += 1.0
+            if self.secagg.enabled:
+                e, n_clip = sa.quantize(
+                    update, self.secagg.clip_range, self.secagg.frac_bits,
+                    self.secagg.modulus_bits, self.secagg.stochastic_rounding,
+                )  # fmt: skip
+                clipped += n_clip
+                y = sa.mask_update(
+                    e, c, clients, self.secagg.master_seed, round_index, self.secagg.modulus_bits
+                )
+                masked = torch.remainder(masked + y.to(masked.device), 2**self.secagg.modulus_bits)
+        self._account_dp(clients, sizes)
+
+        # The round's single aggregation all-reduce (plus the integer one under SecAgg).
+        plain = self.trainer.strategy.reduce(plain, reduce_op="sum")
+        if self.secagg.enabled:
+            masked = self.trainer.strategy.reduce(masked, reduce_op="sum")
+            aggregate = sa.unmask_sum(masked, self.secagg.frac_bits, self.secagg.modulus_bits)
+            err = float((aggregate - plain[:numel].double()).abs().max())
+            aggregate = aggregate.float()
+            self.log("secagg/max_abs_error", err)
+            self.log("secagg/error_bound", sa.error_bound(len(clients), self.secagg.frac_bits))
+            self.log("secagg/clipped_coordinates_rank0", float(clipped))
+        else:
+            aggregate = plain[:numel]
+        opt = self.optimizers()
+        apply_server_update(server, unflatten_like(aggregate, server), opt.optimizer, opt.step)
+
+        bits = self.secagg.modulus_bits if self.secagg.enabled else 32
+        self.last_round_stats = {
+            "round/train_loss": float(plain[numel]),
+            "round/update_norm": float(aggregate.norm()),
+            "round/bytes_per_client": float(numel * bits / 8),
+            "round/clients": float(plain[numel + 1]),
+        }
+        if self.noise.mode == "dp_sgd":
+            self.last_round_stats["dp/epsilon"] = self.epsilon()
+            self.last_round_stats["dp/sigma"] = float(self.dp_sigma or 0.0)
+        if self.noise.mode == "output_perturbation":
+            self.last_round_stats["dp/heuristic_epsilon"] = float(self.noise.target_epsilon or 0)
+        self.log_dict(self.last_round_stats, prog_bar=False)
+        self.log("round", float(round_index + 1), prog_bar=True)
+
+        every, last = self.mem.every_n_rounds, round_index + 1 == self.trainer.max_steps
+        if self.mem.enabled and (last or (every and (round_index + 1) % every == 0)):
+            self.last_memorization = self.evaluate_memorization()
+            self.log_dict({f"mem/{k}": v for k, v in self.last_memorization.items()})
+
+    # ------------------------------------------------------------------ DP accounting
+    def _account_dp(self, clients: list[int], sizes: list[int]) -> None:
+        """Every rank records every sampled client's steps, so epsilon is rank-independent."""
+        if self.noise.mode != "dp_sgd":
+            return
+        for c in clients:
+            q, steps = ClientTrainer.dp_schedule(self, sizes[c])
+            self.accountant_history.setdefault(c, []).append((self.dp_sigma, q, steps))
+
+    def epsilon(self) -> float:
+        """Worst client's ``epsilon(delta)`` under RDP accounting (``inf`` before any step)."""
+        eps = 0.0
+        for history in self.accountant_history.values():
+            acc = dp.make_accountant()
+            acc.history = [tuple(h) for h in history]
+            eps = max(eps, float(acc.get_epsilon(self.noise.delta)))
+        return eps
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate_memorization(self) -> dict[str, float]:
+        """Canary extraction metric on the current global model, sharded over ranks."""
+        assert self.net is not None
+        dm = self.trainer.datamodule
+        mem = dm.memorization_set()
+        if not mem["ids"]:
+            return {}
+        splits = sample_split_indices(
+            [len(x) for x in mem["ids"]], max(self.mem.prefix_lengths), self.mem.suffix_len,
+            self.mem.seed,
+        )  # fmt: skip
+        rank, world = self.global_rank, self.trainer.world_size
+        was_training = self.net.training
+        self.net.eval()
+        counts = memorization_counts(
+            self.net, mem["ids"], splits, mem["groups"], mem["group_values"],
+            self.mem.prefix_lengths, self.mem.suffix_len, dm.vocab.decode,
+            self.mem.frequency_penalty, self.mem.bleu_threshold, dm.vocab.eos_token_id,
+            self.mem.batch_size, subset=range(rank, len(mem["ids"]), world),
+        )  # fmt: skip
+        self.net.train(was_training)
+        counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
+        return memorization_summary(counts, mem["group_values"], self.mem.prefix_lengths)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        assert self.net is not None
+        logits = self.net(input_ids=batch["input_ids"]).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        valid = targets != -100
+        loss = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+        )
+        # Teacher-forced argmax over the whole answer == greedy decoding reproduces the answer.
+        correct = ((logits.argmax(-1) == targets) | ~valid).all(dim=1).float()
+        n = batch["input_ids"].shape[0]
+        self.log("val/loss", loss, batch_size=n)
+        self.log("val/answer_acc", correct.mean(), batch_size=n, prog_bar=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Client randomness is derived from (seed, round, client): nothing else to save.
+        checkpoint["lora_fl"] = {
+            "accountant_history": {int(c): list(h) for c, h in self.accountant_history.items()},
+            "dp_sigma": self.dp_sigma,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("lora_fl", {})
+        self.accountant_history = {
+            int(c): [tuple(x) for x in h] for c, h in state.get("accountant_history", {}).items()
+        }
+        self.dp_sigma = state.get("dp_sigma")
+
+    def merged_model(self) -> nn.Module:
+        """The global model with persistent adapters merged in (what ``save_pretrained`` saves)."""
+        assert self.net is not None
+        net = copy.deepcopy(self.net)
+        if self.adapter is not None and self.hparams.lora_aggregation == "factor_mean":
+            names = self.adapter.factor_names()
+            factors = {k: self.adapter_factors[k.replace(".", "__")] for k in names}
+            self.adapter.merge_into(net, factors)
+        return net
+
+    def flat_server_state(self) -> Tensor:
+        """All server parameters as one flat fp32 vector (for equality tests / checksums)."""
+        return flatten_tensors(p for _, p in self.server_parameters())

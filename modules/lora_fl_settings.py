@@ -1,0 +1,113 @@
+"""Typed settings groups of ``FederatedLoRAModule`` (each one a YAML mapping in the config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ops.federated_lora import DEFAULT_TARGETS
+
+
+@dataclass
+class LoraFLSettings:
+    """LoRA adapters of federated clients (paper scripts: r=16, alpha=8, dropout 0.05).
+
+    Args:
+        rank: adapter rank ``r``.
+        alpha: the update is ``alpha / r * B A``.
+        dropout: dropout on the adapter input during local training.
+        target_modules: last name components of the adapted linear layers.
+    """
+
+    rank: int = 16
+    alpha: float = 8.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+
+@dataclass
+class GoldfishSettings:
+    """Goldfish loss (Hans et al. 2024): drop a deterministic 1/k of the target tokens.
+
+    Args:
+        enabled: use the Goldfish loss in local training.
+        k: drop frequency (about 1/k of the tokens leave the loss).
+        h: hash context width (Goldfish paper: 13); the Bossy paper's k, h are (reconstructed).
+        strategy: ``hash_table`` or ``static``.
+        hash: ``mod_product`` (overflow-free) or ``wrapping_product`` (reference int64 product).
+    """
+
+    enabled: bool = False
+    k: float = 4.0
+    h: int = 13
+    strategy: Literal["hash_table", "static"] = "hash_table"
+    hash: Literal["mod_product", "wrapping_product"] = "mod_product"
+
+
+@dataclass
+class NoiseSettings:
+    """Noise / differential privacy in local training (spec section 3.4b).
+
+    Args:
+        mode: ``none``; ``output_perturbation`` (official heuristic, noise on the trained
+            factors, *not* a DP guarantee); ``dp_sgd`` (per-sample clipping + Gaussian noise,
+            Poisson sampling, RDP accounting; record-level DP per client, (reconstructed)).
+        sigma: noise multiplier; ``None`` = solved from ``target_epsilon``.
+        clip_norm: per-sample clipping norm ``C`` (``dp_sgd``) or ``C`` of the heuristic.
+        target_epsilon: epsilon to reach at the last round (solves ``sigma``).
+        delta: target delta (official 1e-4; keep ``delta < 1 / n_c``).
+        c2: constant of the output-perturbation heuristic.
+    """
+
+    mode: Literal["none", "output_perturbation", "dp_sgd"] = "none"
+    sigma: float | None = None
+    clip_norm: float = 1.0
+    target_epsilon: float | None = None
+    delta: float = 1e-4
+    c2: float = 1.1
+
+
+@dataclass
+class SecureAggregationSettings:
+    """Pairwise-masked secure aggregation in fixed point (Bonawitz et al. 2017).
+
+    Args:
+        enabled: aggregate masked integer vectors instead of floats.
+        clip_range: ``R``: weight-scaled updates are clipped to ``[-R, R]`` before encoding.
+        frac_bits: ``f``: fixed-point resolution ``2^-f``.
+        modulus_bits: ``m``: arithmetic modulo ``M = 2^m``.
+        stochastic_rounding: unbiased random rounding instead of round-to-nearest.
+        master_seed: seed standing in for the pairwise key agreement.
+    """
+
+    enabled: bool = False
+    clip_range: float = 1.0
+    frac_bits: int = 24
+    modulus_bits: int = 40
+    stochastic_rounding: bool = False
+    master_seed: int = 0
+
+
+@dataclass
+class MemorizationSettings:
+    """Canary extraction metric (Carlini et al. 2023; spec section 3.2).
+
+    Args:
+        enabled: evaluate memorization (always after the last round).
+        prefix_lengths: prompt lengths ``L`` in tokens.
+        suffix_len: ``S``: tokens to reproduce exactly.
+        frequency_penalty: ``phi`` of the greedy decoding (0 = pure greedy).
+        bleu_threshold: approximate memorization iff char BLEU-4 >= this.
+        every_n_rounds: also evaluate every n rounds (0 = only after the last round).
+        seed: seed of the split-index generator (official 42).
+        batch_size: prompts decoded together.
+    """
+
+    enabled: bool = True
+    prefix_lengths: list[int] = field(default_factory=lambda: [10, 50, 100, 200, 500])
+    suffix_len: int = 50
+    frequency_penalty: float = 1.0
+    bleu_threshold: float = 0.75
+    every_n_rounds: int = 0
+    seed: int = 42
+    batch_size: int = 64

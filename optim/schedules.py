@@ -1,0 +1,131 @@
+"""Learning-rate schedules stepped once per optimizer step.
+
+Both are ``LambdaLR`` subclasses, so LightningCLI selects them by ``class_path`` in YAML
+(``lr_scheduler: {class_path: optim.schedules.WarmupCosine, init_args: {...}}``) and their state
+resumes from checkpoints. ``total_steps: null`` means "the trainer's
+``estimated_stepping_batches``", filled in by the module before the first step.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_cosine_factor(
+    step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> float:
+    """LR multiplier: linear warmup from 0 over ``warmup_steps``, then cosine decay to
+    ``min_lr_ratio`` at ``total_steps`` (held there afterwards)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def trapezoidal_factor(
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    cooldown_fraction: float = 0.2,
+    min_lr_ratio: float = 0.0,
+) -> float:
+    """LR multiplier of the trapezoidal (warmup-stable-decay) schedule: linear warmup, constant 1,
+    then a linear cooldown to ``min_lr_ratio`` over the final ``cooldown_fraction`` of
+    ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    cooldown_steps = max(1, round(cooldown_fraction * total_steps))
+    cooldown_start = total_steps - cooldown_steps
+    if step < cooldown_start:
+        return 1.0
+    progress = min(1.0, (step - cooldown_start + 1) / cooldown_steps)
+    return 1.0 - (1.0 - min_lr_ratio) * progress
+
+
+def _check(warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> None:
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if total_steps is not None and total_steps < max(1, warmup_steps):
+        raise ValueError(
+            f"total_steps={total_steps} must be >= max(1, warmup_steps={warmup_steps})"
+        )
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
+
+
+class WarmupCosine(LambdaLR):
+    """Linear warmup then cosine decay, stepped per optimizer step.
+
+    Args:
+        optimizer: the wrapped optimizer (given by LightningCLI).
+        warmup_steps: steps of linear warmup from 0 to the base LR.
+        total_steps: step at which the cosine reaches ``min_lr_ratio``; ``None`` uses the
+            trainer's ``estimated_stepping_batches``.
+        min_lr_ratio: final LR as a fraction of the base LR.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        _check(warmup_steps, total_steps, min_lr_ratio)
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = (
+            warmup_steps,
+            total_steps,
+            min_lr_ratio,
+        )
+        super().__init__(optimizer, self._factor, last_epoch)
+
+    def _factor(self, step: int) -> float:
+        total = self.total_steps if self.total_steps is not None else max(1, self.warmup_steps)
+        return warmup_cosine_factor(step, self.warmup_steps, total, self.min_lr_ratio)
+
+
+class Trapezoidal(LambdaLR):
+    """Linear warmup, constant LR, linear cooldown over the final fraction of training.
+
+    Args:
+        optimizer: the wrapped optimizer (given by LightningCLI).
+        warmup_steps: steps of linear warmup from 0 to the base LR.
+        total_steps: length of the schedule; ``None`` uses the trainer's
+            ``estimated_stepping_batches``.
+        cooldown_fraction: fraction of ``total_steps`` spent in the final linear cooldown.
+        min_lr_ratio: LR at the end of the cooldown as a fraction of the base LR.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        cooldown_fraction: float = 0.2,
+        min_lr_ratio: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        _check(warmup_steps, total_steps, min_lr_ratio)
+        if not 0.0 < cooldown_fraction <= 1.0:
+            raise ValueError(f"cooldown_fraction must lie in (0, 1], got {cooldown_fraction}")
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.cooldown_fraction, self.min_lr_ratio = cooldown_fraction, min_lr_ratio
+        super().__init__(optimizer, self._factor, last_epoch)
+
+    def _factor(self, step: int) -> float:
+        if self.total_steps is None:  # before the trainer filled it in: warmup only
+            return (step + 1) / self.warmup_steps if step < self.warmup_steps else 1.0
+        return trapezoidal_factor(
+            step, self.warmup_steps, self.total_steps, self.cooldown_fraction, self.min_lr_ratio
+        )
+
+
+def fill_total_steps(scheduler: object, total_steps: int) -> None:
+    """Give a schedule with ``total_steps=None`` the trainer's number of optimizer steps."""
+    if getattr(scheduler, "total_steps", 0) is None:
+        scheduler.total_steps = int(total_steps)  # type: ignore[attr-defined]
