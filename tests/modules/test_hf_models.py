@@ -1,0 +1,33 @@
+import pytest
+
+from modules.hf_models import TINY_PRESETS, build_causal_lm, build_config, max_positions
+
+
+@pytest.mark.parametrize("preset", sorted(TINY_PRESETS))
+def test_presets_build(preset):
+    model = build_causal_lm(preset, vocab_size=512)
+    assert model.get_input_embeddings().num_embeddings == 512
+    assert max_positions(model.config) >= 256
+
+
+def test_config_dict_and_errors(monkeypatch):
+    model = build_causal_lm({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                             "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 64})  # fmt: skip
+    assert model.config.hidden_size == 16
+    with pytest.raises(ValueError, match="model_type"):
+        build_config({"hidden_size": 16})
+    with pytest.raises(ValueError, match="not-a-family"):
+        build_config({"model_type": "not-a-family"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        build_causal_lm("no/such-model")
+    with pytest.raises(ValueError, match="dtype"):
+        build_causal_lm("micro-llama", dtype="float8")
+
+
+def test_local_directory_roundtrip(tmp_path):
+    model = build_causal_lm("micro-llama", vocab_size=128)
+    model.save_pretrained(tmp_path)
+    loaded = build_causal_lm(str(tmp_path))
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert (a == b).all(), name

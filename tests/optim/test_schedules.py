@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from optim.schedules import Trapezoidal, WarmupCosine, trapezoidal_factor, warmup_cosine_factor
+
+
+def _lrs(scheduler_cls, steps, **kwargs):
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    scheduler = scheduler_cls(optimizer, **kwargs)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs, optimizer, scheduler
+
+
+def test_warmup_cosine_values():
+    assert warmup_cosine_factor(0, 4, 20) == pytest.approx(0.25)
+    assert warmup_cosine_factor(3, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine_factor(4, 4, 20) == pytest.approx(1.0)
+    midpoint = 4 + 8
+    assert warmup_cosine_factor(midpoint, 4, 20, min_lr_ratio=0.2) == pytest.approx(0.6)
+    assert warmup_cosine_factor(20, 4, 20, min_lr_ratio=0.2) == pytest.approx(0.2)
+    assert warmup_cosine_factor(50, 4, 20, min_lr_ratio=0.2) == pytest.approx(0.2)
+
+
+def test_trapezoidal_shape():
+    lrs, *_ = _lrs(Trapezoidal, 10, warmup_steps=2, total_steps=10, cooldown_fraction=0.3)
+    assert lrs[:2] == pytest.approx([1.0, 2.0])
+    assert lrs[2:7] == pytest.approx([2.0] * 5)
+    assert lrs[7:] == pytest.approx([2 * 2 / 3, 2 * 1 / 3, 0.0])
+    assert trapezoidal_factor(9, 2, 10, 0.3, min_lr_ratio=0.5) == pytest.approx(0.5)
+
+
+def test_schedule_state_resumes_exactly():
+    lrs, optimizer, scheduler = _lrs(WarmupCosine, 7, warmup_steps=3, total_steps=15)
+    state = scheduler.state_dict()
+    param = torch.nn.Parameter(torch.zeros(1))
+    resumed_opt = torch.optim.SGD([param], lr=2.0)
+    resumed = WarmupCosine(resumed_opt, warmup_steps=0, total_steps=None)
+    resumed.load_state_dict(state)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+        resumed_opt.step()
+        resumed.step()
+        assert resumed.get_last_lr() == scheduler.get_last_lr()
+    assert resumed.total_steps == 15 and resumed.warmup_steps == 3
+
+
+def test_total_steps_filled_from_trainer():
+    from optim.schedules import fill_total_steps
+
+    _, _, scheduler = _lrs(WarmupCosine, 1, warmup_steps=1, total_steps=None)
+    fill_total_steps(scheduler, 40)
+    assert scheduler.total_steps == 40
+    assert math.isclose(scheduler._factor(40), 0.0, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"warmup_steps": -1}, {"warmup_steps": 10, "total_steps": 5}, {"min_lr_ratio": 1.5}],
+)
+def test_bad_arguments_raise(kwargs):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError):
+        WarmupCosine(optimizer, **kwargs)
