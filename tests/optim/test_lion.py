@@ -1,0 +1,259 @@
+"""Lion, LionA and LionAR: update rules, invariants, flags and exact resume (spec §3.3-3.5, §7)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from ops.warmup import angular_update, lionar_target_angle, rrc_lr_factor
+from optim.lion import Lion, LionA, LionAR
+
+
+def _grads(shapes, steps, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for _ in range(steps)]
+
+
+def _run(opt_cls, params, grads, **kw):
+    opt = opt_cls(params, **kw)
+    for gs in grads:
+        for p, g in zip(params, gs, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    return opt
+
+
+def test_lion_matches_reference_update() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    grads = _grads([(6, 5)], 5, dtype=torch.float64)
+    p = torch.nn.Parameter(w0.clone())
+    _run(Lion, [p], grads, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    w, m = w0.clone(), torch.zeros_like(w0)
+    for (g,) in grads:  # Chen et al. 2023, Alg. 2
+        c = 0.9 * m + 0.1 * g
+        w = w - 1e-2 * (c.sign() + 0.1 * w)
+        m = 0.99 * m + 0.01 * g
+    torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-14)
+
+
+def test_nesterov_equals_lion_with_squared_beta() -> None:
+    beta = 0.98
+    grads = _grads([(16, 8), (8,)], 30, seed=1, dtype=torch.float64)
+    a = [
+        torch.nn.Parameter(torch.ones(16, 8, dtype=torch.float64)),
+        torch.nn.Parameter(torch.ones(8, dtype=torch.float64)),
+    ]
+    b = [torch.nn.Parameter(t.detach().clone()) for t in a]
+    _run(Lion, a, grads, lr=1e-3, betas=(beta, beta), nesterov=True, weight_decay=0.1)
+    _run(Lion, b, grads, lr=1e-3, betas=(beta**2, beta), weight_decay=0.1)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.detach(), y.detach(), rtol=0, atol=1e-7)
+
+
+def test_liona_update_norm_is_exact_even_with_zero_signs() -> None:
+    kappa, lr = 0.7, 1e-2
+    p = torch.nn.Parameter(torch.randn(40, 30, dtype=torch.float64))
+    g = torch.randn(40, 30, dtype=torch.float64)
+    g[:10] = 0.0  # sign(c) = 0 on a quarter of the entries
+    opt = LionA([p], lr=lr, update_norm_scale=kappa, weight_decay=0.0)
+    before = p.detach().clone()
+    p.grad = g
+    opt.step()
+    u = (before - p.detach()) / lr
+    assert float(u.norm()) == pytest.approx(kappa * math.sqrt(p.numel()), rel=1e-12)
+    assert u[:10].eq(0).all()
+    with pytest.raises(ValueError, match="update_norm_scale"):
+        LionA([p], update_norm_scale=0.0)
+
+
+def _rot_param(rows=32, cols=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.Parameter(0.02 * torch.randn(rows, cols, generator=gen) + 0.01)
+
+
+def test_lionar_keeps_neuron_norms_and_means_and_hits_target_angle() -> None:
+    p = _rot_param()
+    lr, wd, betas = 0.1, 0.1, (0.9, 0.99)
+    opt = LionAR([p], lr=lr, weight_decay=wd, betas=betas)
+    assert opt.param_groups[0]["rotational"]
+    w_init = p.detach().clone()
+    assert opt.center_rotational_weights() == 1  # the explicit, idempotent module step
+    assert opt.center_rotational_weights() == 0
+    torch.testing.assert_close(p.detach().norm(dim=1), w_init.norm(dim=1))
+    target = math.atan(lionar_target_angle(lr, wd, betas))
+    gen = torch.Generator().manual_seed(1)
+    for step in range(50):
+        before = p.detach().clone()
+        p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        if step == 0:
+            n0 = opt.state[p]["n0"].squeeze(1)
+            torch.testing.assert_close(n0, w_init.norm(dim=1), rtol=1e-6, atol=0)
+        angles = angular_update(before, p.detach(), per_neuron=True)
+        torch.testing.assert_close(angles, torch.full_like(angles, target), rtol=1e-3, atol=0)
+    norms = p.detach().double().norm(dim=1)
+    torch.testing.assert_close(norms, n0.double(), rtol=1e-6, atol=0)
+    assert float(p.detach().double().mean(dim=1).abs().max()) < 1e-6 * float(n0.min())
+
+
+def test_lionar_step_is_tangent_before_projection() -> None:
+    # tan(θ) = ‖step‖/‖w‖ holds only if the step is ⟂ w: check against a non-centered tensor.
+    p = _rot_param(8, 128, seed=3)
+    opt = LionAR([p], lr=0.3, weight_decay=0.1, zero_mean=False)
+    before = p.detach().double().clone()
+    p.grad = torch.randn(p.shape)
+    opt.step()
+    after = p.detach().double()
+    eta_r = lionar_target_angle(0.3, 0.1, (0.9, 0.99))
+    chord = (after - before).norm(dim=1) / before.norm(dim=1)
+    # projecting w − η_r n₀ d̂ back to the sphere moves w by the chord 2 sin(θ/2), θ = atan(η_r)
+    expected = 2 * math.sin(math.atan(eta_r) / 2)
+    torch.testing.assert_close(chord, torch.full_like(chord, expected), rtol=1e-5, atol=0)
+
+
+def test_lionar_rejects_zero_weight_decay_and_zero_rows() -> None:
+    with pytest.raises(ValueError, match="weight_decay=0"):
+        LionAR([_rot_param()], weight_decay=0.0)
+    dead = torch.nn.Parameter(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="zero-norm neuron"):
+        LionAR([("lora_B.weight", dead)], weight_decay=0.1)
+    with pytest.raises(ValueError, match="named_parameters"):
+        LionAR([_rot_param()], rotational="blocks")
+
+
+def test_lionar_group_split_by_name() -> None:
+    model = torch.nn.ModuleDict(
+        {
+            "embed": torch.nn.Embedding(10, 8),
+            "layers": torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)]),
+            "head": torch.nn.Linear(8, 10, bias=False),
+        }
+    )
+    opt = LionAR(
+        model.named_parameters(), lr=0.1, weight_decay=0.1, rotational="blocks", lr_other=3e-4
+    )
+    by_name = {
+        n: (g["rotational"], g["lr"], g["weight_decay"])
+        for g in opt.param_groups
+        for n in g["param_names"]
+    }
+    assert by_name["layers.0.weight"] == (True, 0.1, 0.1)
+    assert by_name["embed.weight"] == (False, 3e-4, 0.1)
+    assert by_name["head.weight"] == (False, 3e-4, 0.1)
+    assert by_name["layers.0.bias"] == (False, 3e-4, 0.0)
+    assert by_name["layers.1.weight"] == (False, 3e-4, 0.0)
+    # Explicit groups with a "rotational" key are kept as they are.
+    explicit = LionAR([{"params": [model["head"].weight], "rotational": False, "lr": 1e-3}])
+    assert explicit.param_groups[0]["lr"] == 1e-3 and not explicit.param_groups[0]["rotational"]
+
+
+def test_lionar_skips_params_without_grad() -> None:
+    a, b = _rot_param(seed=0), _rot_param(seed=1)
+    opt = LionAR([a, b], weight_decay=0.1)
+    b_before = b.detach().clone()
+    a.grad = torch.randn(a.shape)
+    opt.step()  # REQ crashes here (spec §4.1)
+    assert "exp_avg" not in opt.state[b]
+    # b was centered (zero_mean) but not stepped; its norms are unchanged
+    torch.testing.assert_close(b.detach().norm(dim=1), b_before.norm(dim=1))
+
+
+def test_inverse_bias_correction_and_rrc_correction_scale_the_angle() -> None:
+    lr, wd, betas = 0.1, 0.1, (0.98, 0.98)
+    eta_r = lionar_target_angle(lr, wd, betas)
+    p = _rot_param(seed=4)
+    opt = LionAR([p], lr=lr, weight_decay=wd, betas=betas, inverse_bias_correction=True)
+    opt.center_rotational_weights()
+    before = p.detach().clone()
+    p.grad = torch.randn(p.shape)
+    opt.step()
+    angle = float(angular_update(before, p.detach()))
+    assert angle == pytest.approx(math.atan((1 - 0.98) * eta_r), rel=1e-3)
+
+    p = _rot_param(seed=5)
+    opt = LionAR([p], lr=lr, weight_decay=wd, betas=betas, rrc_correction="derived")
+    opt.center_rotational_weights()
+    p.grad = torch.randn(p.shape)
+    with pytest.raises(RuntimeError, match="UpdateDiagnostics"):
+        opt.step()
+    opt.set_gradient_snr(phi=0.5, batch_size=32)
+    assert opt.wants_gradient_snr
+    before = p.detach().clone()
+    opt.step()
+    rho = rrc_lr_factor(0.5, 32)
+    assert float(angular_update(before, p.detach())) == pytest.approx(
+        math.atan(rho * eta_r), rel=1e-3
+    )
+    # Nesterov's target angle uses the effective betas (β², β)
+    q = _rot_param(seed=6)
+    opt = LionAR([q], lr=lr, weight_decay=wd, betas=betas, nesterov=True)
+    opt.center_rotational_weights()
+    before = q.detach().clone()
+    q.grad = torch.randn(q.shape)
+    opt.step()
+    expected = math.atan(lionar_target_angle(lr, wd, (0.98**2, 0.98)))
+    assert float(angular_update(before, q.detach())) == pytest.approx(expected, rel=1e-3)
+
+
+def test_update_norm_decay_smooths_the_step() -> None:
+    p = _rot_param(seed=7)
+    opt = LionAR([p], lr=0.1, weight_decay=0.1, update_norm_decay=0.9)
+    p.grad = torch.randn(p.shape)
+    opt.step()  # with bias correction the first step still has the target angle
+    assert opt.state[p]["update_norm_sq"].shape == (32, 1)
+    with pytest.raises(ValueError, match="update_norm_decay"):
+        LionAR([p], update_norm_decay=1.0)
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw"),
+    [
+        (Lion, {"lr": 1e-3, "weight_decay": 0.1}),
+        (LionA, {"lr": 1e-3, "weight_decay": 0.1, "nesterov": True}),
+        (
+            LionAR,
+            {
+                "lr": 0.1,
+                "weight_decay": 0.1,
+                "update_norm_decay": 0.9,
+                "inverse_bias_correction": True,
+            },
+        ),
+    ],
+)
+def test_resume_is_bitwise(cls, kw) -> None:
+    data = _grads([(4, 8), (4, 4)], 20, seed=9)
+
+    def train(model, opt, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    ref = _model(0)
+    ref_opt = cls(ref.parameters(), **kw)
+    train(ref, ref_opt, data)
+
+    first = _model(0)
+    first_opt = cls(first.parameters(), **kw)
+    train(first, first_opt, data[:10])
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)  # state is tensors and ints only
+    resumed = _model(1)
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt = cls(resumed.parameters(), **kw)
+    resumed_opt.load_state_dict(ckpt["opt"])
+    train(resumed, resumed_opt, data[10:])
+    for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
