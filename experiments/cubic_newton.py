@@ -291,7 +291,7 @@ def main(argv=None) -> dict:
                 1e-4,
                 1e-4,
                 momentum_decay=2.0 / 3.0,
-            ),  # fmt: skip
+            ),
         ]
         res = run_part(
             arms, long_args, 3.0, "nonconvex", lambda dm: full_grad_norm(dm, args.lam, "nonconvex")
@@ -349,11 +349,7 @@ def write_doc(s: dict) -> None:
     if "A" in s:
         out += ["**A. Non-convex logistic regression**, floor of full-batch ‖∇f‖ (mean of the last 3",
                 "of 10 checkpoints, median over seeds). SGD arms run 2T steps (matched samples).", ""]  # fmt: skip
-        out += _table(s["A"], "‖∇f‖") + [
-            "",
-            "![A](results/cubic_newton/nonconvex_grad_norm.png)",
-            "",
-        ]
+        out += [*_table(s["A"], "‖∇f‖"), "", "![A](results/cubic_newton/nonconvex_grad_norm.png)", ""]
     if "B" in s:
         out += ["**B. Saddle escape** (Trainer + `CubicNewtonModule`, 50 steps, `hessian_corrected`,",
                 "α = β = 0.1, M = 1, gradient noise 0.01):", "", "| seed | x₁ | λ_min(∇²f) |", "|---|---|---|"]  # fmt: skip
@@ -365,10 +361,10 @@ def write_doc(s: dict) -> None:
         ]
     if "C" in s:
         out += ["**C. Convex ridge logistic, gradient-regularized Newton**, floor of f − f*:", ""]
-        out += _table(s["C"], "f − f*") + ["", "![C](results/cubic_newton/convex_gap.png)", ""]
+        out += [*_table(s["C"], "f − f*"), "", "![C](results/cubic_newton/convex_gap.png)", ""]
     if "S" in s:
         out += ["**Stretch: decaying momentum** α_t = β_t = max(1e-4, (t+1)^(−2/3)), 4T steps:", ""]
-        out += _table(s["S"], "‖∇f‖") + ["", "![S](results/cubic_newton/stretch_schedule.png)", ""]
+        out += [*_table(s["S"], "‖∇f‖"), "", "![S](results/cubic_newton/stretch_schedule.png)", ""]
     out += ["**Acceptance**", "", "| item | ratio | held |", "|---|---|---|"]
     for k, v in s["acceptance"].items():
         ratio = f"{v['ratio']:.3f}" if "ratio" in v else "–"
