@@ -254,7 +254,8 @@ class LionAR(Lion):
         rotational: which tensors rotate when a group has no ``rotational`` key:
             ``"all_matrices"`` (every ≥2-D tensor, REQ default), ``"blocks"`` (≥2-D tensors
             inside transformer blocks, project default; needs names), ``"none"``, or a list of
-            fnmatch patterns over parameter names (≥2-D tensors only).
+            fnmatch patterns over parameter names (≥2-D tensors with λ > 0 only; a group that
+            sets ``weight_decay: 0`` keeps all its tensors on Lion).
         lr_other: Lion learning rate of the non-rotational tensors [derived].
         weight_decay_other: weight decay of the non-rotational matrices (``None``: ``weight_decay``).
         vector_weight_decay: weight decay of gains and biases (≤1-D tensors).
@@ -291,24 +292,23 @@ class LionAR(Lion):
                 groups.append(g)
                 continue
             split: dict[str, list] = {"rot": [], "mat": [], "vec": []}
+            # A group's own weight_decay (e.g. a "no decay" group of a LightningModule) wins;
+            # only tensors with λ > 0 can rotate (REQ: every ≥2-D tensor with λ > 0).
+            group_wd = g.get("weight_decay", weight_decay)
             for name, p in g["params"]:
                 kind = "vec" if p.dim() < 2 else "mat"
-                if kind == "mat" and _is_rotational(name, rotational):
+                if kind == "mat" and group_wd > 0 and _is_rotational(name, rotational):
                     kind = "rot"
                 split[kind].append((name, p))
             base = {k: v for k, v in g.items() if k != "params"}
             if split["rot"]:
                 groups.append({**base, "params": split["rot"], "rotational": True})
-            if split["mat"]:
-                groups.append(
-                    {**base, "params": split["mat"], "rotational": False, "lr": lr_other}
-                    | {"weight_decay": wd_other}
-                )
-            if split["vec"]:
-                groups.append(
-                    {**base, "params": split["vec"], "rotational": False, "lr": lr_other}
-                    | {"weight_decay": vector_weight_decay}
-                )
+            for kind, wd in (("mat", wd_other), ("vec", vector_weight_decay)):
+                if split[kind]:
+                    groups.append(
+                        {"weight_decay": wd, **base, "params": split[kind]}
+                        | {"rotational": False, "lr": lr_other}
+                    )
         named = [p for g in groups for p in g["params"]]
         if all(n is not None for n, _ in named):
             for g in groups:

@@ -117,7 +117,9 @@ def test_lionar_step_is_tangent_before_projection() -> None:
 
 def test_lionar_rejects_zero_weight_decay_and_zero_rows() -> None:
     with pytest.raises(ValueError, match="weight_decay=0"):
-        LionAR([_rot_param()], weight_decay=0.0)
+        LionAR([{"params": [_rot_param()], "rotational": True, "weight_decay": 0.0}])
+    # without an explicit "rotational" key, λ = 0 tensors simply stay on Lion
+    assert not LionAR([_rot_param()], weight_decay=0.0).param_groups[0]["rotational"]
     dead = torch.nn.Parameter(torch.zeros(4, 8))
     with pytest.raises(ValueError, match="zero-norm neuron"):
         LionAR([("lora_B.weight", dead)], weight_decay=0.1)
