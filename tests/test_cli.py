@@ -1,0 +1,128 @@
+"""The ``mlo`` command end to end, in process: config printing, errors, artifacts, resume."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from cli import main
+
+FAST = [
+    "--config", "configs/quickstart.yaml",
+    "--model.init_args.model=micro-llama",
+    "--data.init_args.block_size=32",
+    "--data.init_args.batch_size=4",
+    "--trainer.limit_val_batches=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.log_every_n_steps=2",
+]  # fmt: skip
+
+
+def _fit(tmp_path, *extra, name="run"):
+    args = ["fit", *FAST, f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.logger.init_args.name={name}", *extra]  # fmt: skip
+    return main(args)
+
+
+def test_print_config_is_complete_and_documented(repo_root):
+    out = subprocess.run(
+        [sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml", "--print_config"],
+        cwd=repo_root, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    config = yaml.safe_load(out.stdout)
+    init = config["model"]["init_args"]
+    assert init["model"] == "tiny-llama" and init["optimizer"]["class_path"] == "torch.optim.AdamW"
+    assert config["data"]["init_args"]["block_size"] == 128
+    assert config["seed_everything"] == 1234
+    assert "metrics_file" in config
+    help_text = subprocess.run(
+        [sys.executable, "cli.py", "fit", "--model.help", "modules.causal_lm.CausalLMModule"],
+        cwd=repo_root, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    flat = " ".join(help_text.split())
+    assert "tokenizer directory or hub id" in flat and "--model.lora.help" in flat
+
+
+def test_unknown_config_key_is_named(tmp_path, repo_root):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    learning_rat: 0.1\n")
+    out = subprocess.run(
+        [sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml", "--config", str(bad)],
+        cwd=repo_root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "learning_rat" in out.stderr
+
+
+def test_fit_writes_all_artifacts_and_predict_generates(tmp_path):
+    cli = _fit(tmp_path, "--trainer.max_steps=6", "--trainer.val_check_interval=3")
+    log_dir = tmp_path / "run" / "version_0"
+    assert (log_dir / "config.yaml").is_file()
+    assert list((log_dir / "checkpoints").glob("last.ckpt"))
+    metrics = json.loads((log_dir / "metrics.json").read_text())
+    assert metrics["stage"] == "fit" and metrics["global_step"] == 6
+    assert metrics["metrics"]["val/ppl"] > 1
+    assert (log_dir / "hf_model" / "config.json").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert {"train/loss", "val/loss", "val/ppl"} <= set(events.Tags()["scalars"])
+    assert cli.trainer.global_step == 6
+
+    predict = main([
+        "predict", *FAST, "--config", "configs/quickstart_predict.yaml",
+        f"--ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.name=pred",
+        "--model.init_args.generation.max_new_tokens=5",
+    ])  # fmt: skip
+    lines = (tmp_path / "pred" / "version_0" / "predictions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 3 and all(r["completion"] for r in records)
+    assert predict.trainer.state.fn == "predict"
+
+
+def _params(cli):
+    return {k: v.clone() for k, v in cli.model.state_dict().items()}
+
+
+def test_resume_is_bit_identical(tmp_path):
+    common = [
+        "--model.init_args.lr_scheduler.init_args.total_steps=12",
+        "--model.init_args.lr_scheduler.init_args.warmup_steps=3",
+        "--trainer.val_check_interval=4",
+    ]
+    full = _fit(tmp_path, "--trainer.max_steps=12", *common, name="full")
+    _fit(tmp_path, "--trainer.max_steps=5", *common, name="part")
+    ckpt = tmp_path / "part" / "version_0" / "checkpoints" / "last.ckpt"
+    resumed = _fit(
+        tmp_path, "--trainer.max_steps=12", *common, f"--ckpt_path={ckpt}", name="resumed"
+    )
+    expected, got = _params(full), _params(resumed)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    opt_full = full.trainer.optimizers[0].state_dict()["state"]
+    opt_resumed = resumed.trainer.optimizers[0].state_dict()["state"]
+    for idx in opt_full:
+        assert torch.equal(opt_full[idx]["exp_avg_sq"], opt_resumed[idx]["exp_avg_sq"])
+    assert full.trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == (
+        resumed.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()
+    )
+
+
+def test_block_size_beyond_model_positions(tmp_path):
+    with pytest.raises(ValueError, match="exceeds the model's maximum positions"):
+        _fit(tmp_path, "--trainer.max_steps=1", "--data.init_args.block_size=4096")
+
+
+def test_tokenizer_larger_than_pretrained_embedding(tmp_path):
+    from modules.hf_models import build_causal_lm
+
+    small = tmp_path / "small-vocab-model"
+    build_causal_lm("micro-llama", vocab_size=100).save_pretrained(small)
+    with pytest.raises(ValueError, match="embeds only 100"):
+        _fit(tmp_path, "--trainer.max_steps=1", f"--model.init_args.model={small}")
