@@ -56,7 +56,9 @@ class CharVocab:
         try:
             return [self._index[ch] for ch in text]
         except KeyError as err:
-            raise ValueError(f"character {err.args[0]!r} in {text[:40]!r} is not in CharVocab") from err
+            raise ValueError(
+                f"character {err.args[0]!r} in {text[:40]!r} is not in CharVocab"
+            ) from err
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i - 2] for i in ids if i >= 2)

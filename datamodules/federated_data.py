@@ -78,7 +78,9 @@ def synthetic_client_examples(
             prompt, answer = make(*crng.choice(train), crng, entities)
             client.append(prompt + answer)
         texts.append(client)
-        val.append([make(*crng.choice(held), crng, entities) for _ in range(val_questions_per_client)])
+        val.append(
+            [make(*crng.choice(held), crng, entities) for _ in range(val_questions_per_client)]
+        )
     return texts, val
 
 

@@ -173,7 +173,9 @@ class FederatedLoRAModule(L.LightningModule):
             return list(self.net.named_parameters())
         assert self.adapter is not None
         if self.hparams.lora_aggregation == "factor_mean":
-            return [(k, self.adapter_factors[k.replace(".", "__")]) for k in self.adapter.factor_names()]
+            return [
+                (k, self.adapter_factors[k.replace(".", "__")]) for k in self.adapter.factor_names()
+            ]
         params = dict(self.net.named_parameters())
         return [(f"{n}.weight", params[f"{n}.weight"]) for n in self.adapter.targets]
 
@@ -205,11 +207,15 @@ class FederatedLoRAModule(L.LightningModule):
         clients = self.sample_clients(round_index, len(sizes))
         weights = dict(zip(clients, self.client_weights(clients, sizes), strict=True))
         rank, world = self.global_rank, self.trainer.world_size
-        names, server = zip(*self.server_parameters(), strict=True)
+        server = [p for _, p in self.server_parameters()]
         numel = sum(p.numel() for p in server)
         trainer = ClientTrainer(self, dm, round_index, sizes)
 
-        plain = torch.zeros(numel + 2, dtype=torch.float32, device=self.device)  # + loss stats
+        # Flat fp32 buffer: sum_c w_c Delta_c, then loss sum, client count, and a checksum of
+        # theta_r (sum over ranks == world * local checksum iff the ranks agree).
+        plain = torch.zeros(numel + 3, dtype=torch.float32, device=self.device)
+        checksum = float(flatten_tensors(server).double().sum())
+        plain[numel + 2] = checksum
         masked = torch.zeros(numel, dtype=torch.int64, device=self.device)
         clipped = 0
         for c in clients:
@@ -253,6 +259,9 @@ class FederatedLoRAModule(L.LightningModule):
             "round/update_norm": float(aggregate.norm()),
             "round/bytes_per_client": float(numel * bits / 8),
             "round/clients": float(plain[numel + 1]),
+            "round/rank_desync": abs(
+                float(plain[numel + 2]) - world * float(torch.tensor(checksum, dtype=torch.float32))
+            ),
         }
         if self.noise.mode == "dp_sgd":
             self.last_round_stats["dp/epsilon"] = self.epsilon()

@@ -55,7 +55,11 @@ class ClientTrainer:
         sigmas = []
         for n in self.sizes:
             q, steps = self.dp_schedule(self.m, n)
-            sigmas.append(dp.noise_multiplier_for_epsilon(noise.target_epsilon, noise.delta, q, steps * rounds))
+            sigmas.append(
+                dp.noise_multiplier_for_epsilon(
+                    noise.target_epsilon, noise.delta, q, steps * rounds
+                )
+            )
         return max(sigmas)
 
     # ------------------------------------------------------------------ loss
@@ -80,7 +84,9 @@ class ClientTrainer:
             snapshot = [p.detach().clone() for p in params]
 
             def finish_full() -> Tensor:
-                delta = flatten_tensors(p.detach() - s for p, s in zip(params, snapshot, strict=True))
+                delta = flatten_tensors(
+                    p.detach() - s for p, s in zip(params, snapshot, strict=True)
+                )
                 with torch.no_grad():  # the next client starts from theta_r again
                     for p, s in zip(params, snapshot, strict=True):
                         p.copy_(s)
@@ -103,7 +109,9 @@ class ClientTrainer:
         stack.enter_context(adapter.attached(factors))
 
         def finish_factors() -> Tensor:
-            return flatten_tensors(factors[k].detach() - b for k, b in zip(names, base, strict=True))
+            return flatten_tensors(
+                factors[k].detach() - b for k, b in zip(names, base, strict=True)
+            )
 
         return list(factors.values()), finish_factors
 

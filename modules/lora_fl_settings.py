@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from ops.federated_lora import DEFAULT_TARGETS
 
 
@@ -111,3 +113,16 @@ class MemorizationSettings:
     every_n_rounds: int = 0
     seed: int = 42
     batch_size: int = 64
+
+
+# Checkpoints store these settings in ``hyper_parameters``; Lightning loads checkpoints with
+# ``torch.load(weights_only=True)``, which only unpickles allow-listed classes.
+torch.serialization.add_safe_globals(
+    [
+        LoraFLSettings,
+        GoldfishSettings,
+        NoiseSettings,
+        SecureAggregationSettings,
+        MemorizationSettings,
+    ]
+)

@@ -55,9 +55,9 @@ class _FixedLogits(nn.Module):
         with torch.no_grad():
             self.logits[3], self.logits[5] = 1.0, 0.5
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True):
+    def forward(self, input_ids, cache=None, use_cache=True):
         b, t = input_ids.shape
-        return SimpleNamespace(logits=self.logits.expand(b, t, -1), past_key_values=None)
+        return SimpleNamespace(logits=self.logits.expand(b, t, -1), cache=None)
 
 
 def test_frequency_penalty_switches_after_one_step():
@@ -92,8 +92,8 @@ class _Copier(nn.Module):
         self.memory, self.vocab = memory, vocab
         self.dummy = nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True):
-        hist = input_ids if past_key_values is None else torch.cat([past_key_values, input_ids], 1)
+    def forward(self, input_ids, cache=None, use_cache=True):
+        hist = input_ids if cache is None else torch.cat([cache, input_ids], 1)
         logits = torch.zeros(hist.shape[0], hist.shape[1], self.vocab)
         for b in range(hist.shape[0]):
             seq = hist[b].tolist()
@@ -101,7 +101,7 @@ class _Copier(nn.Module):
                 if self.memory[i : i + len(seq)] == seq:
                     logits[b, -1, self.memory[i + len(seq)]] = 1.0
                     break
-        return SimpleNamespace(logits=logits, past_key_values=hist)
+        return SimpleNamespace(logits=logits, cache=hist)
 
 
 def test_memorization_counts_on_a_copier():

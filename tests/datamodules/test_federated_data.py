@@ -1,0 +1,85 @@
+"""Federated data: canary replication/split/sharding, partitions, templates (spec section 7)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from datamodules.federated import CharVocab, FederatedTextDataModule
+from datamodules.federated_data import (
+    build_canary_rows,
+    partition_indices,
+    proportional_counts,
+)
+from datamodules.synthetic_corpus import canary_records
+
+
+def test_sixty_canaries_give_222_rows_and_group_sizes():
+    split = build_canary_rows(canary_records(60), {1: 0.7, 10: 0.3})
+    assert len(split.train_rows) == 18 * 10 + 42 == 222
+    groups = Counter(r["dup_group"] for r in split.train_unique)
+    assert groups == {10: 18, 1: 42}
+    per_id = Counter(r["canary_id"] for r in split.train_rows)
+    assert all(per_id[r["canary_id"]] == r["dup_group"] for r in split.train_unique)
+
+
+def test_default_split_by_identity_has_no_leak_and_code_faithful_split_leaks():
+    recs = canary_records(60)
+    split = build_canary_rows(recs, {1: 0.7, 10: 0.3}, val_fraction=0.1)
+    train_ids = {r["canary_id"] for r in split.train_rows}
+    val_ids = {r["canary_id"] for r in split.val_rows}
+    assert len(val_ids) == 6 and not train_ids & val_ids
+    leaky = build_canary_rows(
+        recs, {1: 0.7, 10: 0.3}, val_fraction=0.1, split_after_replication=True
+    )
+    assert {r["canary_id"] for r in leaky.train_rows} & {r["canary_id"] for r in leaky.val_rows}
+
+
+def test_sharding_is_proportional_and_exact():
+    assert proportional_counts(222, [800, 1000, 1200]) == [59, 74, 89]
+    assert sum(proportional_counts(7, [1, 1, 1])) == 7
+    with pytest.raises(ValueError, match="cannot split"):
+        proportional_counts(3, [0, 0])
+
+
+def test_partitions_cover_everything_once():
+    labels = [i % 3 for i in range(300)]
+    for mode in ("iid", "dirichlet"):
+        parts = partition_indices(labels, 4, mode, alpha=0.3, seed=1)
+        flat = sorted(i for p in parts for i in p)
+        assert flat == list(range(300))
+        assert parts == partition_indices(labels, 4, mode, alpha=0.3, seed=1)
+    iid = partition_indices(labels, 4, "iid")
+    assert all(len(p) == 75 for p in iid)
+
+
+def test_datamodule_builds_clients_with_canaries_and_eval_sets():
+    dm = FederatedTextDataModule(
+        client_sizes=[80, 100, 120], num_entities=50, val_questions_per_client=10
+    )
+    dm.setup("fit")
+    assert dm.num_clients == 3
+    assert dm.client_canary_rows == [59, 74, 89]
+    assert dm.client_num_samples == [80 + 59, 100 + 74, 120 + 89]
+    mem = dm.memorization_set()
+    assert len(mem["ids"]) == 60 and Counter(mem["groups"]) == {10: 18, 1: 42}
+    vocab = CharVocab()
+    assert vocab.decode(mem["ids"][0]).startswith("Medical Note:")
+    assert len(dm.val_rows) == 30
+    texts = [vocab.decode(dm.client_rows[c][0]["input_ids"]) for c in range(3)]
+    assert texts[0].startswith("Open Question:") and texts[1].startswith("MCQ:")
+    assert texts[2].startswith("Closed Question:")
+    import torch
+
+    b1 = next(iter(dm.client_dataloader(1, torch.Generator().manual_seed(3))))
+    b2 = next(iter(dm.client_dataloader(1, torch.Generator().manual_seed(3))))
+    assert torch.equal(b1["input_ids"], b2["input_ids"])
+    assert b1["input_ids"].shape[0] == dm.batch_size
+
+
+def test_char_vocab_round_trip_and_error():
+    v = CharVocab()
+    assert v.decode(v.encode("MRN 12345678\n")) == "MRN 12345678\n"
+    with pytest.raises(ValueError, match="not in CharVocab"):
+        v.encode("é")

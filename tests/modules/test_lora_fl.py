@@ -1,0 +1,159 @@
+"""FederatedLoRAModule: FedAvg equals SGD, client isolation, SecAgg, resume (spec section 7)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from datamodules.federated import CharVocab, FederatedTextDataModule
+from modules.hf_models import build_causal_lm
+from modules.lora_fl import FederatedLoRAModule
+from modules.lora_fl_client import ClientTrainer
+from modules.lora_fl_settings import LoraFLSettings, MemorizationSettings, SecureAggregationSettings
+from ops.memorization import greedy_continue
+
+VOCAB = len(CharVocab())
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two shared cores: intra-op threads only add contention for these tiny models.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+MEM = MemorizationSettings(prefix_lengths=[16, 32], suffix_len=16, frequency_penalty=0.0)
+
+
+def _dm(sizes=(24, 30, 36), canaries: int = 10, batch: int = 8) -> FederatedTextDataModule:
+    return FederatedTextDataModule(
+        client_sizes=list(sizes), num_entities=20, val_questions_per_client=4,
+        num_canaries=canaries, batch_size=batch,
+    )  # fmt: skip
+
+
+def _trainer(rounds: int, **kw) -> L.Trainer:
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(
+        max_steps=rounds, accelerator="cpu", devices=1, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **kw,
+    )  # fmt: skip
+
+
+def _module(**kw) -> FederatedLoRAModule:
+    torch.manual_seed(0)
+    kw.setdefault("lora", LoraFLSettings(rank=4, alpha=2.0, dropout=0.0))
+    kw.setdefault("memorization", MEM)
+    return FederatedLoRAModule(model=TINY, vocab_size=VOCAB, local_warmup_steps=0, **kw)
+
+
+def test_one_client_one_step_fedavg_equals_centralized_sgd():
+    dm = _dm(sizes=(16,), canaries=0, batch=16)  # one client, one batch = its whole data
+    m = _module(
+        finetune_mode="full", local_steps=1, local_max_grad_norm=None,
+        local_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        memorization=MemorizationSettings(enabled=False),
+    )  # fmt: skip
+    reference = build_causal_lm(TINY, vocab_size=VOCAB, dtype="float32")
+    reference.load_state_dict(m.net.state_dict())
+    _trainer(1).fit(m, dm)
+    batch = dm.collate(dm.client_rows[0])
+    logits = reference(input_ids=batch["input_ids"]).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+    )
+    loss.backward()
+    with torch.no_grad():
+        for (name, p), q in zip(reference.named_parameters(), m.net.parameters(), strict=True):
+            torch.testing.assert_close(q, p - 0.1 * p.grad, atol=1e-6, rtol=0, msg=name)
+
+
+def test_full_finetuning_clients_start_from_global_weights():
+    dm = _dm()
+    m = _module(finetune_mode="full", local_steps=2)
+    trainer = _trainer(0)
+    trainer.fit(m, dm)  # attaches trainer/datamodule, runs no round
+    run = ClientTrainer(m, dm, 0, dm.client_num_samples)
+    theta = m.flat_server_state().clone()
+    alone, _ = run.run(1, seed=5)
+    run.run(0, seed=4)
+    assert torch.equal(m.flat_server_state(), theta)
+    after_other, _ = run.run(1, seed=5)
+    assert torch.equal(alone, after_other)
+
+
+def test_lora_round_changes_only_targets_and_fresh_adapter_is_identity():
+    dm = _dm()
+    m = _module(local_steps=2)
+    ids = torch.randint(2, VOCAB, (2, 20))
+    before = m.net(input_ids=ids).logits
+    with m.adapter.attached(m.adapter.fresh_factors()):
+        assert torch.equal(m.net(input_ids=ids).logits, before)
+    state = {k: v.clone() for k, v in m.net.state_dict().items()}
+    _trainer(1).fit(m, dm)
+    changed = {k for k, v in m.net.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed and all(k.rsplit(".", 2)[-2] in m.lora.target_modules for k in changed)
+    assert m.last_memorization["n_x10"] == 3.0  # evaluated after the last round
+
+
+def test_secure_aggregation_matches_plain_within_quantization():
+    dm = _dm()
+    plain = _module(local_steps=2)
+    _trainer(2).fit(plain, dm)
+    secure = _module(local_steps=2, secure_aggregation=SecureAggregationSettings(enabled=True))
+    trainer = _trainer(2)
+    trainer.fit(secure, dm)
+    err = float(trainer.callback_metrics["secagg/max_abs_error"])
+    assert err <= 3 * 2.0**-25 + 1e-6
+    diff = (secure.flat_server_state() - plain.flat_server_state()).abs().max()
+    assert float(diff) <= 2 * (3 * 2.0**-25) + 1e-6
+
+
+def test_greedy_with_kv_cache_equals_recomputation():
+    torch.manual_seed(1)
+    net = build_causal_lm(TINY, vocab_size=VOCAB, dtype="float32").eval()
+    prompts = torch.randint(2, VOCAB, (3, 12))
+    fast = greedy_continue(net, prompts, 8, frequency_penalty=0.5)
+    seq, counts = prompts.clone(), torch.zeros(3, VOCAB)
+    with torch.no_grad():
+        for _ in range(8):
+            logits = net(input_ids=seq).logits[:, -1] - 0.5 * counts
+            tok = logits.argmax(-1)
+            counts[torch.arange(3), tok] += 1
+            seq = torch.cat([seq, tok[:, None]], 1)
+    assert torch.equal(fast, seq[:, 12:])
+
+
+@pytest.mark.parametrize("aggregation", ["merged_delta_mean", "factor_mean"])
+def test_resume_from_mid_training_checkpoint_is_bit_identical(tmp_path, aggregation):
+    def make():
+        return _module(
+            local_steps=2, lora_aggregation=aggregation,
+            server_optimizer=lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.99), eps=1e-3),
+            memorization=MemorizationSettings(enabled=False),
+        )  # fmt: skip
+
+    full = make()
+    _trainer(4).fit(full, _dm())
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    first = make()
+    _trainer(2, callbacks=[ckpt], enable_checkpointing=True).fit(first, _dm())
+    path = next(tmp_path.glob("*step=2.ckpt"))
+    resumed = make()
+    _trainer(4).fit(resumed, _dm(), ckpt_path=str(path))
+    assert torch.equal(resumed.flat_server_state(), full.flat_server_state())
