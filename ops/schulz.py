@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,6 +74,7 @@ def schulz_inverse(
     early_stop: bool = True,
     raise_on_divergence: bool = True,
     symmetrize: bool = True,
+    on_iterate: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, SchulzInfo]:
     """Approximate ``A^{-1}`` of an SPD matrix with Schulz iterations (spec 3.4).
 
@@ -89,6 +91,8 @@ def schulz_inverse(
             or exceeds ``10 * rho_0``; ``False`` warns and continues (code-faithful).
         symmetrize: replace ``X`` by ``(X + X^T)/2`` after each update; exact iterates are
             polynomials in ``A`` and hence symmetric, so this only removes rounding drift.
+        on_iterate: called as ``on_iterate(k, X_k)`` for every evaluated iterate (convergence
+            curves in experiments); must not modify ``X_k``.
 
     Returns:
         ``(X, info)``: the approximate inverse and its :class:`SchulzInfo`.
@@ -109,6 +113,8 @@ def schulz_inverse(
         R = eye - A @ X
         rho = float(torch.linalg.matrix_norm(R, ord="fro")) / math.sqrt(d)
         history.append(rho)
+        if on_iterate is not None:
+            on_iterate(k, X)
         if not math.isfinite(rho) or rho > 10.0 * history[0]:
             msg = (
                 f"Schulz iteration diverged at step {k} (residual {rho:.3e}, start "
