@@ -1,0 +1,492 @@
+"""``UpdateDiagnostics``: how large is each training step, by which measure (Kosson et al. 2024).
+
+At logging steps (every step up to ``dense_steps``, then every ``log_every_n_steps``) it logs, per
+trainable tensor and globally (spec D1-D5, math in ``ops.warmup``):
+
+* ``warmup/update_norm/*`` ‖Δw‖₂ (weight decay included) and ``warmup/direction_rms/*`` ‖u‖/√C
+  of the optimizer direction without LR and decay;
+* ``warmup/angle/*`` the angular update in float64, per tensor, per neuron (mean and max) and for
+  all matrices concatenated (``warmup/global/angle``);
+* ``warmup/rrc/*`` the relative representation change of the selected layers on a fixed probe;
+* ``warmup/snr/*`` the two-batch noise scale B_noise = tr Σ/|G|² and per-sample SNR φ = 1/B_noise;
+* ``warmup/momentum/*`` cos(g_t, m_{t−1}) and ‖m_t‖/‖g_t‖ when the optimizer keeps ``exp_avg``.
+
+It works with any optimizer (the direction is recovered from Δw), with gradient accumulation (it
+keys on ``global_step``), under DDP (weights are identical after the synchronized step; G₁, G₂
+are all-reduced) and with LoRA (only ``requires_grad`` tensors). Its persistent extra memory is one
+copy of the trainable weights at logging steps plus the probe activations of the RRC layers;
+SNR steps transiently hold two gradient-sized buffers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import statistics
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from ops.warmup import angle_from_sums, angular_update, noise_scale, rows, rrc, update_norms
+from optim.lion import Lion
+
+try:  # GPT-2 style layers store their weight as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+DEFAULT_RRC_LAYERS = ["*.q_proj", "*.up_proj", "*.c_attn", "*.c_fc", "*.qkv", "*.fc"]
+
+
+class UpdateDiagnostics(Callback):
+    """Update norms, angular updates, representation change, gradient SNR and momentum.
+
+    Args:
+        log_every_n_steps: logging interval after the dense phase.
+        dense_steps: log every step while ``global_step < dense_steps`` (warmup happens here).
+        per_neuron: also log per-neuron angles (rows of dim 0) as mean and max per tensor.
+        log_per_tensor: log the per-tensor scalars (off: global scalars only).
+        rrc_layers: fnmatch patterns of module names whose relative representation change is
+            measured (Llama ``q_proj``/``up_proj``, GPT-2 ``c_attn``/``c_fc``, nanoGPT
+            ``qkv``/``fc``); empty disables RRC.
+        rrc_mode: ``"layer"``: ‖XΔWᵀ‖/‖XWᵀ‖ on the layer's probe inputs X captured once;
+            ``"network"``: ‖h_{t+1}(X) − h_t(X)‖/‖h_t(X)‖ of the selected modules' outputs when
+            the whole probe batch runs through the network before and after the step.
+        probe_batch_size: samples of the fixed probe batch, drawn once with a private generator.
+        snr_every_n_steps: interval of the gradient-noise measurement; 0 disables it. It runs
+            every step when the optimizer asks for the SNR (``rrc_correction: derived``).
+        snr_dense_steps: also measure at every step below this one (the SNR changes fastest early).
+        snr_ema: EMA decay of the |G|² and tr Σ estimates before their ratio ``b_noise``.
+        snr_fresh_batches: 0 splits the current batch into halves; k > 0 draws k fresh batches of
+            the training batch size from a dedicated generator and sums the estimates.
+        track_momentum: log gradient-momentum alignment and magnitude ratio.
+        max_tensors: follow only the first N trainable tensors (memory cap); ``None`` = all.
+        log_histograms: log per-neuron angle histograms to TensorBoard at logging steps.
+        seed: seed of the private generator for probe and fresh batches.
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int = 25,
+        dense_steps: int = 100,
+        per_neuron: bool = True,
+        log_per_tensor: bool = True,
+        rrc_layers: list[str] | None = None,
+        rrc_mode: Literal["layer", "network"] = "layer",
+        probe_batch_size: int = 16,
+        snr_every_n_steps: int = 25,
+        snr_dense_steps: int = 10,
+        snr_ema: float = 0.9,
+        snr_fresh_batches: int = 0,
+        track_momentum: bool = True,
+        max_tensors: int | None = None,
+        log_histograms: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        if rrc_mode not in ("layer", "network"):
+            raise ValueError(f"rrc_mode={rrc_mode!r}: expected 'layer' or 'network'")
+        if not 0.0 <= snr_ema < 1.0:
+            raise ValueError(f"snr_ema must lie in [0, 1), got {snr_ema}")
+        if snr_every_n_steps < 0 or snr_fresh_batches < 0 or probe_batch_size < 1:
+            raise ValueError(
+                "snr_every_n_steps, snr_fresh_batches must be >= 0, probe_batch_size >= 1"
+            )
+        self.log_every_n_steps, self.dense_steps = log_every_n_steps, dense_steps
+        self.per_neuron, self.log_per_tensor = per_neuron, log_per_tensor
+        self.rrc_layers = DEFAULT_RRC_LAYERS if rrc_layers is None else list(rrc_layers)
+        self.rrc_mode, self.probe_batch_size = rrc_mode, probe_batch_size
+        self.snr_every_n_steps, self.snr_dense_steps = snr_every_n_steps, snr_dense_steps
+        self.snr_ema, self.snr_fresh_batches = snr_ema, snr_fresh_batches
+        self.track_momentum, self.max_tensors = track_momentum, max_tensors
+        self.log_histograms, self.seed = log_histograms, seed
+        self.history: list[dict[str, float]] = []  # every logged record, for scripts and tests
+        self._probe: Any = None
+        self._probe_inputs: dict[str, Tensor] = {}
+        self._ema = {"g2": 0.0, "tr": 0.0, "n": 0}
+        self._gen_state: Tensor | None = None
+        self._pending: dict[str, Any] | None = None
+        self._snr_done_step = -1
+        self._hist: Tensor | None = None
+        self._transposed: set[int] = set()  # ids of (in, out)-stored weights (GPT-2 Conv1D)
+
+    # ---------------------------------------------------------------- selection and schedule
+    def is_log_step(self, step: int) -> bool:
+        return step < self.dense_steps or step % self.log_every_n_steps == 0
+
+    def is_snr_step(self, step: int, optimizer: Any = None) -> bool:
+        if getattr(optimizer, "wants_gradient_snr", False):
+            return True
+        if self.snr_every_n_steps == 0:
+            return False
+        return step < self.snr_dense_steps or step % self.snr_every_n_steps == 0
+
+    def _tensors(self, pl_module: L.LightningModule) -> list[tuple[str, Tensor]]:
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        return named if self.max_tensors is None else named[: self.max_tensors]
+
+    def _rrc_modules(self, pl_module: L.LightningModule) -> dict[str, nn.Module]:
+        return {
+            n: m
+            for n, m in pl_module.named_modules()
+            if n and any(fnmatch.fnmatchcase(n, pat) for pat in self.rrc_layers)
+        }
+
+    def _generator(self, trainer: L.Trainer) -> torch.Generator:
+        gen = torch.Generator()
+        if self._gen_state is not None:
+            gen.set_state(self._gen_state)
+        else:
+            gen.manual_seed(self.seed + 1000 * trainer.global_rank)
+        return gen
+
+    # ---------------------------------------------------------------- data helpers
+    def _draw(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, n: int, rank_seeded: bool
+    ) -> Any:
+        loader = trainer.train_dataloader
+        if isinstance(loader, list | tuple):
+            loader = loader[0]
+        if isinstance(loader, dict):
+            loader = next(iter(loader.values()))
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                "UpdateDiagnostics draws probe/fresh batches from a map-style training dataset; "
+                f"got {type(dataset).__name__}: set snr_fresh_batches=0 and rrc_layers=[]"
+            )
+        gen = self._generator(trainer) if rank_seeded else torch.Generator().manual_seed(self.seed)
+        idx = torch.randint(len(dataset), (n,), generator=gen).tolist()
+        if rank_seeded:
+            self._gen_state = gen.get_state()
+        batch = loader.collate_fn([dataset[i] for i in idx])
+        return trainer.strategy.batch_to_device(batch, pl_module.device)
+
+    @staticmethod
+    def _loss(pl_module: L.LightningModule) -> Callable[[Any], Tensor]:
+        if hasattr(pl_module, "compute_loss"):
+            return pl_module.compute_loss  # type: ignore[return-value]
+
+        def hf_loss(batch: Any) -> Tensor:  # Hugging Face convention: the output has .loss
+            if not isinstance(batch, dict):
+                raise TypeError(
+                    f"{type(pl_module).__name__} has no compute_loss(batch) and its batch is not "
+                    "a dict of model inputs: define compute_loss to enable the SNR / RRC probes"
+                )
+            out = pl_module(**batch)
+            if getattr(out, "loss", None) is None:
+                raise TypeError(f"{type(pl_module).__name__}(**batch) returned no .loss")
+            return out.loss
+
+        return hf_loss
+
+    # ---------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._transposed = {id(m.weight) for m in pl_module.modules() if isinstance(m, Conv1D)}
+        modules = self._rrc_modules(pl_module)
+        if not self.rrc_layers or not modules:
+            return
+        if self._probe is None:
+            self._probe = self._draw(trainer, pl_module, self.probe_batch_size, rank_seeded=False)
+        else:
+            self._probe = trainer.strategy.batch_to_device(self._probe, pl_module.device)
+        if self.rrc_mode == "layer":
+            self._probe_inputs = self._capture(pl_module, modules, inputs=True)
+
+    def _capture(
+        self, pl_module: L.LightningModule, modules: dict[str, nn.Module], inputs: bool
+    ) -> dict[str, Tensor]:
+        """Run the probe batch through the network, keeping the inputs or outputs of ``modules``."""
+        seen: dict[str, Tensor] = {}
+
+        def hook(name: str):
+            def fn(_mod: nn.Module, args: tuple, out: Any) -> None:
+                value = args[0] if inputs else (out[0] if isinstance(out, tuple) else out)
+                seen[name] = value.detach().clone()
+
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+        was_training = pl_module.training
+        pl_module.eval()  # no dropout: the probe measures the weights, not the noise
+        try:
+            with torch.no_grad(), _fork_rng(pl_module.device):
+                self._loss(pl_module)(self._probe)
+        finally:
+            pl_module.train(was_training)
+            for h in handles:
+                h.remove()
+        return seen
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if step == self._snr_done_step or not self.is_snr_step(step, optimizer):
+            return
+        self._snr_done_step = step  # first micro-batch of the step: weights are w_t
+        self._measure_snr(trainer, pl_module, batch, optimizer)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        step = trainer.global_step
+        if not self.is_log_step(step):
+            return
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+        tensors = self._tensors(pl_module)
+        pending: dict[str, Any] = {"step": step, "tensors": [], "record": {}}
+        decoupled = isinstance(optimizer, torch.optim.AdamW | Lion)
+        dots = g_sq = m_sq = 0.0
+        for name, p in tensors:
+            g = group_of.get(p, {})
+            rotational = bool(g.get("rotational", False))
+            pending["tensors"].append(
+                (
+                    name,
+                    p,
+                    p.detach().clone(),
+                    float(g.get("lr", math.nan)),
+                    float(g.get("weight_decay", 0.0)),
+                    (decoupled or g.get("decoupled_weight_decay", False)) and not rotational,
+                )
+            )
+            m = optimizer.state.get(p, {}).get("exp_avg") if self.track_momentum else None
+            if m is not None and p.grad is not None:
+                gd, md = p.grad.detach().double(), m.detach().double()
+                dot, gn, mn = (
+                    float((gd * md).sum()),
+                    float(gd.square().sum()),
+                    float(md.square().sum()),
+                )
+                dots, g_sq, m_sq = dots + dot, g_sq + gn, m_sq + mn
+                if self.log_per_tensor and gn > 0 and mn > 0:
+                    pending["record"][f"warmup/momentum/cos/{name}"] = dot / math.sqrt(gn * mn)
+        if self.track_momentum and g_sq > 0:
+            pending["g_sq"] = g_sq
+            if m_sq > 0:
+                pending["record"]["warmup/momentum/cos_global"] = dots / math.sqrt(g_sq * m_sq)
+        if self._probe is not None and self.rrc_mode == "network":
+            pending["outputs"] = self._capture(
+                pl_module, self._rrc_modules(pl_module), inputs=False
+            )
+        self._pending = pending
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        pending = self._pending
+        if pending is None or trainer.global_step <= pending["step"]:
+            return  # accumulating micro-batches: the update has not happened yet
+        self._pending = None
+        record = {"step": pending["step"], **pending["record"], **self._update_metrics(pending)}
+        record.update(self._rrc_metrics(pl_module, pending))
+        if "g_sq" in pending:
+            optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
+            ms = [optimizer.state.get(p, {}).get("exp_avg") for _, p, *_ in pending["tensors"]]
+            m_sq = sum(float(m.double().square().sum()) for m in ms if m is not None)
+            record["warmup/momentum/ratio_global"] = math.sqrt(m_sq / pending["g_sq"])
+        self._emit(trainer, pending["step"], record)
+
+    # ---------------------------------------------------------------- metrics
+    def _update_metrics(self, pending: dict[str, Any]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        norms, dw_sq, u_sq, n_u, hist = {}, 0.0, 0.0, 0, []
+        for name, p, old, lr, wd, decoupled in pending["tensors"]:
+            new = p.detach()
+            dw, u_rms = update_norms(old, new, lr, wd, decoupled)
+            dw_sq += dw**2
+            if math.isfinite(u_rms):
+                u_sq, n_u = u_sq + u_rms**2 * old.numel(), n_u + old.numel()
+            norms[name] = (float(rows(old).norm()), float(rows(new).norm()))
+            if self.log_per_tensor:
+                out[f"warmup/update_norm/{name}"] = dw
+                out[f"warmup/direction_rms/{name}"] = u_rms
+                out[f"warmup/angle/{name}"] = float(angular_update(old, new))
+            if self.per_neuron and old.dim() >= 2:
+                pair = (old.T, new.T) if id(p) in self._transposed else (old, new)
+                per = angular_update(*pair, per_neuron=True)
+                hist.append(per)
+                if self.log_per_tensor:
+                    out[f"warmup/angle_neuron_mean/{name}"] = float(per.mean())
+                    out[f"warmup/angle_neuron_max/{name}"] = float(per.max())
+        if self.log_histograms and hist:
+            self._hist = torch.cat([h.cpu() for h in hist])
+        out["warmup/global/update_norm"] = math.sqrt(dw_sq)
+        out["warmup/global/direction_rms"] = math.sqrt(u_sq / n_u) if n_u else math.nan
+        # Global angle of all matrices concatenated: a second pass with the global norms, since
+        # 2·atan2(‖a−b‖, ‖a+b‖) needs the normalized vectors, not per-tensor angles.
+        mats = [t for t in pending["tensors"] if t[2].dim() >= 2]
+        na = math.sqrt(sum(norms[t[0]][0] ** 2 for t in mats))
+        nb = math.sqrt(sum(norms[t[0]][1] ** 2 for t in mats))
+        if mats and na > 0 and nb > 0:
+            diff = plus = torch.zeros((), dtype=torch.float64)
+            for _, p, old, *_ in mats:
+                a, b = old.detach().double() / na, p.detach().double() / nb
+                diff, plus = (
+                    diff + (a - b).square().sum().cpu(),
+                    plus + (a + b).square().sum().cpu(),
+                )
+            out["warmup/global/angle"] = float(angle_from_sums(diff, plus))
+        return out
+
+    def _rrc_metrics(
+        self, pl_module: L.LightningModule, pending: dict[str, Any]
+    ) -> dict[str, float]:
+        if self._probe is None:
+            return {}
+        values: dict[str, float] = {}
+        modules = self._rrc_modules(pl_module)
+        if self.rrc_mode == "network":
+            after = self._capture(pl_module, modules, inputs=False)
+            for n, before in pending["outputs"].items():
+                den = before.double().norm()
+                values[n] = (
+                    float((after[n].double() - before.double()).norm() / den)
+                    if den > 0
+                    else math.nan
+                )
+        else:
+            snaps = {id(p): old for _, p, old, *_ in pending["tensors"]}
+            for n, x in self._probe_inputs.items():
+                w = getattr(modules[n], "weight", None)
+                if w is None or id(w) not in snaps:  # frozen (LoRA base) or not followed
+                    continue
+                old, new = snaps[id(w)], w.detach()
+                if isinstance(modules[n], Conv1D):
+                    old, new = old.T, new.T
+                values[n] = rrc(x, old, new)
+        out = {f"warmup/rrc/{n}": v for n, v in values.items()} if self.log_per_tensor else {}
+        finite = [v for v in values.values() if math.isfinite(v)]
+        if finite:
+            out["warmup/rrc_median"], out["warmup/rrc_max"] = statistics.median(finite), max(finite)
+        return out
+
+    def _measure_snr(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, optimizer: Any
+    ) -> None:
+        params = [p for _, p in self._tensors(pl_module)]
+        loss_fn = self._loss(pl_module)
+        if self.snr_fresh_batches:
+            b_local = _batch_size(batch)
+            pairs = [
+                _halves(self._draw(trainer, pl_module, b_local, True))
+                for _ in range(self.snr_fresh_batches)
+            ]
+        else:
+            b_local = _batch_size(batch)
+            if b_local < 2:
+                raise ValueError("the two-batch SNR estimate needs a batch of at least 2 samples")
+            pairs = [_halves(batch)]
+        world = trainer.world_size
+        g2_sum = tr_sum = 0.0
+        with _fork_rng(pl_module.device):
+            for h1, h2 in pairs:
+                g1, g2 = (_flat_grad(loss_fn(h), params) for h in (h1, h2))
+                if world > 1:  # G₁, G₂ are global means; B is the global batch (spec D4)
+                    g1, g2 = (
+                        trainer.strategy.reduce(g1, reduce_op="mean"),
+                        trainer.strategy.reduce(g2, reduce_op="mean"),
+                    )
+                g2_est, tr_est = noise_scale(g1, g2, b_local * world)
+                g2_sum, tr_sum = g2_sum + g2_est, tr_sum + tr_est
+        k = len(pairs)
+        e = self._ema
+        e["g2"] = self.snr_ema * e["g2"] + (1 - self.snr_ema) * g2_sum / k
+        e["tr"] = self.snr_ema * e["tr"] + (1 - self.snr_ema) * tr_sum / k
+        e["n"] += 1  # the ratio of two equally debiased EMAs needs no bias correction
+        b_noise = e["tr"] / e["g2"] if e["g2"] > 0 else math.inf
+        phi = 1.0 / b_noise if b_noise > 0 else math.inf
+        if hasattr(optimizer, "set_gradient_snr"):
+            optimizer.set_gradient_snr(phi, b_local * world)
+        record = {
+            "step": trainer.global_step,
+            "warmup/snr/b_noise_raw": tr_sum / g2_sum if g2_sum > 0 else math.inf,
+            "warmup/snr/b_noise": b_noise,
+            "warmup/snr/phi": phi,
+            "warmup/snr/grad_sq": g2_sum / k,
+            "warmup/snr/trace_sigma": tr_sum / k,
+        }
+        self._emit(trainer, trainer.global_step, record)
+
+    def _emit(self, trainer: L.Trainer, step: int, record: dict[str, float]) -> None:
+        self.history.append(record)
+        if not trainer.is_global_zero:
+            return
+        scalars = {k: v for k, v in record.items() if k != "step" and math.isfinite(v)}
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+            experiment = getattr(logger, "experiment", None)
+            if self._hist is not None and hasattr(experiment, "add_histogram"):
+                experiment.add_histogram("warmup/angle_per_neuron", self._hist, global_step=step)
+        self._hist = None
+
+    # ---------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        probe = _to_cpu(self._probe) if self._probe is not None else None
+        return {"probe": probe, "ema": dict(self._ema), "gen_state": self._gen_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._probe, self._ema = state_dict["probe"], dict(state_dict["ema"])
+        self._gen_state = state_dict["gen_state"]
+
+
+def _fork_rng(device: torch.device):
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, dict) else batch
+    for v in values:
+        if isinstance(v, Tensor):
+            return v.shape[0]
+    raise TypeError(f"cannot find a batch dimension in a batch of type {type(batch).__name__}")
+
+
+def _halves(batch: Any) -> tuple[Any, Any]:
+    half = _batch_size(batch) // 2
+
+    def cut(x: Any, sl: slice) -> Any:
+        if isinstance(x, Tensor):
+            return x[sl]
+        if isinstance(x, dict):
+            return {k: cut(v, sl) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return type(x)(cut(v, sl) for v in x)
+        return x
+
+    return cut(batch, slice(0, half)), cut(batch, slice(half, 2 * half))
+
+
+def _flat_grad(loss: Tensor, params: list[Tensor]) -> Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_to_cpu(v) for v in x)
+    return x

@@ -1,0 +1,257 @@
+"""UpdateDiagnostics in real Trainer runs: cadence, accumulation, RNG neutrality, TensorBoard,
+LoRA, the LionAR RRC correction, resume and DDP."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from callbacks.warmup_diagnostics import UpdateDiagnostics
+from ops.warmup import angular_update
+from optim.lion import LionAR
+
+
+def _data(n: int = 320, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=gen)
+    return TensorDataset(x, x[:, :2].sum(1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=gen))
+
+
+class TinyRegressor(L.LightningModule):
+    """Two linear layers with dropout; ``compute_loss`` is the callback's loss protocol."""
+
+    def __init__(self, optimizer: str = "adamw", lr: float = 1e-2, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 32)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(32, 1)
+        self.opt_name, self.lr = optimizer, lr
+
+    def compute_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.out(self.drop(torch.relu(self.fc(x)))), y)
+
+    def training_step(self, batch, batch_idx):
+        return self.compute_loss(batch)
+
+    def configure_optimizers(self):
+        if self.opt_name == "lionar":
+            return LionAR(
+                self.named_parameters(), lr=self.lr, weight_decay=0.1, rrc_correction="derived"
+            )
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
+
+
+class WeightRecorder(L.Callback):
+    """Independent reference: the weights right before and after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, torch.Tensor] = {}
+        self.after: dict[int, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.before[trainer.global_step] = pl_module.fc.weight.detach().clone()
+        if trainer.global_step == 0:
+            self.first_grad = pl_module.fc.weight.grad.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step - 1
+        if step in self.before and step not in self.after:
+            self.after[step] = pl_module.fc.weight.detach().clone()
+
+
+def _trainer(tmp_path: Path, max_steps: int, callbacks, **kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=kw.pop("logger", False),
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+def _records(cb: UpdateDiagnostics, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in cb.history if key in r}
+
+
+def test_cadence_metrics_and_sign_like_first_step(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    cb = UpdateDiagnostics(
+        log_every_n_steps=4, dense_steps=5, snr_every_n_steps=4, snr_dense_steps=3
+    )
+    ref = WeightRecorder()
+    _trainer(tmp_path, 13, [cb, ref]).fit(TinyRegressor(), DataLoader(_data(), batch_size=32))
+    angles = _records(cb, "warmup/angle/fc.weight")
+    assert sorted(angles) == [0, 1, 2, 3, 4, 8, 12]
+    for step, angle in angles.items():  # agrees with an independent measurement
+        assert angle == pytest.approx(
+            float(angular_update(ref.before[step], ref.after[step])), rel=1e-9
+        )
+    # AdamW's first step is sign(g): its RMS is √(fraction of nonzero gradients) (dead ReLUs)
+    first = _records(cb, "warmup/direction_rms/fc.weight")
+    nonzero = float(ref.first_grad.ne(0).float().mean())
+    assert nonzero > 0.5
+    assert first[0] == pytest.approx(math.sqrt(nonzero), rel=1e-4)
+    assert first[12] < 0.9
+    assert sorted(_records(cb, "warmup/snr/b_noise")) == [0, 1, 2, 4, 8, 12]
+    assert all(v > 0 for v in _records(cb, "warmup/rrc/fc").values())
+    assert set(_records(cb, "warmup/momentum/cos_global")) == {1, 2, 3, 4, 8, 12}  # m_0 = 0
+    assert all(0 < v < 10 for v in _records(cb, "warmup/global/angle").values())
+
+
+def test_gradient_accumulation_keys_on_optimizer_steps(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    cb = UpdateDiagnostics(dense_steps=100, snr_every_n_steps=2, snr_dense_steps=0)
+    ref = WeightRecorder()
+    trainer = _trainer(tmp_path, 6, [cb, ref], accumulate_grad_batches=3)
+    trainer.fit(TinyRegressor(), DataLoader(_data(), batch_size=16))
+    angles = _records(cb, "warmup/angle/fc.weight")
+    assert sorted(angles) == list(range(6))  # one record per optimizer step, not per micro-batch
+    for step, angle in angles.items():
+        assert angle == pytest.approx(
+            float(angular_update(ref.before[step], ref.after[step])), rel=1e-9
+        )
+    assert sorted(_records(cb, "warmup/snr/b_noise")) == [0, 2, 4]
+
+
+def _final_weights(tmp_path: Path, callbacks) -> list[torch.Tensor]:
+    L.seed_everything(0)
+    model = TinyRegressor()
+    loader = DataLoader(_data(), batch_size=32, shuffle=True)
+    _trainer(tmp_path, 8, callbacks).fit(model, loader)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_training_is_unchanged_by_the_callback(tmp_path: Path) -> None:
+    cb = UpdateDiagnostics(dense_steps=100, snr_every_n_steps=1, snr_fresh_batches=2)
+    with_cb = _final_weights(tmp_path, [cb])
+    without = _final_weights(tmp_path, [])
+    assert all(torch.equal(a, b) for a, b in zip(with_cb, without, strict=True))
+    assert len(_records(cb, "warmup/snr/b_noise_raw")) == 8
+
+
+def test_tensorboard_receives_the_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    L.seed_everything(0)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    cb = UpdateDiagnostics(dense_steps=3, log_every_n_steps=2, log_histograms=True)
+    _trainer(tmp_path, 5, [cb], logger=logger).fit(
+        TinyRegressor(), DataLoader(_data(), batch_size=32)
+    )
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    tags = events.Tags()
+    assert "warmup/global/angle" in tags["scalars"]
+    assert "warmup/angle_per_neuron" in tags["histograms"]
+    assert [e.step for e in events.Scalars("warmup/global/angle")] == [0, 1, 2, 4]
+
+
+def test_lionar_rrc_correction_gets_the_snr_every_step(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    cb = UpdateDiagnostics(dense_steps=100, snr_every_n_steps=50, snr_dense_steps=0)
+    model = TinyRegressor(optimizer="lionar", lr=0.1)
+    _trainer(tmp_path, 5, [cb]).fit(model, DataLoader(_data(), batch_size=32))
+    assert sorted(_records(cb, "warmup/snr/phi")) == list(range(5))
+    group = model.trainer.optimizers[0].param_groups[0]
+    assert group["snr_phi"] >= 0 and group["snr_batch_size"] == 32
+
+
+def test_resume_is_bitwise(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps: int, ckpt: str | None, root: Path) -> TinyRegressor:
+        L.seed_everything(0)
+        model = TinyRegressor(dropout=0.0)  # Lightning checkpoints do not hold the global RNG
+        cbs = [UpdateDiagnostics(dense_steps=100, snr_every_n_steps=1, snr_fresh_batches=1)]
+        cbs.append(ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=10))
+        loader = DataLoader(_data(), batch_size=32)  # 10 batches per epoch
+        _trainer(root, max_steps, cbs, enable_checkpointing=True).fit(model, loader, ckpt_path=ckpt)
+        return model
+
+    straight = run(20, None, tmp_path / "a")
+    run(10, None, tmp_path / "b")
+    resumed = run(20, str(tmp_path / "b" / "last.ckpt"), tmp_path / "c")
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+class TokenDataset(Dataset):
+    def __init__(self, n: int = 64, length: int = 16, vocab: int = 4096) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(2, vocab, (n, length), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class LoraLM(L.LightningModule):
+    """micro-llama with LoRA adapters; no compute_loss: the callback uses ``model(**batch).loss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        from modules.hf_models import build_causal_lm
+
+        cfg = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        )
+        self.model = get_peft_model(build_causal_lm("micro-llama"), cfg)
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        return self(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+
+def test_lora_follows_only_trainable_tensors(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    cb = UpdateDiagnostics(
+        dense_steps=10, rrc_layers=["*.q_proj"], rrc_mode="network", probe_batch_size=4
+    )
+    _trainer(tmp_path, 3, [cb]).fit(LoraLM(), DataLoader(TokenDataset(), batch_size=8))
+    keys = {k for r in cb.history for k in r if k.startswith("warmup/angle/")}
+    assert keys and all("lora_" in k for k in keys)
+    rrc = _records(cb, "warmup/rrc_median")
+    # q_proj's output changes through the adapter alone (the base weight is frozen)
+    assert sorted(rrc) == [0, 1, 2] and all(0 < v < 1 for v in rrc.values())
+    assert all(math.isfinite(v) for v in _records(cb, "warmup/snr/b_noise_raw").values())
+
+
+@pytest.mark.distributed
+def test_ddp_spawn_two_processes(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    L.seed_everything(0)
+    logger = TensorBoardLogger(tmp_path, name="ddp")
+    cb = UpdateDiagnostics(
+        dense_steps=4, log_every_n_steps=2, snr_every_n_steps=2, snr_dense_steps=2
+    )
+    trainer = _trainer(tmp_path, 6, [cb], logger=logger, strategy="ddp_spawn", devices=2)
+    trainer.fit(TinyRegressor(), DataLoader(_data(), batch_size=16))
+    (event_file,) = (tmp_path / "ddp").rglob("events.out.tfevents*")  # written by rank 0 only
+    events = EventAccumulator(str(event_file))
+    events.Reload()
+    assert [e.step for e in events.Scalars("warmup/global/angle")] == [0, 1, 2, 3, 4]
+    # b_noise itself is skipped while the |G|² EMA is <= 0 (infinite noise scale)
+    assert [e.step for e in events.Scalars("warmup/snr/trace_sigma")] == [0, 1, 2, 4]
+    assert all(e.value > 0 for e in events.Scalars("warmup/global/update_norm"))
