@@ -62,6 +62,10 @@ class GenerationSettings:
     top_p: float | None = None
 
 
+# Checkpoints store these settings among the hyperparameters; allow them in weights-only loads.
+torch.serialization.add_safe_globals([LoraSettings, GenerationSettings])
+
+
 def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
     """Wrap ``model`` in a ``peft`` LoRA model; only the adapters stay trainable."""
     from peft import LoraConfig, get_peft_model
@@ -170,6 +174,14 @@ class CausalLMModule(L.LightningModule):
         metric.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
         self.log(f"{stage}/loss", out.loss, sync_dist=True, prog_bar=stage == "val")
         self.log(f"{stage}/ppl", metric, prog_bar=stage == "val")
+
+    def on_validation_epoch_start(self) -> None:
+        # States left by an earlier ``trainer.validate`` are inference tensors; fit's validation
+        # runs under no_grad and could not update them in place.
+        self.val_ppl.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_ppl.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_ppl)
