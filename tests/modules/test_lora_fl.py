@@ -157,3 +157,21 @@ def test_resume_from_mid_training_checkpoint_is_bit_identical(tmp_path, aggregat
     resumed = make()
     _trainer(4).fit(resumed, _dm(), ckpt_path=str(path))
     assert torch.equal(resumed.flat_server_state(), full.flat_server_state())
+
+
+def test_smoke_config_runs_through_the_cli(tmp_path, repo_root):
+    import json
+
+    from cli import main
+
+    main(
+        [
+            "fit", "--config", str(repo_root / "configs/lora_fl/smoke.yaml"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false",
+        ]
+    )  # fmt: skip
+    (metrics_file,) = tmp_path.rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())["metrics"]
+    assert metrics["round"] == 2.0 and "mem/exact_x10" in metrics and "val/answer_acc" in metrics
+    assert metrics["round/bytes_per_client"] > 0
