@@ -130,7 +130,7 @@ def drop_ppl(model, dropped: list[int], windows) -> float:
         return perplexity(model, windows)
 
 
-def finetune_ratio(model_dir: Path, plan, train: torch.Tensor, windows, args) -> dict:
+def finetune_ratio(model_dir: Path, plan, train: torch.Tensor, windows, args, seed: int) -> dict:
     """Acceptance 7: fine-tune the paired layers with LP vs the same params without LP."""
     import lightning as L
 
@@ -140,7 +140,7 @@ def finetune_ratio(model_dir: Path, plan, train: torch.Tensor, windows, args) ->
 
     out = {}
     for with_lp in (True, False):
-        L.seed_everything(args.seed, verbose=False)
+        L.seed_everything(seed, verbose=False)
         module = LayerParallelModule(
             model=str(model_dir),
             plan=plan.to_list(),
@@ -248,7 +248,7 @@ def run_seed(seed: int, args) -> dict:
             for m in ("per_member", "rank_mixed", "averaged")
         }
     if args.ft_steps > 0:
-        res["finetune"] = finetune_ratio(model_dir, both, train, windows, args)
+        res["finetune"] = finetune_ratio(model_dir, both, train, windows, args, seed)
     if args.decode_new > 0:
         plans = {"(4,5)": LayerParallelPlan(((4, 5),)), "(2,3),(4,5)": both,
                  "(1..6) Delta=6": LayerParallelPlan.from_range(1, 7)}  # fmt: skip
@@ -333,13 +333,13 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(res: dict) -> list[str]:
+def plots(res: dict, out_dir: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     sweep = res["pair_sweep"]
     x = [e["plan"][0][0] for e in sweep]
@@ -364,7 +364,7 @@ def plots(res: dict) -> list[str]:
     ax[2].bar(range(len(res["block_influence"])), res["block_influence"])
     ax[2].set(xlabel="layer", ylabel="1 - cos(x_in, x_out)", title="Block Influence (calibration)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "ppl_ratio.png", dpi=110)
+    fig.savefig(out_dir / "ppl_ratio.png", dpi=110)
     files = ["ppl_ratio.png"]
     if "decode" in res:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -384,13 +384,13 @@ def plots(res: dict) -> list[str]:
         ax.set(ylabel="LP tok/s / sequential tok/s", title="decode speed-up, trained 8-layer model")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(RESULTS / "decode_speedup.png", dpi=110)
+        fig.savefig(out_dir / "decode_speedup.png", dpi=110)
         files.append("decode_speedup.png")
     plt.close("all")
     return files
 
 
-def write_doc(summary: dict, command: str) -> None:
+def write_doc(summary: dict, command: str, doc: Path) -> None:
     """Rewrite the measured-numbers section of docs/layer-parallel.md between its markers."""
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     res = summary["runs"][0]
@@ -435,11 +435,11 @@ def write_doc(summary: dict, command: str) -> None:
     if "decode" in res:
         parts += ["![decode](results/layer_parallel/decode_speedup.png)"]
     parts += ["", end]
-    text = DOC.read_text() if DOC.exists() else f"# Layer parallelism\n\n{start}\n{end}\n"
+    text = doc.read_text() if doc.exists() else f"# Layer parallelism\n\n{start}\n{end}\n"
     if start not in text:
         text += f"\n{start}\n{end}\n"
     head, rest = text.split(start, 1)
-    DOC.write_text(head + "\n".join(parts) + rest.split(end, 1)[1])
+    doc.write_text(head + "\n".join(parts) + rest.split(end, 1)[1])
 
 
 def main() -> None:
@@ -458,12 +458,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", type=Path, default=REPO / "runs" / "layer_parallel")
     p.add_argument("--train-only", action="store_true")
-    p.add_argument("--no-docs", action="store_true", help="do not touch docs/")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="summary.json and plots")
+    p.add_argument("--doc", type=Path, default=DOC, help="markdown page whose results to rewrite")
     p.add_argument("--quick", action="store_true", help="smoke: 30 train steps, few windows")
     args = p.parse_args()
     if args.quick:
         args.train_steps, args.windows, args.ft_steps, args.decode_new = 30, 8, 4, 8
-        args.decode_repeats, args.no_docs = 1, True
+        args.decode_repeats, args.out_dir = 1, Path("/tmp/layer_parallel_quick")
+        args.doc = args.out_dir / "layer-parallel.md"
     torch.set_num_threads(args.threads)
     if args.train_only:
         for seed in args.seeds:
@@ -486,13 +488,10 @@ def main() -> None:
     }
     for a in summary["acceptance"]:
         print(json.dumps(a, indent=1))
-    if args.no_docs:
-        return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    summary["plots"] = plots(runs[0])
-    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1))
-    write_doc(summary, "python experiments/layer_parallel.py " + " ".join(sys.argv[1:]))
-    print(f"wrote {RESULTS / 'summary.json'} and {DOC}")
+    summary["plots"] = plots(runs[0], args.out_dir)
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_doc(summary, "python experiments/layer_parallel.py " + " ".join(sys.argv[1:]), args.doc)
+    print(f"wrote {args.out_dir / 'summary.json'} and {args.doc}")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,24 @@ def test_cli_fit_changes_only_paired_layers_and_exports(
     assert json.loads((export / "layer_parallel.json").read_text())["plan"] == [[2, 3], [4, 5]]
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(any(f"layers.{i}." in k for i in (2, 3, 4, 5)) for k in changed)
+
+
+@pytest.mark.distributed
+def test_ddp_finetune_of_paired_layers(hf_dir):
+    """2-process DDP (gloo): every trainable parameter gets a gradient each step (no unused ones)."""
+    import lightning as L
+
+    module = LayerParallelModule(
+        model=str(hf_dir), plan={"start": 2, "end": 6}, decode_new_tokens=0
+    )
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    ids = torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in ids], batch_size=2)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    after = module.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".layers.2." in k or ".layers.3." in k for k in changed)
