@@ -54,6 +54,28 @@ class LinearModel(nn.Module):
         return z + self.bias if self.bias is not None else z
 
 
+class MLPClassifier(nn.Module):
+    """A one-hidden-layer tanh network giving one logit per row: a non-convex model for the HVP solver.
+
+    Args:
+        dim: input features.
+        hidden: hidden width.
+        seed: initialisation seed (independent of the global seed, so configs are reproducible).
+        dtype: ``float64`` (default) or ``float32``.
+    """
+
+    def __init__(self, dim: int, hidden: int = 16, seed: int = 0, dtype: str = "float64") -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        dt = _dtype(dtype)
+        self.w1 = nn.Parameter(torch.randn(hidden, dim, generator=gen, dtype=dt) / dim**0.5)
+        self.b1 = nn.Parameter(torch.zeros(hidden, dtype=dt))
+        self.w2 = nn.Parameter(torch.randn(hidden, generator=gen, dtype=dt) / hidden**0.5)
+
+    def forward(self, a: Tensor) -> Tensor:
+        return torch.tanh(a.to(self.w1.dtype) @ self.w1.T + self.b1) @ self.w2
+
+
 class LogisticLoss(nn.Module):
     """mean log(1 + exp(−y z)) for labels y ∈ {−1, +1}."""
 
@@ -337,11 +359,26 @@ class LogisticToyDataModule(_PairDataModule):
     def dim(self) -> int:
         return self.A.shape[1]
 
-    def _draw(self, gen: torch.Generator, b: int) -> tuple[Tensor, Tensor]:
+    def _indices(self, gen: torch.Generator, b: int) -> Tensor:
         if self.full_batch:
-            return self.A, self.y
-        idx = torch.randint(0, self.A.shape[0], (b,), generator=gen)
+            return torch.arange(self.A.shape[0])
+        return torch.randint(0, self.A.shape[0], (b,), generator=gen)
+
+    def _draw(self, gen: torch.Generator, b: int) -> tuple[Tensor, Tensor]:
+        idx = self._indices(gen, b)
         return self.A[idx], self.y[idx]
+
+    def step_indices(self, steps: int, rank: int = 0) -> list[tuple[Tensor, Tensor]]:
+        """Row indices (ξ_t, ξ'_t) of the first ``steps`` pairs of :meth:`stream` (for fast loops)."""
+        out = []
+        for step in range(steps):
+            gen = step_generator(self.seed, rank, step)
+            ig = self._indices(gen, self.batch_size_grad)
+            ih = (
+                self._indices(gen, self.batch_size_hess) if self.independent_hessian_batch else None
+            )
+            out.append((ig, ig[: self.batch_size_hess] if ih is None else ih))
+        return out
 
     def _full_data(self) -> tuple[Tensor, Tensor]:
         return self.A, self.y
