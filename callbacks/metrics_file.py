@@ -13,8 +13,16 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 def log_dir_of(trainer: L.Trainer) -> Path:
-    """The run's log directory (the logger's version folder, else ``default_root_dir``)."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run's log directory (the logger's version folder, else ``default_root_dir``).
+
+    Same answer as ``trainer.log_dir`` without its broadcast, so rank-zero-only code may call it.
+    """
+    logger = trainer.logger
+    if logger is not None:
+        directory = getattr(logger, "log_dir", None) or logger.save_dir
+        if directory:
+            return Path(directory)
+    return Path(trainer.default_root_dir)
 
 
 def _plain(value: Any) -> Any:
