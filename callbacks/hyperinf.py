@@ -11,11 +11,14 @@ to the logger, and, if the flipped labels are known (datamodule ``noisy_mask`` o
 DDP: every rank scores its own shard (``rank::world_size``, no padding), the curvature statistics
 are all-reduced, and the scores are gathered on rank 0, which writes the files.
 
-The LightningModule must provide ``per_sample_loss(batch) -> Tensor[B]``.
+The LightningModule must provide ``per_sample_loss(batch) -> Tensor[B]`` (or set ``loss_fn``).
+The datasets come from the datamodule's ``train_dataset``/``val_dataset`` attributes, or else
+from its own train/val dataloaders (dataset + ``collate_fn``, re-read in order, unshuffled).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 from dataclasses import asdict
@@ -74,6 +77,9 @@ class HyperINFCallback(L.Callback):
         train_dataset_attr: datamodule attribute holding the training dataset.
         val_dataset_attr: datamodule attribute holding the validation dataset.
         top_k: number of top and bottom examples logged as text.
+        loss_fn: import path of ``fn(pl_module, batch) -> Tensor[B]`` used instead of
+            ``pl_module.per_sample_loss``, e.g. ``ops.per_sample_grads.causal_lm_per_sample_loss``
+            for ``modules.causal_lm.CausalLMModule``.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class HyperINFCallback(L.Callback):
         train_dataset_attr: str = "train_dataset",
         val_dataset_attr: str = "val_dataset",
         top_k: int = 10,
+        loss_fn: str | None = None,
     ):
         super().__init__()
         self.methods = list(methods or ["hyperinf", "datainf", "grad_dot"])
@@ -110,6 +117,7 @@ class HyperINFCallback(L.Callback):
         self.run_on, self.output_dir, self.output_format = run_on, output_dir, output_format
         self.noise_index_path = noise_index_path
         self.train_attr, self.val_attr, self.top_k = train_dataset_attr, val_dataset_attr, top_k
+        self.loss_fn = loss_fn
         # validate the method names and configs now, not after training
         InfluenceEngine(
             self.methods, self.damping, self.schulz, self.lissa, self.grads, self.preset
@@ -135,32 +143,46 @@ class HyperINFCallback(L.Callback):
         self.last_output = state_dict.get("last_output")
 
     # -- work ------------------------------------------------------------------------------
-    def _dataset(self, trainer: L.Trainer, attr: str, stage: str) -> Dataset:
+    def _source(self, trainer: L.Trainer, which: str) -> tuple[Dataset, Any]:
+        """The ``(dataset, collate_fn)`` of the training or validation split.
+
+        The datamodule attribute ``<which>_dataset_attr`` wins (with ``default_collate``);
+        otherwise the dataset and ``collate_fn`` of its own ``<which>_dataloader()`` are reused
+        (its sampler is not: every example is scored exactly once, in order).
+        """
         dm = trainer.datamodule
         if dm is None:
             raise ValueError("HyperINFCallback needs a LightningDataModule (trainer.datamodule)")
+        attr = self.train_attr if which == "train" else self.val_attr
         ds = getattr(dm, attr, None)
         if ds is None:
-            dm.setup(stage)
+            dm.setup("fit")
             ds = getattr(dm, attr, None)
-        if ds is None:
+        if ds is not None:
+            return ds, default_collate
+        make = getattr(dm, f"{which}_dataloader", None)
+        loader = make() if callable(make) else None
+        if not isinstance(loader, DataLoader):
             raise ValueError(
-                f"HyperINFCallback: {type(dm).__name__}.{attr} is missing or None; set "
-                f"{'train' if attr == self.train_attr else 'val'}_dataset_attr to the attribute "
-                "that holds the dataset"
+                f"HyperINFCallback: {type(dm).__name__} has neither a `{attr}` attribute nor a "
+                f"single DataLoader from {which}_dataloader(); set {which}_dataset_attr"
             )
-        return ds
+        return loader.dataset, loader.collate_fn
 
-    def _batches(self, trainer: L.Trainer, pl_module: L.LightningModule, ds: Dataset, ids: dict):
+    def _batches(self, trainer: L.Trainer, pl_module: L.LightningModule, source, ids: dict):
+        ds, collate = source
         rank, world = trainer.global_rank, trainer.world_size
         positions = list(range(rank, len(ds), world))  # no padding, unlike DistributedSampler
+
+        def collate_indexed(rows: list[tuple[int, Any]]):
+            return torch.tensor([r[0] for r in rows]), collate([r[1] for r in rows])
 
         def iterate():
             loader = DataLoader(
                 _Indexed(ds, positions),
                 batch_size=self.grads.batch_size,
                 shuffle=False,
-                collate_fn=default_collate,
+                collate_fn=collate_indexed,
             )
             for index, item in loader:
                 if isinstance(item, dict):
@@ -179,13 +201,8 @@ class HyperINFCallback(L.Callback):
                 f"HyperINFCallback does not support {name}: sharded parameters make per-sample "
                 "gradients incomplete; use DDP or a single device"
             )
-        if not callable(getattr(pl_module, "per_sample_loss", None)):
-            raise TypeError(
-                f"{type(pl_module).__name__} has no per_sample_loss(batch) -> Tensor[B]; "
-                "HyperINFCallback needs it"
-            )
-        train_ds = self._dataset(trainer, self.train_attr, "fit")
-        val_ds = self._dataset(trainer, self.val_attr, "validate")
+        loss_fn = self._loss_fn(pl_module)
+        train_src, val_src = self._source(trainer, "train"), self._source(trainer, "val")
         params = select_params(pl_module, self.include, self.exclude)
 
         def reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -209,9 +226,9 @@ class HyperINFCallback(L.Callback):
             result = engine.run(
                 pl_module,
                 params,
-                pl_module.per_sample_loss,
-                self._batches(trainer, pl_module, train_ds, ids),
-                self._batches(trainer, pl_module, val_ds, {}),
+                loss_fn,
+                self._batches(trainer, pl_module, train_src, ids),
+                self._batches(trainer, pl_module, val_src, {}),
             )
         finally:
             pl_module.train(was_training)
@@ -221,6 +238,22 @@ class HyperINFCallback(L.Callback):
             self._report(trainer, table, result)
         trainer.strategy.barrier("hyperinf")
         return result
+
+    def _loss_fn(self, pl_module: L.LightningModule):
+        if self.loss_fn is not None:
+            module_name, _, attr = self.loss_fn.rpartition(".")
+            try:
+                fn = getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError, ValueError) as err:
+                raise ValueError(f"HyperINFCallback loss_fn={self.loss_fn!r}: {err}") from err
+            return lambda batch: fn(pl_module, batch)
+        if not callable(getattr(pl_module, "per_sample_loss", None)):
+            raise TypeError(
+                f"{type(pl_module).__name__} has no per_sample_loss(batch) -> Tensor[B]; "
+                "HyperINFCallback needs it, or set loss_fn (e.g. "
+                "ops.per_sample_grads.causal_lm_per_sample_loss)"
+            )
+        return pl_module.per_sample_loss
 
     def _gather(self, trainer: L.Trainer, result: InfluenceResult, ids: dict[int, int]):
         local = {"index": result.index, **{f"score_{m}": s for m, s in result.scores.items()}}

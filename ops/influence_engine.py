@@ -162,6 +162,7 @@ class InfluenceEngine:
         t0 = time.perf_counter()
         grads_of = lambda b: self._grad_batches(module, params, loss_fn, b)  # noqa: E731
 
+        device = next(iter(params.values())).device  # NCCL reduces only device tensors
         # zero accumulators from the oriented shapes, so a rank with an empty shard still reduces
         zeros = {
             n: torch.zeros(orient_grad(n, p).shape, dtype=self.dtype, device=p.device)
@@ -175,7 +176,7 @@ class InfluenceEngine:
             for n, t in g.items():
                 v_sum[n] += t.sum(0)
             m += next(iter(g.values())).shape[0]
-        m_total = int(self.reduce_sum(torch.tensor(float(m))))
+        m_total = int(self.reduce_sum(torch.tensor(float(m), device=device)))
         if m_total == 0:
             raise ValueError("influence: the validation set is empty")
         v = {n: self.reduce_sum(t) / m_total for n, t in v_sum.items()}
@@ -209,7 +210,7 @@ class InfluenceEngine:
                     cache = None  # over budget: stream (recompute in the score pass)
                 else:
                     cache.append((index, {n: t.cpu() for n, t in g.items()}))
-        n_total = int(self.reduce_sum(torch.tensor(float(n_local))))
+        n_total = int(self.reduce_sum(torch.tensor(float(n_local), device=device)))
         if n_total == 0:
             raise ValueError("influence: the training set is empty")
         G = {n: self.reduce_sum(t) / n_total for n, t in G_sum.items()}

@@ -123,3 +123,19 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
     if not leaves:
         raise ValueError("per_sample_grads: batch contains no tensor")
     return leaves
+
+
+def causal_lm_per_sample_loss(module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss of every sequence over its non-ignored (``labels != -100``) tokens.
+
+    For modules whose ``forward(input_ids, **kw)`` returns Hugging Face causal-LM outputs
+    (e.g. ``modules.causal_lm.CausalLMModule``); ``attention_mask`` is passed on when present.
+    """
+    kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+    logits = module(batch["input_ids"], **kwargs).logits[:, :-1]
+    labels = batch.get("labels", batch["input_ids"])[:, 1:]
+    tok = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+    )
+    valid = (labels != -100).to(tok.dtype)
+    return (tok * valid).sum(1) / valid.sum(1).clamp_min(1.0)

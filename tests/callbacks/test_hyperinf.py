@@ -159,3 +159,46 @@ def test_ddp_sharded_scores_equal_single_process(tmp_path) -> None:
             rtol=1e-4,
             atol=1e-6,
         )
+
+
+def test_causal_lm_module_via_dataloader_fallback(tmp_path, tokenizer_dir, corpus_file) -> None:
+    # the shared CausalLMModule has no per_sample_loss and TextDataModule no train_dataset:
+    # loss_fn + the datamodule's own loaders (dataset + collate_fn) make it work unchanged
+    from datamodules.text import TextDataModule
+    from modules.causal_lm import CausalLMModule, LoraSettings
+
+    short = [ln for ln in corpus_file.read_text().splitlines() if len(ln) < 1500]
+    lines = short[:6]  # ~50 training blocks of 32 tokens
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(lines) + "\n")
+    dm = TextDataModule(
+        data_files=str(small),
+        tokenizer=str(tokenizer_dir),
+        block_size=32,
+        batch_size=4,
+        val_fraction=0.2,
+        test_fraction=0.0,
+    )
+    model = CausalLMModule(
+        model="micro-llama",
+        tokenizer=str(tokenizer_dir),
+        lora=LoraSettings(r=2, alpha=4.0, target_modules=["q_proj", "v_proj"]),
+    )
+    cb = HyperINFCallback(
+        methods=["hyperinf", "exact_gfim", "grad_dot"],
+        include=["lora_A", "lora_B"],
+        loss_fn="ops.per_sample_grads.causal_lm_per_sample_loss",
+        grads=GradConfig(batch_size=8),
+        run_on="fit_end",
+        output_dir=str(tmp_path / "inf"),
+    )
+    trainer = _trainer(tmp_path, cb, max_steps=3, limit_val_batches=0)
+    trainer.fit(model, dm)
+    table = pd.read_csv(tmp_path / "inf" / "influence.csv")
+    assert table["index"].tolist() == list(range(len(dm.splits["train"])))
+    torch.testing.assert_close(
+        torch.tensor(table["score_hyperinf"].values),
+        torch.tensor(table["score_exact_gfim"].values),
+        rtol=1e-2,
+        atol=1e-3 * float(table["score_exact_gfim"].abs().max()),
+    )
