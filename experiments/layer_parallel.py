@@ -352,14 +352,14 @@ def plots(res: dict, out_dir: Path) -> list[str]:
     ax[0].axhline(1.05, ls=":", c="gray")
     ax[0].legend()
     deltas = sorted(res["ranges"], key=int)
-    for key, label in (("lp", "LP (best range)"), ("drop_second", "drop 2nd members"),
-                       ("drop_low_bi", "drop lowest BI")):  # fmt: skip
+    for key, label in (("lp", "LP (best range)"), ("drop_second", "drop 2nd members (best range)"),
+                       ("drop_low_bi", "drop Delta/2 lowest-BI layers")):  # fmt: skip
         ys = [min(e[key] for e in res["ranges"][d][1:]) for d in deltas]
         ax[1].plot([int(d) for d in deltas], ys, marker="o", label=label)
     ax[1].plot([int(d) for d in deltas], [res["ranges"][d][0]["lp"] for d in deltas], marker="x",
                ls="--", label="LP starting at layer 0")  # fmt: skip
     ax[1].set(xlabel="Delta (paired layers)", ylabel="ppl / ppl_seq", title="ratio vs Delta")
-    ax[1].set_yscale("log")
+    ax[1].set_xticks([int(d) for d in deltas])
     ax[1].legend()
     ax[2].bar(range(len(res["block_influence"])), res["block_influence"])
     ax[2].set(xlabel="layer", ylabel="1 - cos(x_in, x_out)", title="Block Influence (calibration)")
@@ -458,6 +458,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", type=Path, default=REPO / "runs" / "layer_parallel")
     p.add_argument("--train-only", action="store_true")
+    p.add_argument("--replot", action="store_true", help="redraw plots + doc from summary.json")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="summary.json and plots")
     p.add_argument("--doc", type=Path, default=DOC, help="markdown page whose results to rewrite")
     p.add_argument("--quick", action="store_true", help="smoke: 30 train steps, few windows")
@@ -471,6 +472,11 @@ def main() -> None:
         for seed in args.seeds:
             tag = f"tiny_llama_s{seed}_{args.train_steps}st_b{args.batch}"
             train_tiny_llama(seed, args.train_steps, args.batch, args.lr, args.cache_dir / tag)
+        return
+    if args.replot:
+        summary = json.loads((args.out_dir / "summary.json").read_text())
+        plots(summary["runs"][0], args.out_dir)
+        write_doc(summary, summary.get("command", "python experiments/layer_parallel.py"), args.doc)
         return
     t0 = time.time()
     runs = []
@@ -489,8 +495,9 @@ def main() -> None:
     for a in summary["acceptance"]:
         print(json.dumps(a, indent=1))
     summary["plots"] = plots(runs[0], args.out_dir)
+    summary["command"] = "python experiments/layer_parallel.py " + " ".join(sys.argv[1:])
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    write_doc(summary, "python experiments/layer_parallel.py " + " ".join(sys.argv[1:]), args.doc)
+    write_doc(summary, summary["command"], args.doc)
     print(f"wrote {args.out_dir / 'summary.json'} and {args.doc}")
 
 
