@@ -19,6 +19,7 @@ values), plots are written next to it, and the measured section of ``docs/fo-mam
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -126,9 +127,13 @@ def main() -> None:
     if "d" in args.parts:
         summary["d"] = syn.part_d(points_per_scale=5 if quick else 20)
     if "e" in args.parts:
-        from benchmarks.fo_maml_memory import memory_table
-
-        summary["e"] = memory_table(channels=[16] if quick else [16, 64, 250], ks=[5, 20])
+        # Loaded by path: an unrelated site-packages distribution also ships a `benchmarks` package.
+        spec = importlib.util.spec_from_file_location(
+            "fo_maml_memory", ROOT / "benchmarks" / "fo_maml_memory.py"
+        )
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        summary["e"] = bench.memory_table(channels=[16] if quick else [16, 64, 250], ks=[5, 20])
     if "f" in args.parts:
         summary["f" + args.tag] = part_f(args.seeds, args.mnist_steps, args.test_tasks)
         summary["f" + args.tag]["command"] = "python experiments/fo_maml.py " + " ".join(

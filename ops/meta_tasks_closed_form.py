@@ -154,14 +154,15 @@ def linear_inner_solve(
     (``grad g = S y - s``), batched over tasks; used by the synthetic experiment where a
     per-task autograd loop would be needlessly slow. Returns [N, d].
     """
-    y = (start if start is not None else x).expand_as(tasks.s).clone()
-    xs = x.expand_as(tasks.s)
-    hess = tasks.S + nu * tasks.Q
-    lin = tasks.s + nu * tasks.q
+    # y <- y - lr (H y - l + (y - x)/alpha)  ==  y <- A y + b  with  A = I - lr (H + I/alpha),
+    # b = lr (l + x/alpha): one batched matmul-add per step.
+    eye = _eye(tasks)
+    step_matrix = eye - lr * (tasks.S + nu * tasks.Q + eye / alpha)
+    offset = (lr * (tasks.s + nu * tasks.q + x.expand_as(tasks.s) / alpha)).unsqueeze(-1)
+    y = (start if start is not None else x).expand_as(tasks.s).unsqueeze(-1).clone()
     for _ in range(steps):
-        grad = (hess @ y.unsqueeze(-1)).squeeze(-1) - lin + (y - xs) / alpha
-        y = y - lr * grad
-    return y
+        y = torch.baddbmm(offset, step_matrix, y)
+    return y.squeeze(-1)
 
 
 def linear_fob_maml_grads(
