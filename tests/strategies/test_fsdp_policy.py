@@ -1,0 +1,56 @@
+import pytest
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from modules.causal_lm import LoraSettings, apply_lora
+from modules.hf_models import build_causal_lm
+from strategies.fsdp import (
+    HFFSDPStrategy,
+    _should_wrap,
+    hf_auto_wrap_policy,
+    transformer_block_classes,
+)
+
+
+def _wrapped(model):
+    policy = hf_auto_wrap_policy(model)
+    return [
+        name
+        for name, m in model.named_modules()
+        if policy(module=m, recurse=False, nonwrapped_numel=0)
+    ]
+
+
+def test_full_finetuning_wraps_decoder_layers_only():
+    model = build_causal_lm("micro-llama", vocab_size=64)
+    assert transformer_block_classes(model) == {LlamaDecoderLayer}
+    wrapped = _wrapped(model)
+    assert wrapped == ["model.layers.0", "model.layers.1"]
+
+
+def test_lora_adapters_get_their_own_units():
+    model = apply_lora(
+        build_causal_lm("micro-llama", vocab_size=64), LoraSettings(r=2, target_modules=["q_proj"])
+    )
+    wrapped = _wrapped(model)
+    assert sum(name.endswith("layers.0") for name in wrapped) == 1
+    lora_units = [n for n in wrapped if "lora_" in n]
+    assert lora_units and all(n.endswith(("lora_A.default", "lora_B.default")) for n in lora_units)
+    assert len(lora_units) == 4  # A and B of q_proj in two layers
+
+
+def test_gpt2_blocks_and_non_hf_models():
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    assert transformer_block_classes(build_causal_lm("tiny-gpt2", vocab_size=64)) == {GPT2Block}
+    with pytest.raises(ValueError, match="no transformer block classes"):
+        transformer_block_classes(nn.Linear(2, 2))
+    assert not _should_wrap(nn.Linear(2, 2), blocks=(LlamaDecoderLayer,), lora=False)
+
+
+def test_strategy_is_registered_and_configurable():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert "fsdp_hf" in StrategyRegistry
+    strategy = HFFSDPStrategy(activation_checkpointing=True, state_dict_type="full")
+    assert strategy.activation_checkpointing and strategy._state_dict_type == "full"
