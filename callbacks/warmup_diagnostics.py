@@ -66,6 +66,8 @@ class UpdateDiagnostics(Callback):
         track_momentum: log gradient-momentum alignment and magnitude ratio.
         max_tensors: follow only the first N trainable tensors (memory cap); ``None`` = all.
         log_histograms: log per-neuron angle histograms to TensorBoard at logging steps.
+        keep_history: also keep every logged record in ``self.history`` (for scripts and tests;
+            grows with the run length times the number of tensors).
         seed: seed of the private generator for probe and fresh batches.
     """
 
@@ -85,6 +87,7 @@ class UpdateDiagnostics(Callback):
         track_momentum: bool = True,
         max_tensors: int | None = None,
         log_histograms: bool = False,
+        keep_history: bool = False,
         seed: int = 0,
     ) -> None:
         if log_every_n_steps < 1:
@@ -104,8 +107,8 @@ class UpdateDiagnostics(Callback):
         self.snr_every_n_steps, self.snr_dense_steps = snr_every_n_steps, snr_dense_steps
         self.snr_ema, self.snr_fresh_batches = snr_ema, snr_fresh_batches
         self.track_momentum, self.max_tensors = track_momentum, max_tensors
-        self.log_histograms, self.seed = log_histograms, seed
-        self.history: list[dict[str, float]] = []  # every logged record, for scripts and tests
+        self.log_histograms, self.keep_history, self.seed = log_histograms, keep_history, seed
+        self.history: list[dict[str, float]] = []  # logged records when keep_history
         self._probe: Any = None
         self._probe_inputs: dict[str, Tensor] = {}
         self._ema = {"g2": 0.0, "tr": 0.0, "n": 0}
@@ -186,6 +189,15 @@ class UpdateDiagnostics(Callback):
         return hf_loss
 
     # ---------------------------------------------------------------- hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy) and (self.per_neuron or self.rrc_layers):
+            raise ValueError(
+                "UpdateDiagnostics: per-neuron angles and RRC need whole weight rows, which FSDP "
+                "shards; set per_neuron: false and rrc_layers: [] under FSDP"
+            )
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._transposed = {id(m.weight) for m in pl_module.modules() if isinstance(m, Conv1D)}
         modules = self._rrc_modules(pl_module)
@@ -422,7 +434,8 @@ class UpdateDiagnostics(Callback):
         self._emit(trainer, trainer.global_step, record)
 
     def _emit(self, trainer: L.Trainer, step: int, record: dict[str, float]) -> None:
-        self.history.append(record)
+        if self.keep_history:
+            self.history.append(record)
         if not trainer.is_global_zero:
             return
         scalars = {k: v for k, v in record.items() if k != "step" and math.isfinite(v)}

@@ -184,6 +184,7 @@ def run_arm(arm: dict[str, Any], data: dict[str, Any], args: argparse.Namespace)
         snr_every_n_steps=25 if snr else 0,
         snr_dense_steps=10,
         snr_fresh_batches=4,
+        keep_history=True,
         seed=arm["seed"],
     )
     train = Windows(data["train"], 64, args.steps * args.batch_size, seed=arm["seed"])

@@ -338,6 +338,11 @@ class LionAR(Lion):
                     "rotational: false for this group"
                 )
             for j, p in enumerate(g["params"]):
+                if g["rotational"] and _is_sharded(p):
+                    raise ValueError(
+                        "LionAR needs whole weight rows for its per-neuron norms, projection and "
+                        "centering, but FSDP shards them; use DDP, or rotational: none"
+                    )
                 if g["rotational"] and _rows(p, g["per_neuron"]).norm(dim=1).min() == 0:
                     name = g.get("param_names", [None] * len(g["params"]))[j] or f"#{j}"
                     raise ValueError(
@@ -439,3 +444,13 @@ def _is_rotational(name: str | None, rotational: str | list[str]) -> bool:
             "(or param groups with 'param_names') to LionAR"
         )
     return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
+def _is_sharded(p: Tensor) -> bool:
+    """True for FSDP shards: DTensors (FSDP2) and flat parameters (FSDP1)."""
+    try:
+        from torch.distributed.fsdp._flat_param import FlatParameter
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(p, DTensor | FlatParameter)

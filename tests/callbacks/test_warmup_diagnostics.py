@@ -88,7 +88,11 @@ def _records(cb: UpdateDiagnostics, key: str) -> dict[int, float]:
 def test_cadence_metrics_and_sign_like_first_step(tmp_path: Path) -> None:
     L.seed_everything(0)
     cb = UpdateDiagnostics(
-        log_every_n_steps=4, dense_steps=5, snr_every_n_steps=4, snr_dense_steps=3
+        keep_history=True,
+        log_every_n_steps=4,
+        dense_steps=5,
+        snr_every_n_steps=4,
+        snr_dense_steps=3,
     )
     ref = WeightRecorder()
     _trainer(tmp_path, 13, [cb, ref]).fit(TinyRegressor(), DataLoader(_data(), batch_size=32))
@@ -112,7 +116,9 @@ def test_cadence_metrics_and_sign_like_first_step(tmp_path: Path) -> None:
 
 def test_gradient_accumulation_keys_on_optimizer_steps(tmp_path: Path) -> None:
     L.seed_everything(0)
-    cb = UpdateDiagnostics(dense_steps=100, snr_every_n_steps=2, snr_dense_steps=0)
+    cb = UpdateDiagnostics(
+        keep_history=True, dense_steps=100, snr_every_n_steps=2, snr_dense_steps=0
+    )
     ref = WeightRecorder()
     trainer = _trainer(tmp_path, 6, [cb, ref], accumulate_grad_batches=3)
     trainer.fit(TinyRegressor(), DataLoader(_data(), batch_size=16))
@@ -134,7 +140,9 @@ def _final_weights(tmp_path: Path, callbacks) -> list[torch.Tensor]:
 
 
 def test_training_is_unchanged_by_the_callback(tmp_path: Path) -> None:
-    cb = UpdateDiagnostics(dense_steps=100, snr_every_n_steps=1, snr_fresh_batches=2)
+    cb = UpdateDiagnostics(
+        keep_history=True, dense_steps=100, snr_every_n_steps=1, snr_fresh_batches=2
+    )
     with_cb = _final_weights(tmp_path, [cb])
     without = _final_weights(tmp_path, [])
     assert all(torch.equal(a, b) for a, b in zip(with_cb, without, strict=True))
@@ -146,7 +154,9 @@ def test_tensorboard_receives_the_scalars(tmp_path: Path) -> None:
 
     L.seed_everything(0)
     logger = TensorBoardLogger(tmp_path, name="tb")
-    cb = UpdateDiagnostics(dense_steps=3, log_every_n_steps=2, log_histograms=True)
+    cb = UpdateDiagnostics(
+        keep_history=True, dense_steps=3, log_every_n_steps=2, log_histograms=True
+    )
     _trainer(tmp_path, 5, [cb], logger=logger).fit(
         TinyRegressor(), DataLoader(_data(), batch_size=32)
     )
@@ -160,7 +170,9 @@ def test_tensorboard_receives_the_scalars(tmp_path: Path) -> None:
 
 def test_lionar_rrc_correction_gets_the_snr_every_step(tmp_path: Path) -> None:
     L.seed_everything(0)
-    cb = UpdateDiagnostics(dense_steps=100, snr_every_n_steps=50, snr_dense_steps=0)
+    cb = UpdateDiagnostics(
+        keep_history=True, dense_steps=100, snr_every_n_steps=50, snr_dense_steps=0
+    )
     model = TinyRegressor(optimizer="lionar", lr=0.1)
     _trainer(tmp_path, 5, [cb]).fit(model, DataLoader(_data(), batch_size=32))
     assert sorted(_records(cb, "warmup/snr/phi")) == list(range(5))
@@ -174,7 +186,11 @@ def test_resume_is_bitwise(tmp_path: Path) -> None:
     def run(max_steps: int, ckpt: str | None, root: Path) -> TinyRegressor:
         L.seed_everything(0)
         model = TinyRegressor(dropout=0.0)  # Lightning checkpoints do not hold the global RNG
-        cbs = [UpdateDiagnostics(dense_steps=100, snr_every_n_steps=1, snr_fresh_batches=1)]
+        cbs = [
+            UpdateDiagnostics(
+                keep_history=True, dense_steps=100, snr_every_n_steps=1, snr_fresh_batches=1
+            )
+        ]
         cbs.append(ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=10))
         loader = DataLoader(_data(), batch_size=32)  # 10 batches per epoch
         _trainer(root, max_steps, cbs, enable_checkpointing=True).fit(model, loader, ckpt_path=ckpt)
@@ -226,7 +242,11 @@ class LoraLM(L.LightningModule):
 def test_lora_follows_only_trainable_tensors(tmp_path: Path) -> None:
     L.seed_everything(0)
     cb = UpdateDiagnostics(
-        dense_steps=10, rrc_layers=["*.q_proj"], rrc_mode="network", probe_batch_size=4
+        keep_history=True,
+        dense_steps=10,
+        rrc_layers=["*.q_proj"],
+        rrc_mode="network",
+        probe_batch_size=4,
     )
     _trainer(tmp_path, 3, [cb]).fit(LoraLM(), DataLoader(TokenDataset(), batch_size=8))
     keys = {k for r in cb.history for k in r if k.startswith("warmup/angle/")}
@@ -244,7 +264,11 @@ def test_ddp_spawn_two_processes(tmp_path: Path) -> None:
     L.seed_everything(0)
     logger = TensorBoardLogger(tmp_path, name="ddp")
     cb = UpdateDiagnostics(
-        dense_steps=4, log_every_n_steps=2, snr_every_n_steps=2, snr_dense_steps=2
+        keep_history=True,
+        dense_steps=4,
+        log_every_n_steps=2,
+        snr_every_n_steps=2,
+        snr_dense_steps=2,
     )
     trainer = _trainer(tmp_path, 6, [cb], logger=logger, strategy="ddp_spawn", devices=2)
     trainer.fit(TinyRegressor(), DataLoader(_data(), batch_size=16))
