@@ -102,7 +102,8 @@ def theirs(dm, model, lam: float) -> dict[str, torch.Tensor]:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     task = AttributionTask(loss_func=loss_func, model=model, checkpoints=state)
     tr, va = dm.train_dataset, dm.val_dataset
-    train_loader = DataLoader(TensorDataset(tr.x, tr.y), batch_size=100, shuffle=False)
+    # one training batch: dattri re-solves the test transformation for every training batch
+    train_loader = DataLoader(TensorDataset(tr.x, tr.y), batch_size=len(tr), shuffle=False)
     test_loader = DataLoader(TensorDataset(va.x, va.y), batch_size=100, shuffle=False)
     attributors = {
         "inner_product": BaseInnerProductAttributor(task=task),
@@ -117,7 +118,7 @@ def theirs(dm, model, lam: float) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
         attr.cache(train_loader)
         S = attr.attribute(train_loader, test_loader)  # (n_train, n_test)
-        out[name] = -S.mean(1)  # IF = - mean over test columns
+        out[name] = -S.detach().mean(1)  # IF = - mean over test columns
         print(f"  dattri {name}: {time.perf_counter() - t0:.1f} s", flush=True)
     return out
 
