@@ -8,6 +8,10 @@ kernel launches in the paired range, so the gain is bounded by the depth ratio
     python benchmarks/layer_parallel_decode.py                 # widths 64 256 1024, batch 1 and 8
     python benchmarks/layer_parallel_decode.py --quick         # smoke run
 
+Two numbers per row: whole-model greedy decode tokens/s (embedding, mask, LM head and the HF
+wrapper included: the user-visible speed) and ms per decode step through the decoder layers only
+(the part whose depth LP shortens, so the one the ideal ratio describes).
+
 Runs of the sequential and the LP model alternate (same weights, same process), and the median of
 ``--repeats`` runs after one warm-up is reported, so slow drifts of a shared CPU hit both equally.
 Writes ``docs/results/benchmarks/layer_parallel_decode.json``.
@@ -74,6 +78,47 @@ def measure(model, prompt: torch.Tensor, n_new: int, repeats: int) -> tuple[floa
     return tokens / statistics.median(times["seq"]), tokens / statistics.median(times["lp"])
 
 
+@torch.no_grad()
+def measure_stack(model, batch: int, prompt: int, n_new: int, repeats: int) -> tuple[float, float]:
+    """Median ms per decode step through the decoder layers only (seq, LP), alternating runs.
+
+    Leaves out the embedding, mask construction, final norm, LM head and the model's Python
+    wrapper, i.e. the part of a step whose depth LP shortens.
+    """
+    from transformers import DynamicCache
+
+    dec = model.model
+    width = model.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    h0 = torch.randn(batch, prompt, width, generator=gen)
+    x = torch.randn(batch, 1, width, generator=gen)
+    pe0 = dec.rotary_emb(h0, torch.arange(prompt)[None])
+    pes = [dec.rotary_emb(x, torch.tensor([[prompt + t]])) for t in range(n_new)]
+
+    def run(layers) -> float:
+        cache = DynamicCache(config=model.config)
+        h = h0
+        for layer in layers:  # prefill (not timed); causal mask None = is_causal in SDPA
+            h = layer(h, attention_mask=None, position_embeddings=pe0, cache=cache)
+        t0 = time.perf_counter()
+        for pe in pes:
+            h = x
+            for layer in layers:
+                h = layer(h, attention_mask=None, position_embeddings=pe, cache=cache)
+        return (time.perf_counter() - t0) / n_new
+
+    lp_layers = list(dec.layers)
+    with sequential_layers(model):
+        seq_layers = list(dec.layers)
+    times: dict[str, list[float]] = {"seq": [], "lp": []}
+    for r in range(repeats + 1):
+        for name, layers in (("seq", seq_layers), ("lp", lp_layers)):
+            t = run(layers)
+            if r > 0:
+                times[name].append(t)
+    return 1e3 * statistics.median(times["seq"]), 1e3 * statistics.median(times["lp"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--widths", type=int, nargs="+", default=[64, 256, 1024])
@@ -100,7 +145,8 @@ def main() -> None:
     print(f"L={args.layers} Delta={args.delta} pairs={plan.to_list()} ideal={ideal:.3f}x "
           f"threads={args.threads} prompt={args.prompt} new={args.new_tokens}")  # fmt: skip
     print(f"{'width':>6} {'batch':>5} {'seq tok/s':>10} {'LP tok/s':>10} {'ratio':>6} "
-          f"{'ideal':>6} {'of ideal gain':>13}")  # fmt: skip
+          f"{'ideal':>6} {'of ideal gain':>13} {'stack seq ms':>12} {'stack LP ms':>11} "
+          f"{'stack ratio':>11}")  # fmt: skip
     for width in args.widths:
         model = build_causal_lm(llama_config(width, args.layers, args.vocab)).eval()
         apply_layer_parallelism(model, plan, mode="fused")
@@ -109,10 +155,13 @@ def main() -> None:
             seq, lp = measure(model, prompt, args.new_tokens, args.repeats)
             ratio = lp / seq
             frac = (ratio - 1) / (ideal - 1)
+            s_seq, s_lp = measure_stack(model, batch, args.prompt, args.new_tokens, args.repeats)
             rows.append({"width": width, "batch": batch, "seq_tok_s": seq, "lp_tok_s": lp,
-                         "ratio": ratio, "ideal": ideal, "fraction_of_ideal_gain": frac})  # fmt: skip
+                         "ratio": ratio, "ideal": ideal, "fraction_of_ideal_gain": frac,
+                         "stack_seq_ms": s_seq, "stack_lp_ms": s_lp, "stack_ratio": s_seq / s_lp,
+                         "stack_fraction_of_ideal_gain": (s_seq / s_lp - 1) / (ideal - 1)})  # fmt: skip
             print(f"{width:6d} {batch:5d} {seq:10.1f} {lp:10.1f} {ratio:6.3f} {ideal:6.3f} "
-                  f"{frac:13.2f}", flush=True)  # fmt: skip
+                  f"{frac:13.2f} {s_seq:12.2f} {s_lp:11.2f} {s_seq / s_lp:11.3f}", flush=True)  # fmt: skip
     result = {
         "benchmark": "layer_parallel_decode",
         "command": "python benchmarks/layer_parallel_decode.py " + " ".join(sys.argv[1:]),
