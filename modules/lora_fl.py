@@ -136,6 +136,7 @@ class FederatedLoRAModule(L.LightningModule):
         self.dp_sigma: float | None = None
         self.last_memorization: dict[str, float] = {}
         self.last_round_stats: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []  # per-round stats of this process (diagnostics)
         if vocab_size is not None or is_pretrained_name(model):
             self.build_model(vocab_size)
 
@@ -248,16 +249,26 @@ class FederatedLoRAModule(L.LightningModule):
             self.log("secagg/max_abs_error", err)
             self.log("secagg/error_bound", sa.error_bound(len(clients), self.secagg.frac_bits))
             self.log("secagg/clipped_coordinates_rank0", float(clipped))
+            secagg_stats = {"secagg/max_abs_error": err, "secagg/clipped_rank0": float(clipped)}
         else:
+            secagg_stats = {}
             aggregate = plain[:numel]
         opt = self.optimizers()
         apply_server_update(server, unflatten_like(aggregate, server), opt.optimizer, opt.step)
 
         bits = self.secagg.modulus_bits if self.secagg.enabled else 32
+        # A LoRA client uploads its factors (the server merges them) unless SecAgg must mask
+        # the dense merged delta: a masked sum of factors cannot give the sum of products.
+        upload = numel
+        if self.adapter is not None and not (
+            self.secagg.enabled and self.hparams.lora_aggregation == "merged_delta_mean"
+        ):
+            upload = sum(self.adapter.rank * (lin.in_features + lin.out_features)
+                         for lin in self.adapter.targets.values())  # fmt: skip
         self.last_round_stats = {
             "round/train_loss": float(plain[numel]),
             "round/update_norm": float(aggregate.norm()),
-            "round/bytes_per_client": float(numel * bits / 8),
+            "round/bytes_per_client": float(upload * bits / 8),
             "round/clients": float(plain[numel + 1]),
             "round/rank_desync": abs(
                 float(plain[numel + 2]) - world * float(torch.tensor(checksum, dtype=torch.float32))
@@ -269,6 +280,7 @@ class FederatedLoRAModule(L.LightningModule):
         if self.noise.mode == "output_perturbation":
             self.last_round_stats["dp/heuristic_epsilon"] = float(self.noise.target_epsilon or 0)
         self.log_dict(self.last_round_stats, prog_bar=False)
+        self.history.append({"round": round_index + 1, **self.last_round_stats, **secagg_stats})
         self.log("round", float(round_index + 1), prog_bar=True)
 
         every, last = self.mem.every_n_rounds, round_index + 1 == self.trainer.max_steps
