@@ -134,6 +134,13 @@ ARMS_A = [
     cubic_arm("ema 0.01", "ema", 0.01, 0.01),
     cubic_arm("extrapolated 0.01", "extrapolated", 0.01, 0.01),
     cubic_arm("hessian_corrected 0.01", "hessian_corrected", 0.01, 0.01),
+    cubic_arm(
+        "hessian_corrected 0.01 transport=sample",
+        "hessian_corrected",
+        0.01,
+        0.01,
+        transport_hessian="sample",
+    ),
     cubic_arm("hessian_corrected 0.03", "hessian_corrected", 0.03, 0.03),
     cubic_arm("hessian_corrected 0.1", "hessian_corrected", 0.1, 0.1),
     cubic_arm("grad momentum only", "hessian_corrected", 0.01, 1.0),
@@ -169,7 +176,8 @@ def run_arm(arm: dict, seed: int, args, w_scale: float, reg: str, metric_fn) -> 
         # Matched samples: SCN draws b_g + b_H = 2 samples per step, SGD draws 1.
         return run_sgd(dm, reg, args.lam, 2 * args.steps, 2 * args.points, metric, arm["lr"],
                        arm["momentum"])  # fmt: skip
-    keys = ("momentum_type", "grad_momentum", "hess_momentum", "step_type", "M", "momentum_decay")
+    keys = ("momentum_type", "grad_momentum", "hess_momentum", "step_type", "M", "momentum_decay",
+            "transport_hessian")  # fmt: skip
     kw = {k: arm[k] for k in keys if k in arm}
     return run_cubic(dm, reg, args.lam, args.steps, args.points, metric, **kw)
 

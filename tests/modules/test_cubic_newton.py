@@ -207,3 +207,15 @@ def test_bad_configuration_errors_name_the_value():
         CubicNewtonModule(LinearModel(3), LogisticLoss(), step_type="newton")
     with pytest.raises(ValueError, match="M must be > 0"):
         CubicNewtonModule(LinearModel(3), LogisticLoss(), M=-1.0)
+
+
+def test_sample_hvp_matches_hessian_products():
+    module = CubicNewtonModule(_MLP(), _FloatLogisticLoss(), solver="hvp")
+    dm = _small_dm(n=20)
+    batch = (dm.A[:5], dm.y[:5])
+    x = _flat(module)
+    H = module.sample_hessian(x, batch)
+    hvp = module.sample_hvp(x, batch)
+    v = torch.randn(x.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(hvp(v).double(), H @ v, atol=1e-5)
+    assert torch.allclose(hvp(2 * v).double(), 2 * H @ v, atol=1e-5)  # graph is reusable
