@@ -19,6 +19,7 @@ values), plots are written next to it, and the measured section of ``docs/fo-mam
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib.util
 import json
 import sys
@@ -73,28 +74,43 @@ def mnist_run(method: str, seed: int, steps: int, test_tasks: int) -> dict[str, 
     return {"acc": res["test/query_acc"], "loss": res["test/query_loss"], "train_s": train_s}
 
 
-def part_f(seeds: list[int], steps: int, test_tasks: int) -> dict:
-    out: dict = {"steps": steps, "seeds": seeds, "test_tasks": test_tasks, "arms": {}}
-    for name, method in MNIST_METHODS.items():
-        runs = [mnist_run(method, s, steps, test_tasks) for s in seeds]
-        accs = [r["acc"] for r in runs]
+def part_f(seeds: list[int], steps: int, test_tasks: int, arms: list[str]) -> dict:
+    out: dict = {"steps": steps, "test_tasks": test_tasks, "arms": {}}
+    for name in arms:
+        runs = {str(s): mnist_run(MNIST_METHODS[name], s, steps, test_tasks) for s in seeds}
         out["arms"][name] = {
-            "acc": accs,
-            "mean": sum(accs) / len(accs),
-            "train_s_per_step": sum(r["train_s"] for r in runs) / (len(runs) * max(steps, 1)),
+            "acc_by_seed": {s: r["acc"] for s, r in runs.items()},
+            "train_s_per_step_by_seed": {s: r["train_s"] / max(steps, 1) for s, r in runs.items()},
         }
-        print(
-            f"F  {name:10s} acc {[round(a, 3) for a in accs]} mean {out['arms'][name]['mean']:.3f}"
-        )
-    untrained = mnist_run("fo_b_maml_symmetric", seeds[0], 0, test_tasks)
-    out["untrained_acc"] = untrained["acc"]
-    arms = {k: v["mean"] for k, v in out["arms"].items()}
-    out["accept"] = {
+        print(f"F  {name:10s} acc by seed {out['arms'][name]['acc_by_seed']}")
+    if "fo_b_maml" in arms:
+        out["untrained_acc"] = mnist_run("fo_b_maml_symmetric", seeds[0], 0, test_tasks)["acc"]
+    return out
+
+
+def finalize_f(f: dict) -> dict:
+    """Per-arm seed lists and means from the per-seed records (runs may come from several calls)."""
+    for arm in f["arms"].values():
+        seeds = sorted(arm["acc_by_seed"], key=int)
+        arm["seeds"] = seeds
+        arm["acc"] = [arm["acc_by_seed"][s] for s in seeds]
+        arm["mean"] = sum(arm["acc"]) / len(arm["acc"])
+        times = [v for v in arm.get("train_s_per_step_by_seed", {}).values() if v == v]
+        arm["train_s_per_step"] = sum(times) / len(times) if times else float("nan")
+    f["accept"] = f_acceptance(f)
+    return f
+
+
+def f_acceptance(f: dict) -> dict:
+    """Spec §6 F acceptance on the means (needs all four arms)."""
+    if set(f["arms"]) != set(MNIST_METHODS):
+        return {}
+    arms = {k: v["mean"] for k, v in f["arms"].items()}
+    return {
         "fob_minus_fomaml>=0.10": arms["fo_b_maml"] - arms["fomaml"] >= 0.10,
         "fob_minus_reptile>=0.04": arms["fo_b_maml"] - arms["reptile"] >= 0.04,
         "maml_minus_fob<=0.15": arms["maml"] - arms["fo_b_maml"] <= 0.15,
     }
-    return out
 
 
 def main() -> None:
@@ -103,6 +119,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--mnist-steps", type=int, default=300)
     parser.add_argument("--test-tasks", type=int, default=200)
+    parser.add_argument(
+        "--arms", nargs="+", default=list(MNIST_METHODS), choices=list(MNIST_METHODS)
+    )
     parser.add_argument("--quick", action="store_true", help="smoke version (small sizes)")
     parser.add_argument("--tag", default="", help="store part F under summary key 'f<tag>'")
     args = parser.parse_args()
@@ -135,25 +154,43 @@ def main() -> None:
         spec.loader.exec_module(bench)
         summary["e"] = bench.memory_table(channels=[16] if quick else [16, 64, 250], ks=[5, 20])
     if "f" in args.parts:
-        summary["f" + args.tag] = part_f(args.seeds, args.mnist_steps, args.test_tasks)
-        summary["f" + args.tag]["command"] = "python experiments/fo_maml.py " + " ".join(
-            sys.argv[1:]
-        )
+        summary["f" + args.tag] = part_f(args.seeds, args.mnist_steps, args.test_tasks, args.arms)
     summary.setdefault("commands", {})[args.parts] = "python experiments/fo_maml.py " + " ".join(
         sys.argv[1:]
     )
     if quick:
         print(json.dumps(summary, indent=1, default=str)[:3000])
         return
-    # Merge into the file as it is *now*: parts may run in separate, concurrent processes.
-    merged = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    commands = {**merged.get("commands", {}), **summary.pop("commands")}
-    summary = {**merged, **summary, "commands": commands}
-    summary_path.write_text(json.dumps(summary, indent=1, default=float))
+    # Merge into the file as it is *now*, under a lock: parts may run in concurrent processes.
+    with open(OUT / ".summary.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        summary = merge_summary(summary_path, summary)
     from experiments.fo_maml_report import plot_all, write_docs
 
     plot_all(summary, OUT)
     write_docs(summary, ROOT / "docs" / "fo-maml.md")
+
+
+def merge_summary(summary_path: Path, summary: dict) -> dict:
+    """Merge this run's parts into summary.json (F arms/seeds merged per seed) and write it."""
+    merged = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    commands = {**merged.get("commands", {}), **summary.pop("commands")}
+    for key in [k for k in summary if k.startswith("f")]:
+        # Arms and seeds of part F may come from separate processes (--arms, --seeds): merge them.
+        old = merged.get(key, {})
+        if {k: old.get(k) for k in ("steps", "test_tasks")} == {
+            k: summary[key][k] for k in ("steps", "test_tasks")
+        }:
+            arms = {name: dict(arm) for name, arm in old.get("arms", {}).items()}
+            for name, arm in summary[key]["arms"].items():
+                prev = arms.setdefault(name, {"acc_by_seed": {}, "train_s_per_step_by_seed": {}})
+                for field in ("acc_by_seed", "train_s_per_step_by_seed"):
+                    prev[field] = {**prev.get(field, {}), **arm[field]}
+            summary[key] = {**old, **summary[key], "arms": arms}
+        summary[key] = finalize_f(summary[key])
+    summary = {**merged, **summary, "commands": commands}
+    summary_path.write_text(json.dumps(summary, indent=1, default=float))
+    return summary
 
 
 if __name__ == "__main__":

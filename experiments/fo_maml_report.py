@@ -76,7 +76,8 @@ def plot_all(summary: dict, out: Path) -> None:
             accs = f["arms"][name]["acc"]
             ax.bar(i, f["arms"][name]["mean"], color="C0", alpha=0.6)
             ax.plot([i] * len(accs), accs, "ko", ms=4)
-        ax.axhline(f["untrained_acc"], ls=":", color="gray", label="untrained + adaptation")
+        if "untrained_acc" in f:
+            ax.axhline(f["untrained_acc"], ls=":", color="gray", label="untrained + adaptation")
         ax.set_xticks(range(len(names)), names)
         ax.set(ylabel="meta-test query accuracy",
                title=f"F. MNIST-1D 5-way 5-shot, {f['steps']} meta-steps")  # fmt: skip
@@ -172,7 +173,9 @@ def measured_section(s: dict) -> str:
         for name, arm in f["arms"].items():
             per = " / ".join(f"{x:.3f}" for x in arm["acc"])
             lines.append(f"| {name} | {per} | {arm['mean']:.3f} | {arm['train_s_per_step']:.2f} |")
-        lines += [f"| untrained + adaptation | {f['untrained_acc']:.3f} | | |", ""]
+        if "untrained_acc" in f:
+            lines.append(f"| untrained + adaptation | {f['untrained_acc']:.3f} | | |")
+        lines.append("")
     lines += ["### Acceptance", "", "| part | item | result |", "|---|---|---|"]
     for part in sorted(k for k in s if isinstance(s[k], dict) and "accept" in s[k]):
         for item, ok in s[part]["accept"].items():
