@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from ops.warmup import angle_from_sums, angular_update, noise_scale, rows, rrc, update_norms
+from ops.warmup_batches import batch_size, flat_grad, split_halves, to_cpu
 from optim.lion import Lion
 
 try:  # GPT-2 style layers store their weight as (in, out)
@@ -391,22 +392,21 @@ class UpdateDiagnostics(Callback):
     ) -> None:
         params = [p for _, p in self._tensors(pl_module)]
         loss_fn = self._loss(pl_module)
+        b_local = batch_size(batch)  # fresh batches have the training batch size too
+        if b_local < 2:
+            raise ValueError("the two-batch SNR estimate needs a batch of at least 2 samples")
         if self.snr_fresh_batches:
-            b_local = _batch_size(batch)
             pairs = [
-                _halves(self._draw(trainer, pl_module, b_local, True))
+                split_halves(self._draw(trainer, pl_module, b_local, True))
                 for _ in range(self.snr_fresh_batches)
             ]
         else:
-            b_local = _batch_size(batch)
-            if b_local < 2:
-                raise ValueError("the two-batch SNR estimate needs a batch of at least 2 samples")
-            pairs = [_halves(batch)]
+            pairs = [split_halves(batch)]
         world = trainer.world_size
         g2_sum = tr_sum = 0.0
         with _fork_rng(pl_module.device):
             for h1, h2 in pairs:
-                g1, g2 = (_flat_grad(loss_fn(h), params) for h in (h1, h2))
+                g1, g2 = (flat_grad(loss_fn(h), params) for h in (h1, h2))
                 if world > 1:  # G₁, G₂ are global means; B is the global batch (spec D4)
                     g1, g2 = (
                         trainer.strategy.reduce(g1, reduce_op="mean"),
@@ -448,7 +448,7 @@ class UpdateDiagnostics(Callback):
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        probe = _to_cpu(self._probe) if self._probe is not None else None
+        probe = to_cpu(self._probe) if self._probe is not None else None
         return {"probe": probe, "ema": dict(self._ema), "gen_state": self._gen_state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -458,48 +458,3 @@ class UpdateDiagnostics(Callback):
 
 def _fork_rng(device: torch.device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, Tensor):
-        return batch.shape[0]
-    values = batch.values() if isinstance(batch, dict) else batch
-    for v in values:
-        if isinstance(v, Tensor):
-            return v.shape[0]
-    raise TypeError(f"cannot find a batch dimension in a batch of type {type(batch).__name__}")
-
-
-def _halves(batch: Any) -> tuple[Any, Any]:
-    half = _batch_size(batch) // 2
-
-    def cut(x: Any, sl: slice) -> Any:
-        if isinstance(x, Tensor):
-            return x[sl]
-        if isinstance(x, dict):
-            return {k: cut(v, sl) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return type(x)(cut(v, sl) for v in x)
-        return x
-
-    return cut(batch, slice(0, half)), cut(batch, slice(half, 2 * half))
-
-
-def _flat_grad(loss: Tensor, params: list[Tensor]) -> Tensor:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat(
-        [
-            (g if g is not None else torch.zeros_like(p)).reshape(-1)
-            for g, p in zip(grads, params, strict=True)
-        ]
-    )
-
-
-def _to_cpu(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.detach().cpu()
-    if isinstance(x, dict):
-        return {k: _to_cpu(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return type(x)(_to_cpu(v) for v in x)
-    return x
