@@ -83,3 +83,35 @@ def test_char_vocab_round_trip_and_error():
     assert v.decode(v.encode("MRN 12345678\n")) == "MRN 12345678\n"
     with pytest.raises(ValueError, match="not in CharVocab"):
         v.encode("é")
+
+
+def test_clients_from_local_files_with_hf_tokenizer(tmp_path, tokenizer_dir):
+    import json
+
+    files = []
+    for c in range(2):
+        path = tmp_path / f"client{c}.jsonl"
+        path.write_text(
+            "".join(json.dumps({"text": f"client {c} line {i}"}) + "\n" for i in range(5 + c))
+        )
+        files.append(str(path))
+    dm = FederatedTextDataModule(
+        source="files", client_files=files, tokenizer=str(tokenizer_dir), num_canaries=4,
+        replication={1: 0.5, 10: 0.5},
+    )  # fmt: skip
+    dm.setup("fit")
+    assert dm.num_clients == 2 and sum(dm.client_canary_rows) == 2 * 10 + 2 * 1
+    assert dm.vocab.decode(dm.client_rows[0][0]["input_ids"]).startswith("client 0 line 0")
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
+        FederatedTextDataModule(
+            source="files", client_files=[str(tmp_path / "missing.jsonl")]
+        ).setup()
+
+
+def test_dirichlet_repartition_keeps_every_example():
+    dm = FederatedTextDataModule(
+        client_sizes=[30, 30, 30], num_entities=20, num_canaries=0, partition="dirichlet",
+        dirichlet_alpha=0.2, val_questions_per_client=2,
+    )  # fmt: skip
+    dm.setup("fit")
+    assert sum(dm.client_num_samples) == 90 and dm.client_num_samples != [30, 30, 30]
