@@ -63,7 +63,9 @@ def docstring_documents() -> list[dict]:
                     parts.append(f"{node.name}: {doc}")
         text = _clean("\n\n".join(p for p in parts if p))
         if text:
-            documents.append({"id": f"docstrings/{module_name}", "source": module_name, "text": text})
+            documents.append(
+                {"id": f"docstrings/{module_name}", "source": module_name, "text": text}
+            )
     return documents
 
 

@@ -37,7 +37,7 @@ def test_trapezoidal_shape():
 
 
 def test_schedule_state_resumes_exactly():
-    lrs, optimizer, scheduler = _lrs(WarmupCosine, 7, warmup_steps=3, total_steps=15)
+    _, optimizer, scheduler = _lrs(WarmupCosine, 7, warmup_steps=3, total_steps=15)
     state = scheduler.state_dict()
     param = torch.nn.Parameter(torch.zeros(1))
     resumed_opt = torch.optim.SGD([param], lr=2.0)
