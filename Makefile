@@ -22,8 +22,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# The demo run lives in runs/quickstart/demo (replaced on every `make demo`).
 demo: setup
-	$(BIN)/mlo fit --config configs/quickstart.yaml
+	rm -rf runs/quickstart/demo
+	$(BIN)/mlo fit --config configs/quickstart.yaml --trainer.logger.init_args.version=demo
 	$(BIN)/mlo predict --config configs/quickstart.yaml --config configs/quickstart_predict.yaml
 
 test: setup
