@@ -281,7 +281,15 @@ def _collate(rows: list[tuple[torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained`` with a clear error when the directory is missing."""
+    """``AutoTokenizer.from_pretrained`` with a clear error when the directory is missing.
+
+    A pretrained preset name (``modules.pretrained_presets.PRETRAINED_PRESETS``, e.g.
+    ``smollm2-135m-instruct``) resolves to its cached directory, built on first use.
+    """
+    from modules.pretrained_presets import PRETRAINED_PRESETS, resolve_pretrained_preset
+
+    if name_or_path in PRETRAINED_PRESETS:
+        name_or_path = str(resolve_pretrained_preset(name_or_path))
     path = Path(name_or_path).expanduser()
     if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from modules.pretrained_presets import PRETRAINED_PRESETS, resolve_pretrained_preset
+
 # Tiny configs keep the real code paths of each family (RoPE, GQA, RMSNorm, SwiGLU for Llama)
 # at a size that trains in minutes on two CPU cores. ``vocab_size`` is overridden by the tokenizer.
 TINY_PRESETS: dict[str, dict[str, Any]] = {
@@ -108,7 +110,8 @@ def build_config(model: str | dict[str, Any], vocab_size: int | None = None) -> 
 
 
 def is_pretrained_name(model: str | dict[str, Any]) -> bool:
-    """True when ``model`` names weights to load (a directory or hub id), not a random-init config."""
+    """True when ``model`` names weights to load (a pretrained preset such as
+    ``smollm2-135m-instruct``, a directory or a hub id), not a random-init config."""
     return isinstance(model, str) and model not in TINY_PRESETS
 
 
@@ -121,8 +124,9 @@ def build_causal_lm(
     """Instantiate a causal LM from a preset, a config dict, a local directory or a hub id.
 
     Args:
-        model: preset name (see ``TINY_PRESETS``), config dict with ``model_type``, local
-            directory or hub id.
+        model: preset name (see ``TINY_PRESETS``), pretrained preset name (see
+            ``modules.pretrained_presets.PRETRAINED_PRESETS``: resolved to its cached directory,
+            built on first use), config dict with ``model_type``, local directory or hub id.
         vocab_size: for presets and dicts, the embedding size (normally ``len(tokenizer)``);
             ignored for pretrained weights.
         dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps the default.
@@ -135,10 +139,13 @@ def build_causal_lm(
         net = AutoModelForCausalLM.from_config(config, **kwargs)
         return net.to(torch_dtype) if torch_dtype is not None else net
     assert isinstance(model, str)
+    if model in PRETRAINED_PRESETS:
+        model = str(resolve_pretrained_preset(model))
     path = Path(model).expanduser()
     if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(
-            f"model={model!r} is neither a preset ({', '.join(sorted(TINY_PRESETS))}) nor an "
+            f"model={model!r} is neither a preset "
+            f"({', '.join(sorted(TINY_PRESETS) + sorted(PRETRAINED_PRESETS))}) nor an "
             "existing directory, and HF_HUB_OFFLINE=1 forbids downloading it from the hub"
         )
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
