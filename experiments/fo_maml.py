@@ -187,8 +187,9 @@ def merge_summary(summary_path: Path, summary: dict) -> dict:
                 for field in ("acc_by_seed", "train_s_per_step_by_seed"):
                     prev[field] = {**prev.get(field, {}), **arm[field]}
             summary[key] = {**old, **summary[key], "arms": arms}
-        summary[key] = finalize_f(summary[key])
     summary = {**merged, **summary, "commands": commands}
+    for key in [k for k in summary if k.startswith("f") and isinstance(summary[k], dict)]:
+        summary[key] = finalize_f(summary[key])
     summary_path.write_text(json.dumps(summary, indent=1, default=float))
     return summary
 

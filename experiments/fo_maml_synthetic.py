@@ -252,17 +252,18 @@ def sine_toy(seed: int, quadratic: bool = False, d: int = 5, tasks: int = 20, al
     """One-step MAML toy of spec §6 D: F(x) = mean_i f_i(x - alpha grad g_i(x)).
 
     g_i(x) = (1/8) sum_j sin(a_j^T x + phi_j) (or, as control, a quadratic with the same
-    curvature scale), f_i(x) = 0.5 ||x - w_i||^2. Returns (grad F, alpha * max ||hess g_i|| bound).
+    curvature scale), f_i(x) = 0.5 ||x - w_i||^2. Returns (grad F, F, alpha * max_i sup ||hess g_i||
+    upper bound).
     """
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(tasks, 8, d, generator=gen, dtype=D64)
     phi = 2 * math.pi * torch.rand(tasks, 8, generator=gen, dtype=D64)
     w = torch.randn(tasks, d, generator=gen, dtype=D64)
-    curv = (a.norm(dim=-1) ** 2).sum(-1) / 8  # ||hess g_i|| <= (1/8) sum_j ||a_j||^2
-    if quadratic:
-        hess_g = torch.einsum("tjd,tje->tde", a, a) / 8  # PSD, same scale as the sine curvature
-        grad_g = lambda x: torch.einsum("tde,e->td", hess_g, x)  # noqa: E731
-        curv = torch.linalg.matrix_norm(hess_g, ord=2)
+    # -M <= hess g_i(x) <= M with M = (1/8) sum_j a_j a_j^T, so sup_x ||hess g_i|| <= ||M||.
+    outer = torch.einsum("tjd,tje->tde", a, a) / 8
+    curv = torch.linalg.matrix_norm(outer, ord=2)
+    if quadratic:  # control: g_i(x) = x^T M x / 2, PSD with the same curvature scale
+        grad_g = lambda x: torch.einsum("tde,e->td", outer, x)  # noqa: E731
     else:
         grad_g = lambda x: (torch.cos(a @ x + phi).unsqueeze(-1) * a).sum(1) / 8  # noqa: E731
 
