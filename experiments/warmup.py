@@ -296,6 +296,24 @@ def _parallel(run: Any, arms: list[dict[str, Any]], jobs: int) -> None:
         pool.map(_run_one, arms, chunksize=1)
 
 
+def _cached(runs_dir: Path):
+    def run(**arm: Any) -> dict[str, Any] | None:
+        path = runs_dir / f"{_key(arm)}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    return run
+
+
+def _some(d: dict[Any, Any]) -> dict[Any, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _early_max(r: dict[str, Any]) -> float:
+    """Max global angular update over the first 10 steps (check 2)."""
+    h = r["history"]["warmup/global/angle"]
+    return max(v for t, v in h.items() if int(t) < 10)
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -310,6 +328,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs")
     parser.add_argument("--jobs", type=int, default=1, help="arms trained in parallel processes")
     parser.add_argument("--with-lion", action="store_true", help="also run plain Lion (optional)")
+    parser.add_argument(
+        "--cached-only", action="store_true", help="evaluate the cached runs without training"
+    )
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite the docs page")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -352,22 +373,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for lr in lion_lrs
         ),
     ]
-    _parallel(run, sweep, args.jobs)
-    a0 = {lr: run(opt="adamw", lr=lr, warmup=0.0, seed=0) for lr in adam_lrs}
-    a5 = {lr: run(opt="adamw", lr=lr, warmup=0.05, seed=0, snr=True) for lr in adam_lrs}
-    lr_star = min(adam_lrs, key=lambda lr: a5[lr]["val_loss"])
-    r0 = {lr: run(opt="lionar", lr=lr, warmup=0.0, seed=0) for lr in lionar_lrs}
-    r_star = min(lionar_lrs, key=lambda lr: r0[lr]["val_loss"])
+    if args.cached_only:  # evaluate whatever runs exist, e.g. when time ran out
+        run = _cached(runs_dir)
+    else:
+        _parallel(run, sweep, args.jobs)
+    a0 = _some({lr: run(opt="adamw", lr=lr, warmup=0.0, seed=0) for lr in adam_lrs})
+    a5 = _some({lr: run(opt="adamw", lr=lr, warmup=0.05, seed=0, snr=True) for lr in adam_lrs})
+    lr_star = min(a5, key=lambda lr: a5[lr]["val_loss"])
+    r0 = _some({lr: run(opt="lionar", lr=lr, warmup=0.0, seed=0) for lr in lionar_lrs})
+    r_star = min(r0, key=lambda lr: r0[lr]["val_loss"])
     lrs = {"A0": lr_star, "A5": lr_star, "R0": r_star, "R5": r_star}
     phase2 = [{**n0_cfg, "lr": r_star, "ibc": ibc} for ibc in (False, True)]
     phase2 += [{**cfg, "lr": lrs[k], "seed": s} for k, cfg in seed_cfgs.items() for s in seeds]
-    _parallel(run, phase2, args.jobs)
-    n0 = {ibc: run(**{**n0_cfg, "lr": r_star, "ibc": ibc}) for ibc in (False, True)}
-    lion = {lr: run(opt="lion", lr=lr, warmup=0.0, seed=0, betas=[0.9, 0.99]) for lr in lion_lrs}
+    if not args.cached_only:
+        _parallel(run, phase2, args.jobs)
+    n0 = _some({ibc: run(**{**n0_cfg, "lr": r_star, "ibc": ibc}) for ibc in (False, True)})
+    lion = _some(
+        {lr: run(opt="lion", lr=lr, warmup=0.0, seed=0, betas=[0.9, 0.99]) for lr in lion_lrs}
+    )
     by_seed = {
-        k: [run(**{**cfg, "lr": lrs[k], "seed": s}) for s in seeds] for k, cfg in seed_cfgs.items()
+        k: [r for s in seeds if (r := run(**{**cfg, "lr": lrs[k], "seed": s})) is not None]
+        for k, cfg in seed_cfgs.items()
     }
+    # Secondary view: the warmup gap and early-angle ratio at every AdamW LR, over the seeds
+    # whose runs exist (the full protocol runs seeds 1, 2 only at LR*).
+    cached = _cached(runs_dir)
+    per_lr = {}
+    for lr in adam_lrs:
+        pairs = [
+            (
+                cached(opt="adamw", lr=lr, warmup=0.0, seed=s),
+                cached(opt="adamw", lr=lr, warmup=0.05, seed=s),
+            )
+            for s in seeds
+        ]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+        if pairs:
+            per_lr[f"{lr:g}"] = {
+                "seeds": [x["seed"] for x, _ in pairs],
+                "val_A0": _mean([x["val_loss"] for x, _ in pairs]),
+                "val_A5": _mean([y["val_loss"] for _, y in pairs]),
+                "gap": _mean([x["val_loss"] - y["val_loss"] for x, y in pairs]),
+                "angle_ratio": _mean([_early_max(x) for x, _ in pairs])
+                / _mean([_early_max(y) for _, y in pairs]),
+            }
     summary = evaluate(a0, a5, r0, n0, lion, by_seed, lr_star, r_star, args)
+    summary["adamw_per_lr"] = per_lr
     summary["wall_seconds"] = time.time() - t0
     summary["command"] = "python " + " ".join(["experiments/warmup.py", *(argv or sys.argv[1:])])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -380,22 +431,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- acceptance checks
 def evaluate(a0, a5, r0, n0, lion, by_seed, lr_star, r_star, args) -> dict[str, Any]:
-    """The acceptance items of spec §6, as means over seeds."""
-    val = {k: _mean([r["val_loss"] for r in v]) for k, v in by_seed.items()}
-    gap_adam = val["A0"] - val["A5"]
+    """The acceptance items of spec §6, as means over the seeds that ran."""
+    val = {k: _mean([r["val_loss"] for r in v]) for k, v in by_seed.items() if v}
     checks: dict[str, dict[str, Any]] = {}
+    gap_adam = val["A0"] - val["A5"]
     checks["1_warmup_helps_adamw"] = {
         "measured": gap_adam,
         "threshold": ">= 0.05",
         "held": gap_adam >= 0.05,
     }
-
-    def early_max(r: dict[str, Any]) -> float:
-        h = r["history"]["warmup/global/angle"]
-        return max(v for t, v in h.items() if int(t) < 10)
-
-    ang0 = _mean([early_max(r) for r in by_seed["A0"]])
-    ang5 = _mean([early_max(r) for r in by_seed["A5"]])
+    ang0 = _mean([_early_max(r) for r in by_seed["A0"]])
+    ang5 = _mean([_early_max(r) for r in by_seed["A5"]])
     checks["2_early_angles_large_without_warmup"] = {
         "measured": ang0 / ang5,
         "A0_max_angle": ang0,
@@ -449,24 +495,26 @@ def evaluate(a0, a5, r0, n0, lion, by_seed, lr_star, r_star, args) -> dict[str, 
     err = max(lionar_angle_error(r, args.steps) for r in lionar_runs)
     checks["5_lionar_hits_target_angle"] = {
         "max_rel_error": err,
+        "runs": len(lionar_runs),
         "threshold": "<= 0.02",
         "held": err <= 0.02,
     }
-
-    gap_r = val["R0"] - val["R5"]
-    checks["6_lionar_needs_less_warmup"] = {
-        "measured": gap_r,
-        "adamw_gap": gap_adam,
-        "threshold": "<= 0.5 x adamw gap",
-        "held": gap_r <= 0.5 * gap_adam,
-    }
+    if "R0" in val and "R5" in val:
+        gap_r = val["R0"] - val["R5"]
+        checks["6_lionar_needs_less_warmup"] = {
+            "measured": gap_r,
+            "adamw_gap": gap_adam,
+            "threshold": "<= 0.5 x adamw gap",
+            "held": gap_r <= 0.5 * gap_adam,
+        }
     best_a5 = min(r["val_loss"] for r in a5.values())
-    reported = {
-        "N0_ibc_off": n0[False]["val_loss"],
-        "N0_ibc_on": n0[True]["val_loss"],
-        "best_N0_minus_best_A5": min(n0[False]["val_loss"], n0[True]["val_loss"]) - best_a5,
-        "lion": {f"{lr:g}": r["val_loss"] for lr, r in lion.items()},
+    reported: dict[str, Any] = {
+        f"N0_ibc_{'on' if k else 'off'}": r["val_loss"] for k, r in n0.items()
     }
+    if n0:
+        reported["best_N0_minus_best_A5"] = min(r["val_loss"] for r in n0.values()) - best_a5
+    if lion:
+        reported["lion"] = {f"{lr:g}": r["val_loss"] for lr, r in lion.items()}
     sweep = {
         "adamw_0": {f"{lr:g}": r["val_loss"] for lr, r in a0.items()},
         "adamw_5": {f"{lr:g}": r["val_loss"] for lr, r in a5.items()},
@@ -480,6 +528,7 @@ def evaluate(a0, a5, r0, n0, lion, by_seed, lr_star, r_star, args) -> dict[str, 
         "lionar_lr_star": r_star,
         "val_mean": val,
         "val_by_seed": {k: [r["val_loss"] for r in v] for k, v in by_seed.items()},
+        "seeds_used": {k: [r["seed"] for r in v] for k, v in by_seed.items()},
         "sweep_seed0": sweep,
         "checks": checks,
         "reported_only": reported,
@@ -493,11 +542,16 @@ def print_table(summary: dict[str, Any]) -> None:
     for arm, sweep in summary["sweep_seed0"].items():
         print(f"  {arm:<10}" + "  ".join(f"lr {k}: {v:.3f}" for k, v in sweep.items()))
     print(
-        f"\nmeans over {summary['seeds']} seeds at LR*={summary['lr_star']:g} (AdamW), "
+        f"\nmeans over the seeds that ran at LR*={summary['lr_star']:g} (AdamW), "
         f"{summary['lionar_lr_star']:g} (LionAR):"
     )
     for k, v in summary["val_mean"].items():
         print(f"  {k}: {v:.4f}")
+    print("\nAdamW per LR (mean over the seeds that ran): gap = val(0 %) - val(5 %)")
+    for lr, d in summary["adamw_per_lr"].items():
+        print(
+            f"  lr {lr}: seeds {d['seeds']}, gap {d['gap']:+.4f}, early angle ratio {d['angle_ratio']:.2f}"
+        )
     print("\nacceptance:")
     for name, c in summary["checks"].items():
         shown = {k: v for k, v in c.items() if k not in ("b_noise_by_step", "held", "threshold")}
@@ -601,14 +655,31 @@ def write_doc(summary: dict[str, Any], doc: Path) -> None:
         + " | ".join(f"virtual LR {k}: {v:.3f}" for k, v in s["sweep_seed0"]["lionar_0"].items())
         + " |",
         "",
-        f"Means over {s['seeds']} seeds at the selected LRs (AdamW LR* = {s['lr_star']:g}, "
+        f"Means over the seeds that ran at the selected LRs (AdamW LR* = {s['lr_star']:g}, "
         f"LionAR virtual LR {s['lionar_lr_star']:g}):",
         "",
         "| arm | mean val loss | per seed |",
         "|---|---|---|",
     ]
     for k, v in s["val_mean"].items():
-        lines.append(f"| {k} | {v:.4f} | {', '.join(f'{x:.3f}' for x in s['val_by_seed'][k])} |")
+        per = ", ".join(
+            f"s{seed}: {x:.3f}"
+            for seed, x in zip(s["seeds_used"][k], s["val_by_seed"][k], strict=True)
+        )
+        lines.append(f"| {k} | {v:.4f} | {per} |")
+    lines += [
+        "",
+        "AdamW at every LR, over the seeds whose runs exist (gap = val(0 %) − val(5 %); angle ratio ="
+        " max global angle over steps 0–9, 0 % / 5 %):",
+        "",
+        "| LR | seeds | val 0 % | val 5 % | gap | early angle ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lr, d in s["adamw_per_lr"].items():
+        lines.append(
+            f"| {lr} | {d['seeds']} | {d['val_A0']:.3f} | {d['val_A5']:.3f} | {d['gap']:+.3f} "
+            f"| {d['angle_ratio']:.2f} |"
+        )
     lines += ["", "| acceptance item | measured | needed | held |", "|---|---|---|---|"]
     for name, c in s["checks"].items():
         shown = {
