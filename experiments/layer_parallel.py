@@ -407,7 +407,7 @@ def write_doc(summary: dict, command: str, doc: Path) -> None:
     parts += [
         "",
         "Post-norm variants on (2,3),(4,5): "
-        + ", ".join(f"`{k}` {v:.3f}" for k, v in pm.items())
+        + ", ".join(f"`{k}` {v:.4f}" for k, v in pm.items())
         + ".",
     ]
     if "finetune" in res:
