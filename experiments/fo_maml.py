@@ -162,7 +162,7 @@ def main() -> None:
         print(json.dumps(summary, indent=1, default=str)[:3000])
         return
     # Merge into the file as it is *now*, under a lock: parts may run in concurrent processes.
-    with open(OUT / ".summary.lock", "w") as lock:
+    with open(Path(tempfile.gettempdir()) / "fo_maml_summary.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         summary = merge_summary(summary_path, summary)
     from experiments.fo_maml_report import plot_all, write_docs

@@ -85,7 +85,9 @@ class MetaLearningModule(L.LightningModule):
         max_inner_steps_second_order: second-order MAML warns above this K (memory is linear in K).
         vectorize_tasks: compute all tasks of a (local) meta-batch in one ``torch.func.vmap``
             call (same results, much faster for small nets); ignored with ``inner_batch_size``.
-        optimizer: outer optimizer factory (default ``SNGDM``, normalized momentum SGD).
+        optimizer: outer optimizer factory; ``None`` means ``SNGDM(lr=1e-2, momentum=0.9)``
+            (normalized momentum SGD). Not a class default: jsonargparse would carry SNGDM's
+            ``eps`` over into e.g. Adam's init_args when the YAML switches class_path.
     """
 
     def __init__(
@@ -105,7 +107,7 @@ class MetaLearningModule(L.LightningModule):
         inner_batch_size: int | None = None,
         max_inner_steps_second_order: int = 50,
         vectorize_tasks: bool = True,
-        optimizer: OptimizerCallable = SNGDM,
+        optimizer: OptimizerCallable | None = None,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -151,6 +153,8 @@ class MetaLearningModule(L.LightningModule):
 
     # -- configuration ------------------------------------------------------------------------
     def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            return SNGDM(self.net.parameters(), lr=1e-2, momentum=0.9)
         return self.optimizer_factory(self.net.parameters())
 
     def setup(self, stage: str) -> None:
