@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=50)
     parser.add_argument("--tail-layers", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--quick", action="store_true", help="smoke version: 1 seed, 3 epochs")

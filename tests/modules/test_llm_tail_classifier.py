@@ -1,0 +1,74 @@
+"""LoRATailClassifier: the precomputed prefix + tail equals the whole model; vmap grads exact.
+
+Uses a tiny random Llama saved to a directory (the real SmolLM2 run is the experiment
+``experiments/hyperinf_smollm2.py``); the code path (decoder layers called directly with rotary
+embeddings and an explicit causal mask) is the same.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules.text_classification import SentimentNoisyDataModule
+from modules.hf_models import build_causal_lm
+from modules.llm_tail_classifier import LoRATailClassifier
+from ops.per_sample_grads import per_sample_grads, select_params
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    build_causal_lm("tiny-llama", vocab_size=4096, attn_implementation="eager").save_pretrained(
+        path
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tiny_llama_dir, tokenizer_dir):
+    dm = SentimentNoisyDataModule(
+        tokenizer=str(tokenizer_dir),
+        n_train=12,
+        n_val=4,
+        frozen_prefix_model=str(tiny_llama_dir),
+        tail_layers=2,
+    )
+    dm.setup("fit")
+    ids = SentimentNoisyDataModule(
+        tokenizer=str(tokenizer_dir), n_train=12, n_val=4, frozen_prefix_model=None
+    )
+    ids.setup("fit")
+    return dm.train_dataset.tensors, ids.train_dataset.tensors["input_ids"]
+
+
+def test_tail_on_prefix_states_equals_whole_model(tiny_llama_dir, data):
+    tensors, input_ids = data
+    clf = LoRATailClassifier(model=str(tiny_llama_dir), tail_layers=2, init_seed=0).eval()
+    net = build_causal_lm(str(tiny_llama_dir), attn_implementation="eager").eval()
+    with torch.no_grad():
+        last = net.model(input_ids=input_ids).last_hidden_state  # normed, no padding mask
+        pooled = last[torch.arange(len(input_ids)), tensors["length"] - 1]
+        expected = clf.head(pooled)
+        got = clf(tensors["hidden"], tensors["length"])  # LoRA B = 0: the base tail
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_only_lora_and_head_train_and_vmap_grads_match_loop(tiny_llama_dir, data):
+    tensors, _ = data
+    clf = LoRATailClassifier(model=str(tiny_llama_dir), tail_layers=2, init_seed=0)
+    trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n == "head.weight" for n in trainable)
+    assert sum("lora_A" in n for n in trainable) == 4  # q_proj, v_proj x 2 layers
+    with torch.no_grad():  # move B off zero so the lora_A gradients are not trivially zero
+        for n, p in clf.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    params = select_params(clf, ["lora_A", "lora_B", "head.weight"])
+    batch = {k: v[:5] for k, v in tensors.items()}
+    fast = per_sample_grads(clf, params, clf.per_sample_loss, batch, mode="vmap")
+    slow = per_sample_grads(clf, params, clf.per_sample_loss, batch, mode="loop")
+    for name in params:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6)
+        assert fast[name].abs().sum() > 0
