@@ -9,7 +9,7 @@ English sentiment sentences from ``datamodules.text_classification`` (200 train 
 50 clean validation), trained by a Lightning ``Trainer`` with ``HyperINFCallback`` scoring every
 method side by side on the LoRA + head gradients.
 
-    python experiments/hyperinf_smollm2.py            # 3 seeds (~10 min on one busy thread)
+    python experiments/hyperinf_smollm2.py            # 3 seeds (14 min on a heavily shared CPU)
     python experiments/hyperinf_smollm2.py --quick    # 1 seed, fewer epochs
 
 Writes ``docs/results/hyperinf_smollm2/summary.json``, PNG plots there, and the measured section
@@ -32,8 +32,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from experiments.hyperinf_report import plot_v2  # noqa: E402
 
 METHODS = [
     "hyperinf",
@@ -110,7 +108,7 @@ def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
         "val_acc": val_acc,
         "prefix_s": prefix_s,
         "fit_and_influence_s": fit_s,
-        "runtime_s": cb.result.runtimes if hasattr(cb.result, "runtimes") else None,
+        "influence_runtime_s": cb.result.runtime_s,
         "auc": {m: roc_auc(s, noisy) for m, s in scores.items()},
         "detect_at_20": {m: detection_rate(s, noisy, 0.2) for m, s in scores.items()},
         "spearman_vs_hyperinf": {m: rho(scores["hyperinf"], s) for m, s in scores.items()},
@@ -123,6 +121,56 @@ def run_seed(args: argparse.Namespace, seed: int, workdir: Path) -> dict:
         flush=True,
     )
     return row
+
+
+def plot(result: dict, out: Path) -> None:
+    """AUC per method (mean +- std, seeds as dots) and the detection curves of every seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = result["seeds"]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    xs = range(len(METHODS))
+    ax.bar(
+        xs,
+        [result["auc_mean"][m] for m in METHODS],
+        0.6,
+        yerr=[result["auc_std"][m] for m in METHODS],
+        capsize=3,
+        color="C0",
+        alpha=0.6,
+    )
+    for i, m in enumerate(METHODS):
+        ax.scatter([i] * len(seeds), [s["auc"][m] for s in seeds], color="k", s=10, zorder=3)
+    ax.axhline(0.5, color="gray", lw=0.8, ls="--", label="random")
+    ax.set_xticks(list(xs), METHODS, rotation=20)
+    ax.set_ylabel("ROC-AUC (score high = flipped)")
+    ax.set_ylim(0.2, 1.0)
+    ax.legend(fontsize=8)
+    ax.set_title(f"SmolLM2-135M-Instruct + LoRA: mislabel detection, {len(seeds)} seeds (dots)")
+    fig.tight_layout()
+    fig.savefig(out / "auc.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.3 * len(seeds), 3.8), squeeze=False)
+    for ax, row in zip(axes[0], seeds, strict=True):
+        for j, m in enumerate(METHODS):
+            c = row["curve"][m]
+            ls = "--" if m in ("lissa_code_faithful", "exact_gfim") else "-"
+            ax.plot(
+                [i / (len(c) - 1) for i in range(len(c))], c, label=m, lw=1.1, ls=ls, color=f"C{j}"
+            )
+        ax.plot([0, 1], [0, 1], color="gray", ls=":", lw=0.8, label="random")
+        ax.axvline(0.2, color="gray", lw=0.6)
+        ax.set_title(f"seed {row['seed']}")
+        ax.set_xlabel("fraction of training data inspected")
+    axes[0][0].set_ylabel("fraction of flipped labels found")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "detection_curves.png", dpi=110)
+    plt.close(fig)
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -162,9 +210,9 @@ def table_lines(summary: dict) -> list[str]:
         )
     lines += [
         "",
-        "![SmolLM2 AUC](results/hyperinf_smollm2/v2_auc.png)",
+        "![SmolLM2 AUC](results/hyperinf_smollm2/auc.png)",
         "",
-        "![SmolLM2 detection curves](results/hyperinf_smollm2/v2_detection_curve.png)",
+        "![SmolLM2 detection curves](results/hyperinf_smollm2/detection_curves.png)",
     ]
     return lines
 
@@ -192,11 +240,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke version: 1 seed, 3 epochs")
     parser.add_argument("--out", default=str(ROOT / "docs/results/hyperinf_smollm2"))
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/hyperinf.md")
+    parser.add_argument("--replot", action="store_true", help="plots + docs from summary.json")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.replot:
+        summary = json.loads((out / "summary.json").read_text())
+        plot(summary["result"], out)
+        if not args.no_docs and not summary["config"]["quick"]:
+            write_docs(summary, ROOT / "docs/hyperinf.md")
+        return
     if args.quick:
         args.seeds, args.epochs, args.n_train, args.n_val = 1, 3, 80, 20
     torch.set_num_threads(1)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +265,7 @@ def main() -> None:
         "torch": torch.__version__,
         "result": result,
     }
-    plot_v2({"smollm2-135m-instruct": result}, METHODS, out)
+    plot(result, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n".join(table_lines(summary)))
     if not args.no_docs and not args.quick:

@@ -126,3 +126,39 @@ def test_perplexity_on_english_paragraph_is_low(smollm2):
         loss = model(input_ids=ids, labels=ids).loss
     perplexity = math.exp(loss.item())
     assert perplexity < PERPLEXITY_BOUND, perplexity
+
+
+@pytest.mark.slow
+@needs_preset
+def test_mlo_fit_then_predict_chat_from_yaml(tmp_path, repo_root):
+    import json
+
+    from cli import main
+
+    common = ["--trainer.logger.init_args.save_dir", str(tmp_path)]
+    fit_cfg = str(repo_root / "configs/smollm2/lora_finetune.yaml")
+    main(["fit", "--config", fit_cfg, "--trainer.max_steps", "1", "--trainer.limit_val_batches",
+          "1", "--trainer.val_check_interval", "1", *common])  # fmt: skip
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    main(["predict", "--config", fit_cfg, "--config",
+          str(repo_root / "configs/smollm2/predict_chat.yaml"), "--ckpt_path", str(ckpt),
+          "--model.init_args.generation.max_new_tokens", "12", *common])  # fmt: skip
+    files = list(tmp_path.rglob("predictions*.jsonl"))
+    rows = [json.loads(line) for p in files for line in p.read_text().splitlines()]
+    assert len(rows) == 2 and "Paris" in rows[0]["completion"], rows
+
+
+@pytest.mark.slow
+@needs_preset
+def test_mlo_fit_hyperinf_mislabel_yaml(tmp_path, repo_root):
+    import json
+
+    from cli import main
+
+    main(["fit", "--config", str(repo_root / "configs/smollm2/hyperinf_mislabel.yaml"),
+          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_epochs", "1",
+          "--data.init_args.n_train", "40", "--data.init_args.n_val", "10",
+          "--data.init_args.batch_size", "20"])  # fmt: skip
+    summary = json.loads(next(tmp_path.rglob("influence_summary.json")).read_text())
+    for method in ("hyperinf", "exact_gfim", "datainf", "lissa", "exact_fim", "grad_dot"):
+        assert 0.0 <= summary["metrics"][f"influence/{method}/auc"] <= 1.0
