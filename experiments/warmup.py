@@ -388,6 +388,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.cached_only:
         _parallel(run, phase2, args.jobs)
     n0 = _some({ibc: run(**{**n0_cfg, "lr": r_star, "ibc": ibc}) for ibc in (False, True)})
+    for lr in lionar_lrs if args.cached_only and not n0 else []:  # N0 ran at another LR
+        n0 = n0 or _some({ibc: run(**{**n0_cfg, "lr": lr, "ibc": ibc}) for ibc in (False, True)})
     lion = _some(
         {lr: run(opt="lion", lr=lr, warmup=0.0, seed=0, betas=[0.9, 0.99]) for lr in lion_lrs}
     )
@@ -399,17 +401,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # whose runs exist (the full protocol runs seeds 1, 2 only at LR*).
     cached = _cached(runs_dir)
     per_lr = {}
-    for lr in adam_lrs:
+    for opt, lr in [*(("adamw", lr) for lr in adam_lrs), *(("lionar", lr) for lr in lionar_lrs)]:
         pairs = [
             (
-                cached(opt="adamw", lr=lr, warmup=0.0, seed=s),
-                cached(opt="adamw", lr=lr, warmup=0.05, seed=s),
+                cached(opt=opt, lr=lr, warmup=0.0, seed=s),
+                cached(opt=opt, lr=lr, warmup=0.05, seed=s),
             )
             for s in seeds
         ]
         pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
         if pairs:
-            per_lr[f"{lr:g}"] = {
+            per_lr[f"{opt} {lr:g}"] = {
                 "seeds": [x["seed"] for x, _ in pairs],
                 "val_A0": _mean([x["val_loss"] for x, _ in pairs]),
                 "val_A5": _mean([y["val_loss"] for _, y in pairs]),
@@ -418,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 / _mean([_early_max(y) for _, y in pairs]),
             }
     summary = evaluate(a0, a5, r0, n0, lion, by_seed, lr_star, r_star, args)
-    summary["adamw_per_lr"] = per_lr
+    summary["per_lr"] = per_lr
     summary["wall_seconds"] = time.time() - t0
     summary["command"] = "python " + " ".join(["experiments/warmup.py", *(argv or sys.argv[1:])])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -508,9 +510,8 @@ def evaluate(a0, a5, r0, n0, lion, by_seed, lr_star, r_star, args) -> dict[str, 
             "held": gap_r <= 0.5 * gap_adam,
         }
     best_a5 = min(r["val_loss"] for r in a5.values())
-    reported: dict[str, Any] = {
-        f"N0_ibc_{'on' if k else 'off'}": r["val_loss"] for k, r in n0.items()
-    }
+    reported: dict[str, Any] = {"N0_lr": next(iter(n0.values()))["lr"]} if n0 else {}
+    reported |= {f"N0_ibc_{'on' if k else 'off'}": r["val_loss"] for k, r in n0.items()}
     if n0:
         reported["best_N0_minus_best_A5"] = min(r["val_loss"] for r in n0.values()) - best_a5
     if lion:
@@ -547,8 +548,8 @@ def print_table(summary: dict[str, Any]) -> None:
     )
     for k, v in summary["val_mean"].items():
         print(f"  {k}: {v:.4f}")
-    print("\nAdamW per LR (mean over the seeds that ran): gap = val(0 %) - val(5 %)")
-    for lr, d in summary["adamw_per_lr"].items():
+    print("\nper LR (mean over the seeds that ran): gap = val(0 %) - val(5 %)")
+    for lr, d in summary["per_lr"].items():
         print(
             f"  lr {lr}: seeds {d['seeds']}, gap {d['gap']:+.4f}, early angle ratio {d['angle_ratio']:.2f}"
         )
@@ -669,13 +670,13 @@ def write_doc(summary: dict[str, Any], doc: Path) -> None:
         lines.append(f"| {k} | {v:.4f} | {per} |")
     lines += [
         "",
-        "AdamW at every LR, over the seeds whose runs exist (gap = val(0 %) − val(5 %); angle ratio ="
+        "Every LR with both warmup arms, over the seeds whose runs exist (gap = val(0 %) − val(5 %); angle ratio ="
         " max global angle over steps 0–9, 0 % / 5 %):",
         "",
-        "| LR | seeds | val 0 % | val 5 % | gap | early angle ratio |",
+        "| optimizer, LR | seeds | val 0 % | val 5 % | gap | early angle ratio |",
         "|---|---|---|---|---|---|",
     ]
-    for lr, d in s["adamw_per_lr"].items():
+    for lr, d in s["per_lr"].items():
         lines.append(
             f"| {lr} | {d['seeds']} | {d['val_A0']:.3f} | {d['val_A5']:.3f} | {d['gap']:+.3f} "
             f"| {d['angle_ratio']:.2f} |"
