@@ -190,6 +190,11 @@ def main() -> None:
             )
     results = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
     command = "python experiments/lora_fl.py " + " ".join(sys.argv[1:])
+    if args.merge or args.shard:  # parallel shards produce the same per-run files
+        command = (
+            "python experiments/lora_fl.py --shard <arm:seed,...> (5 parallel processes), "
+            "then python experiments/lora_fl.py --merge"
+        )
     write_report(results, args, args.out, command, docs=None if args.quick else ROOT / "docs")
 
 

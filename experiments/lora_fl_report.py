@@ -127,6 +127,8 @@ def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
     axes[0].set_xlabel("held-out answer exact match (utility)")
     axes[0].set_ylabel("exact memorization, x10 canaries (phi=0)")
     axes[0].set_title("memorization vs utility (one dot per run)")
+    axes[0].set_xlim(-0.02, 1.02)
+    axes[0].set_ylim(-0.02, 1.02)
     arms = list(summary["arms"])
     x = range(len(arms))
     w = 0.38
@@ -138,6 +140,7 @@ def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
     axes[1].set_ylabel("exact memorization (mean over L, seeds)")
     axes[1].legend()
     axes[1].set_title("memorization per duplication group")
+    axes[1].set_ylim(0, 1.02)
     fig.tight_layout()
     path = out / "memorization_vs_utility.png"
     fig.savefig(path, dpi=110)
