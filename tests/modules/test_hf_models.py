@@ -29,5 +29,7 @@ def test_local_directory_roundtrip(tmp_path):
     model = build_causal_lm("micro-llama", vocab_size=128)
     model.save_pretrained(tmp_path)
     loaded = build_causal_lm(str(tmp_path))
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
         assert (a == b).all(), name
