@@ -69,6 +69,34 @@ class GenerationSettings:
 torch.serialization.add_safe_globals([LoraSettings, GenerationSettings])
 
 
+@torch.no_grad()
+def generate_completion(
+    model: PreTrainedModel, tokenizer: Any, prompt: str, settings: GenerationSettings
+) -> str:
+    """Decode a continuation of ``prompt`` (new tokens only) with the given settings."""
+    if settings.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = ids.to(next(model.parameters()).device)
+    sampling = (
+        {"temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p}
+        if settings.do_sample
+        else {}
+    )
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
     """Wrap ``model`` in a ``peft`` LoRA model; only the adapters stay trainable."""
     from peft import LoraConfig, get_peft_model
@@ -199,34 +227,13 @@ class CausalLMModule(L.LightningModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, str]]:
-        results = []
-        g = self.generation
-        for prompt in batch["prompts"]:
-            if g.chat_template:
-                messages = [{"role": "user", "content": prompt}]
-                text = self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-                ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-            else:
-                ids = self.tokenizer(prompt, return_tensors="pt").input_ids
-            ids = ids.to(self.device)
-            sampling = (
-                {"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p}
-                if g.do_sample
-                else {}
-            )
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=g.max_new_tokens,
-                do_sample=g.do_sample,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **sampling,
-            )
-            completion = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-            results.append({"prompt": prompt, "completion": completion})
-        return results
+        return [
+            {
+                "prompt": p,
+                "completion": generate_completion(self.model, self.tokenizer, p, self.generation),
+            }
+            for p in batch["prompts"]
+        ]
 
     # ----------------------------------------------------------------- optimization
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.text import Perplexity
 
 from datamodules.text import load_tokenizer
-from modules.causal_lm import GenerationSettings
+from modules.causal_lm import GenerationSettings, generate_completion
 from modules.hf_models import build_causal_lm, is_pretrained_name
 from modules.layer_parallel_model import (
     LPState,
@@ -255,19 +255,9 @@ class LayerParallelModule(L.LightningModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, str]]:
-        g, results = self.generation, []
-        sampling = {"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p}
+        results = []
         for prompt in batch["prompts"]:
-            ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=g.max_new_tokens,
-                do_sample=g.do_sample,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **(sampling if g.do_sample else {}),
-            )
-            completion = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            completion = generate_completion(self.model, self.tokenizer, prompt, self.generation)
             results.append(
                 {"prompt": prompt, "completion": completion, "plan": self.plan.to_list()}
             )
