@@ -132,7 +132,9 @@ class LayerParallelModule(L.LightningModule):
         generation: GenerationSettings | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # Decoding settings are run-time choices: kept out of the checkpoint, whose hyperparameters
+        # LightningCLI would otherwise let override the predict config.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "generation"])
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.generation = generation or GenerationSettings()
         self.tokenizer = load_tokenizer(tokenizer)

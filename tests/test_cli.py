@@ -83,6 +83,9 @@ def test_fit_writes_all_artifacts_and_predict_generates(tmp_path):
     lines = (tmp_path / "pred" / "version_0" / "predictions.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert len(records) == 3 and all(r["completion"] for r in records)
+    # The command line's decoding settings win over the checkpoint's hyperparameters.
+    tokenizer = predict.model.tokenizer
+    assert all(len(tokenizer(r["completion"]).input_ids) <= 6 for r in records), records
     assert predict.trainer.state.fn == "predict"
 
 
