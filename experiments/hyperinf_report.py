@@ -85,6 +85,23 @@ def plot_v2(res: dict, methods: list[str], out: Path) -> None:
     plt.close(fig)
 
 
+def method_table(result: dict, methods: list[str]) -> list[str]:
+    """Markdown rows: AUC, recall at 20 % inspected, per-seed AUC, Spearman vs HyperINF."""
+    lines = [
+        "| method | AUC mean +- std | recall @ 20% inspected | per-seed AUC | "
+        "min Spearman vs hyperinf |",
+        "|---|---|---|---|---|",
+    ]
+    for m in methods:
+        per = ", ".join(f"{s['auc'][m]:.3f}" for s in result["seeds"])
+        sp = min(s["spearman_vs_hyperinf"][m] for s in result["seeds"])
+        lines.append(
+            f"| {m} | {result['auc_mean'][m]:.3f} +- {result['auc_std'][m]:.3f} | "
+            f"{result['detect_at_20_mean'][m]:.3f} | {per} | {sp:.4f} |"
+        )
+    return lines
+
+
 def _v1_table(summary: dict) -> list[str]:
     lines = [
         "| d x N | seed | Schulz frob. it 20 | first it <= 1e-4 | legacy it 28 | LiSSA it 40 "
@@ -112,17 +129,8 @@ def _v2_table(summary: dict, methods: list[str]) -> list[str]:
             f"epochs, {len(r['seeds'])} seeds; train acc on noisy labels "
             f"{min(accs):.3f}-{max(accs):.3f}, clean val acc {min(vals):.3f}-{max(vals):.3f})",
             "",
-            "| method | AUC mean +- std | recall @ 20% inspected | per-seed AUC | "
-            "min Spearman vs hyperinf |",
-            "|---|---|---|---|---|",
+            *method_table(r, methods),
         ]
-        for m in methods:
-            per = ", ".join(f"{s['auc'][m]:.3f}" for s in r["seeds"])
-            sp = min(s["spearman_vs_hyperinf"][m] for s in r["seeds"])
-            lines.append(
-                f"| {m} | {r['auc_mean'][m]:.3f} +- {r['auc_std'][m]:.3f} | "
-                f"{r['detect_at_20_mean'][m]:.3f} | {per} | {sp:.4f} |"
-            )
         lines += [
             "",
             f"min Spearman(hyperinf, exact_gfim) over seeds: "

@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.hyperinf_report import method_table  # noqa: E402
+
 METHODS = [
     "hyperinf",
     "hyperinf_mislabel",
@@ -197,17 +199,8 @@ def table_lines(summary: dict) -> list[str]:
         f"{cfg['batch_size']}, {len(r['seeds'])} seeds; train acc on the noisy labels "
         f"{min(accs):.3f}-{max(accs):.3f}, clean val acc {min(vals):.3f}-{max(vals):.3f}.",
         "",
-        "| method | AUC mean +- std | recall @ 20% inspected | per-seed AUC | "
-        "min Spearman vs hyperinf |",
-        "|---|---|---|---|---|",
+        *method_table(r, METHODS),
     ]
-    for m in METHODS:
-        per = ", ".join(f"{s['auc'][m]:.3f}" for s in r["seeds"])
-        sp = min(s["spearman_vs_hyperinf"][m] for s in r["seeds"])
-        lines.append(
-            f"| {m} | {r['auc_mean'][m]:.3f} +- {r['auc_std'][m]:.3f} | "
-            f"{r['detect_at_20_mean'][m]:.3f} | {per} | {sp:.4f} |"
-        )
     lines += [
         "",
         "![SmolLM2 AUC](results/hyperinf_smollm2/auc.png)",
