@@ -59,7 +59,9 @@ class HyperINFCallback(L.Callback):
         methods: methods to run, side by side; the first is primary (its top/bottom examples are
             logged). Any of ``hyperinf``, ``exact_gfim``, ``datainf``, ``lissa``,
             ``lissa_code_faithful``, ``exact_fim``, ``grad_dot``, ``hyperinf_mislabel``,
-            ``hyperinf_llm_selection``, ``hyperinf_vlm_selection``.
+            ``hyperinf_llm_selection``, ``hyperinf_vlm_selection``; and ``exact_hessian``,
+            ``lissa_hessian``: the true-Hessian (Koh & Liang) curvature instead of the Fisher,
+            for cross-checks with libraries such as dattri (not HyperINF's GFIM).
         include: substrings of the names of the trainable parameters to use.
         exclude: substrings of parameter names to leave out.
         damping: damping of the curvature (relative DataInf heuristic by default).

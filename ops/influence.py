@@ -19,6 +19,17 @@ Methods (all share gradients, damping ``lambda_l`` and the score function):
 * ``lissa_code_faithful``: the official recursion with ``- lambda r`` (solves ``(F - lambda I)``).
 * ``exact_fim``: ``(F_l + lambda_l I)^{-1} v`` on the full flattened layer Fisher.
 * ``grad_dot``: ``h_l = v_l`` (the official "TracIn", a single-checkpoint gradient product).
+
+Hessian-curvature baselines (not HyperINF's method; for the cross-check with libraries such as
+dattri, whose explicit-inverse and LiSSA attributors invert the true Hessian, the Koh & Liang 2017
+definition ``IF = - grad L_val^T H^{-1} grad l(z_i)``):
+
+* ``exact_hessian``: ``(H_l + lambda_l I)^{-1} v`` with ``H_l`` the diagonal block of the Hessian
+  of the mean training loss for tensor ``l`` (:func:`ops.per_sample_grads.loss_hessian_blocks`).
+* ``lissa_hessian``: the ``lissa`` recursion with ``H_l`` in place of ``F_l``.
+
+``F_l`` is PSD, ``H_l`` need not be (non-convex losses), so ``H_l + lambda_l I`` may be indefinite:
+it is solved by LU, and the LiSSA recursion then grows along directions with ``mu + lambda < 0``.
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ METHODS = (
     "lissa_code_faithful",
     "exact_fim",
     "grad_dot",
+    "exact_hessian",
+    "lissa_hessian",
 )
 
 
@@ -162,14 +175,16 @@ def precondition_lissa(
     iters: int = 100,
     scale: Literal["trace", "frobenius"] | float = "trace",
 ) -> torch.Tensor:
-    """LiSSA with the correct damping sign (spec 3.5 ``lissa``).
+    """LiSSA with the correct damping sign (spec 3.5 ``lissa``; ``lissa_hessian`` with ``F = H``).
 
     ``r_0 = v``, ``r_{t+1} = v + r_t - (F r_t + lambda r_t)/s``, output ``r_T / s``; the fixed point
-    is ``(F + lambda I)^{-1} v`` and it converges iff ``s > mu_max(F + lambda I)/2``.
+    is ``(F + lambda I)^{-1} v`` and it converges iff every eigenvalue ``mu`` of ``F + lambda I``
+    lies in ``(0, 2 s)``. dattri's ``ihvp_lissa`` runs ``r_{t+1} = v + (1 - damping) r_t - H r_t/s``
+    with the same output ``r_T / s``: the same recursion with ``damping = lambda / s``.
 
     Args:
         v: query ``(r, d)``.
-        F: flattened Fisher ``(rd, rd)``.
+        F: flattened Fisher ``(rd, rd)`` (or a Hessian block for ``lissa_hessian``).
         damping: ``lambda_l``.
         iters: number of recursion steps ``T``.
         scale: ``s``, see :func:`lissa_scale`.
@@ -222,6 +237,17 @@ def precondition_exact_fim(
         F = Gm.T @ Gm / n
     A = F.double() + damping * torch.eye(F.shape[0], dtype=torch.float64, device=F.device)
     x = torch.cholesky_solve(vh.unsqueeze(1), torch.linalg.cholesky(A)).squeeze(1)
+    return x.reshape(v.shape).to(v.dtype)
+
+
+def precondition_exact_hessian(v: torch.Tensor, H: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(H + lambda I)^{-1} vh`` with a true-Hessian block ``H`` (``exact_hessian``, Koh & Liang).
+
+    LU solve in float64 rather than Cholesky: the damped Hessian of a non-convex loss can be
+    indefinite. The same damping convention as dattri's ``ihvp_explicit(regularization=lambda)``.
+    """
+    A = H.double() + damping * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+    x = torch.linalg.solve(A, v.reshape(-1).double())
     return x.reshape(v.shape).to(v.dtype)
 
 

@@ -4,8 +4,9 @@ Passes over the data (no Lightning involved; ``reduce_sum`` makes it data-parall
 
 1. validation: ``v_l = (1/m) sum_j g_jl``;
 2. training: ``G_l = (1/n) sum_i g_il^T g_il``, ``S_l = sum_i mean(g_il^2)``, ``n`` (plus the dense
-   flattened Fisher only if ``lissa``/``exact_fim`` are requested); oriented gradients are cached
-   on CPU while they fit the budget;
+   flattened Fisher only if ``lissa``/``exact_fim`` are requested, and the Hessian blocks of the
+   mean training loss only if ``exact_hessian``/``lissa_hessian`` are); oriented gradients are
+   cached on CPU while they fit the budget;
 3. (``datainf`` only) training again for ``sum_i (v - c_i g_i)``, which needs ``lambda_l`` first;
 4. scores ``IF_i = - sum_l <h_l, g_il>`` from the cache, or from recomputed gradients (streaming).
 
@@ -32,6 +33,7 @@ from ops.influence import (
     orient_grad,
     precondition_exact_fim,
     precondition_exact_gfim,
+    precondition_exact_hessian,
     precondition_grad_dot,
     precondition_hyperinf,
     precondition_lissa,
@@ -45,7 +47,7 @@ from ops.influence_config import (
     LissaConfig,
     SchulzConfig,
 )
-from ops.per_sample_grads import per_sample_grads
+from ops.per_sample_grads import loss_hessian_blocks, per_sample_grads
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, Any]]]
 """A callable returning a fresh iterator of ``(dataset_index LongTensor[B], batch)``."""
@@ -63,6 +65,7 @@ class InfluenceStats:
     n: int
     m: int
     F: dict[str, torch.Tensor] = field(default_factory=dict)
+    H: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,10 +144,18 @@ class InfluenceEngine:
         self.dtype = getattr(torch, self.grads.dtype)
 
     # -- passes ----------------------------------------------------------------------------
-    def _grad_batches(self, module, params, loss_fn, batches: Batches) -> Iterator:
+    def _grad_batches(
+        self, module, params, loss_fn, batches: Batches, hessian: bool = False
+    ) -> Iterator:
+        """Yield ``(index, oriented grads)``, plus the batch's Hessian blocks if ``hessian``."""
         for index, batch in batches():
             g = per_sample_grads(module, params, loss_fn, batch, mode=self.grads.mode)
-            yield index, {n: t.to(self.dtype) for n, t in g.items()}
+            g = {n: t.to(self.dtype) for n, t in g.items()}
+            if hessian:
+                H = loss_hessian_blocks(module, params, loss_fn, batch)
+                yield index, g, {n: t.to(self.dtype) for n, t in H.items()}
+            else:
+                yield index, g
 
     def run(
         self,
@@ -183,26 +194,35 @@ class InfluenceEngine:
 
         # pass 2: curvature statistics (+ gradient cache)
         need_F = any(x in self.methods for x in ("lissa", "lissa_code_faithful", "exact_fim"))
+        need_H = any(x in self.methods for x in ("lissa_hessian", "exact_hessian"))
         G_sum = {n: z.new_zeros(z.shape[1], z.shape[1]) for n, z in zeros.items()}
         S_sum = {n: z.new_zeros(()) for n, z in zeros.items()}
         F_sum: dict[str, torch.Tensor] = {}
-        if need_F:
+        H_sum: dict[str, torch.Tensor] = {}
+        for flag, acc in ((need_F, F_sum), (need_H, H_sum)):
+            if not flag:
+                continue
             for n, z in zeros.items():
                 if z.numel() > self.grads.fim_max_dim:
                     raise ValueError(
                         f"tensor {n!r}: flattened size {z.numel()} > grads.fim_max_dim="
-                        f"{self.grads.fim_max_dim}; lissa/exact_fim need the dense Fisher"
+                        f"{self.grads.fim_max_dim}; lissa/exact_fim (and their _hessian "
+                        "variants) need a dense (r d) x (r d) curvature"
                     )
-                F_sum[n] = z.new_zeros(z.numel(), z.numel())
+                acc[n] = z.new_zeros(z.numel(), z.numel())
         cache: list | None = [] if self.grads.cache in ("auto", "always") else None
         cache_bytes, n_local = 0, 0
-        for index, g in grads_of(train_batches):
+        for index, g, *hess in self._grad_batches(
+            module, params, loss_fn, train_batches, hessian=need_H
+        ):
             for n, t in g.items():
                 G_sum[n] += torch.einsum("bri,brj->ij", t, t)
                 S_sum[n] += t.pow(2).flatten(1).mean(1).sum()
                 if need_F:
                     flat = t.flatten(1)
                     F_sum[n] += flat.T @ flat
+                if need_H:
+                    H_sum[n] += hess[0][n]
             n_local += index.numel()
             if cache is not None:
                 cache_bytes += sum(t.numel() * t.element_size() for t in g.values())
@@ -215,6 +235,7 @@ class InfluenceEngine:
             raise ValueError("influence: the training set is empty")
         G = {n: self.reduce_sum(t) / n_total for n, t in G_sum.items()}
         F = {n: self.reduce_sum(t) / n_total for n, t in F_sum.items()}
+        H = {n: self.reduce_sum(t) / n_total for n, t in H_sum.items()}  # of the mean loss
         if self.damping.mode == "relative":
             lambdas = {
                 n: relative_damping(self.reduce_sum(t), n_total, self.damping.lambda_const)
@@ -222,7 +243,7 @@ class InfluenceEngine:
             }
         else:
             lambdas = {n: float(self.damping.value) for n in G}
-        stats = InfluenceStats(v=v, G=G, lambdas=lambdas, n=n_total, m=m_total, F=F)
+        stats = InfluenceStats(v=v, G=G, lambdas=lambdas, n=n_total, m=m_total, F=F, H=H)
         t_shared = time.perf_counter() - t0
 
         def train_grads() -> Iterable:
@@ -246,6 +267,7 @@ class InfluenceEngine:
             n=n_total,
             m=m_total,
             F={n: t for n, t in F.items() if n not in dead},
+            H={n: t for n, t in H.items() if n not in dead},
         )
         for method in self.methods:
             t1 = time.perf_counter()
@@ -314,6 +336,13 @@ class InfluenceEngine:
             }, {}
         if method == "exact_fim":
             return {n: precondition_exact_fim(v[n], lam[n], F=stats.F[n]) for n in v}, {}
+        if method == "exact_hessian":
+            return {n: precondition_exact_hessian(v[n], stats.H[n], lam[n]) for n in v}, {}
+        if method == "lissa_hessian":
+            return {
+                n: precondition_lissa(v[n], stats.H[n], lam[n], self.lissa.iters, self.lissa.scale)
+                for n in v
+            }, {}
         if method == "datainf":
             acc = {n: torch.zeros_like(t) for n, t in v.items()}
             for _, g in train_grads():

@@ -117,6 +117,48 @@ def per_sample_grads(
     return out
 
 
+def loss_hessian_blocks(
+    module: nn.Module,
+    params: dict[str, nn.Parameter],
+    loss_fn: Callable[[Any], torch.Tensor],
+    batch: Any,
+) -> dict[str, torch.Tensor]:
+    """Diagonal blocks ``d^2 (sum_b l(z_b)) / d vec(theta_l)^2`` of the true Hessian, per tensor.
+
+    The Koh & Liang curvature (second derivative of the training loss, not the Fisher), for the
+    ``exact_hessian``/``lissa_hessian`` baselines. One ``(r d, r d)`` block per selected tensor,
+    in the coordinates of the oriented gradients (``vec`` of :func:`ops.influence.orient_grad`),
+    so it pairs with the same ``v_l``/``g_il`` as the Fisher ``F_l`` of ``exact_fim``. Summed
+    (not averaged) over the batch so batches and ranks accumulate; divide by ``n`` afterwards.
+    Cross-tensor blocks are not formed: like every curvature here it is layer-wise (spec 3.1).
+
+    Args:
+        module: the model whose parameters ``loss_fn`` uses.
+        params: the selected parameters (name -> parameter of ``module``).
+        loss_fn: ``batch -> Tensor[B]`` per-example losses.
+        batch: tensor / tuple / dict of tensors with leading batch axis ``B``.
+
+    Returns:
+        name -> ``(r d, r d)`` Hessian block, detached, in the parameters' dtype.
+    """
+    wrapper = _LossCall(module, loss_fn)
+    detached = {"inner." + n: p.detach() for n, p in params.items()}
+    out = {}
+    for name, p in params.items():
+        oriented = orient_grad(name, p.detach())
+
+        def loss_sum(x: torch.Tensor, name: str = name, shape=p.shape) -> torch.Tensor:
+            # orient_grad is an involution up to the (1, d) -> (d,) reshape of 1-D tensors, so it
+            # maps the oriented coordinates back to the parameter's own layout
+            raw = orient_grad(name, x).reshape(shape)
+            swapped = {**detached, "inner." + name: raw}
+            return functional_call(wrapper, swapped, (batch,), strict=False).sum()
+
+        H = torch.func.hessian(loss_sum)(oriented)  # (r, d, r, d), forward-over-reverse
+        out[name] = H.reshape(oriented.numel(), oriented.numel()).detach()
+    return out
+
+
 def _tensors(batch: Any) -> list[torch.Tensor]:
     leaves: list[torch.Tensor] = []
     tree_map(lambda t: leaves.append(t) if isinstance(t, torch.Tensor) else None, batch)

@@ -13,6 +13,7 @@ from ops.influence import (
     precondition_datainf,
     precondition_exact_fim,
     precondition_exact_gfim,
+    precondition_exact_hessian,
     precondition_grad_dot,
     precondition_hyperinf,
     precondition_lissa,
@@ -92,6 +93,33 @@ def test_lissa_converges_to_damped_inverse_and_faithful_to_minus_damping() -> No
     torch.testing.assert_close(x.reshape(-1), torch.linalg.solve(F + lam * eye, v.reshape(-1)))
     y = precondition_lissa_code_faithful(v, F, lam, iters=2000)
     torch.testing.assert_close(y.reshape(-1), torch.linalg.solve(F - lam * eye, v.reshape(-1)))
+
+
+def test_lissa_on_a_hessian_converges_to_exact_hessian_inverse() -> None:
+    # lissa_hessian is the lissa recursion on a Hessian block: on an SPD block with the spectrum
+    # inside (0, 2s) it converges to exact_hessian's (H + lambda I)^{-1} v
+    p, lam = 8, 1e-2
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=_gen(20), dtype=D64))
+    H = Q @ torch.diag(torch.linspace(0.05, 3.0, p, dtype=D64)) @ Q.T
+    v = torch.randn(2, p // 2, generator=_gen(21), dtype=D64)
+    exact = precondition_exact_hessian(v, H, lam)
+    dense = torch.linalg.solve(H + lam * torch.eye(p, dtype=D64), v.reshape(-1))
+    torch.testing.assert_close(exact.reshape(-1), dense)
+    # s = 5 > mu_max / 2; contraction 1 - (0.05 + lam)/5 per step, 3000 steps: ~1e-16
+    torch.testing.assert_close(precondition_lissa(v, H, lam, iters=3000, scale=5.0), exact)
+
+
+def test_exact_hessian_solves_an_indefinite_damped_hessian() -> None:
+    # a non-convex loss has negative curvature: H + lambda I is indefinite, Cholesky (the Fisher
+    # path) would fail, the LU solve of exact_hessian does not
+    p, lam = 6, 1e-3
+    Q, _ = torch.linalg.qr(torch.randn(p, p, generator=_gen(22), dtype=D64))
+    H = Q @ torch.diag(torch.tensor([-0.5, -0.1, 0.2, 0.4, 1.0, 2.0], dtype=D64)) @ Q.T
+    v = torch.randn(1, p, generator=_gen(23), dtype=D64)
+    with pytest.raises(torch.linalg.LinAlgError):
+        precondition_exact_fim(v, lam, F=H)
+    x = precondition_exact_hessian(v, H, lam)
+    torch.testing.assert_close((H + lam * torch.eye(p, dtype=D64)) @ x.reshape(-1), v.reshape(-1))
 
 
 def test_exact_fim_woodbury_equals_dense() -> None:

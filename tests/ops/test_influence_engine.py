@@ -8,9 +8,9 @@ from scipy.stats import spearmanr
 
 from modules.sequence_classifier import LoRAClassifier
 from ops.influence import METHODS
-from ops.influence_config import DampingConfig, GradConfig
+from ops.influence_config import DampingConfig, GradConfig, LissaConfig
 from ops.influence_engine import InfluenceEngine
-from ops.per_sample_grads import per_sample_grads, select_params
+from ops.per_sample_grads import loss_hessian_blocks, per_sample_grads, select_params
 
 INCLUDE = ["lora_A", "lora_B", "head.weight"]
 
@@ -119,6 +119,63 @@ def test_engine_hyperinf_matches_exact_and_batching_invariant() -> None:
     g = per_sample_grads(model, params, model.per_sample_loss, train)
     for name, lam in r1.lambdas.items():
         assert lam == pytest.approx(0.1 * float(g[name].pow(2).mean()), rel=1e-10)
+
+
+def test_loss_hessian_blocks_equal_autograd_hessian_in_oriented_coordinates() -> None:
+    model, train, _ = _setup()
+    params = select_params(model, INCLUDE)
+    H = loss_hessian_blocks(model, params, model.per_sample_loss, train)
+    for name, p in params.items():
+
+        def loss(w: torch.Tensor, name: str = name) -> torch.Tensor:
+            logits = torch.func.functional_call(model, {name: w}, (train["x"],))
+            return torch.nn.functional.cross_entropy(logits, train["y"], reduction="sum")
+
+        ref = torch.autograd.functional.hessian(loss, p.detach())  # (*shape, *shape)
+        if "lora_B" in name:  # oriented coordinates: (d_out, r) -> (r, d_out) on both sides
+            ref = ref.permute(1, 0, 3, 2)
+        k = p.numel()
+        torch.testing.assert_close(H[name], ref.reshape(k, k), rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_engine_exact_hessian_is_the_koh_liang_influence_on_ridge() -> None:
+    # Squared loss l_i = (x_i w - y_i)^2 / 2 with a fixed damping c: the damped Hessian of the
+    # mean loss is X^T X / n + c I, i.e. the Hessian of the ridge objective, whose exact
+    # up-weighting derivative is IF_i = - v^T H^{-1} g_i (test_influence.py pins it by finite
+    # differences). The empirical Fisher (1/n) sum_i r_i^2 x_i x_i^T is a different matrix.
+    n, d, c = 30, 5, 0.1
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(n + 10, d, generator=gen, dtype=torch.float64)
+    y = X @ torch.randn(d, generator=gen, dtype=torch.float64)
+    y = y + 0.3 * torch.randn(n + 10, generator=gen, dtype=torch.float64)
+    lin = torch.nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        A = X[:n].T @ X[:n] / n + c * torch.eye(d, dtype=torch.float64)
+        lin.weight.copy_(torch.linalg.solve(A, X[:n].T @ y[:n] / n).unsqueeze(0))
+
+    def loss_fn(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (lin(b["x"]).squeeze(-1) - b["y"]) ** 2 / 2
+
+    train = {"x": X[:n], "y": y[:n]}
+    val = {"x": X[n:], "y": y[n:]}
+    engine = InfluenceEngine(
+        methods=["exact_hessian", "lissa_hessian", "exact_fim"],
+        damping=DampingConfig(mode="fixed", value=c),
+        lissa=LissaConfig(iters=2000, scale="trace"),
+        grads=GradConfig(dtype="float64"),
+    )
+    res = engine.run(
+        lin, dict(lin.named_parameters()), loss_fn, _batches(train, 7), _batches(val, 4)
+    )
+    w = lin.weight.detach().reshape(-1)
+    g = X[:n] * (X[:n] @ w - y[:n]).unsqueeze(1)
+    v = (X[n:] * (X[n:] @ w - y[n:]).unsqueeze(1)).mean(0)
+    expected = -g @ torch.linalg.solve(A, v)
+    torch.testing.assert_close(res.stats.H["weight"], X[:n].T @ X[:n] / n)
+    torch.testing.assert_close(res.scores["exact_hessian"], expected)
+    torch.testing.assert_close(res.scores["lissa_hessian"], expected)
+    assert not torch.allclose(res.scores["exact_fim"], expected, rtol=1e-2)
 
 
 def test_engine_rejects_bad_configuration() -> None:
