@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.federated_data import (
     build_canary_rows,
+    pack_sequences,
     partition_indices,
     proportional_counts,
     synthetic_client_examples,
@@ -121,6 +122,10 @@ class FederatedTextDataModule(L.LightningDataModule):
         canary_seed: seed of canary generation and of the shuffle (official 42).
         seed: seed of the synthetic data and partitions.
         max_length: longest sequence in tokens; longer examples raise.
+        packing_length: ``None`` = one example per row (padded). An int packs each client's
+            shuffled examples (canaries included, EOS-separated) into chunks of this many tokens,
+            as the official scripts do; memorization prompts cut from the middle of a record
+            are only in-distribution for a model trained this way (``pack_sequences``).
         batch_size: local batch size of every client.
         tokenizer: ``None`` = ``CharVocab``; else a local Hugging Face tokenizer directory.
     """
@@ -143,6 +148,7 @@ class FederatedTextDataModule(L.LightningDataModule):
         canary_seed: int = 42,
         seed: int = 0,
         max_length: int = 256,
+        packing_length: int | None = None,
         batch_size: int = 16,
         tokenizer: str | None = None,
     ) -> None:
@@ -160,6 +166,7 @@ class FederatedTextDataModule(L.LightningDataModule):
         self.split_after = canary_split_after_replication
         self.canary_seed, self.seed = canary_seed, seed
         self.max_length, self.batch_size = max_length, batch_size
+        self.packing_length = packing_length
         self.vocab = CharVocab() if tokenizer is None else _HFVocab(tokenizer)
         self._built = False
 
@@ -218,6 +225,11 @@ class FederatedTextDataModule(L.LightningDataModule):
             for rec in canary.train_rows[offset : offset + shares[c]]:
                 rows.append(self._row(rec["text"], where=f"canary {rec['canary_id']}"))
             offset += shares[c]
+            if self.packing_length:
+                chunks = pack_sequences(
+                    [r["input_ids"] for r in rows], self.packing_length, self.seed * 1000 + c
+                )
+                rows = [{"input_ids": ids, "labels": list(ids)} for ids in chunks]
             self.client_rows.append(rows)
             self.client_canary_rows.append(shares[c])
         self.canaries = canary

@@ -178,3 +178,21 @@ def partition_indices(
             parts[c] += idx[start : start + k]
             start += k
     return parts
+
+
+def pack_sequences(sequences: Sequence[Sequence[int]], length: int, seed: int) -> list[list[int]]:
+    """Shuffle token sequences with ``seed``, concatenate them and cut chunks of ``length``.
+
+    This is the packing of the official fine-tuning scripts (seq len 1024 with packing): every
+    example, canaries included, lands at an arbitrary offset of a chunk, and chunks start in the
+    middle of an example. A model trained on one example per row (always starting at position 0)
+    only learns to continue a record from its beginning, so the extraction prompt ``x[s-L:s]``
+    would test position-0 behaviour rather than memorization. Sequences should end with the EOS
+    separator. The last, shorter chunk is kept so no token is dropped.
+    """
+    if length < 2:
+        raise ValueError(f"packing length must be >= 2, got {length}")
+    order = list(range(len(sequences)))
+    random.Random(seed).shuffle(order)
+    stream = [t for i in order for t in sequences[i]]
+    return [stream[i : i + length] for i in range(0, len(stream), length)]

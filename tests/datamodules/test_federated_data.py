@@ -9,6 +9,7 @@ import pytest
 from datamodules.federated import CharVocab, FederatedTextDataModule
 from datamodules.federated_data import (
     build_canary_rows,
+    pack_sequences,
     partition_indices,
     proportional_counts,
 )
@@ -115,3 +116,39 @@ def test_dirichlet_repartition_keeps_every_example():
     )  # fmt: skip
     dm.setup("fit")
     assert sum(dm.client_num_samples) == 90 and dm.client_num_samples != [30, 30, 30]
+
+
+def test_pack_sequences_keeps_every_token_in_chunks_of_the_given_length():
+    seqs = [[i] * n + [0] for i, n in enumerate([5, 1, 9, 3, 7], start=1)]  # 0 = EOS separator
+    chunks = pack_sequences(seqs, 4, seed=3)
+    assert all(len(c) == 4 for c in chunks[:-1]) and 1 <= len(chunks[-1]) <= 4
+    stream = [t for c in chunks for t in c]
+    assert Counter(stream) == Counter(t for s in seqs for t in s)
+    # Examples stay contiguous (only their order is shuffled): the stream splits back at EOS.
+    examples, current = [], []
+    for t in stream:
+        current.append(t)
+        if t == 0:
+            examples.append(current)
+            current = []
+    assert sorted(examples) == sorted(seqs) and examples != seqs
+    assert pack_sequences(seqs, 4, seed=3) == chunks and pack_sequences(seqs, 4, seed=4) != chunks
+    with pytest.raises(ValueError, match="packing length"):
+        pack_sequences(seqs, 1, seed=0)
+
+
+def test_packed_clients_hold_the_same_tokens_as_unpacked_ones():
+    kwargs = dict(client_sizes=[20, 25, 30], num_entities=20, num_canaries=10,
+                  val_questions_per_client=2)  # fmt: skip
+    plain, packed = (
+        FederatedTextDataModule(**kwargs),
+        FederatedTextDataModule(**kwargs, packing_length=64),
+    )
+    plain.setup("fit")
+    packed.setup("fit")
+    for rows, chunks in zip(plain.client_rows, packed.client_rows, strict=True):
+        assert Counter(t for r in rows for t in r["input_ids"]) == Counter(
+            t for r in chunks for t in r["input_ids"]
+        )
+        assert all(len(r["input_ids"]) <= 64 and r["labels"] == r["input_ids"] for r in chunks)
+    assert packed.client_canary_rows == plain.client_canary_rows
