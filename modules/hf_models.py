@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from modules.pretrained_presets import PRETRAINED_PRESETS, resolve_pretrained_preset
@@ -161,3 +162,28 @@ def max_positions(config: PretrainedConfig) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace every GPT-2 style ``Conv1D`` (weight ``[in, out]``) by an ``nn.Linear`` in place.
+
+    ``Conv1D`` computes ``x @ W + b``; the ``nn.Linear`` gets ``W.T`` and the same bias, so the
+    forward pass is unchanged. Code that treats "rows of dim 0" as output neurons (LionAR's
+    per-neuron rotation, per-neuron angles of the warmup diagnostics, LoRA targets) is wrong on
+    the transposed ``Conv1D`` layout; after this call every projection has the Linear layout.
+    Returns the number of modules replaced.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, Conv1D)]
+    for name, conv in targets:
+        weight = conv.weight
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=conv.bias is not None)
+        linear = linear.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return len(targets)

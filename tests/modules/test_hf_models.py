@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from modules.hf_models import TINY_PRESETS, build_causal_lm, build_config, max_positions
 
@@ -33,3 +34,23 @@ def test_local_directory_roundtrip(tmp_path):
         model.state_dict().items(), loaded.state_dict().items(), strict=True
     ):
         assert (a == b).all(), name
+
+
+def test_conv1d_to_linear_keeps_gpt2_outputs_and_uses_linear_layout():
+    from transformers.pytorch_utils import Conv1D
+
+    from modules.hf_models import conv1d_to_linear
+
+    torch.manual_seed(0)
+    net = build_causal_lm({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4,
+                           "n_positions": 16}, vocab_size=50)  # fmt: skip
+    net.eval()
+    ids = torch.randint(50, (2, 16))
+    before = net(input_ids=ids).logits
+    n_params = sum(p.numel() for p in net.parameters())
+    assert conv1d_to_linear(net) == 2 * 4  # c_attn, c_proj, c_fc, mlp.c_proj per block
+    assert not any(isinstance(m, Conv1D) for m in net.modules())
+    attn = net.transformer.h[0].attn.c_attn
+    assert isinstance(attn, torch.nn.Linear) and attn.weight.shape == (3 * 32, 32)  # [out, in]
+    assert sum(p.numel() for p in net.parameters()) == n_params
+    torch.testing.assert_close(net(input_ids=ids).logits, before, rtol=0, atol=1e-5)
