@@ -2,11 +2,11 @@
 
     python benchmarks/lora_fl_round.py [--rounds 3] [--steps 10]
 
-Runs ``FederatedLoRAModule`` (3 clients, ``local_steps`` batches of 16 each, the experiment's
-character-level model) for each mode in one process and reports the median round time and the
-bytes each client uploads per round. Writes ``docs/results/benchmarks/lora_fl_round.json``.
-Flower is not measured here: ``flwr`` would change ``packaging``/``protobuf`` in the shared
-environment and its simulation engine needs Ray (see docs/lora-fl-memorization.md).
+Runs ``FederatedLoRAModule`` (3 clients, ``local_steps`` batches of 16 each, a small
+character-level Llama, d = 64, random init) for each mode in one process and reports the median
+round time and the bytes each client uploads per round. Writes ``docs/results/benchmarks/lora_fl_round.json``.
+The side-by-side comparison with Flower's simulation of the same clients is
+``benchmarks/lora_fl_flower.py`` (Flower installed separately, see its docstring).
 """
 
 from __future__ import annotations

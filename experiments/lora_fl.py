@@ -37,6 +37,7 @@ from datamodules.federated import (  # noqa: E402
     base_corpus_texts,
     pad_collate,
 )
+from datamodules.federated_data import pack_sequences  # noqa: E402
 from experiments.lora_fl_report import write_report  # noqa: E402
 from modules.hf_models import build_causal_lm  # noqa: E402
 from modules.lora_fl import FederatedLoRAModule  # noqa: E402
@@ -51,17 +52,18 @@ from optim.schedules import warmup_cosine_factor  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results" / "lora_fl"
 MODEL = {
-    "model_type": "llama", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+    "model_type": "llama", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
     "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0,
 }  # fmt: skip
+PACK = 128  # packed sequence length = the model's training context (spec: context 128)
 ARMS = {
-    "A_full": {"finetune_mode": "full", "lr": 3e-3},
-    "B_lora": {"finetune_mode": "lora", "lr": 3e-2},
-    "C_lora_goldfish": {"finetune_mode": "lora", "lr": 3e-2, "goldfish": True},
-    "D_full_goldfish": {"finetune_mode": "full", "lr": 3e-3, "goldfish": True},
-    "E_lora_secagg": {"finetune_mode": "lora", "lr": 3e-2, "secagg": True},
-    "F_lora_dpsgd": {"finetune_mode": "lora", "lr": 3e-2, "dp": True},
+    "A_full": {"finetune_mode": "full"},
+    "B_lora": {"finetune_mode": "lora"},
+    "C_lora_goldfish": {"finetune_mode": "lora", "goldfish": True},
+    "D_full_goldfish": {"finetune_mode": "full", "goldfish": True},
+    "E_lora_secagg": {"finetune_mode": "lora", "secagg": True},
+    "F_lora_dpsgd": {"finetune_mode": "lora", "dp": True},
 }
 # Calibration (spec section 6: recalibrate once on seed 0, then freeze). The first setting
 # (clients 200/250/300, 1 local epoch, lr 1e-3 full / 1e-2 LoRA) gave exact_x10 = 0.0 for full
@@ -77,15 +79,17 @@ def pretrain_base(out: Path, steps: int, num_entities: int, seed: int = 1234) ->
     L.seed_everything(seed)
     vocab = CharVocab()
     net = build_causal_lm(MODEL, vocab_size=len(vocab), dtype="float32")
-    texts = base_corpus_texts(num_entities, seed=0, num_texts=steps * 32)
+    # Packed like the fine-tuning data: chunks start mid-text, so the base model (and every arm)
+    # can continue a window cut from the middle of a record.
+    texts = base_corpus_texts(num_entities, seed=0, num_texts=steps * 32 * 4)
+    chunks = pack_sequences([[*vocab.encode(t), vocab.eos_token_id] for t in texts], PACK, seed)
+    if len(chunks) < steps * 32:
+        raise RuntimeError(f"{len(chunks)} pretraining chunks < {steps} steps x 32")
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine_factor(s, 50, steps))
     t0 = time.time()
     for step in range(steps):
-        rows = []
-        for t in texts[step * 32 : (step + 1) * 32]:
-            ids = [*vocab.encode(t), vocab.eos_token_id]
-            rows.append({"input_ids": ids, "labels": ids})
+        rows = [{"input_ids": c, "labels": c} for c in chunks[step * 32 : (step + 1) * 32]]
         batch = pad_collate(rows, vocab.pad_token_id)
         loss = net(input_ids=batch["input_ids"], labels=batch["labels"]).loss
         opt.zero_grad(set_to_none=True)
@@ -100,16 +104,24 @@ def pretrain_base(out: Path, steps: int, num_entities: int, seed: int = 1234) ->
     return out
 
 
-def run_arm(name: str, seed: int, base: Path, args: argparse.Namespace) -> dict:
-    """One federated run; returns utility, memorization (phi=0 and phi=1) and round stats."""
+def run_arm(name: str, seed: int, base: Path | str, args: argparse.Namespace) -> dict:
+    """One federated run; returns utility, memorization (phi=0 and phi=1) and round stats.
+
+    ``base`` is the starting model (directory or preset); ``args`` carries the protocol: rounds,
+    local epochs, LRs, client sizes, canaries, ``tokenizer`` (``None`` = characters), LoRA
+    ``lora_rank``/``lora_alpha``, ``prefix_lengths``/``suffix_len``, ``batch_size``, ``pack``.
+    """
     spec = ARMS[name]
+    lr = args.lr_full if spec["finetune_mode"] == "full" else args.lr_lora
     L.seed_everything(seed)
-    mem = MemorizationSettings(prefix_lengths=[16, 32, 48], suffix_len=24, frequency_penalty=0.0)
+    mem = MemorizationSettings(
+        prefix_lengths=list(args.prefix_lengths), suffix_len=args.suffix_len, frequency_penalty=0.0
+    )
     module = FederatedLoRAModule(
         model=str(base), finetune_mode=spec["finetune_mode"],
-        lora=LoraFLSettings(rank=4, alpha=2.0, dropout=0.05),
+        lora=LoraFLSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=0.05),
         local_epochs=args.local_epochs, local_warmup_steps=10, local_max_grad_norm=1.0,
-        local_optimizer=lambda p, lr=spec["lr"]: torch.optim.AdamW(p, lr=lr, weight_decay=0.0),
+        local_optimizer=lambda p, lr=lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0),
         goldfish=GoldfishSettings(enabled=bool(spec.get("goldfish")), k=4, h=13),
         secure_aggregation=SecureAggregationSettings(enabled=bool(spec.get("secagg"))),
         noise=NoiseSettings(mode="dp_sgd", sigma=1.0, clip_norm=1.0, delta=1e-4)
@@ -118,8 +130,8 @@ def run_arm(name: str, seed: int, base: Path, args: argparse.Namespace) -> dict:
     )  # fmt: skip
     dm = FederatedTextDataModule(
         num_rounds=args.rounds, client_sizes=args.client_sizes, num_entities=args.num_entities,
-        val_questions_per_client=args.val_questions, num_canaries=args.canaries, batch_size=16,
-        seed=0,
+        val_questions_per_client=args.val_questions, num_canaries=args.canaries,
+        batch_size=args.batch_size, packing_length=args.pack, tokenizer=args.tokenizer, seed=0,
     )  # fmt: skip
     trainer = L.Trainer(
         max_steps=args.rounds, accelerator="cpu", devices=1, logger=False,
@@ -152,21 +164,31 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--client-sizes", type=int, nargs=3, default=[100, 125, 150])
-    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--local-epochs", type=int, default=3)
+    parser.add_argument("--lr-full", type=float, default=3e-3, help="local AdamW LR, full FT")
+    parser.add_argument("--lr-lora", type=float, default=1e-2, help="local AdamW LR, LoRA (10x)")
     parser.add_argument("--num-entities", type=int, default=100)
     parser.add_argument("--val-questions", type=int, default=50)
     parser.add_argument("--canaries", type=int, default=60)
-    parser.add_argument("--pretrain-steps", type=int, default=800)
-    parser.add_argument("--base-dir", type=Path, default=ROOT / "runs" / "lora_fl" / "base")
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument(
+        "--base-dir", type=Path, default=ROOT / "runs" / "lora_fl" / "base_d128_packed"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--shard", default="", help="run only these arm:seed pairs, e.g. A_full:0")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--merge", action="store_true", help="only merge shard files and report")
+    # Fixed parts of the protocol (spec section 6), shared with experiments/lora_fl_smollm2.py.
+    parser.set_defaults(
+        tokenizer=None, lora_rank=4, lora_alpha=2.0, prefix_lengths=[16, 32, 48], suffix_len=24,
+        batch_size=16, pack=PACK,
+    )  # fmt: skip
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.rounds, args.client_sizes, args.canaries = 2, [40, 50, 60], 20
         args.seeds, args.pretrain_steps, args.val_questions = [0], 100, 10
-        args.base_dir = args.base_dir.with_name("base_quick")
+        args.base_dir = args.base_dir.with_name(args.base_dir.name + "_quick")
         args.out = Path("/tmp/lora_fl_quick")
     base = pretrain_base(args.base_dir, args.pretrain_steps, args.num_entities)
     if args.pretrain_only:
@@ -195,7 +217,9 @@ def main() -> None:
             "python experiments/lora_fl.py --shard <arm:seed,...> (5 parallel processes), "
             "then python experiments/lora_fl.py --merge"
         )
-    write_report(results, args, args.out, command, docs=None if args.quick else ROOT / "docs")
+    # The docs page shows the default output directory only (calibration runs go elsewhere).
+    docs = ROOT / "docs" if args.out.resolve() == RESULTS.resolve() else None
+    write_report(results, args, args.out, command, docs=docs)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,11 @@ def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
     return [path.name]
 
 
-def write_report(results: list[dict], args, out: Path, command: str, docs: Path | None) -> dict:
+def write_report(
+    results: list[dict], args, out: Path, command: str, docs: Path | None, section: str = "measured"
+) -> dict:
+    """Print and save the summary and plots; rewrite the docs page between the ``section``
+    markers (``<!-- measured:start -->`` for the main experiment) when ``docs`` is given."""
     summary = summarize(results)
     summary["command"] = command
     summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -165,10 +169,10 @@ def write_report(results: list[dict], args, out: Path, command: str, docs: Path 
             if isinstance(v, list):
                 shown = "[" + ", ".join(f"{x:.2e}" for x in v) + "]"
             lines.append(f"- `{k}`: {shown}")
-        lines += ["", *[f"![{p}](results/lora_fl/{p})" for p in plots]]
+        lines += ["", *[f"![{p}](results/{out.name}/{p})" for p in plots]]
         block = "\n".join(lines)
         text = page.read_text() if page.exists() else ""
-        start, end = "<!-- measured:start -->", "<!-- measured:end -->"
+        start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
         if start in text and end in text:
             text = re.sub(f"{start}.*?{end}", f"{start}\n{block}\n{end}", text, flags=re.S)
             page.write_text(text)
