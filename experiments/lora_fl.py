@@ -214,7 +214,7 @@ def main() -> None:
     command = "python experiments/lora_fl.py " + " ".join(sys.argv[1:])
     if args.merge or args.shard:  # parallel shards produce the same per-run files
         command = (
-            "python experiments/lora_fl.py --shard <arm:seed,...> (5 parallel processes), "
+            "python experiments/lora_fl.py --shard <arm:seed,...> (2 parallel processes), "
             "then python experiments/lora_fl.py --merge"
         )
     # The docs page shows the default output directory only (calibration runs go elsewhere).
