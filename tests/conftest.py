@@ -28,3 +28,15 @@ def tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def corpus_file() -> Path:
     return REPO_ROOT / "data" / "corpus" / "python_docs.jsonl"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: several threads oversubscribe a shared 2-core
+    machine (measured 30x slower full-batch steps). Use ``pytest.mark.usefixtures``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,13 +19,8 @@ METHODS = ["hyperinf", "exact_gfim", "datainf", "grad_dot"]
 INCLUDE = ["lora_A", "lora_B", "head.weight"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # intra-op threads oversubscribe a shared 2-core machine (30x slower full-batch steps)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread (tests/conftest.py): threads oversubscribe a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(**kw) -> NoisyLabelDataModule:

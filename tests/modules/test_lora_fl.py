@@ -27,13 +27,8 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: intra-op threads only add contention for these tiny models.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread (tests/conftest.py): threads oversubscribe a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MEM = MemorizationSettings(prefix_lengths=[16, 32], suffix_len=16, frequency_penalty=0.0)

@@ -9,14 +9,8 @@ import torch
 from datamodules.noisy_labels import NoisyLabelDataModule, flip_labels
 from modules.sequence_classifier import LoRAClassifier
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # intra-op threads oversubscribe a shared 2-core machine (30x slower full-batch steps)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread (tests/conftest.py): threads oversubscribe a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_only_lora_and_head_are_trainable_and_b_starts_at_zero() -> None:

@@ -23,12 +23,8 @@ from ops.per_sample_grads import select_params
 LAM, DEPTH, SCALE = 1e-2, 200, 10.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread (tests/conftest.py): threads oversubscribe a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup():

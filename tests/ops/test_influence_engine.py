@@ -15,13 +15,8 @@ from ops.per_sample_grads import loss_hessian_blocks, per_sample_grads, select_p
 INCLUDE = ["lora_A", "lora_B", "head.weight"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # intra-op threads oversubscribe a shared 2-core machine (30x slower full-batch steps)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread (tests/conftest.py): threads oversubscribe a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(dtype: torch.dtype = torch.float64, n: int = 40, m: int = 12):
