@@ -5,9 +5,10 @@ The machine is shared, so the primary measure is the process CPU time per optimi
 (single-threaded), which contention does not inflate; wall time is reported too. The callback
 runs at its default steady-state cadence (``log_every_n_steps=25``, SNR every 25 steps on the
 halves of the current batch); the dense phase (every step below ``dense_steps=100``) costs one
-logging step per step and is reported as the cost of one logging step.
+logging step per step and is reported as the cost of one logging step. The first ``--skip``
+steps (one-off costs and the dense SNR phase, ``snr_dense_steps=10``) are not timed.
 
-    python benchmarks/warmup_diagnostics_overhead.py [--steps 100 --repeats 2]
+    python benchmarks/warmup_diagnostics_overhead.py [--steps 151 --skip 10 --repeats 2]
 """
 
 from __future__ import annotations
@@ -34,18 +35,33 @@ from modules.causal_lm import CausalLMModule  # noqa: E402
 
 
 class StepTimer(L.Callback):
-    """CPU and wall time of every optimizer step (batch start to batch end)."""
+    """CPU and wall time of every optimizer step, from one batch start to the next.
+
+    Timing start to start (and the last step to ``on_train_end``) charges every hook of every
+    callback to its step, whatever the order of the callbacks, plus data loading and logging.
+    """
 
     def __init__(self) -> None:
-        self.cpu: list[float] = []
-        self.wall: list[float] = []
+        self._cpu_marks: list[float] = []
+        self._wall_marks: list[float] = []
+
+    def _mark(self) -> None:
+        self._cpu_marks.append(time.process_time())
+        self._wall_marks.append(time.perf_counter())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._c, self._w = time.process_time(), time.perf_counter()
+        self._mark()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.cpu.append(time.process_time() - self._c)
-        self.wall.append(time.perf_counter() - self._w)
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._mark()
+
+    @property
+    def cpu(self) -> list[float]:
+        return [b - a for a, b in zip(self._cpu_marks, self._cpu_marks[1:], strict=False)]
+
+    @property
+    def wall(self) -> list[float]:
+        return [b - a for a, b in zip(self._wall_marks, self._wall_marks[1:], strict=False)]
 
 
 def run(with_callback: bool, steps: int, root: Path) -> StepTimer:
@@ -82,7 +98,12 @@ def run(with_callback: bool, steps: int, root: Path) -> StepTimer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="UpdateDiagnostics overhead")
-    parser.add_argument("--steps", type=int, default=101, help="steps per run (step 0 dropped)")
+    parser.add_argument("--steps", type=int, default=151, help="steps per run")
+    parser.add_argument(
+        "--skip", type=int, default=10,
+        help="leading steps not timed: step 0's one-off costs and the dense SNR phase "
+        "(snr_dense_steps=10), so the mean is the steady state at the default interval",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -93,17 +114,28 @@ def main() -> None:
             results[arm].append(run(arm == "with", args.steps, root))
 
     def per_step(arm: str, field: str) -> float:
-        # mean over steps 1.. (step 0 pays one-off costs), median over repeats
-        return statistics.median(statistics.fmean(getattr(t, field)[1:]) for t in results[arm])
+        # mean over the steady-state steps, median over repeats
+        return statistics.median(
+            statistics.fmean(getattr(t, field)[args.skip :]) for t in results[arm]
+        )
 
-    log_steps = [s for s in range(1, args.steps) if s % 25 == 0]
+    log_steps = [s for s in range(args.skip, args.steps) if s % 25 == 0]
+    plain_steps = [s for s in range(args.skip, args.steps) if s % 25 != 0]
+
+    def median_plain_step(arm: str) -> float:
+        # typical non-logging step: is there any per-step cost between logging steps?
+        return statistics.median(
+            statistics.median(t.cpu[s] for s in plain_steps) for t in results[arm]
+        )
+
     base_cpu = per_step("without", "cpu")
     log_step_cpu = statistics.median(
         statistics.fmean(t.cpu[s] for s in log_steps) for t in results["with"]
     )
     summary = {
         "model": "tiny-llama (quickstart), block 128, batch 16, AdamW, 1 thread",
-        "steps_timed": args.steps - 1,
+        "steps_timed": args.steps - args.skip,
+        "first_timed_step": args.skip,
         "repeats": args.repeats,
         "cpu_ms_per_step_without": 1e3 * base_cpu,
         "cpu_ms_per_step_with": 1e3 * per_step("with", "cpu"),
@@ -112,6 +144,8 @@ def main() -> None:
         "wall_ms_per_step_with": 1e3 * per_step("with", "wall"),
         "wall_overhead_pct": 100 * (per_step("with", "wall") / per_step("without", "wall") - 1),
         "cpu_ms_one_logging_step_with_snr": 1e3 * log_step_cpu,
+        "cpu_ms_median_non_logging_step_without": 1e3 * median_plain_step("without"),
+        "cpu_ms_median_non_logging_step_with": 1e3 * median_plain_step("with"),
         "note": "shared 2-core machine: CPU time is the primary measure",
     }
     print(f"{'':<34}{'without':>10}{'with':>10}{'overhead':>10}")
@@ -121,6 +155,10 @@ def main() -> None:
             f"{summary[f'{unit}_ms_per_step_with']:>10.1f}{summary[f'{unit}_overhead_pct']:>9.1f}%"
         )
     print(f"{'cpu ms of one logging+SNR step':<34}{'':>10}{log_step_cpu * 1e3:>10.1f}")
+    print(
+        f"{'median cpu ms, non-logging step':<34}{summary['cpu_ms_median_non_logging_step_without']:>10.1f}"
+        f"{summary['cpu_ms_median_non_logging_step_with']:>10.1f}"
+    )
     out = ROOT / "docs" / "results" / "benchmarks" / "warmup_diagnostics_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
