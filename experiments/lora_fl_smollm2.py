@@ -4,12 +4,12 @@ The paper's claim (Bossy et al. 2025) is about pretrained LLMs. This runs the pr
 ``experiments/lora_fl.py`` from ``smollm2-135m-instruct`` (offline preset, 30 Llama layers,
 135M parameters, its own BPE tokenizer) instead of the character-level base, scaled to the
 2-core CPU: 3 clients with 40/50/60 synthetic QA examples + 20 clinical-record canaries (6 x10,
-14 x1), examples packed into 128-token sequences, batch 4, 4 rounds of 1 local epoch, the
+14 x1), examples packed into 128-token sequences, batch 4, 4 rounds of 3 local epochs, the
 official LRs and LoRA of the paper's scripts (full FT AdamW 1e-4; LoRA r=16, alpha=8 on all 7
 projections, 1e-3), memorization with L in {8, 16, 24} tokens, S = 16, phi = 0 (phi = 1
 reported). Utility is the held-out answer exact match, as in the main experiment.
 
-    python experiments/lora_fl_smollm2.py             # A (full) and B (LoRA), seeds 0 1
+    python experiments/lora_fl_smollm2.py             # A (full) and B (LoRA), seed 0 (~35 min each)
     python experiments/lora_fl_smollm2.py --quick     # 1 seed, 1 round, 10 canaries
 
 Writes ``docs/results/lora_fl_smollm2/`` (runs, summary.json, plot) and the SmolLM2 section of
@@ -39,15 +39,18 @@ RESULTS = ROOT / "docs" / "results" / "lora_fl_smollm2"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--arms", nargs="+", default=["A_full", "B_lora"])
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument(
+        "--local-epochs", type=int, default=3,
+        help="3: with 1 epoch full FT memorized nothing (see docs)",
+    )  # fmt: skip
     parser.add_argument("--client-sizes", type=int, nargs=3, default=[40, 50, 60])
     parser.add_argument("--canaries", type=int, default=20)
     parser.add_argument("--lr-full", type=float, default=1e-4, help="official full-FT LR")
     parser.add_argument("--lr-lora", type=float, default=1e-3, help="official LoRA LR")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.set_defaults(
