@@ -73,38 +73,20 @@ except ImportError as err:  # pragma: no cover - depends on the optional install
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from lora_fl_round import MODEL, RoundTimer  # noqa: E402
+from lora_fl_round import (  # noqa: E402
+    BATCH,
+    CLIENT_SIZES,
+    MODEL,
+    SEED,
+    RoundTimer,
+    build,
+    round_trainer,
+)
 
-from datamodules.federated import CharVocab, FederatedTextDataModule  # noqa: E402
+from datamodules.federated import FederatedTextDataModule  # noqa: E402
 from modules.lora_fl import FederatedLoRAModule, derive_seed  # noqa: E402
 from modules.lora_fl_client import ClientTrainer  # noqa: E402
-from modules.lora_fl_settings import (  # noqa: E402
-    LoraFLSettings,
-    MemorizationSettings,
-    SecureAggregationSettings,
-)
 from ops.federated import flatten_tensors, normalize_weights, unflatten_like  # noqa: E402
-
-SEED = 0
-CLIENT_SIZES = [200, 250, 300]
-BATCH = 16
-
-
-def build(
-    mode: str, steps: int, rounds: int
-) -> tuple[FederatedLoRAModule, FederatedTextDataModule]:
-    """The module and data of ``benchmarks/lora_fl_round.py`` (same seeds => same init)."""
-    L.seed_everything(SEED, verbose=False)
-    module = FederatedLoRAModule(
-        model=MODEL, vocab_size=len(CharVocab()), finetune_mode=mode,
-        lora=LoraFLSettings(rank=4, alpha=2.0), local_steps=steps, local_warmup_steps=2,
-        secure_aggregation=SecureAggregationSettings(enabled=False),
-        memorization=MemorizationSettings(enabled=False), seed=SEED,
-    )  # fmt: skip
-    dm = FederatedTextDataModule(
-        num_rounds=rounds, client_sizes=CLIENT_SIZES, num_entities=100, batch_size=BATCH
-    )
-    return module, dm
 
 
 # ---------------------------------------------------------------------------- ours
@@ -125,11 +107,7 @@ CLIENT_S: list[float] = []
 def run_ours(mode: str, rounds: int, steps: int) -> dict:
     module, dm = build(mode, steps, rounds)
     timer = RoundTimer()
-    trainer = L.Trainer(
-        max_steps=rounds, accelerator="cpu", devices=1, logger=False, callbacks=[timer],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0,
-    )  # fmt: skip
+    trainer = round_trainer(rounds, timer)
     CLIENT_S.clear()
     # training_step looks ClientTrainer up in modules.lora_fl: time the clients for this run.
     lora_fl_module = sys.modules[FederatedLoRAModule.__module__]

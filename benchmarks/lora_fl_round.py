@@ -53,21 +53,41 @@ class RoundTimer(Callback):
         self.times.append(time.perf_counter() - self.t0)
 
 
-def measure(mode: str, secagg: bool, rounds: int, steps: int) -> dict:
-    L.seed_everything(0)
+SEED = 0
+CLIENT_SIZES = [200, 250, 300]
+BATCH = 16
+
+
+def build(
+    mode: str, steps: int, rounds: int, secagg: bool = False
+) -> tuple[FederatedLoRAModule, FederatedTextDataModule]:
+    """The benchmarked module and clients (also used by ``lora_fl_flower.py``: same seeds)."""
+    L.seed_everything(SEED, verbose=False)
     module = FederatedLoRAModule(
         model=MODEL, vocab_size=len(CharVocab()), finetune_mode=mode,
         lora=LoraFLSettings(rank=4, alpha=2.0), local_steps=steps, local_warmup_steps=2,
         secure_aggregation=SecureAggregationSettings(enabled=secagg),
-        memorization=MemorizationSettings(enabled=False),
+        memorization=MemorizationSettings(enabled=False), seed=SEED,
     )  # fmt: skip
-    dm = FederatedTextDataModule(client_sizes=[200, 250, 300], num_entities=100, batch_size=16)
-    timer = RoundTimer()
-    trainer = L.Trainer(
+    dm = FederatedTextDataModule(
+        num_rounds=rounds, client_sizes=CLIENT_SIZES, num_entities=100, batch_size=BATCH
+    )
+    return module, dm
+
+
+def round_trainer(rounds: int, timer: RoundTimer) -> L.Trainer:
+    """A quiet Trainer that runs ``rounds`` federated rounds and times each with ``timer``."""
+    return L.Trainer(
         max_steps=rounds, accelerator="cpu", devices=1, logger=False, callbacks=[timer],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0,
     )  # fmt: skip
+
+
+def measure(mode: str, secagg: bool, rounds: int, steps: int) -> dict:
+    module, dm = build(mode, steps, rounds, secagg)
+    timer = RoundTimer()
+    trainer = round_trainer(rounds, timer)
     trainer.fit(module, dm)
     return {
         "mode": mode + ("+secagg" if secagg else ""),
