@@ -141,6 +141,13 @@ ARMS_A = [
         0.01,
         transport_hessian="sample",
     ),
+    cubic_arm(
+        "hessian_corrected 0.01 transport=full (oracle)",
+        "hessian_corrected",
+        0.01,
+        0.01,
+        transport_hessian="full",
+    ),
     cubic_arm("hessian_corrected 0.03", "hessian_corrected", 0.03, 0.03),
     cubic_arm("hessian_corrected 0.1", "hessian_corrected", 0.1, 0.1),
     cubic_arm("grad momentum only", "hessian_corrected", 0.01, 1.0),
@@ -152,6 +159,17 @@ ARMS_A = [
 ARMS_C = [
     cubic_arm("no momentum", "none", 1.0, 1.0, step_type="reg_newton"),
     cubic_arm("hessian_corrected 0.01", "hessian_corrected", 0.01, 0.01, step_type="reg_newton"),
+    *[
+        cubic_arm(
+            f"hessian_corrected 0.01 transport={transport}",
+            "hessian_corrected",
+            0.01,
+            0.01,
+            step_type="reg_newton",
+            transport_hessian=transport.split()[0],
+        )
+        for transport in ("sample", "full (oracle)")
+    ],
     cubic_arm("hessian_corrected 0.1", "hessian_corrected", 0.1, 0.1, step_type="reg_newton"),
     cubic_arm("ema 0.1", "ema", 0.1, 0.1, step_type="reg_newton"),
     cubic_arm("ema 0.01", "ema", 0.01, 0.01, step_type="reg_newton"),

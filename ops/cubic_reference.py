@@ -109,6 +109,9 @@ def run_reference(
     """Run len(batches) steps from x₀ = 0; ``batches[t] = (idx_g, idx_h)`` are row indices of (A, y).
 
     ``callback(t, x_t)`` is called after every step (t = 1, 2, ...). Returns the final x.
+    ``transport_hessian`` is ``momentum`` (H_t) or ``sample`` (Ĥ_t) as in the optimizer, or ``full``:
+    the full-data Hessian at x_t, an oracle that no stochastic method has. It exists only to
+    separate the bias of H_t from the noise of Ĥ_t in ``experiments/cubic_newton.py``.
     """
     alpha0, beta0 = (1.0, 1.0) if momentum_type == "none" else (grad_momentum, hess_momentum)
     x = np.zeros(A.shape[1])
@@ -128,7 +131,14 @@ def run_reference(
         if m is None or alpha == 1:
             m = g.copy()
         elif momentum_type == "hessian_corrected":
-            Ht = Hm if transport_hessian == "momentum" else H_hat
+            if transport_hessian == "momentum":
+                Ht = Hm
+            elif transport_hessian == "sample":
+                Ht = H_hat
+            elif transport_hessian == "full":  # diagnostic oracle, see the docstring
+                Ht = logistic_hess(x, A, y, lam, reg)
+            else:
+                raise ValueError(f"unknown transport_hessian {transport_hessian!r}")
             m = (1 - alpha) * (m + Ht @ (x - x_prev)) + alpha * g
         else:
             m = (1 - alpha) * m + alpha * g

@@ -74,3 +74,19 @@ def test_reference_cubic_step_matches_exact_solver():
         H, m = 0.5 * (B + B.T), rng.normal(size=8) * 10.0 ** rng.integers(-6, 2)
         ref = solve_cubic_exact(torch.from_numpy(m), torch.from_numpy(H), 0.7).h.numpy()
         np.testing.assert_allclose(cubic_step(m, H, 0.7), ref, atol=1e-10)
+
+
+def test_full_transport_oracle_equals_sample_transport_on_full_batches():
+    """The ``full`` diagnostic transports with the full-data Hessian: when every Hessian batch is
+    the whole data set, Ĥ_t is that Hessian and both transports give the same iterates."""
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(40, 5))
+    y = np.sign(rng.normal(size=40))
+    every_row = np.arange(40)
+    batches = [(rng.integers(0, 40, size=1), every_row) for _ in range(20)]
+    kw = dict(lam=1e-2, reg="nonconvex", grad_momentum=0.1, hess_momentum=0.3)
+    full = run_reference(A, y, batches, transport_hessian="full", **kw)
+    np.testing.assert_allclose(full, run_reference(A, y, batches, transport_hessian="sample", **kw))
+    assert not np.allclose(full, run_reference(A, y, batches, transport_hessian="momentum", **kw))
+    with pytest.raises(ValueError, match="transport_hessian"):
+        run_reference(A, y, batches, transport_hessian="exact", **kw)
