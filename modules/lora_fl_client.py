@@ -69,7 +69,14 @@ class ClientTrainer:
         targets = labels[:, 1:]
         gf = self.m.goldfish
         drop = (
-            goldfish_drop_mask(input_ids[:, 1:], gf.k, gf.h, gf.strategy, gf.hash)
+            goldfish_drop_mask(
+                input_ids[:, 1:],
+                gf.k,
+                gf.h,
+                gf.strategy,
+                gf.hash,
+                incomplete_window=gf.incomplete_window,
+            )
             if gf.enabled
             else None
         )

@@ -37,6 +37,11 @@ class GoldfishSettings:
         h: hash context width (Goldfish paper: 13); the Bossy paper's k, h are (reconstructed).
         strategy: ``hash_table`` or ``static``.
         hash: ``mod_product`` (overflow-free) or ``wrapping_product`` (reference int64 product).
+        incomplete_window: ``keep`` (reference: the first ``h - 1`` targets of a row are never
+            dropped) or ``drop`` (they never enter the loss). Use ``drop`` with
+            ``packing_length``: packed rows start mid-document, and ``keep`` then trains every
+            straddling replica of a duplicated passage unmasked on up to ``h - 1`` tokens (our
+            addition, see ``ops.goldfish.goldfish_drop_mask``).
     """
 
     enabled: bool = False
@@ -44,6 +49,7 @@ class GoldfishSettings:
     h: int = 13
     strategy: Literal["hash_table", "static"] = "hash_table"
     hash: Literal["mod_product", "wrapping_product"] = "mod_product"
+    incomplete_window: Literal["keep", "drop"] = "keep"
 
 
 @dataclass

@@ -31,6 +31,7 @@ IGNORE_INDEX = -100
 
 GoldfishStrategy = Literal["hash_table", "static"]
 GoldfishHash = Literal["mod_product", "wrapping_product"]
+IncompleteWindow = Literal["keep", "drop"]
 
 
 @lru_cache(maxsize=2)
@@ -64,6 +65,7 @@ def goldfish_drop_mask(
     hash_mode: GoldfishHash = "mod_product",
     start: int | None = None,
     table: Tensor | None = None,
+    incomplete_window: IncompleteWindow = "keep",
 ) -> Tensor:
     """Boolean mask of the target positions dropped from the loss (``True`` = dropped).
 
@@ -75,6 +77,13 @@ def goldfish_drop_mask(
         hash_mode: ``mod_product`` (overflow-free, default) or ``wrapping_product`` (reference).
         start: first dropped position for ``static`` (default ``k - 1``: every k-th token).
         table: hash table (default ``goldfish_table()``).
+        incomplete_window: what ``hash_table`` does with the first ``h - 1`` positions, whose
+            window is cut by the start of the row. ``keep`` (reference): never dropped. ``drop``:
+            always left out of the loss. Use ``drop`` on packed rows (our addition, not in the
+            Goldfish paper): a row then starts mid-document, and with ``keep`` every replica of a
+            duplicated passage that straddles a row boundary is trained unmasked on up to
+            ``h - 1`` of its tokens, at a different offset per replica, so the replicas together
+            expose most of the positions the hash drops.
     """
     if not k >= 1:
         raise ValueError(f"goldfish k must be >= 1 (drop rate 1/k), got {k}")
@@ -91,6 +100,11 @@ def goldfish_drop_mask(
         raise ValueError(f"goldfish strategy must be 'hash_table' or 'static', got {strategy!r}")
     if h < 1:
         raise ValueError(f"goldfish context width h must be >= 1, got {h}")
+    if incomplete_window not in ("keep", "drop"):
+        raise ValueError(
+            f"goldfish incomplete_window must be 'keep' or 'drop', got {incomplete_window!r}"
+        )
+    mask[..., : h - 1] = incomplete_window == "drop"
     if ids.shape[-1] < h:
         return mask
     table = goldfish_table() if table is None else table

@@ -45,6 +45,44 @@ def test_first_positions_never_dropped_and_static_positions():
     assert static0[0].nonzero().flatten().tolist() == [0, 3, 6, 9]
 
 
+def _passage_in_row(passage: torch.Tensor, filler: torch.Tensor, offset: int, length: int):
+    """A packed row of ``length`` tokens in which ``passage`` starts at ``offset`` (< 0: the row
+    starts mid-passage, as a chunk boundary cuts it)."""
+    stream = torch.cat([filler, passage, filler])
+    start = len(filler) - offset
+    return stream[start : start + length]
+
+
+def test_incomplete_window_drop_closes_the_packed_row_leak():
+    """A replicated passage cut by a row boundary at different offsets (what packing does to a
+    x10 canary): with ``drop`` every passage token is either masked exactly as in the passage's
+    own hash or left out of the loss, so no replica supervises a hash-dropped token; with
+    ``keep`` (reference) the row's first h-1 tokens are trained, and the replicas that straddle a
+    boundary together supervise hash-dropped tokens."""
+    k, h, length = 4, 13, 48
+    gen = torch.Generator().manual_seed(3)
+    passage = torch.randint(2, 100, (40,), generator=gen)
+    filler = torch.randint(2, 100, (length,), generator=gen)
+    own = goldfish_drop_mask(passage, k, h)  # positions >= h-1 of the passage
+    hash_dropped = {p for p in range(h - 1, len(passage)) if own[p]}
+    assert hash_dropped
+    leaked = {"keep": set(), "drop": set()}
+    for offset in range(-30, 0):  # the row starts 1..30 tokens into the passage
+        row = _passage_in_row(passage, filler, offset, length)
+        for mode in leaked:
+            mask = goldfish_drop_mask(row, k, h, incomplete_window=mode)
+            for p in hash_dropped:
+                t = p + offset  # position of passage token p in the row
+                if 0 <= t < length and not mask[t]:
+                    leaked[mode].add(p)
+    assert leaked["drop"] == set()
+    assert leaked["keep"] == hash_dropped  # every hash-dropped token is trained by some replica
+    mask = goldfish_drop_mask(_ids(2, 30), k, h, incomplete_window="drop")
+    assert bool(mask[:, : h - 1].all())
+    with pytest.raises(ValueError, match="incomplete_window"):
+        goldfish_drop_mask(_ids(1, 30), k, h, incomplete_window="skip")
+
+
 def test_wrapping_product_matches_mod_product_when_no_overflow():
     ids = torch.randint(2, 5, (3, 30), generator=torch.Generator().manual_seed(2))
     a = goldfish_drop_mask(ids, k=4, h=4, hash_mode="mod_product")
