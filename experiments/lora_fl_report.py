@@ -29,6 +29,7 @@ def summarize(results: list[dict]) -> dict:
         table[arm] = {
             "seeds": [r["seed"] for r in runs],
             "answer_acc": _mean([r["answer_acc"] for r in runs]),
+            "answer_val_loss": _mean([r["val_loss"] for r in runs]),
             "exact_x10": _mean([r["mem_phi0"]["exact_x10"] for r in runs]),
             "exact_x1": _mean([r["mem_phi0"]["exact_x1"] for r in runs]),
             "approx_x10": _mean([r["mem_phi0"]["approx_x10"] for r in runs]),
@@ -93,13 +94,14 @@ def summarize(results: list[dict]) -> dict:
 
 def format_table(summary: dict) -> str:
     rows = [
-        "| arm | seeds | answer acc | exact x10 | exact x1 | BLEU>=0.75 x10 | worst exact x10 "
+        "| arm | seeds | answer acc | answer val loss | exact x10 | exact x1 | BLEU>=0.75 x10 | worst exact x10 "
         "| exact x10 (phi=1) | bytes/client/round | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, t in summary["arms"].items():
         rows.append(
-            f"| {arm} | {len(t['seeds'])} | {t['answer_acc']:.3f} | {t['exact_x10']:.3f} | "
+            f"| {arm} | {len(t['seeds'])} | {t['answer_acc']:.3f} | {t['answer_val_loss']:.2f} | "
+            f"{t['exact_x10']:.3f} | "
             f"{t['exact_x1']:.3f} | {t['approx_x10']:.3f} | {t['worst_exact_x10']:.3f} | "
             f"{t['exact_x10_phi1']:.3f} | {t['bytes_per_client_round'] / 1e3:.0f} kB | "
             f"{t['wall_s']:.0f} |"
