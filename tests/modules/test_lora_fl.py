@@ -11,7 +11,13 @@ from datamodules.federated import CharVocab, FederatedTextDataModule
 from modules.hf_models import build_causal_lm
 from modules.lora_fl import FederatedLoRAModule
 from modules.lora_fl_client import ClientTrainer
-from modules.lora_fl_settings import LoraFLSettings, MemorizationSettings, SecureAggregationSettings
+from modules.lora_fl_settings import (
+    GoldfishSettings,
+    LoraFLSettings,
+    MemorizationSettings,
+    SecureAggregationSettings,
+)
+from ops.goldfish import goldfish_drop_mask
 from ops.memorization import greedy_continue
 
 VOCAB = len(CharVocab())
@@ -90,6 +96,27 @@ def test_full_finetuning_clients_start_from_global_weights():
     assert torch.equal(m.flat_server_state(), theta)
     after_other, _ = run.run(1, seed=5)
     assert torch.equal(alone, after_other)
+
+
+@pytest.mark.parametrize("incomplete_window", ["keep", "drop"])
+def test_client_loss_applies_the_goldfish_settings(incomplete_window):
+    """The local loss is CE over the targets that ``goldfish_drop_mask`` keeps, with the
+    module's k, h and ``incomplete_window`` (``drop``: the row's first h-1 targets leave too)."""
+    gf = GoldfishSettings(enabled=True, k=3, h=5, incomplete_window=incomplete_window)
+    m = _module(goldfish=gf, memorization=MemorizationSettings(enabled=False))
+    dm = _dm(canaries=0)
+    dm.build()
+    batch = dm.collate(dm.client_rows[0][:4])
+    ids, labels = batch["input_ids"], batch["labels"]
+    with torch.no_grad():
+        got = ClientTrainer(m, dm, 0, dm.client_num_samples).loss(ids, labels)
+        logits = m.net(input_ids=ids).logits[:, :-1]
+    targets = labels[:, 1:]
+    drop = goldfish_drop_mask(ids[:, 1:], 3, 5, incomplete_window=incomplete_window)
+    keep = (targets != -100) & ~drop
+    assert bool(drop[:, :4].all()) == (incomplete_window == "drop")
+    ce = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(got, ce)
 
 
 def test_lora_round_changes_only_targets_and_fresh_adapter_is_identity():
