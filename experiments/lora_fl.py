@@ -165,7 +165,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke version (tiny sizes)")
     parser.add_argument("--pretrain-only", action="store_true")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of A-D (E, F: the first)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of A-D (E, F: the first)"
+    )
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--client-sizes", type=int, nargs=3, default=[100, 125, 150])
@@ -202,7 +204,9 @@ def main() -> None:
     runs_dir = args.out / "runs"
     runs_dir.mkdir(exist_ok=True)
     if not args.merge:
-        jobs = [(a, s) for a in args.arms for s in (args.seeds if a[0] in "ABCD" else args.seeds[:1])]
+        jobs = [
+            (a, s) for a in args.arms for s in (args.seeds if a[0] in "ABCD" else args.seeds[:1])
+        ]
         if args.shard:
             wanted = {tuple(x.split(":")) for x in args.shard.split(",")}
             jobs = [(a, s) for a, s in jobs if (a, str(s)) in wanted]
