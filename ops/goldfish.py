@@ -9,7 +9,9 @@ is what stops memorization of duplicates.
 * ``static``: drop positions ``start, start + k, start + 2k, ...``;
 * ``hash_table``: for 0-indexed ``t >= h - 1``, ``key_t = prod_{u=t-h+1..t} y_u mod P`` with
   ``P = 1_000_003``; drop iff ``table[key_t] < 1/k``; ``table`` holds ``P`` uniforms drawn by a CPU
-  generator seeded 2971215073 (built on CPU so the mask is device-independent).
+  generator seeded 2971215073 (built on CPU so the mask is device-independent). The first
+  ``h - 1`` positions are never dropped (reference), or always with ``incomplete_window="drop"``
+  (our addition for packed rows).
 
 Token id 0 makes the product 0, so every window containing id 0 shares one decision (a known
 property of the reference hash); never hash ignore-index labels.
