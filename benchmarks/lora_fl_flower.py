@@ -76,6 +76,7 @@ import torch  # noqa: E402
 from lora_fl_round import (  # noqa: E402
     BATCH,
     CLIENT_SIZES,
+    LORA,
     MODEL,
     SEED,
     RoundTimer,
@@ -409,8 +410,8 @@ def main() -> None:
             "client_sizes_arg": CLIENT_SIZES,
             "batch_size": BATCH,
             "model": MODEL,
-            "lora_rank": 4,
-            "lora_alpha": 2.0,
+            "lora_rank": LORA.rank,
+            "lora_alpha": LORA.alpha,
             "lora_aggregation": "merged_delta_mean",
             "warmup_rounds_dropped": 1,
         },

@@ -56,6 +56,7 @@ class RoundTimer(Callback):
 SEED = 0
 CLIENT_SIZES = [200, 250, 300]
 BATCH = 16
+LORA = LoraFLSettings(rank=4, alpha=2.0)
 
 
 def build(
@@ -65,7 +66,7 @@ def build(
     L.seed_everything(SEED, verbose=False)
     module = FederatedLoRAModule(
         model=MODEL, vocab_size=len(CharVocab()), finetune_mode=mode,
-        lora=LoraFLSettings(rank=4, alpha=2.0), local_steps=steps, local_warmup_steps=2,
+        lora=LORA, local_steps=steps, local_warmup_steps=2,
         secure_aggregation=SecureAggregationSettings(enabled=secagg),
         memorization=MemorizationSettings(enabled=False), seed=SEED,
     )  # fmt: skip

@@ -9,7 +9,7 @@ official LRs and LoRA of the paper's scripts (full FT AdamW 1e-4; LoRA r=16, alp
 projections, 1e-3), memorization with L in {8, 16, 24} tokens, S = 16, phi = 0 (phi = 1
 reported). Utility is the held-out answer exact match, as in the main experiment.
 
-    python experiments/lora_fl_smollm2.py             # A (full) and B (LoRA), seed 0 (~35 min each)
+    python experiments/lora_fl_smollm2.py             # A (full), B (LoRA), seeds 0-2 (~30 min each)
     python experiments/lora_fl_smollm2.py --quick     # 1 seed, 1 round, 10 canaries
 
 Writes ``docs/results/lora_fl_smollm2/`` (runs, summary.json, plot) and the SmolLM2 section of
@@ -39,7 +39,7 @@ RESULTS = ROOT / "docs" / "results" / "lora_fl_smollm2"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=["A_full", "B_lora"])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument(
