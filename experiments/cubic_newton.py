@@ -44,6 +44,7 @@ from ops.cubic_reference import (
     logistic_value,
     run_reference,
 )
+from ops.docs_section import replace_section
 
 OUT = ROOT / "docs" / "results" / "cubic_newton"
 DOC = ROOT / "docs" / "cubic-newton-momentum.md"
@@ -396,7 +397,7 @@ def _table(res: dict, label: str) -> list[str]:
 
 def write_doc(s: dict) -> None:
     cfg = s["config"]
-    out = [BEGIN, "", f"Produced by `{s['command'].strip()}` (T = {cfg['steps']}, seeds "
+    out = ["", f"Produced by `{s['command'].strip()}` (T = {cfg['steps']}, seeds "
            f"{cfg['seeds']}, n = {cfg['n']}, d = {cfg['d']}, data seed {cfg['data_seed']}; wall "
            f"seconds per part {({k: round(v) for k, v in s['seconds'].items()})} on 2 heavily "
            "shared CPU cores).", ""]  # fmt: skip
@@ -428,17 +429,8 @@ def write_doc(s: dict) -> None:
     for k, v in s["acceptance"].items():
         ratio = f"{v['ratio']:.3f}" if "ratio" in v else "–"
         out.append(f"| {k} | {ratio} | {'yes' if v['held'] else 'NO'} |")
-    out += ["", END]
-    text = (
-        DOC.read_text()
-        if DOC.exists()
-        else f"# Stochastic cubic Newton with momentum\n\n{BEGIN}\n{END}\n"
-    )
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    DOC.write_text(head + "\n".join(out) + tail)
+    out.append("")
+    replace_section(DOC, BEGIN, END, "\n".join(out), title="Stochastic cubic Newton with momentum")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from pathlib import Path
+
+from ops.docs_section import replace_section
 
 SECAGG_BOUND = 3 * 2.0**-25 + 1e-6  # C * 2^-(f+1) + 1e-6 with C = 3 clients, f = 24
 
@@ -172,10 +173,6 @@ def write_report(
                 shown = "[" + ", ".join(f"{x:.2e}" for x in v) + "]"
             lines.append(f"- `{k}`: {shown}")
         lines += ["", *[f"![{p}](results/{out.name}/{p})" for p in plots]]
-        block = "\n".join(lines)
-        text = page.read_text() if page.exists() else ""
         start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-        if start in text and end in text:
-            text = re.sub(f"{start}.*?{end}", f"{start}\n{block}\n{end}", text, flags=re.S)
-            page.write_text(text)
+        replace_section(page, start, end, "\n".join(lines))
     return summary

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from statistics import fmean as mean
 from typing import Any
 
+from ops.docs_section import replace_section
 from ops.warmup import lionar_target_angle
 from optim.schedules import trapezoidal_factor
 
@@ -30,10 +32,6 @@ def early_max_angle(r: dict[str, Any]) -> float:
     """Max global angular update over the first 10 steps (check 2)."""
     h = r["history"]["warmup/global/angle"]
     return max(v for t, v in h.items() if int(t) < 10)
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 
 def evaluate(a0, a5, r0, n0, lion, by_seed, lr_star, r_star, args) -> dict[str, Any]:
@@ -252,7 +250,6 @@ def write_doc(summary: dict[str, Any], doc: Path) -> None:
     """Rewrite the measured section of the docs page between the result markers."""
     s = summary
     lines = [
-        START,
         (
             f"Evaluated by `{s['command']}` from the cached runs in `docs/results/warmup/runs/`"
             " (each run's wall time is in its JSON)."
@@ -317,9 +314,5 @@ def write_doc(summary: dict[str, Any], doc: Path) -> None:
         "![early steps](results/warmup/early_steps.png)",
         "![loss vs LR](results/warmup/loss_vs_lr.png)",
         "![noise scale](results/warmup/noise_scale.png)",
-        END,
     ]
-    text = doc.read_text() if doc.exists() else f"# Warmup diagnostics\n\n{START}\n{END}\n"
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    doc.write_text(head + "\n".join(lines) + tail)
+    replace_section(doc, START, END, "\n".join(lines), title="Warmup diagnostics")
