@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from ops.docs_section import replace_section
+
 START, END = "<!-- measured:start -->", "<!-- measured:end -->"
 
 
@@ -111,7 +113,7 @@ def _yes(flag: bool) -> str:
 
 
 def measured_section(s: dict) -> str:
-    lines = [START, "", "## Measured results", ""]
+    lines = ["", "## Measured results", ""]
     lines.append("Produced by `python experiments/fo_maml.py` (parts A-E: `--parts abcde`, part F: "
                  "`--parts f --seeds 0 1 2 --mnist-steps 300`), 2 shared CPU cores, float64 for A-D.")  # fmt: skip
     lines.append("")
@@ -186,13 +188,10 @@ def measured_section(s: dict) -> str:
     for part in sorted(k for k in s if isinstance(s[k], dict) and "accept" in s[k]):
         for item, ok in s[part]["accept"].items():
             lines.append(f"| {part.upper()} | `{item}` | {_yes(ok)} |")
-    lines += ["", "Plots: `docs/results/fo_maml/*.png`.", "", END]
+    lines += ["", "Plots: `docs/results/fo_maml/*.png`.", ""]
     return "\n".join(lines)
 
 
 def write_docs(summary: dict, path: Path) -> None:
     """Replace the measured section of the doc page (between the markers), keep the rest."""
-    text = path.read_text() if path.exists() else f"# FO-B-MAML\n\n{START}\n{END}\n"
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(head + measured_section(summary) + tail)
+    replace_section(path, START, END, measured_section(summary), title="FO-B-MAML")

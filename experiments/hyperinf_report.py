@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+
+from ops.docs_section import replace_section
 
 START, END = "<!-- measured:start -->", "<!-- measured:end -->"
 ARMS = {
@@ -181,7 +182,6 @@ def print_tables(summary: dict, methods: list[str]) -> None:
 def write_docs(summary: dict, methods: list[str], doc: Path) -> None:
     body = "\n".join(
         [
-            START,
             f"Produced by `{summary['command']}` (torch {summary['torch']}, 2 shared CPU cores, "
             f"one intra-op thread, {summary['runtime_s']:.0f} s in total). Raw numbers: "
             "`docs/results/hyperinf/summary.json`.",
@@ -202,11 +202,6 @@ def write_docs(summary: dict, methods: list[str], doc: Path) -> None:
             "![V2 AUC](results/hyperinf/v2_auc.png)",
             "",
             "![V2 detection curves](results/hyperinf/v2_detection_curve.png)",
-            END,
         ]
     )
-    text = doc.read_text() if doc.exists() else f"# HyperINF\n\n{START}\n{END}\n"
-    if START not in text:
-        text += f"\n{START}\n{END}\n"
-    text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
-    doc.write_text(text)
+    replace_section(doc, START, END, body, title="HyperINF")

@@ -29,6 +29,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from ops.docs_section import replace_section  # noqa: E402
+
 RESULTS = REPO / "docs" / "results" / "layer_parallel"
 DOC = REPO / "docs" / "layer-parallel.md"
 
@@ -396,7 +399,7 @@ def write_doc(summary: dict, command: str, doc: Path) -> None:
     res = summary["runs"][0]
     acc = summary["acceptance"][0]
     ex = res["exactness"]
-    parts = [start, "", f"Command: `{command}` ({summary['elapsed_s']:.0f} s).", "", table(res), ""]
+    parts = ["", f"Command: `{command}` ({summary['elapsed_s']:.0f} s).", "", table(res), ""]
     parts.append(
         f"Exactness on the trained model (pairs (2,3),(4,5), fp32): fused vs reference max |dlogit| "
         f"{ex['fused_vs_reference_full']:.1e} (full sequence), {ex['fused_vs_reference_decode']:.1e} "
@@ -434,12 +437,8 @@ def write_doc(summary: dict, command: str, doc: Path) -> None:
     parts += ["", "![ppl ratio](results/layer_parallel/ppl_ratio.png)"]
     if "decode" in res:
         parts += ["![decode](results/layer_parallel/decode_speedup.png)"]
-    parts += ["", end]
-    text = doc.read_text() if doc.exists() else f"# Layer parallelism\n\n{start}\n{end}\n"
-    if start not in text:
-        text += f"\n{start}\n{end}\n"
-    head, rest = text.split(start, 1)
-    doc.write_text(head + "\n".join(parts) + rest.split(end, 1)[1])
+    parts.append("")
+    replace_section(doc, start, end, "\n".join(parts), title="Layer parallelism")
 
 
 def main() -> None:
