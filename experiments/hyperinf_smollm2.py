@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiments.hyperinf_report import method_table  # noqa: E402
+from ops.docs_section import replace_section  # noqa: E402
 
 METHODS = [
     "hyperinf",
@@ -211,13 +211,7 @@ def table_lines(summary: dict) -> list[str]:
 
 
 def write_docs(summary: dict, doc: Path) -> None:
-    text = doc.read_text()
-    block = "\n".join([START, *table_lines(summary), END])
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
+    replace_section(doc, START, END, "\n".join(table_lines(summary)), title="HyperINF")
 
 
 def main() -> None:

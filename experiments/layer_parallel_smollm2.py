@@ -37,6 +37,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from ops.docs_section import replace_section  # noqa: E402
+
 RESULTS = REPO / "docs" / "results" / "layer_parallel_smollm2"
 DOC = REPO / "docs" / "layer-parallel.md"
 PRESET = "smollm2-135m-instruct"
@@ -227,12 +229,12 @@ def write_doc(res: dict, command: str, doc: Path) -> None:
         f"{res['window']}); sequential perplexity {res['ppl_seq']:.3f}."
     )
     png = "![ppl ratio](results/layer_parallel_smollm2/ppl_ratio.png)"
-    body = [START, "", head, "", table(res), "", png, "", END]
     text = doc.read_text() if doc.exists() else "# Layer parallelism\n"
-    if START not in text:
-        text += f"\n## SmolLM2-135M-Instruct (pretrained, 30 layers)\n\n{START}\n{END}\n"
-    head, rest = text.split(START, 1)
-    doc.write_text(head + "\n".join(body) + rest.split(END, 1)[1])
+    if START not in text:  # first run: the section heading goes with the markers
+        doc.write_text(
+            f"{text}\n## SmolLM2-135M-Instruct (pretrained, 30 layers)\n\n{START}\n{END}\n"
+        )
+    replace_section(doc, START, END, "\n".join(["", head, "", table(res), "", png, ""]))
 
 
 def main() -> None:
