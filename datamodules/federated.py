@@ -88,7 +88,10 @@ class _HFVocab:
 
 
 def pad_collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100 to the longest row."""
+    """Right-pad ``input_ids`` with ``pad_id`` and ``labels`` with -100 to the longest row.
+
+    Rows that all carry a ``client`` index (held-out questions) also give a ``client`` tensor.
+    """
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -96,7 +99,10 @@ def pad_collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         n = len(r["input_ids"])
         ids[i, :n] = torch.tensor(r["input_ids"])
         labels[i, :n] = torch.tensor(r["labels"])
-    return {"input_ids": ids, "labels": labels}
+    batch = {"input_ids": ids, "labels": labels}
+    if all("client" in r for r in rows):
+        batch["client"] = torch.tensor([r["client"] for r in rows], dtype=torch.long)
+    return batch
 
 
 class FederatedTextDataModule(L.LightningDataModule):
@@ -234,7 +240,10 @@ class FederatedTextDataModule(L.LightningDataModule):
             self.client_canary_rows.append(shares[c])
         self.canaries = canary
         self.val_rows = [
-            self._row(q + a, prompt_len=len(self.vocab.encode(q)), where=f"val client {c}")
+            {
+                **self._row(q + a, prompt_len=len(self.vocab.encode(q)), where=f"val client {c}"),
+                "client": c,
+            }
             for c, pairs in enumerate(val_qa)
             for q, a in pairs
         ]

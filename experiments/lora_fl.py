@@ -154,6 +154,10 @@ def run_arm(name: str, seed: int, base: Path | str, args: argparse.Namespace) ->
     mem1 = module.evaluate_memorization()
     return {
         "arm": name, "seed": seed, "answer_acc": float(utility["val/answer_acc"]),
+        "answer_first_token_acc": float(utility["val/answer_first_token_acc"]),
+        "answer_acc_per_client": [
+            float(utility[f"val/answer_acc_client{c}"]) for c in range(len(args.client_sizes))
+        ],
         "val_loss": float(utility["val/loss"]), "mem_phi0": mem0, "mem_phi1": mem1,
         "rounds": module.history, "wall_s": wall,
         "bytes_per_client_round": module.history[-1]["round/bytes_per_client"],

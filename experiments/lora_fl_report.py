@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+from datamodules.federated_data import TEMPLATE_FAMILIES
 from ops.docs_section import replace_section
 
 SECAGG_BOUND = 3 * 2.0**-25 + 1e-6  # C * 2^-(f+1) + 1e-6 with C = 3 clients, f = 24
@@ -44,6 +45,12 @@ def summarize(results: list[dict]) -> dict:
             "per_seed_exact_x10": [r["mem_phi0"]["exact_x10"] for r in runs],
             "per_seed_acc": [r["answer_acc"] for r in runs],
         }
+        if all("answer_acc_per_client" in r for r in runs):
+            table[arm]["answer_first_token_acc"] = _mean(
+                [r["answer_first_token_acc"] for r in runs]
+            )
+            per_client = zip(*(r["answer_acc_per_client"] for r in runs), strict=True)
+            table[arm]["answer_acc_per_client"] = [_mean(list(c)) for c in per_client]
     checks = {}
     a, b = arms.get("A_full", []), arms.get("B_lora", [])
     if a and b:
@@ -110,6 +117,25 @@ def format_table(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def format_utility_table(summary: dict) -> str:
+    """Utility per client (one template family each) and of the first answer token alone."""
+    arms = {a: t for a, t in summary["arms"].items() if "answer_acc_per_client" in t}
+    if not arms:
+        return ""
+    n = len(next(iter(arms.values()))["answer_acc_per_client"])
+    names = [f"client {c} ({TEMPLATE_FAMILIES[c % len(TEMPLATE_FAMILIES)]})" for c in range(n)]
+    rows = [
+        "| arm | answer acc | " + " | ".join(names) + " | first answer token acc |",
+        "|---|---|" + "---|" * n + "---|",
+    ]
+    for arm, t in arms.items():
+        cells = " | ".join(f"{a:.3f}" for a in t["answer_acc_per_client"])
+        rows.append(
+            f"| {arm} | {t['answer_acc']:.3f} | {cells} | {t['answer_first_token_acc']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
 def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
     import matplotlib
 
@@ -160,13 +186,18 @@ def write_report(
     summary["command"] = command
     summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     table = format_table(summary)
-    print(table)
+    utility = format_utility_table(summary)
+    print(table, utility, sep="\n\n")
     print(json.dumps(summary["acceptance"], indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plots = plot(summary, results, out)
     if docs is not None:
         page = docs / "lora-fl-memorization.md"
-        lines = [f"Command: `{command}`", "", table, "", "Acceptance (spec section 6):", ""]
+        lines = [f"Command: `{command}`", "", table, ""]
+        if utility:
+            lines += ["Utility per client (held-out questions of its template family):", "",
+                      utility, ""]  # fmt: skip
+        lines += ["Acceptance (spec section 6):", ""]
         for k, v in summary["acceptance"].items():
             shown = f"{v:.3g}" if isinstance(v, float) else v
             if isinstance(v, list):

@@ -341,10 +341,22 @@ class FederatedLoRAModule(L.LightningModule):
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
         )
         # Teacher-forced argmax over the whole answer == greedy decoding reproduces the answer.
-        correct = ((logits.argmax(-1) == targets) | ~valid).all(dim=1).float()
+        hits = (logits.argmax(-1) == targets) | ~valid
+        correct = hits.all(dim=1).float()
+        # The first answer token is the one a shared template suffix ("The answer is: ") decides
+        # alone; its accuracy separates "cannot start the answer" from "does not know it".
+        first = valid.int().argmax(dim=1)
+        first_correct = hits.gather(1, first[:, None]).squeeze(1).float()
         n = batch["input_ids"].shape[0]
         self.log("val/loss", loss, batch_size=n)
         self.log("val/answer_acc", correct.mean(), batch_size=n, prog_bar=True)
+        self.log("val/answer_first_token_acc", first_correct.mean(), batch_size=n)
+        if "client" in batch:  # utility per client: one template family / data source each
+            for c in batch["client"].unique().tolist():
+                mine = batch["client"] == c
+                self.log(
+                    f"val/answer_acc_client{c}", correct[mine].mean(), batch_size=int(mine.sum())
+                )
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

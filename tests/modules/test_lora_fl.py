@@ -197,3 +197,36 @@ def test_smoke_config_runs_through_the_cli(tmp_path, repo_root):
     metrics = json.loads(metrics_file.read_text())["metrics"]
     assert metrics["round"] == 2.0 and "mem/exact_x10" in metrics and "val/answer_acc" in metrics
     assert metrics["round/bytes_per_client"] > 0
+
+
+class _NextTokenOracle(torch.nn.Module):
+    """Predicts each next token of its input, except the second answer token of row 0."""
+
+    def __init__(self, vocab: int, spoil: tuple[int, int]):
+        super().__init__()
+        self.vocab, self.spoil = vocab, spoil
+
+    def forward(self, input_ids):
+        nxt = torch.roll(input_ids, -1, dims=1)
+        nxt[self.spoil] = (nxt[self.spoil] + 1) % self.vocab
+        logits = torch.nn.functional.one_hot(nxt, self.vocab).float()
+        return type("Out", (), {"logits": logits})()
+
+
+def test_validation_logs_utility_per_client_and_first_answer_token():
+    dm = _dm()
+    dm.build()
+    rows = [dm.val_rows[0], dm.val_rows[1], dm.val_rows[4], dm.val_rows[8]]  # clients 0, 0, 1, 2
+    assert [r["client"] for r in rows] == [0, 0, 1, 2]
+    batch = dm.collate(rows)
+    first_answer_target = int((batch["labels"][0, 1:] != -100).int().argmax())
+    m = _module(finetune_mode="lora", memorization=MemorizationSettings(enabled=False))
+    m.net = _NextTokenOracle(VOCAB, spoil=(0, first_answer_target + 1))
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, (float(value), kw["batch_size"]))
+    m.validation_step(batch, 0)
+    assert logged["val/answer_acc"] == (0.75, 4)  # row 0 misses its second answer token
+    assert logged["val/answer_first_token_acc"] == (1.0, 4)
+    assert logged["val/answer_acc_client0"] == (0.5, 2)
+    assert logged["val/answer_acc_client1"] == (1.0, 1)
+    assert logged["val/answer_acc_client2"] == (1.0, 1)
