@@ -350,13 +350,18 @@ def main(argv=None) -> dict:
     return summary
 
 
+def _setting(config: dict) -> dict:
+    """The configuration that parts merged into one summary must share (all but which parts)."""
+    return {k: v for k, v in config.items() if k not in ("parts", "out", "quick")}
+
+
 def merge_summary(path: Path, new: dict) -> dict:
     """Parts can run as separate processes (``--parts A``, ``--parts C`` ...): merge into summary.json."""
     if not path.exists():
         return new
     old = json.loads(path.read_text())
-    if old.get("config", {}).get("steps") != new["config"]["steps"]:
-        return new  # a different T: start over rather than mix runs
+    if _setting(old.get("config", {})) != _setting(new["config"]):
+        return new  # another T, data draw, seed list ...: start over rather than mix runs
     merged = {**old, **{k: v for k, v in new.items() if k not in ("seconds", "command")}}
     merged["seconds"] = {**old.get("seconds", {}), **new["seconds"]}
     merged["command"] = "python experiments/cubic_newton.py"
