@@ -38,6 +38,7 @@ from datamodules.federated import (  # noqa: E402
     pad_collate,
 )
 from datamodules.federated_data import pack_sequences  # noqa: E402
+from datamodules.synthetic_corpus import entity_table, qa_pairs  # noqa: E402
 from experiments.lora_fl_report import write_report  # noqa: E402
 from modules.hf_models import build_causal_lm  # noqa: E402
 from modules.lora_fl import FederatedLoRAModule  # noqa: E402
@@ -48,6 +49,7 @@ from modules.lora_fl_settings import (  # noqa: E402
     NoiseSettings,
     SecureAggregationSettings,
 )
+from ops.answer_match import answer_hits  # noqa: E402
 from optim.schedules import warmup_cosine_factor  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results" / "lora_fl"
@@ -102,6 +104,26 @@ def pretrain_base(out: Path, steps: int, num_entities: int, seed: int = 1234) ->
     out.mkdir(parents=True, exist_ok=True)
     net.save_pretrained(out)
     return out
+
+
+@torch.no_grad()
+def base_fact_recall(base: Path, num_entities: int) -> float:
+    """Share of the entity table's facts the base model answers in its pretraining format.
+
+    Every (entity, attribute) question as ``Q: ... A: <answer>`` (the held-out facts of the
+    fine-tuning clients included), scored like utility: teacher-forced exact match of the answer.
+    """
+    vocab = CharVocab()
+    net = build_causal_lm(str(base), vocab_size=len(vocab), dtype="float32").eval()
+    rows = []
+    for entity in entity_table(num_entities, seed=0):
+        for question, answer in qa_pairs(entity):
+            prompt = vocab.encode(f"Q: {question} A: ")
+            ids = [*prompt, *vocab.encode(answer)]
+            rows.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :]})
+    batch = pad_collate(rows, vocab.pad_token_id)
+    correct, _ = answer_hits(net(input_ids=batch["input_ids"]).logits, batch["labels"])
+    return float(correct.mean())
 
 
 def run_arm(name: str, seed: int, base: Path | str, args: argparse.Namespace) -> dict:
@@ -232,7 +254,8 @@ def main() -> None:
         )
     # The docs page shows the default output directory only (calibration runs go elsewhere).
     docs = ROOT / "docs" if args.out.resolve() == RESULTS.resolve() else None
-    write_report(results, args, args.out, command, docs=docs)
+    recall = base_fact_recall(base, args.num_entities)
+    write_report(results, args, args.out, command, docs=docs, base_fact_recall=recall)
 
 
 if __name__ == "__main__":

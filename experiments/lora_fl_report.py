@@ -178,11 +178,20 @@ def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
 
 
 def write_report(
-    results: list[dict], args, out: Path, command: str, docs: Path | None, section: str = "measured"
+    results: list[dict],
+    args,
+    out: Path,
+    command: str,
+    docs: Path | None,
+    section: str = "measured",
+    base_fact_recall: float | None = None,
 ) -> dict:
     """Print and save the summary and plots; rewrite the docs page between the ``section``
-    markers (``<!-- measured:start -->`` for the main experiment) when ``docs`` is given."""
+    markers (``<!-- measured:start -->`` for the main experiment) when ``docs`` is given.
+    ``base_fact_recall``: share of the entity facts the base model answers before fine-tuning."""
     summary = summarize(results)
+    if base_fact_recall is not None:
+        summary["base_fact_recall"] = base_fact_recall
     summary["command"] = command
     summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     table = format_table(summary)
@@ -197,6 +206,10 @@ def write_report(
         if utility:
             lines += ["Utility per client (held-out questions of its template family):", "",
                       utility, ""]  # fmt: skip
+        if base_fact_recall is not None:
+            lines += [f"Base model before fine-tuning: answers {base_fact_recall:.3f} of the "
+                      "entity table's facts (held-out ones included) in its pretraining format "
+                      "`Q: ... A: ...` (teacher-forced exact match).", ""]  # fmt: skip
         lines += ["Acceptance (spec section 6):", ""]
         for k, v in summary["acceptance"].items():
             shown = f"{v:.3g}" if isinstance(v, float) else v

@@ -41,6 +41,7 @@ from modules.lora_fl_settings import (
 )
 from ops import dp
 from ops import secure_aggregation as sa
+from ops.answer_match import answer_hits
 from ops.federated import (
     LoraAggregation,
     apply_server_update,
@@ -334,19 +335,13 @@ class FederatedLoRAModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         assert self.net is not None
-        logits = self.net(input_ids=batch["input_ids"]).logits[:, :-1]
-        targets = batch["labels"][:, 1:]
-        valid = targets != -100
+        logits = self.net(input_ids=batch["input_ids"]).logits
         loss = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            batch["labels"][:, 1:].reshape(-1),
+            ignore_index=-100,
         )
-        # Teacher-forced argmax over the whole answer == greedy decoding reproduces the answer.
-        hits = (logits.argmax(-1) == targets) | ~valid
-        correct = hits.all(dim=1).float()
-        # The first answer token is the one a shared template suffix ("The answer is: ") decides
-        # alone; its accuracy separates "cannot start the answer" from "does not know it".
-        first = valid.int().argmax(dim=1)
-        first_correct = hits.gather(1, first[:, None]).squeeze(1).float()
+        correct, first_correct = answer_hits(logits, batch["labels"])
         n = batch["input_ids"].shape[0]
         self.log("val/loss", loss, batch_size=n)
         self.log("val/answer_acc", correct.mean(), batch_size=n, prog_bar=True)
