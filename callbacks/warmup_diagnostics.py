@@ -27,11 +27,20 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from ops.warmup import angle_from_sums, angular_update, noise_scale, rows, rrc, update_norms
+from ops.warmup import (
+    angle_from_sums,
+    angular_update,
+    noise_scale,
+    normalized_difference_sums,
+    rrc,
+    squared_norm,
+    update_norms,
+)
 from ops.warmup_batches import batch_size, flat_grad, split_halves, to_cpu
 from optim.lion import Lion
 
@@ -113,7 +122,8 @@ class UpdateDiagnostics(Callback):
         self._probe: Any = None
         self._probe_inputs: dict[str, Tensor] = {}
         self._ema = {"g2": 0.0, "tr": 0.0, "n": 0}
-        self._gen_state: Tensor | None = None
+        self._draws = 0  # fresh SNR batches drawn so far (the same count on every rank)
+        self._inputs_restored = False
         self._pending: dict[str, Any] | None = None
         self._snr_done_step = -1
         self._hist: Tensor | None = None
@@ -142,12 +152,15 @@ class UpdateDiagnostics(Callback):
         }
 
     def _generator(self, trainer: L.Trainer) -> torch.Generator:
-        gen = torch.Generator()
-        if self._gen_state is not None:
-            gen.set_state(self._gen_state)
-        else:
-            gen.manual_seed(self.seed + 1000 * trainer.global_rank)
-        return gen
+        """A generator for the next fresh batch of this rank, from (seed, rank, draws so far).
+
+        Derived rather than stored, so that a run resumed from a checkpoint (written by rank 0)
+        still draws different batches on every rank, and the same ones as without the resume.
+        """
+        entropy = [self.seed, trainer.global_rank, self._draws]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+        self._draws += 1
+        return torch.Generator().manual_seed(seed & (2**63 - 1))
 
     # ---------------------------------------------------------------- data helpers
     def _draw(
@@ -166,8 +179,6 @@ class UpdateDiagnostics(Callback):
             )
         gen = self._generator(trainer) if rank_seeded else torch.Generator().manual_seed(self.seed)
         idx = torch.randint(len(dataset), (n,), generator=gen).tolist()
-        if rank_seeded:
-            self._gen_state = gen.get_state()
         batch = loader.collate_fn([dataset[i] for i in idx])
         return trainer.strategy.batch_to_device(batch, pl_module.device)
 
@@ -209,7 +220,13 @@ class UpdateDiagnostics(Callback):
         else:
             self._probe = trainer.strategy.batch_to_device(self._probe, pl_module.device)
         if self.rrc_mode == "layer":
-            self._probe_inputs = self._capture(pl_module, modules, inputs=True)
+            if self._inputs_restored:  # the inputs of the initial network, not of w_resume
+                self._inputs_restored = False
+                self._probe_inputs = {
+                    n: x.to(pl_module.device) for n, x in self._probe_inputs.items()
+                }
+            else:
+                self._probe_inputs = self._capture(pl_module, modules, inputs=True)
 
     def _capture(
         self, pl_module: L.LightningModule, modules: dict[str, nn.Module], inputs: bool
@@ -253,13 +270,19 @@ class UpdateDiagnostics(Callback):
         if not self.is_log_step(step):
             return
         optimizer = getattr(optimizer, "optimizer", optimizer)
-        group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+        center = getattr(optimizer, "center_rotational_weights", None)
+        if callable(center):
+            # LionAR centers its rotational neurons once, inside its first step(). Doing it here
+            # (after backward, before the update: the same weights and gradients) keeps that
+            # one-off move out of the measured update; later calls are no-ops.
+            center()
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         tensors = self._tensors(pl_module)
         pending: dict[str, Any] = {"step": step, "tensors": [], "record": {}}
         decoupled = isinstance(optimizer, torch.optim.AdamW | Lion)
         dots = g_sq = m_sq = 0.0
         for name, p in tensors:
-            g = group_of.get(p, {})
+            g = group_of.get(id(p), {})
             rotational = bool(g.get("rotational", False))
             pending["tensors"].append(
                 (
@@ -267,6 +290,7 @@ class UpdateDiagnostics(Callback):
                     p,
                     p.detach().clone(),
                     float(g.get("lr", math.nan)),
+                    g,
                     float(g.get("weight_decay", 0.0)),
                     (decoupled or g.get("decoupled_weight_decay", False)) and not rotational,
                 )
@@ -317,13 +341,16 @@ class UpdateDiagnostics(Callback):
     def _update_metrics(self, pending: dict[str, Any]) -> dict[str, float]:
         out: dict[str, float] = {}
         norms, dw_sq, u_sq, n_u, hist = {}, 0.0, 0.0, 0, []
-        for name, p, old, lr, wd, decoupled in pending["tensors"]:
+        for name, p, old, lr, group, wd, decoupled in pending["tensors"]:
             new = p.detach()
+            # Lion/LionA/LionAR scale the scheduled LR by σ_t·ρ_t (inverse bias correction, RRC
+            # correction) and record the factor they applied in this step.
+            lr *= float(group.get("lr_multiplier", 1.0))
             dw, u_rms = update_norms(old, new, lr, wd, decoupled)
             dw_sq += dw**2
             if math.isfinite(u_rms):
                 u_sq, n_u = u_sq + u_rms**2 * old.numel(), n_u + old.numel()
-            norms[name] = (float(rows(old).norm()), float(rows(new).norm()))
+            norms[name] = (math.sqrt(squared_norm(old)), math.sqrt(squared_norm(new)))
             if self.log_per_tensor:
                 out[f"warmup/update_norm/{name}"] = dw
                 out[f"warmup/direction_rms/{name}"] = u_rms
@@ -347,11 +374,8 @@ class UpdateDiagnostics(Callback):
         if mats and na > 0 and nb > 0:
             diff = plus = torch.zeros((), dtype=torch.float64)
             for _, p, old, *_ in mats:
-                a, b = old.detach().double() / na, p.detach().double() / nb
-                diff, plus = (
-                    diff + (a - b).square().sum().cpu(),
-                    plus + (a + b).square().sum().cpu(),
-                )
+                d, s = normalized_difference_sums(old, p, na, nb)
+                diff, plus = diff + d, plus + s
             out["warmup/global/angle"] = float(angle_from_sums(diff, plus))
         return out
 
@@ -390,7 +414,8 @@ class UpdateDiagnostics(Callback):
     def _measure_snr(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, optimizer: Any
     ) -> None:
-        params = [p for _, p in self._tensors(pl_module)]
+        # All trainable tensors: ``max_tensors`` caps the weight snapshots, not the SNR estimate.
+        params = [p for p in pl_module.parameters() if p.requires_grad]
         loss_fn = self._loss(pl_module)
         b_local = batch_size(batch)  # fresh batches have the training batch size too
         if b_local < 2:
@@ -421,8 +446,8 @@ class UpdateDiagnostics(Callback):
         e["n"] += 1  # the ratio of two equally debiased EMAs needs no bias correction
         b_noise = e["tr"] / e["g2"] if e["g2"] > 0 else math.inf
         phi = 1.0 / b_noise if b_noise > 0 else math.inf
-        if hasattr(optimizer, "set_gradient_snr"):
-            optimizer.set_gradient_snr(phi, b_local * world)
+        if hasattr(optimizer, "set_gradient_snr"):  # ρ_t needs the batch of one optimizer step
+            optimizer.set_gradient_snr(phi, b_local * world * trainer.accumulate_grad_batches)
         record = {
             "step": trainer.global_step,
             "warmup/snr/b_noise_raw": tr_sum / g2_sum if g2_sum > 0 else math.inf,
@@ -449,11 +474,19 @@ class UpdateDiagnostics(Callback):
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
         probe = to_cpu(self._probe) if self._probe is not None else None
-        return {"probe": probe, "ema": dict(self._ema), "gen_state": self._gen_state}
+        inputs = {n: x.cpu() for n, x in self._probe_inputs.items()}
+        return {
+            "probe": probe,
+            "probe_inputs": inputs,
+            "ema": dict(self._ema),
+            "draws": self._draws,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._probe, self._ema = state_dict["probe"], dict(state_dict["ema"])
-        self._gen_state = state_dict["gen_state"]
+        self._probe_inputs = dict(state_dict.get("probe_inputs", {}))
+        self._inputs_restored = bool(self._probe_inputs)
+        self._draws = int(state_dict.get("draws", 0))
 
 
 def _fork_rng(device: torch.device):

@@ -112,6 +112,20 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedMode
     return get_peft_model(model, config)
 
 
+def _reject_rotating_conv1d(model: torch.nn.Module, optimizer: Any) -> None:
+    """LionAR treats rows of dim 0 as neurons; GPT-2's ``Conv1D`` stores its weight (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = {id(m.weight) for m in model.modules() if isinstance(m, Conv1D)}
+    for group in getattr(optimizer, "param_groups", []):
+        if group.get("rotational") and any(id(p) in conv for p in group["params"]):
+            raise ValueError(
+                "LionAR would rotate GPT-2 Conv1D weights, whose rows are input features, not "
+                "neurons: use a Llama-style preset, convert the layers with "
+                "modules.hf_models.conv1d_to_linear, or set rotational: none"
+            )
+
+
 def _takes_weight_decay(name: str, param: torch.Tensor) -> bool:
     # Matrices decay; norm gains, biases and embeddings (Llama ``embed_tokens``, GPT-2 ``wte``/
     # ``wpe``) do not, as in GPT-2/Llama training recipes.
@@ -239,19 +253,34 @@ class CausalLMModule(L.LightningModule):
 
     # ----------------------------------------------------------------- optimization
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters, split so weight decay skips 1-D tensors and embeddings."""
+        """Trainable parameters, split so weight decay skips 1-D tensors and embeddings.
+
+        Groups carry ``param_names`` (``torch.optim`` keeps them), which optimizers that select
+        tensors by name need, e.g. ``LionAR(rotational="blocks")``.
+        """
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if self.hparams.weight_decay_norms_and_biases:
-            return [{"params": [p for _, p in trainable]}]
-        decay = [p for n, p in trainable if _takes_weight_decay(n, p)]
-        no_decay = [p for n, p in trainable if not _takes_weight_decay(n, p)]
-        groups: list[dict[str, Any]] = [{"params": decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+            split = [(trainable, {})]
+        else:
+            decay = [(n, p) for n, p in trainable if _takes_weight_decay(n, p)]
+            no_decay = [(n, p) for n, p in trainable if not _takes_weight_decay(n, p)]
+            split = [(decay, {})] + ([(no_decay, {"weight_decay": 0.0})] if no_decay else [])
+        return [
+            {"params": [p for _, p in named], "param_names": [n for n, _ in named], **extra}
+            for named, extra in split
+        ]
+
+    def on_train_start(self) -> None:
+        # LionAR: center the rotational neurons once, explicitly, before the first forward
+        # (warmup spec §3.3; idempotent, so a resumed run is left alone).
+        for opt in self.trainer.optimizers:
+            center = getattr(opt, "center_rotational_weights", None)
+            if callable(center):
+                center()
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameter_groups())
+        _reject_rotating_conv1d(self.model, optimizer)
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)

@@ -17,27 +17,68 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FLOAT64_BLOCK",
     "adamw_white_noise_rms",
     "angle_from_sums",
     "angular_update",
     "equilibrium_angle",
     "lionar_target_angle",
     "noise_scale",
+    "normalized_difference_sums",
     "rows",
     "rrc",
     "rrc_lr_factor",
+    "squared_norm",
     "update_norms",
 ]
 
 
+# Elements per float64 block. Norms, angles and RRC are accumulated block by block, so the
+# transient float64 memory stays ~8 MB per operand instead of several copies of the largest tensor
+# (the callback's only model-sized memory is its one snapshot of the weights).
+FLOAT64_BLOCK = 1 << 20
+
+
 def rows(t: Tensor) -> Tensor:
-    """View a tensor as (neurons, fan_in): one row per output feature (dim 0), in float64.
+    """View a tensor as (neurons, fan_in): one row per output feature (dim 0), in its own dtype.
 
     The per-neuron convention (dim 0 = output features) holds for ``nn.Linear`` and conv weights;
-    a vector is one neuron.
+    a vector is one neuron. A contiguous tensor gives a view (no copy).
     """
-    t = t.detach().to(torch.float64)
+    t = t.detach()
     return t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1)
+
+
+def _flat_blocks(*tensors: Tensor):
+    """Matching float64 blocks of the flattened ``tensors`` (each at most FLOAT64_BLOCK long)."""
+    flats = [t.detach().reshape(-1) for t in tensors]
+    for start in range(0, flats[0].numel(), FLOAT64_BLOCK):
+        yield [f[start : start + FLOAT64_BLOCK].to(torch.float64) for f in flats]
+
+
+def _row_blocks(*tensors: Tensor, width: int | None = None):
+    """Matching float64 blocks of whole rows of ``rows(t)`` for each tensor."""
+    views = [rows(t) for t in tensors]
+    per_block = max(1, FLOAT64_BLOCK // max(1, width or views[0].shape[1]))
+    for start in range(0, views[0].shape[0], per_block):
+        yield [v[start : start + per_block].to(torch.float64) for v in views]
+
+
+def squared_norm(t: Tensor) -> float:
+    """‖t‖² accumulated in float64, block by block."""
+    return float(sum(block.square().sum() for (block,) in _flat_blocks(t)))
+
+
+def normalized_difference_sums(a: Tensor, b: Tensor, norm_a: float, norm_b: float):
+    """(‖a/‖a‖ − b/‖b‖‖², ‖a/‖a‖ + b/‖b‖‖²) in float64, given the norms; inputs to the angle.
+
+    Several tensors' contributions can be summed to get the angle of their concatenation.
+    """
+    diff = plus = torch.zeros((), dtype=torch.float64)
+    for x, y in _flat_blocks(a, b):
+        x, y = x / norm_a, y / norm_b
+        diff, plus = diff + (x - y).square().sum().cpu(), plus + (x + y).square().sum().cpu()
+    return diff, plus
 
 
 def angle_from_sums(diff_sq: Tensor, sum_sq: Tensor) -> Tensor:
@@ -62,16 +103,20 @@ def angular_update(w_old: Tensor, w_new: Tensor, per_neuron: bool = False) -> Te
         raise ValueError(
             f"shape mismatch: w_old {tuple(w_old.shape)} vs w_new {tuple(w_new.shape)}"
         )
-    a, b = rows(w_old), rows(w_new)
     if not per_neuron:
-        a, b = a.reshape(1, -1), b.reshape(1, -1)
-    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
-    ok = (na > 0) & (nb > 0)
-    a = torch.where(ok, a / na.clamp_min(1e-300), torch.zeros_like(a))
-    b = torch.where(ok, b / nb.clamp_min(1e-300), torch.zeros_like(b))
-    theta = angle_from_sums(((a - b) ** 2).sum(1), ((a + b) ** 2).sum(1))
-    theta = torch.where(ok.squeeze(1), theta, torch.zeros_like(theta))
-    return theta if per_neuron else theta.squeeze(0)
+        na, nb = math.sqrt(squared_norm(w_old)), math.sqrt(squared_norm(w_new))
+        if na == 0 or nb == 0:
+            return torch.zeros((), dtype=torch.float64)
+        return angle_from_sums(*normalized_difference_sums(w_old, w_new, na, nb))
+    thetas = []
+    for a, b in _row_blocks(w_old, w_new):
+        na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+        ok = (na > 0) & (nb > 0)
+        a = torch.where(ok, a / na.clamp_min(1e-300), torch.zeros_like(a))
+        b = torch.where(ok, b / nb.clamp_min(1e-300), torch.zeros_like(b))
+        theta = angle_from_sums(((a - b) ** 2).sum(1), ((a + b) ** 2).sum(1))
+        thetas.append(torch.where(ok.squeeze(1), theta, torch.zeros_like(theta)))
+    return torch.cat(thetas)
 
 
 def update_norms(
@@ -93,13 +138,16 @@ def update_norms(
     Returns:
         ``(‖Δw‖₂, ‖u‖₂/√C)``; the second is ``nan`` when ``lr == 0``.
     """
-    a, b = w_old.detach().to(torch.float64), w_new.detach().to(torch.float64)
-    delta = b - a
-    dw = float(delta.norm())
+    dw_sq = u_sq = 0.0
+    for a, b in _flat_blocks(w_old, w_new):
+        delta = b - a
+        dw_sq += float(delta.square().sum())
+        if lr != 0:
+            u = -delta / lr - (weight_decay * a if decoupled else 0.0)
+            u_sq += float(u.square().sum())
     if lr == 0:
-        return dw, math.nan
-    u = -delta / lr - (weight_decay * a if decoupled else 0.0)
-    return dw, float(u.norm()) / math.sqrt(max(1, a.numel()))
+        return math.sqrt(dw_sq), math.nan
+    return math.sqrt(dw_sq), math.sqrt(u_sq) / math.sqrt(max(1, w_old.numel()))
 
 
 def rrc(x_probe: Tensor, w_old: Tensor, w_new: Tensor) -> float:
@@ -109,12 +157,16 @@ def rrc(x_probe: Tensor, w_old: Tensor, w_new: Tensor) -> float:
     out of both terms. ``x_probe`` has shape ``(..., fan_in)``.
     """
     x = x_probe.detach().to(torch.float64).reshape(-1, x_probe.shape[-1])
-    a, b = rows(w_old), rows(w_new)
-    if a.shape[1] != x.shape[1]:
-        raise ValueError(f"probe fan_in {x.shape[1]} does not match weight fan_in {a.shape[1]}")
-    num = (x @ (b - a).T).norm()
-    den = (x @ a.T).norm()
-    return float(num / den) if den > 0 else math.nan
+    if rows(w_old).shape[1] != x.shape[1]:
+        raise ValueError(
+            f"probe fan_in {x.shape[1]} does not match weight fan_in {rows(w_old).shape[1]}"
+        )
+    num_sq = den_sq = 0.0
+    # Blocks of output rows: the (tokens, rows) products stay within FLOAT64_BLOCK elements.
+    for a, b in _row_blocks(w_old, w_new, width=max(x.shape)):
+        num_sq += float((x @ (b - a).T).square().sum())
+        den_sq += float((x @ a.T).square().sum())
+    return math.sqrt(num_sq / den_sq) if den_sq > 0 else math.nan
 
 
 def noise_scale(g1: Tensor, g2: Tensor, batch_size: int) -> tuple[float, float]:

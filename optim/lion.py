@@ -146,7 +146,8 @@ class Lion(Optimizer):
                 if p.grad is None:
                     continue
                 sign, t = self._sign_direction(p, group)
-                lr = group["lr"] * self._step_multiplier(group, t)
+                mult = group["lr_multiplier"] = self._step_multiplier(group, t)  # read by the
+                lr = group["lr"] * mult  # warmup diagnostics to recover the direction u_t
                 p.mul_(1 - lr * group["weight_decay"])  # decoupled decay: η·λw
                 p.add_(self._direction(p, sign, group), alpha=-lr)
         return loss
@@ -277,7 +278,7 @@ class LionAR(Lion):
         zero_mean: bool = True,
         rotational_eps: float = 1e-8,
         rrc_correction: RRCMode = "none",
-        rotational: str | list[str] = "all_matrices",
+        rotational: str | list[str] = "blocks",
         lr_other: float = 3e-4,
         weight_decay_other: float | None = None,
         vector_weight_decay: float = 0.0,
@@ -286,8 +287,17 @@ class LionAR(Lion):
         if not 0.0 <= update_norm_decay < 1.0:
             raise ValueError(f"update_norm_decay must lie in [0, 1), got {update_norm_decay}")
         wd_other = weight_decay if weight_decay_other is None else weight_decay_other
+        named_groups = _named(params)
+        if rotational != "none" and any(
+            _is_sharded(p) for g in named_groups for _, p in g["params"]
+        ):
+            raise ValueError(
+                "LionAR needs whole weight rows for its per-neuron norms, projection and "
+                "centering, but FSDP shards them (its 1-D views would silently run as plain "
+                "Lion); use DDP, or rotational: none"
+            )
         groups = []
-        for g in _named(params):
+        for g in named_groups:
             if "rotational" in g:
                 groups.append(g)
                 continue
@@ -390,7 +400,7 @@ class LionAR(Lion):
                 if p.grad is None:  # REQ indexes such tensors and crashes (spec §4.1): skip them
                     continue
                 sign, t = self._sign_direction(p, group)
-                mult = self._step_multiplier(group, t)
+                mult = group["lr_multiplier"] = self._step_multiplier(group, t)
                 if group["rotational"]:
                     self._rotate(p, sign, group, t, mult)
                 else:
@@ -447,10 +457,13 @@ def _is_rotational(name: str | None, rotational: str | list[str]) -> bool:
 
 
 def _is_sharded(p: Tensor) -> bool:
-    """True for FSDP shards: DTensors (FSDP2) and flat parameters (FSDP1)."""
+    """True for FSDP shards: DTensors (FSDP2), flat parameters (FSDP1) and, with
+    ``use_orig_params=True`` (Lightning's default), the 1-D views FSDP1 gives the original
+    parameters, which it marks as flattened."""
     try:
+        from torch.distributed.fsdp._common_utils import _is_fsdp_flattened
         from torch.distributed.fsdp._flat_param import FlatParameter
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
         return False
-    return isinstance(p, DTensor | FlatParameter)
+    return isinstance(p, DTensor | FlatParameter) or _is_fsdp_flattened(p)

@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from callbacks.warmup_diagnostics import UpdateDiagnostics
-from ops.warmup import angular_update
-from optim.lion import LionAR
+from ops.warmup import angular_update, lionar_target_angle
+from optim.lion import Lion, LionAR
 
 
 def _data(n: int = 320, seed: int = 0) -> TensorDataset:
@@ -42,10 +42,17 @@ class TinyRegressor(L.LightningModule):
         return self.compute_loss(batch)
 
     def configure_optimizers(self):
+        if self.opt_name == "lionar_plain":  # constant target angle atan(η_r) at every step
+            return LionAR(self.named_parameters(), lr=self.lr, weight_decay=0.1,
+                          rotational="all_matrices")  # fmt: skip
+        if self.opt_name == "lion_ibc":  # the step is σ_t·η·(sign(c) + λw), σ_t = 1 − β₂ᵗ
+            return Lion(self.parameters(), lr=self.lr, betas=(0.98, 0.98), weight_decay=0.1,
+                        inverse_bias_correction=True)  # fmt: skip
         if self.opt_name == "lionar":
             return LionAR(
-                self.named_parameters(), lr=self.lr, weight_decay=0.1, rrc_correction="derived"
-            )
+                self.named_parameters(), lr=self.lr, weight_decay=0.1, rrc_correction="derived",
+                rotational="all_matrices",  # no transformer blocks here: fc and out rotate
+            )  # fmt: skip
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
 
 
@@ -93,6 +100,7 @@ def test_cadence_metrics_and_sign_like_first_step(tmp_path: Path) -> None:
         dense_steps=5,
         snr_every_n_steps=4,
         snr_dense_steps=3,
+        rrc_layers=["fc", "out"],
     )
     ref = WeightRecorder()
     _trainer(tmp_path, 13, [cb, ref]).fit(TinyRegressor(), DataLoader(_data(), batch_size=32))
@@ -109,7 +117,9 @@ def test_cadence_metrics_and_sign_like_first_step(tmp_path: Path) -> None:
     assert first[0] == pytest.approx(math.sqrt(nonzero), rel=1e-4)
     assert first[12] < 0.9
     assert sorted(_records(cb, "warmup/snr/b_noise")) == [0, 1, 2, 4, 8, 12]
-    assert all(v > 0 for v in _records(cb, "warmup/rrc/fc").values())
+    for layer in ("fc", "out"):
+        rrc = _records(cb, f"warmup/rrc/{layer}")
+        assert sorted(rrc) == [0, 1, 2, 3, 4, 8, 12] and all(v > 0 for v in rrc.values())
     assert set(_records(cb, "warmup/momentum/cos_global")) == {1, 2, 3, 4, 8, 12}  # m_0 = 0
     assert all(0 < v < 10 for v in _records(cb, "warmup/global/angle").values())
 
@@ -178,6 +188,76 @@ def test_lionar_rrc_correction_gets_the_snr_every_step(tmp_path: Path) -> None:
     assert sorted(_records(cb, "warmup/snr/phi")) == list(range(5))
     group = model.trainer.optimizers[0].param_groups[0]
     assert group["snr_phi"] >= 0 and group["snr_batch_size"] == 32
+    # With accumulation ρ_t gets the batch of one optimizer step: 3 micro-batches of 16.
+    model = TinyRegressor(optimizer="lionar", lr=0.1)
+    _trainer(tmp_path, 2, [UpdateDiagnostics()], accumulate_grad_batches=3).fit(
+        model, DataLoader(_data(), batch_size=16)
+    )
+    assert model.trainer.optimizers[0].param_groups[0]["snr_batch_size"] == 48
+
+
+def test_lionar_step_zero_measures_the_step_not_the_centering(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    cb = UpdateDiagnostics(keep_history=True, dense_steps=100, snr_every_n_steps=0)
+    model = TinyRegressor(optimizer="lionar_plain", lr=0.1, dropout=0.0)
+    _trainer(tmp_path, 4, [cb]).fit(model, DataLoader(_data(), batch_size=32))
+    target = math.atan(lionar_target_angle(0.1, 0.1, (0.9, 0.99)))
+    largest = _records(cb, "warmup/angle_neuron_max/fc.weight")
+    assert sorted(largest) == [0, 1, 2, 3]
+    for step, angle in largest.items():  # step 0 included: the centering is not an update
+        assert angle == pytest.approx(target, rel=1e-3)
+        # neurons without gradient yet (sign(c) = 0 at step 0) do not turn
+        assert _records(cb, "warmup/angle_neuron_mean/fc.weight")[step] <= angle
+
+
+def test_lion_direction_divides_by_the_lr_actually_applied(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    cb = UpdateDiagnostics(keep_history=True, dense_steps=100, snr_every_n_steps=0)
+    ref = WeightRecorder()
+    model = TinyRegressor(optimizer="lion_ibc", lr=1e-3)
+    _trainer(tmp_path, 3, [cb, ref]).fit(model, DataLoader(_data(), batch_size=32))
+    # Lion's first direction is sign(g): RMS = √(fraction of nonzero gradients), although the
+    # step was scaled by σ_1 = 1 − 0.98 = 0.02.
+    nonzero = float(ref.first_grad.ne(0).float().mean())
+    first = _records(cb, "warmup/direction_rms/fc.weight")[0]
+    assert first == pytest.approx(math.sqrt(nonzero), rel=1e-4)
+
+
+def test_max_tensors_caps_snapshots_not_the_snr(tmp_path: Path) -> None:
+    logs = []
+    for cap in (None, 1):
+        L.seed_everything(0)
+        cb = UpdateDiagnostics(keep_history=True, snr_every_n_steps=1, max_tensors=cap)
+        _trainer(tmp_path, 3, [cb]).fit(TinyRegressor(), DataLoader(_data(), batch_size=32))
+        logs.append(_records(cb, "warmup/snr/b_noise_raw"))
+        tensors = {k for r in cb.history for k in r if k.startswith("warmup/angle/")}
+        assert len(tensors) == (4 if cap is None else 1)
+    assert logs[0] == logs[1]
+
+
+def test_fresh_batch_generators_differ_per_rank_and_survive_a_resume() -> None:
+    class Rank:
+        def __init__(self, rank: int) -> None:
+            self.global_rank = rank
+
+    def draws(cb: UpdateDiagnostics, rank: int, n: int) -> list[int]:
+        return [
+            int(torch.randint(10**9, (1,), generator=cb._generator(Rank(rank)))) for _ in range(n)
+        ]
+
+    straight = UpdateDiagnostics(seed=3)
+    rank0, rank1 = draws(straight, 0, 4), draws(UpdateDiagnostics(seed=3), 1, 4)
+    assert not set(rank0) & set(rank1)
+    first_half = UpdateDiagnostics(seed=3)
+    draws(first_half, 0, 2)
+    for rank, expected in ((0, rank0[2:]), (1, None)):
+        resumed = UpdateDiagnostics(seed=3)
+        resumed.load_state_dict(first_half.state_dict())  # rank 0's checkpoint, on every rank
+        got = draws(resumed, rank, 2)
+        if expected is not None:
+            assert got == expected
+        else:
+            assert got == rank1[2:]
 
 
 def test_resume_is_bitwise(tmp_path: Path) -> None:
@@ -186,21 +266,24 @@ def test_resume_is_bitwise(tmp_path: Path) -> None:
     def run(max_steps: int, ckpt: str | None, root: Path) -> TinyRegressor:
         L.seed_everything(0)
         model = TinyRegressor(dropout=0.0)  # Lightning checkpoints do not hold the global RNG
-        cbs = [
-            UpdateDiagnostics(
-                keep_history=True, dense_steps=100, snr_every_n_steps=1, snr_fresh_batches=1
-            )
-        ]
-        cbs.append(ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=10))
+        diag = UpdateDiagnostics(
+            keep_history=True, dense_steps=100, snr_every_n_steps=1, snr_fresh_batches=1,
+            rrc_layers=["fc", "out"],
+        )  # fmt: skip
+        cbs = [diag, ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=10)]
         loader = DataLoader(_data(), batch_size=32)  # 10 batches per epoch
         _trainer(root, max_steps, cbs, enable_checkpointing=True).fit(model, loader, ckpt_path=ckpt)
-        return model
+        return model, {(r["step"], k): v for r in diag.history for k, v in r.items()}
 
-    straight = run(20, None, tmp_path / "a")
+    straight, straight_log = run(20, None, tmp_path / "a")
     run(10, None, tmp_path / "b")
-    resumed = run(20, str(tmp_path / "b" / "last.ckpt"), tmp_path / "c")
+    resumed, resumed_log = run(20, str(tmp_path / "b" / "last.ckpt"), tmp_path / "c")
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+    # The diagnostics resume too: RRC on the restored probe inputs, B_noise from the restored
+    # EMAs and the same fresh batches.
+    assert {k[1] for k in resumed_log} >= {"warmup/rrc/out", "warmup/snr/b_noise"}
+    assert resumed_log == {k: v for k, v in straight_log.items() if k[0] >= 10}
 
 
 class TokenDataset(Dataset):

@@ -48,8 +48,9 @@ def test_warmup_configs_run_from_yaml(
     cli = _fit(repo_root, tmp_path, name)
     opt = cli.trainer.optimizers[0]
     assert isinstance(opt, LionAR if name.startswith("lionar") else LionA)
-    if isinstance(opt, LionAR):
-        assert any(g["rotational"] for g in opt.param_groups)
+    if isinstance(opt, LionAR):  # the default rotational set: the matrices of the blocks only
+        rotating = [n for g in opt.param_groups if g["rotational"] for n in g["param_names"]]
+        assert rotating and all(".layers." in n for n in rotating), rotating
     tags = _scalar_tags(tmp_path)
     assert {"warmup/global/angle", "warmup/global/update_norm", "warmup/snr/trace_sigma"} <= tags
     assert any(t.startswith("warmup/rrc/") for t in tags)

@@ -50,6 +50,30 @@ def test_weight_decay_groups(tokenizer_dir):
     assert all(p.ndim >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0
     assert any(p is module.model.model.embed_tokens.weight for p in no_decay["params"])
+    names = dict(module.named_parameters())
+    for group in (decay, no_decay):  # names travel with the groups (LionAR selects by name)
+        assert len(group["param_names"]) == len(group["params"])
+        assert all(
+            names[n] is p for n, p in zip(group["param_names"], group["params"], strict=True)
+        )
+
+
+def test_lionar_gets_the_block_matrices_and_refuses_gpt2_conv1d(tokenizer_dir):
+    from functools import partial
+
+    from optim.lion import LionAR
+
+    module = CausalLMModule(
+        "micro-llama", tokenizer=str(tokenizer_dir), optimizer=partial(LionAR, lr=0.1)
+    )
+    opt = module.configure_optimizers()
+    rotating = [n for g in opt.param_groups if g["rotational"] for n in g["param_names"]]
+    assert rotating and all(".layers." in n and n.endswith(".weight") for n in rotating)
+    gpt2 = CausalLMModule(
+        "tiny-gpt2", tokenizer=str(tokenizer_dir), optimizer=partial(LionAR, lr=0.1)
+    )
+    with pytest.raises(ValueError, match="Conv1D"):
+        gpt2.configure_optimizers()
 
 
 def test_lora_trains_only_adapters_and_exports_for_peft(tmp_path, tokenizer_dir, datamodule):

@@ -217,3 +217,25 @@ def test_rrc_lr_factor_limits_and_monotone() -> None:
     assert all(a >= c for a, c in itertools.pairwise(values))
     with pytest.raises(ValueError, match="batch_size"):
         rrc_lr_factor(0.1, 0)
+
+
+def test_blockwise_float64_accumulation_matches_one_block(monkeypatch) -> None:
+    import ops.warmup as W
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 23, generator=gen)
+    b = a + 1e-3 * torch.randn(37, 23, generator=gen)
+    x = torch.randn(11, 23, generator=gen)
+
+    def everything() -> list[float]:
+        return [
+            float(W.angular_update(a, b)),
+            *W.angular_update(a, b, per_neuron=True).tolist(),
+            *W.update_norms(a, b, lr=0.1, weight_decay=0.1),
+            W.rrc(x, a, b),
+            W.squared_norm(a),
+        ]
+
+    one_block = everything()
+    monkeypatch.setattr(W, "FLOAT64_BLOCK", 50)  # many blocks, rows split across them
+    assert everything() == pytest.approx(one_block, rel=1e-12)

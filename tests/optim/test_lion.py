@@ -70,6 +70,9 @@ def test_liona_update_norm_is_exact_even_with_zero_signs() -> None:
         LionA([p], update_norm_scale=0.0)
 
 
+ALL = "all_matrices"  # anonymous tensors: the name-based default ("blocks") cannot select them
+
+
 def _rot_param(rows=32, cols=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.nn.Parameter(0.02 * torch.randn(rows, cols, generator=gen) + 0.01)
@@ -78,7 +81,7 @@ def _rot_param(rows=32, cols=64, seed=0):
 def test_lionar_keeps_neuron_norms_and_means_and_hits_target_angle() -> None:
     p = _rot_param()
     lr, wd, betas = 0.1, 0.1, (0.9, 0.99)
-    opt = LionAR([p], lr=lr, weight_decay=wd, betas=betas)
+    opt = LionAR([p], lr=lr, weight_decay=wd, betas=betas, rotational=ALL)
     assert opt.param_groups[0]["rotational"]
     w_init = p.detach().clone()
     assert opt.center_rotational_weights() == 1  # the explicit, idempotent module step
@@ -103,7 +106,7 @@ def test_lionar_keeps_neuron_norms_and_means_and_hits_target_angle() -> None:
 def test_lionar_step_is_tangent_before_projection() -> None:
     # tan(θ) = ‖step‖/‖w‖ holds only if the step is ⟂ w: check against a non-centered tensor.
     p = _rot_param(8, 128, seed=3)
-    opt = LionAR([p], lr=0.3, weight_decay=0.1, zero_mean=False)
+    opt = LionAR([p], lr=0.3, weight_decay=0.1, zero_mean=False, rotational=ALL)
     before = p.detach().double().clone()
     p.grad = torch.randn(p.shape)
     opt.step()
@@ -119,10 +122,12 @@ def test_lionar_rejects_zero_weight_decay_and_zero_rows() -> None:
     with pytest.raises(ValueError, match="weight_decay=0"):
         LionAR([{"params": [_rot_param()], "rotational": True, "weight_decay": 0.0}])
     # without an explicit "rotational" key, λ = 0 tensors simply stay on Lion
-    assert not LionAR([_rot_param()], weight_decay=0.0).param_groups[0]["rotational"]
+    assert not LionAR([_rot_param()], weight_decay=0.0, rotational=ALL).param_groups[0][
+        "rotational"
+    ]
     dead = torch.nn.Parameter(torch.zeros(4, 8))
     with pytest.raises(ValueError, match="zero-norm neuron"):
-        LionAR([("lora_B.weight", dead)], weight_decay=0.1)
+        LionAR([("lora_B.weight", dead)], weight_decay=0.1, rotational=ALL)
     with pytest.raises(ValueError, match="named_parameters"):
         LionAR([_rot_param()], rotational="blocks")
 
@@ -155,7 +160,7 @@ def test_lionar_group_split_by_name() -> None:
 
 def test_lionar_skips_params_without_grad() -> None:
     a, b = _rot_param(seed=0), _rot_param(seed=1)
-    opt = LionAR([a, b], weight_decay=0.1)
+    opt = LionAR([a, b], weight_decay=0.1, rotational=ALL)
     b_before = b.detach().clone()
     a.grad = torch.randn(a.shape)
     opt.step()  # REQ crashes here (spec §4.1)
@@ -168,7 +173,9 @@ def test_inverse_bias_correction_and_rrc_correction_scale_the_angle() -> None:
     lr, wd, betas = 0.1, 0.1, (0.98, 0.98)
     eta_r = lionar_target_angle(lr, wd, betas)
     p = _rot_param(seed=4)
-    opt = LionAR([p], lr=lr, weight_decay=wd, betas=betas, inverse_bias_correction=True)
+    opt = LionAR(
+        [p], lr=lr, weight_decay=wd, betas=betas, inverse_bias_correction=True, rotational=ALL
+    )
     opt.center_rotational_weights()
     before = p.detach().clone()
     p.grad = torch.randn(p.shape)
@@ -177,7 +184,7 @@ def test_inverse_bias_correction_and_rrc_correction_scale_the_angle() -> None:
     assert angle == pytest.approx(math.atan((1 - 0.98) * eta_r), rel=1e-3)
 
     p = _rot_param(seed=5)
-    opt = LionAR([p], lr=lr, weight_decay=wd, betas=betas, rrc_correction="derived")
+    opt = LionAR([p], lr=lr, weight_decay=wd, betas=betas, rrc_correction="derived", rotational=ALL)
     opt.center_rotational_weights()
     p.grad = torch.randn(p.shape)
     with pytest.raises(RuntimeError, match="UpdateDiagnostics"):
@@ -192,7 +199,7 @@ def test_inverse_bias_correction_and_rrc_correction_scale_the_angle() -> None:
     )
     # Nesterov's target angle uses the effective betas (β², β)
     q = _rot_param(seed=6)
-    opt = LionAR([q], lr=lr, weight_decay=wd, betas=betas, nesterov=True)
+    opt = LionAR([q], lr=lr, weight_decay=wd, betas=betas, nesterov=True, rotational=ALL)
     opt.center_rotational_weights()
     before = q.detach().clone()
     q.grad = torch.randn(q.shape)
@@ -203,7 +210,7 @@ def test_inverse_bias_correction_and_rrc_correction_scale_the_angle() -> None:
 
 def test_update_norm_decay_smooths_the_step() -> None:
     p = _rot_param(seed=7)
-    opt = LionAR([p], lr=0.1, weight_decay=0.1, update_norm_decay=0.9)
+    opt = LionAR([p], lr=0.1, weight_decay=0.1, update_norm_decay=0.9, rotational=ALL)
     p.grad = torch.randn(p.shape)
     opt.step()  # with bias correction the first step still has the target angle
     assert opt.state[p]["update_norm_sq"].shape == (32, 1)
@@ -228,6 +235,7 @@ def _model(seed: int) -> torch.nn.Module:
                 "weight_decay": 0.1,
                 "update_norm_decay": 0.9,
                 "inverse_bias_correction": True,
+                "rotational": ALL,
             },
         ),
     ],
@@ -259,3 +267,15 @@ def test_resume_is_bitwise(cls, kw) -> None:
     train(resumed, resumed_opt, data[10:])
     for a, b in zip(ref.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_lionar_refuses_fsdp_flattened_parameters() -> None:
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    # FSDP1 with use_orig_params=True (Lightning's default) hands the optimizer 1-D views of the
+    # original weights, marked as flattened: they would silently run as plain Lion.
+    view = torch.nn.Parameter(torch.randn(64))
+    _set_fsdp_flattened(view)
+    with pytest.raises(ValueError, match="FSDP"):
+        LionAR([("layers.0.weight", view)])
+    assert not LionAR([("layers.0.weight", view)], rotational="none").param_groups[0]["rotational"]
