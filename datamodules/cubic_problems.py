@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -255,6 +255,27 @@ class PairStream(IterableDataset):
             step += 1
 
 
+class _RowShard(IterableDataset):
+    """Rows ``rank::world`` of the full data, in batches of ``batch_size`` (all rows if None)."""
+
+    def __init__(
+        self, data: tuple[Tensor, ...], batch_size: int | None, rank: int, world: int
+    ) -> None:
+        n = len(data[0])
+        if n < world:
+            raise ValueError(
+                f"full-batch validation needs >= 1 row per rank: {n} rows, {world} ranks"
+            )
+        self.data, self.rank, self.world = data, rank, world
+        self.batch_size = batch_size or n
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        rows = torch.arange(self.rank, len(self.data[0]), self.world)
+        for start in range(0, len(rows), self.batch_size):
+            idx = rows[start : start + self.batch_size]
+            yield tuple(t[idx] for t in self.data)
+
+
 class _PairDataModule(L.LightningDataModule):
     """Shared plumbing: a step-indexed training stream and a full-data validation loader."""
 
@@ -309,9 +330,14 @@ class _PairDataModule(L.LightningDataModule):
         return DataLoader(self.stream(rank, start), batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
-        data = self._full_data()
-        bs = self.val_batch_size or len(data[0])
-        return DataLoader(TensorDataset(*data), batch_size=bs, shuffle=False)
+        # Each rank takes rows rank, rank + world, ... itself: Lightning's DistributedSampler would
+        # pad the data to a multiple of the world size and count the padded rows twice in the
+        # module's summed full-batch gradient and loss.
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DataLoader(
+            _RowShard(self._full_data(), self.val_batch_size, rank, world), batch_size=None
+        )
 
 
 class LogisticToyDataModule(_PairDataModule):

@@ -44,6 +44,8 @@ def logistic_value(x, A, y, lam: float, reg: str) -> float:
 
 def cubic_step(m: np.ndarray, H: np.ndarray, M: float, tol: float = 1e-10) -> np.ndarray:
     """argmin <m,h> + ½<Hh,h> + (M/6)‖h‖³; same s-parametrised secular solve as ``solve_cubic_exact``."""
+    if not (np.isfinite(m).all() and np.isfinite(H).all()):
+        raise ValueError("cubic subproblem: m or H has non-finite entries (nan/inf)")
     lam, U = np.linalg.eigh(0.5 * (H + H.T))
     mh = U.T @ m
     lam1 = lam[0]

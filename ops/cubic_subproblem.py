@@ -63,9 +63,14 @@ def from_m3_convention(m3: float) -> float:
     return 2.0 * m3
 
 
-def _check_inputs(g: Tensor, M: float) -> None:
+def _check_inputs(g: Tensor, M: float, H: Tensor | None = None) -> None:
     if g.dim() != 1:
         raise ValueError(f"g must be a flat vector, got shape {tuple(g.shape)}")
+    # A NaN or inf would never satisfy the root bracketing and hang the solve (and, under DDP, every
+    # rank waiting for it): fail loudly instead.
+    for name, t in (("g", g), ("H", H)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"cubic subproblem: {name} has non-finite entries (nan/inf)")
     if not (M > 0 and math.isfinite(M)):
         raise ValueError(f"cubic regularization M must be a positive finite number, got M={M}")
 
@@ -104,7 +109,7 @@ def solve_cubic_exact(
     Returns:
         :class:`CubicStep` with ``h`` cast back to ``g.dtype``.
     """
-    _check_inputs(g, M)
+    _check_inputs(g, M, H)
     if H.shape != (g.numel(), g.numel()):
         raise ValueError(f"H must have shape {(g.numel(), g.numel())}, got {tuple(H.shape)}")
     g64 = g.detach().to(torch.float64)
@@ -223,7 +228,9 @@ def solve_cubic_hvp(
         L: upper bound on ‖H‖; estimated with ``power_iters`` power iterations when None.
         rel_acc: stop when ‖∇Φ̃(h)‖ ≤ rel_acc · ‖g‖ (Φ̃: the perturbed model; absolute when g = 0).
         max_iters: maximum gradient steps.
-        perturb: σ = perturb · ‖g‖ (σ = perturb when g = 0, so a saddle with g = 0 is still escaped).
+        perturb: σ = perturb · ‖g‖ (σ = perturb when g = 0, so the step is never exactly 0 at a
+            saddle). The stopping test is first order: at a strict saddle of Φ it may return a step
+            of norm ~σ; the escape then takes several outer steps (the exact solver makes it in one).
         power_iters: power iterations for estimating L.
         generator: torch generator for the perturbation and the power-iteration start.
 
@@ -240,11 +247,12 @@ def solve_cubic_hvp(
     g_norm = float(torch.linalg.vector_norm(g64))
     if L is None:
         L = _power_norm(H, d, power_iters, torch.float64, device, generator)
-    R = (L + math.sqrt(L**2 + 2.0 * M * g_norm)) / M  # a-priori bound on ‖h*‖
     q = torch.randn(d, dtype=torch.float64, device=device, generator=generator)
     sigma = perturb * g_norm if g_norm > 0 else perturb
     g_t = g64 + sigma * q / torch.linalg.vector_norm(q)
     gt_norm = torch.linalg.vector_norm(g_t)
+    # A-priori bound on ‖h*‖ of the perturbed model that GD minimizes (> 0 since g̃ ≠ 0).
+    R = (L + math.sqrt(L**2 + 2.0 * M * float(gt_norm))) / M
     # Cauchy point: minimizer of Φ along −g̃ (closed form of the 1-d cubic).
     kappa = float(g_t @ H(g_t)) / float(gt_norm) ** 2
     r_c = (-kappa + math.sqrt(kappa**2 + 2.0 * M * float(gt_norm))) / M
@@ -270,11 +278,15 @@ def reg_newton_step(g: Tensor, H: Tensor, M: float) -> CubicStep:
     Meant for convex problems (H ⪰ 0, so H + λI ≻ 0 whenever g ≠ 0). Computed in float64.
     ``model_value`` is the quadratic model <g,h> + ½<Hh,h>; ``residual`` is ‖(H + λI)h + g‖.
     """
-    _check_inputs(g, M)
+    _check_inputs(g, M, H)
     g64 = g.detach().to(torch.float64)
     H64 = H.detach().to(torch.float64)
     H64 = 0.5 * (H64 + H64.T)
     lam_reg = math.sqrt(M * float(torch.linalg.vector_norm(g64)))
+    if lam_reg == 0.0:  # g = 0: a stationary point of the model; H may be singular here
+        zero = torch.zeros_like(g64)
+        lam_min = float(torch.linalg.eigvalsh(H64)[0])
+        return CubicStep(zero.to(g.dtype), zero.sum(), zero.sum(), 0, False, lam_min)
     A = H64 + lam_reg * torch.eye(g.numel(), dtype=torch.float64, device=g.device)
     h64 = -torch.linalg.solve(A, g64)
     res = torch.linalg.vector_norm(A @ h64 + g64)

@@ -13,6 +13,7 @@ leaves non-parameter keys alone, so a float32 model still resumes bit-exactly.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -97,6 +98,20 @@ class StochasticCubicNewton(torch.optim.Optimizer):
             raise ValueError("step_type='reg_newton' needs solver='exact' (a d×d Hessian)")
         defaults = dict(M=M)
         super().__init__(params, defaults)
+        group_M = {g["M"] for g in self.param_groups}
+        if len(group_M) > 1:  # one flat vector, one cubic model: a per-group M has no meaning
+            raise ValueError(f"StochasticCubicNewton: all param groups must share M, got {group_M}")
+        if solver == "hvp" and momentum_type == "hessian_corrected" and grad_momentum < 1:
+            # hessian_window = 1 keeps no Hessian momentum: H_t = Ĥ_t, so both transports are the
+            # sample's. On the saddle problem (spec §6B, α = β = 0.1) that transport diverges
+            # (docs/cubic-newton-momentum.md), while H_t-transport in exact mode escapes.
+            warnings.warn(
+                "StochasticCubicNewton(solver='hvp', momentum_type='hessian_corrected'): the HVP "
+                "solver keeps no Hessian momentum, so m is transported with the current sample "
+                "Hessian (transport_hessian='sample' in effect); it can diverge where steps are "
+                "long on a strongly curved objective (see docs/cubic-newton-momentum.md)",
+                stacklevel=2,
+            )
         if momentum_type == "none":
             grad_momentum = hess_momentum = 1.0
         self.alpha, self.beta = float(grad_momentum), float(hess_momentum)
@@ -154,7 +169,9 @@ class StochasticCubicNewton(torch.optim.Optimizer):
             return x, x
         alpha, beta = self.coefficients()
         y = extrapolate(x, st["x_prev"], alpha)
-        z = extrapolate(x, st["x_prev"], beta)
+        # The HVP solver averages no Hessians (β is ignored), so its one sample belongs at x_t, not
+        # (1−β)/β steps ahead.
+        z = x if self.solver == "hvp" else extrapolate(x, st["x_prev"], beta)
         self.last_extrapolation_norm = float(torch.linalg.vector_norm(y - x))
         if self.max_extrapolation_norm is not None:
             y, z = (self._clip(x, p) for p in (y, z))

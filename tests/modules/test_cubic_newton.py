@@ -207,6 +207,26 @@ def test_bad_configuration_errors_name_the_value():
         CubicNewtonModule(LinearModel(3), LogisticLoss(), step_type="newton")
     with pytest.raises(ValueError, match="M must be > 0"):
         CubicNewtonModule(LinearModel(3), LogisticLoss(), M=-1.0)
+    from optim.cubic_solvers import StochasticCubicNewton
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="share M"):
+        StochasticCubicNewton([{"params": [a]}, {"params": [b], "M": 2.0}])
+
+
+def test_hvp_mode_warns_that_hessian_corrected_uses_the_sample_and_evaluates_at_x():
+    from optim.cubic_solvers import StochasticCubicNewton
+
+    x = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.warns(UserWarning, match="current sample"):
+        StochasticCubicNewton([x], solver="hvp")
+    opt = StochasticCubicNewton([x], solver="hvp", momentum_type="extrapolated",
+                                grad_momentum=0.1, hess_momentum=0.01)  # fmt: skip
+    for _ in range(2):
+        y, z = opt.evaluation_points()
+        opt.step(grad=torch.ones(3, dtype=torch.float64), hvp=lambda v: v)
+    # β is ignored without Hessian momentum: Ĥ is taken at x_t, not 99 steps ahead; ĝ still at y_t
+    assert torch.equal(z, opt.cubic_state["x_prev"]) and not torch.equal(y, z)
 
 
 def test_sample_hvp_matches_hessian_products():

@@ -66,3 +66,22 @@ def test_ddp_two_ranks_identical_and_equal_to_averaged_oracles(tmp_path):
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     ).fit(single, _dm())  # fmt: skip
     assert not torch.allclose(single.model.weight.detach(), x0, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_ddp_full_batch_validation_counts_every_row_once():
+    # 201 rows on 2 ranks: a padding sampler would count one row twice.
+    torch.manual_seed(0)
+    module = CubicNewtonModule(LinearModel(30), LogisticLoss(), NonconvexRegularizer(1e-2), **KW)
+    with torch.no_grad():
+        module.model.weight.normal_()
+    dm = LogisticToyDataModule(n=201, d=30, seed=4)
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False,
+              enable_model_summary=False, inference_mode=False)  # fmt: skip
+    two = L.Trainer(devices=2, strategy="ddp_spawn", **kw).validate(module, dm, verbose=False)[0]
+    one = L.Trainer(devices=1, **kw).validate(module, dm, verbose=False)[0]
+    A, y = dm.A, dm.y
+    loss, g, _ = logistic_oracles(module.model.weight.detach().double(), A, y, 1e-2)
+    for metrics in (one, two):
+        assert metrics["val/loss"] == pytest.approx(float(loss), rel=1e-9)
+        assert metrics["val/grad_norm"] == pytest.approx(float(g.norm()), rel=1e-9)

@@ -189,3 +189,28 @@ def test_reg_newton_step_solves_regularized_system():
     sol = reg_newton_step(g, H, M)
     lam = math.sqrt(M * float(g.norm()))
     assert float(torch.linalg.vector_norm((H + lam * torch.eye(12)) @ sol.h + g)) <= 1e-10
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_inputs_raise_instead_of_hanging(bad):
+    from ops.cubic_reference import cubic_step
+
+    g, H = torch.tensor([bad, 1.0]), torch.eye(2)
+    with pytest.raises(ValueError, match="non-finite"):
+        solve_cubic_exact(g, H, 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        solve_cubic_exact(torch.ones(2), torch.tensor([[bad, 0.0], [0.0, 1.0]]), 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        solve_cubic_hvp(g, lambda v: v, 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        reg_newton_step(g, H, 1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        cubic_step(g.numpy(), H.numpy(), 1.0)
+
+
+def test_zero_gradient_with_a_flat_or_singular_model_gives_a_finite_step():
+    zero = torch.zeros(3)
+    hvp = solve_cubic_hvp(zero, lambda v: torch.zeros_like(v), 1.0)  # L = 0 and g = 0
+    assert torch.isfinite(hvp.h).all() and float(hvp.h.norm()) < 1e-2
+    step = reg_newton_step(zero, torch.zeros(3, 3), 1.0)  # λ = √(M‖g‖) = 0, H singular
+    assert torch.equal(step.h, zero)
