@@ -204,10 +204,13 @@ class UpdateDiagnostics(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
-        if isinstance(trainer.strategy, FSDPStrategy) and (self.per_neuron or self.rrc_layers):
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # Each rank holds flat 1-D shards: per-tensor, per-neuron and RRC metrics, and the
+            # global angle over matrices, would describe one rank's shard, not the model.
             raise ValueError(
-                "UpdateDiagnostics: per-neuron angles and RRC need whole weight rows, which FSDP "
-                "shards; set per_neuron: false and rrc_layers: [] under FSDP"
+                "UpdateDiagnostics does not support FSDP: every rank holds only flat shards of the "
+                "weights, so its norms and angles would describe one shard. Measure under DDP "
+                "(same optimizer and schedule) or remove the callback from trainer.callbacks"
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -362,3 +362,13 @@ def test_ddp_spawn_two_processes(tmp_path: Path) -> None:
     # b_noise itself is skipped while the |G|² EMA is <= 0 (infinite noise scale)
     assert [e.step for e in events.Scalars("warmup/snr/trace_sigma")] == [0, 1, 2, 4]
     assert all(e.value > 0 for e in events.Scalars("warmup/global/update_norm"))
+
+
+def test_fsdp_is_refused_with_a_clear_message() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="does not support FSDP"):
+        UpdateDiagnostics(per_neuron=False, rrc_layers=[]).setup(trainer, TinyRegressor(), "fit")
