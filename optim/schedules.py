@@ -26,6 +26,12 @@ def warmup_cosine_factor(
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def steps_of(fraction: float, total_steps: int) -> int:
+    """⌊fraction · total_steps⌋ (warmup spec §2: W = ⌊f_w T⌋, D = ⌊f_c T⌋), robust to float error
+    such as 0.29 · 100 = 28.999999999999996."""
+    return math.floor(fraction * total_steps + 1e-9)
+
+
 def trapezoidal_factor(
     step: int,
     warmup_steps: int,
@@ -38,7 +44,7 @@ def trapezoidal_factor(
     ``total_steps``."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    cooldown_steps = max(1, round(cooldown_fraction * total_steps))
+    cooldown_steps = max(1, steps_of(cooldown_fraction, total_steps))
     cooldown_start = total_steps - cooldown_steps
     if step < cooldown_start:
         return 1.0

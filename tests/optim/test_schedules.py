@@ -69,3 +69,11 @@ def test_bad_arguments_raise(kwargs):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError):
         WarmupCosine(optimizer, **kwargs)
+
+
+def test_phase_lengths_are_floors_of_the_fractions() -> None:
+    from optim.schedules import steps_of
+
+    assert steps_of(0.05, 400) == 20 and steps_of(0.5, 400) == 200
+    assert steps_of(0.29, 100) == 29  # 0.29 * 100 = 28.999999999999996 in floating point
+    assert steps_of(0.05, 30) == 1  # 1.5 -> 1 (round() gave 2)
