@@ -64,6 +64,10 @@ class CharVocab:
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i - 2] for i in ids if i >= 2)
 
+    def prompt_tokens(self, prompt: str, text: str) -> int:
+        """Tokens of ``encode(text)`` inside its first ``len(prompt)`` characters: one per char."""
+        return len(prompt)
+
 
 class _HFVocab:
     """Adapter giving a Hugging Face tokenizer the ``encode/decode/len`` interface."""
@@ -85,6 +89,15 @@ class _HFVocab:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([i for i in ids if i >= 0], skip_special_tokens=True)
+
+    def prompt_tokens(self, prompt: str, text: str) -> int:
+        """Tokens of ``encode(text)`` that end inside its first ``len(prompt)`` characters.
+
+        ``len(encode(prompt))`` is wrong for BPE: the prompt's trailing space merges into the
+        first answer token (" D", " ochre"), so that token must count as answer.
+        """
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return sum(1 for _, end in enc["offset_mapping"] if end <= len(prompt))
 
 
 def pad_collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -241,7 +254,9 @@ class FederatedTextDataModule(L.LightningDataModule):
         self.canaries = canary
         self.val_rows = [
             {
-                **self._row(q + a, prompt_len=len(self.vocab.encode(q)), where=f"val client {c}"),
+                **self._row(
+                    q + a, prompt_len=self.vocab.prompt_tokens(q, q + a), where=f"val client {c}"
+                ),
                 "client": c,
             }
             for c, pairs in enumerate(val_qa)

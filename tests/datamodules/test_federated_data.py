@@ -152,3 +152,26 @@ def test_packed_clients_hold_the_same_tokens_as_unpacked_ones():
         )
         assert all(len(r["input_ids"]) <= 64 and r["labels"] == r["input_ids"] for r in chunks)
     assert packed.client_canary_rows == plain.client_canary_rows
+
+
+def test_held_out_labels_cover_exactly_the_answer_with_a_bpe_tokenizer(tokenizer_dir):
+    from datamodules.federated_data import synthetic_client_examples
+    from datamodules.synthetic_corpus import entity_table
+
+    dm = FederatedTextDataModule(
+        client_sizes=[10, 10, 10], num_entities=20, val_questions_per_client=10,
+        num_canaries=0, tokenizer=str(tokenizer_dir),
+    )  # fmt: skip
+    dm.build()
+    _, val = synthetic_client_examples(entity_table(20, 0), [10, 10, 10], 10, seed=0)
+    pairs = [qa for client in val for qa in client]
+    merged = 0
+    for row, (question, answer) in zip(dm.val_rows, pairs, strict=True):
+        scored = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label >= 0]
+        assert scored[-1] == dm.vocab.eos_token_id
+        # The scored tokens spell the answer; BPE may carry the prompt's trailing space with it.
+        assert dm.vocab.decode(scored[:-1]).strip() == answer
+        merged += dm.vocab.prompt_tokens(question, question + answer) < len(
+            dm.vocab.encode(question)
+        )
+    assert merged > 0  # the case that counting the prompt's own tokens got wrong
