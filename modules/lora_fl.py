@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import lightning as L
@@ -144,15 +145,26 @@ class FederatedLoRAModule(L.LightningModule):
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
-        if "16-mixed" in precision and "bf16" not in precision:
+        if precision not in ("32-true", "32", "64-true", "bf16-mixed"):
+            # 16-mixed: local steps bypass Lightning's GradScaler. *-true half precision: the
+            # global weights themselves would be half, and merged deltas ~1e-4 of weights ~1e-2
+            # vanish in their 8-bit mantissa (spec section 9).
             raise ValueError(
-                "precision='16-mixed' is not supported: local steps bypass Lightning's GradScaler"
+                f"precision={precision!r} is not supported by FederatedLoRAModule: use '32-true' "
+                "or 'bf16-mixed' (global weights must stay fp32)"
             )
         if self.net is None:
             dm = self.trainer.datamodule
             if not hasattr(dm, "vocab"):
                 raise ValueError("vocab_size is None and the datamodule has no 'vocab' to size it")
             self.build_model(len(dm.vocab))
+        if self.secagg.enabled:  # refuse a modulus the sum of all clients could wrap
+            num_clients = getattr(self.trainer.datamodule, "num_clients", None)
+            if num_clients is not None:
+                sa.check_no_wrap(
+                    num_clients, self.secagg.clip_range, self.secagg.frac_bits,
+                    self.secagg.modulus_bits,
+                )  # fmt: skip
 
     def build_model(self, vocab_size: int | None) -> None:
         """Build the network (and adapters); done in ``__init__`` when the vocab size is known."""
@@ -229,9 +241,14 @@ class FederatedLoRAModule(L.LightningModule):
             plain[numel] += weights[c] * loss
             plain[numel + 1] += 1.0
             if self.secagg.enabled:
+                # On the CPU, like the masks' generators; the rounding noise comes from the
+                # client's own stream, not the global RNG (resume and rank layout stay exact).
                 e, n_clip = sa.quantize(
-                    update, self.secagg.clip_range, self.secagg.frac_bits,
+                    update.cpu(), self.secagg.clip_range, self.secagg.frac_bits,
                     self.secagg.modulus_bits, self.secagg.stochastic_rounding,
+                    generator=torch.Generator().manual_seed(
+                        derive_seed(self.hparams.seed, round_index, c, 1)
+                    ),
                 )  # fmt: skip
                 clipped += n_clip
                 y = sa.mask_update(
@@ -323,19 +340,21 @@ class FederatedLoRAModule(L.LightningModule):
         rank, world = self.global_rank, self.trainer.world_size
         was_training = self.net.training
         self.net.eval()
-        counts = memorization_counts(
-            self.net, mem["ids"], splits, mem["groups"], mem["group_values"],
-            self.mem.prefix_lengths, self.mem.suffix_len, dm.vocab.decode,
-            self.mem.frequency_penalty, self.mem.bleu_threshold, dm.vocab.eos_token_id,
-            self.mem.batch_size, subset=range(rank, len(mem["ids"]), world),
-        )  # fmt: skip
+        with self.global_model():
+            counts = memorization_counts(
+                self.net, mem["ids"], splits, mem["groups"], mem["group_values"],
+                self.mem.prefix_lengths, self.mem.suffix_len, dm.vocab.decode,
+                self.mem.frequency_penalty, self.mem.bleu_threshold, dm.vocab.eos_token_id,
+                self.mem.batch_size, subset=range(rank, len(mem["ids"]), world),
+            )  # fmt: skip
         self.net.train(was_training)
         counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
         return memorization_summary(counts, mem["group_values"], self.mem.prefix_lengths)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         assert self.net is not None
-        logits = self.net(input_ids=batch["input_ids"]).logits
+        with self.global_model():
+            logits = self.net(input_ids=batch["input_ids"]).logits
         loss = nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]),
             batch["labels"][:, 1:].reshape(-1),
@@ -367,6 +386,14 @@ class FederatedLoRAModule(L.LightningModule):
             int(c): [tuple(x) for x in h] for c, h in state.get("accountant_history", {}).items()
         }
         self.dp_sigma = state.get("dp_sigma")
+
+    def global_model(self) -> AbstractContextManager:
+        """Within the block ``self.net`` computes the global model: with persistent adapters
+        (``factor_mean``) the server's factors live outside the weights and are hooked in here."""
+        if self.adapter is None or self.hparams.lora_aggregation != "factor_mean":
+            return nullcontext()
+        names = self.adapter.factor_names()
+        return self.adapter.attached({k: self.adapter_factors[k.replace(".", "__")] for k in names})
 
     def merged_model(self) -> nn.Module:
         """The global model with persistent adapters merged in (what ``save_pretrained`` saves)."""

@@ -230,3 +230,44 @@ def test_validation_logs_utility_per_client_and_first_answer_token():
     assert logged["val/answer_acc_client0"] == (0.5, 2)
     assert logged["val/answer_acc_client1"] == (1.0, 1)
     assert logged["val/answer_acc_client2"] == (1.0, 1)
+
+
+def test_factor_mean_is_evaluated_with_its_trained_adapter():
+    m = _module(
+        local_steps=2, lora_aggregation="factor_mean",
+        memorization=MemorizationSettings(enabled=False),
+        local_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )  # fmt: skip
+    dm = _dm()
+    _trainer(2).fit(m, dm)
+    ids = torch.randint(2, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    m.net.eval()
+    with torch.no_grad():
+        base = m.net(input_ids=ids).logits
+        with m.global_model():
+            hooked = m.net(input_ids=ids).logits
+        merged = m.merged_model().eval()(input_ids=ids).logits
+    assert not torch.allclose(base, hooked)  # the rounds trained the adapter
+    torch.testing.assert_close(hooked, merged, rtol=1e-4, atol=1e-5)
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    dm.build()
+    batch = dm.collate(dm.val_rows[:4])
+    m.validation_step(batch, 0)
+    labels = batch["labels"]
+    with torch.no_grad():
+        logits = m.merged_model().eval()(input_ids=batch["input_ids"]).logits
+        expected = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+    assert logged["val/loss"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_setup_refuses_a_wrapping_secagg_modulus_and_half_precision_weights():
+    wrapping = SecureAggregationSettings(enabled=True, frac_bits=24, modulus_bits=26)
+    m = _module(secure_aggregation=wrapping, memorization=MemorizationSettings(enabled=False))
+    with pytest.raises(ValueError, match="overflow"):  # 3 clients * 1.0 * 2^24 >= 2^25
+        _trainer(1).fit(m, _dm())
+    m = _module(memorization=MemorizationSettings(enabled=False))
+    with pytest.raises(ValueError, match="bf16-true"):
+        _trainer(1, precision="bf16-true").fit(m, _dm())
