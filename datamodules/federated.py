@@ -181,6 +181,12 @@ class FederatedTextDataModule(L.LightningDataModule):
         self.partition, self.dirichlet_alpha = partition, dirichlet_alpha
         self.num_canaries = num_canaries
         self.replication = replication if replication is not None else {1: 0.7, 10: 0.3}
+        if canary_split_after_replication and canary_val_fraction <= 0:
+            raise ValueError(
+                "canary_split_after_replication=true reproduces the official 90/10 split of the "
+                "replicated canaries, so it needs canary_val_fraction > 0 (e.g. 0.1); got "
+                f"{canary_val_fraction}"
+            )
         self.canary_val_fraction = canary_val_fraction
         self.split_after = canary_split_after_replication
         self.canary_seed, self.seed = canary_seed, seed

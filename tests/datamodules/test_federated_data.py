@@ -175,3 +175,8 @@ def test_held_out_labels_cover_exactly_the_answer_with_a_bpe_tokenizer(tokenizer
             dm.vocab.encode(question)
         )
     assert merged > 0  # the case that counting the prompt's own tokens got wrong
+
+
+def test_code_faithful_canary_split_needs_a_validation_fraction():
+    with pytest.raises(ValueError, match="canary_val_fraction"):
+        FederatedTextDataModule(canary_split_after_replication=True)

@@ -271,3 +271,17 @@ def test_setup_refuses_a_wrapping_secagg_modulus_and_half_precision_weights():
     m = _module(memorization=MemorizationSettings(enabled=False))
     with pytest.raises(ValueError, match="bf16-true"):
         _trainer(1, precision="bf16-true").fit(m, _dm())
+
+
+def test_dp_sgd_through_the_module_reaches_the_target_epsilon():
+    from modules.lora_fl_settings import NoiseSettings
+
+    dp = NoiseSettings(mode="dp_sgd", target_epsilon=8.0, delta=1e-3)
+    m = _module(local_steps=2, noise=dp, memorization=MemorizationSettings(enabled=False))
+    plain = _module(local_steps=2, memorization=MemorizationSettings(enabled=False))
+    for module in (m, plain):
+        _trainer(2).fit(module, _dm(sizes=(12, 16, 20), canaries=0, batch=4))
+    assert m.dp_sigma is not None and m.dp_sigma > 0
+    assert m.epsilon() == pytest.approx(8.0, rel=0.01)  # sigma was solved for the whole run
+    assert len(m.accountant_history) == 3  # one accountant per client
+    assert not torch.equal(m.flat_server_state(), plain.flat_server_state())  # noise was added
