@@ -301,7 +301,9 @@ class FederatedLoRAModule(L.LightningModule):
         self.history.append({"round": round_index + 1, **self.last_round_stats, **secagg_stats})
         self.log("round", float(round_index + 1), prog_bar=True)
 
-        every, last = self.mem.every_n_rounds, round_index + 1 == self.trainer.max_steps
+        # The final round, whether the run is bounded by max_steps or by max_epochs of the driver.
+        last = round_index + 1 == self.trainer.estimated_stepping_batches
+        every = self.mem.every_n_rounds
         if self.mem.enabled and (last or (every and (round_index + 1) % every == 0)):
             self.last_memorization = self.evaluate_memorization()
             self.log_dict({f"mem/{k}": v for k, v in self.last_memorization.items()})

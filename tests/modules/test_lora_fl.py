@@ -285,3 +285,17 @@ def test_dp_sgd_through_the_module_reaches_the_target_epsilon():
     assert m.epsilon() == pytest.approx(8.0, rel=0.01)  # sigma was solved for the whole run
     assert len(m.accountant_history) == 3  # one accountant per client
     assert not torch.equal(m.flat_server_state(), plain.flat_server_state())  # noise was added
+
+
+def test_final_memorization_runs_when_epochs_bound_the_run():
+    m = _module(local_steps=1)
+    dm = FederatedTextDataModule(
+        num_rounds=2, client_sizes=[24, 30, 36], num_entities=20, val_questions_per_client=4,
+        num_canaries=10, batch_size=8,
+    )  # fmt: skip
+    L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0,
+    ).fit(m, dm)  # fmt: skip
+    assert m.global_step == 2 and "exact_x10" in m.last_memorization
