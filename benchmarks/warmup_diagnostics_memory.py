@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -106,9 +105,7 @@ def main() -> None:
         cells = " | ".join(f"{v:.0f}" for k, v in row.items() if k.endswith("_mib"))
         print(f"| {n:,d} | {cells} |")
     worst_blocked = max(r["blocked_fixed_mmap_mib"] for r in rows)
-    print(f"largest blocked scratch with a fixed mmap threshold: {worst_blocked:.0f} MiB; "
-          f"whole-tensor / tensor size: "
-          f"{math.fsum(r['whole_fixed_mmap_mib'] / r['tensor_mib'] for r in rows[1:]) / max(1, len(rows) - 1):.1f}x")  # fmt: skip
+    print(f"largest blocked scratch with a fixed mmap threshold: {worst_blocked:.0f} MiB")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"command": "python benchmarks/warmup_diagnostics_memory.py",
                                "rows": rows}, indent=1))  # fmt: skip

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ops.warmup import (
     angle_from_sums,
     angular_update,
+    inner_products,
     noise_scale,
     normalized_difference_sums,
     rrc,
@@ -300,12 +301,7 @@ class UpdateDiagnostics(Callback):
             )
             m = optimizer.state.get(p, {}).get("exp_avg") if self.track_momentum else None
             if m is not None and p.grad is not None:
-                gd, md = p.grad.detach().double(), m.detach().double()
-                dot, gn, mn = (
-                    float((gd * md).sum()),
-                    float(gd.square().sum()),
-                    float(md.square().sum()),
-                )
+                dot, gn, mn = inner_products(p.grad, m)
                 dots, g_sq, m_sq = dots + dot, g_sq + gn, m_sq + mn
                 if self.log_per_tensor and gn > 0 and mn > 0:
                     pending["record"][f"warmup/momentum/cos/{name}"] = dot / math.sqrt(gn * mn)
@@ -336,7 +332,7 @@ class UpdateDiagnostics(Callback):
         if "g_sq" in pending:
             optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
             ms = [optimizer.state.get(p, {}).get("exp_avg") for _, p, *_ in pending["tensors"]]
-            m_sq = sum(float(m.double().square().sum()) for m in ms if m is not None)
+            m_sq = sum(squared_norm(m) for m in ms if m is not None)
             record["warmup/momentum/ratio_global"] = math.sqrt(m_sq / pending["g_sq"])
         self._emit(trainer, pending["step"], record)
 
@@ -353,11 +349,16 @@ class UpdateDiagnostics(Callback):
             dw_sq += dw**2
             if math.isfinite(u_rms):
                 u_sq, n_u = u_sq + u_rms**2 * old.numel(), n_u + old.numel()
-            norms[name] = (math.sqrt(squared_norm(old)), math.sqrt(squared_norm(new)))
+            na, nb = math.sqrt(squared_norm(old)), math.sqrt(squared_norm(new))
+            norms[name] = (na, nb)
             if self.log_per_tensor:
                 out[f"warmup/update_norm/{name}"] = dw
                 out[f"warmup/direction_rms/{name}"] = u_rms
-                out[f"warmup/angle/{name}"] = float(angular_update(old, new))
+                out[f"warmup/angle/{name}"] = (  # angular_update, reusing the norms above
+                    float(angle_from_sums(*normalized_difference_sums(old, new, na, nb)))
+                    if na > 0 and nb > 0
+                    else 0.0
+                )
             if self.per_neuron and old.dim() >= 2:
                 pair = (old.T, new.T) if id(p) in self._transposed else (old, new)
                 per = angular_update(*pair, per_neuron=True)

@@ -32,6 +32,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from datamodules.federated import (  # noqa: E402
+    IGNORE_INDEX,
     CharVocab,
     FederatedTextDataModule,
     base_corpus_texts,
@@ -120,7 +121,9 @@ def base_fact_recall(base: Path, num_entities: int) -> float:
         for question, answer in qa_pairs(entity):
             prompt = vocab.encode(f"Q: {question} A: ")
             ids = [*prompt, *vocab.encode(answer)]
-            rows.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :]})
+            rows.append(
+                {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]}
+            )
     batch = pad_collate(rows, vocab.pad_token_id)
     correct, _ = answer_hits(net(input_ids=batch["input_ids"]).logits, batch["labels"])
     return float(correct.mean())

@@ -394,17 +394,19 @@ class FederatedLoRAModule(L.LightningModule):
         (``factor_mean``) the server's factors live outside the weights and are hooked in here."""
         if self.adapter is None or self.hparams.lora_aggregation != "factor_mean":
             return nullcontext()
-        names = self.adapter.factor_names()
-        return self.adapter.attached({k: self.adapter_factors[k.replace(".", "__")] for k in names})
+        return self.adapter.attached(self._server_factors())
+
+    def _server_factors(self) -> dict[str, Tensor]:
+        """The persistent adapter factors of ``factor_mean``, keyed by the adapter's names."""
+        assert self.adapter is not None
+        return {k: self.adapter_factors[k.replace(".", "__")] for k in self.adapter.factor_names()}
 
     def merged_model(self) -> nn.Module:
         """The global model with persistent adapters merged in (what ``save_pretrained`` saves)."""
         assert self.net is not None
         net = copy.deepcopy(self.net)
         if self.adapter is not None and self.hparams.lora_aggregation == "factor_mean":
-            names = self.adapter.factor_names()
-            factors = {k: self.adapter_factors[k.replace(".", "__")] for k in names}
-            self.adapter.merge_into(net, factors)
+            self.adapter.merge_into(net, self._server_factors())
         return net
 
     def flat_server_state(self) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from ops.goldfish import IGNORE_INDEX  # the causal-LM "not a target" label, one definition
 
 
 def answer_hits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

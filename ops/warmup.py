@@ -22,6 +22,7 @@ __all__ = [
     "angle_from_sums",
     "angular_update",
     "equilibrium_angle",
+    "inner_products",
     "lionar_target_angle",
     "noise_scale",
     "normalized_difference_sums",
@@ -67,6 +68,16 @@ def _row_blocks(*tensors: Tensor, width: int | None = None):
 def squared_norm(t: Tensor) -> float:
     """‖t‖² accumulated in float64, block by block."""
     return float(sum(block.square().sum() for (block,) in _flat_blocks(t)))
+
+
+def inner_products(a: Tensor, b: Tensor) -> tuple[float, float, float]:
+    """(⟨a,b⟩, ‖a‖², ‖b‖²) accumulated in float64, block by block."""
+    dot = aa = bb = 0.0
+    for x, y in _flat_blocks(a, b):
+        dot += float((x * y).sum())
+        aa += float(x.square().sum())
+        bb += float(y.square().sum())
+    return dot, aa, bb
 
 
 def normalized_difference_sums(a: Tensor, b: Tensor, norm_a: float, norm_b: float):
@@ -157,10 +168,9 @@ def rrc(x_probe: Tensor, w_old: Tensor, w_new: Tensor) -> float:
     out of both terms. ``x_probe`` has shape ``(..., fan_in)``.
     """
     x = x_probe.detach().to(torch.float64).reshape(-1, x_probe.shape[-1])
-    if rows(w_old).shape[1] != x.shape[1]:
-        raise ValueError(
-            f"probe fan_in {x.shape[1]} does not match weight fan_in {rows(w_old).shape[1]}"
-        )
+    fan_in = rows(w_old).shape[1]
+    if fan_in != x.shape[1]:
+        raise ValueError(f"probe fan_in {x.shape[1]} does not match weight fan_in {fan_in}")
     num_sq = den_sq = 0.0
     # Blocks of output rows: the (tokens, rows) products stay within FLOAT64_BLOCK elements.
     for a, b in _row_blocks(w_old, w_new, width=max(x.shape)):

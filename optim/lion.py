@@ -146,8 +146,9 @@ class Lion(Optimizer):
                 if p.grad is None:
                     continue
                 sign, t = self._sign_direction(p, group)
-                mult = group["lr_multiplier"] = self._step_multiplier(group, t)  # read by the
-                lr = group["lr"] * mult  # warmup diagnostics to recover the direction u_t
+                # Recorded for the warmup diagnostics, which divide Δw by the LR applied.
+                mult = group["lr_multiplier"] = self._step_multiplier(group, t)
+                lr = group["lr"] * mult
                 p.mul_(1 - lr * group["weight_decay"])  # decoupled decay: η·λw
                 p.add_(self._direction(p, sign, group), alpha=-lr)
         return loss
