@@ -155,9 +155,9 @@ def main() -> None:
         summary["e"] = bench.memory_table(channels=[16] if quick else [16, 64, 250], ks=[5, 20])
     if "f" in args.parts:
         summary["f" + args.tag] = part_f(args.seeds, args.mnist_steps, args.test_tasks, args.arms)
-    summary.setdefault("commands", {})[args.parts] = "python experiments/fo_maml.py " + " ".join(
-        sys.argv[1:]
-    )
+    # Keyed with the tag too: a tagged part-F run must not overwrite the untagged run's command.
+    command = "python experiments/fo_maml.py " + " ".join(sys.argv[1:])
+    summary.setdefault("commands", {})[args.parts + args.tag] = command
     if quick:
         print(json.dumps(summary, indent=1, default=str)[:3000])
         return

@@ -48,6 +48,7 @@ from ops.meta_tasks_closed_form import LinearTasks, exact_meta_grad, exact_meta_
 from optim.sngdm import SNGDM
 
 METHODS = ("fo_b_maml_forward", "fo_b_maml_symmetric", "maml", "fomaml", "reptile")
+_DROPOUT = nn.modules.dropout._DropoutNd
 
 
 def half_mse(out: Tensor, target: Tensor) -> Tensor:
@@ -77,14 +78,16 @@ class MetaLearningModule(L.LightningModule):
         eval_inner_steps: K at validation/test (default: ``inner_steps``).
         eval_inner_lr: gamma at validation/test (default: ``inner_lr``).
         warm_start: FO-B-MAML's perturbed solves start from y^0 ([derived] flag ``warm_start``).
-        reptile_uses_query: Reptile's inner loop runs on support ∪ query (Nichol et al. 2018).
+        reptile_uses_query: Reptile's inner loop runs on support ∪ query (Nichol et al. 2018);
+            its training query loss/accuracy is then logged as ``train/reptile_fit_*``.
         baselines_use_proximal: FO-MAML and Reptile use the proximal solve y^0 with ``alpha``
-            (the synthetic protocol of spec §3.8) instead of plain K-step GD.
+            (the synthetic protocol of spec §3.8) instead of plain K-step GD; MAML ignores it.
         inner_batch_size: support mini-batch per inner step (common random numbers across the
             solves of one estimate); ``None`` = full support set.
         max_inner_steps_second_order: second-order MAML warns above this K (memory is linear in K).
         vectorize_tasks: compute all tasks of a (local) meta-batch in one ``torch.func.vmap``
             call (same results, much faster for small nets); ignored with ``inner_batch_size``.
+            Nets with active dropout need ``False`` (and FO-B-MAML refuses them: spec §3.3).
         optimizer: outer optimizer factory; ``None`` means ``SNGDM(lr=1e-2, momentum=0.9)``
             (normalized momentum SGD). Not a class default: jsonargparse would carry SNGDM's
             ``eps`` over into e.g. Adam's init_args when the YAML switches class_path.
@@ -122,6 +125,17 @@ class MetaLearningModule(L.LightningModule):
             )
         if inner_steps < 1:
             raise ValueError(f"MetaLearningModule: inner_steps must be >= 1, got {inner_steps}")
+        if eval_inner_steps is not None and eval_inner_steps < 0:
+            raise ValueError(
+                f"MetaLearningModule: eval_inner_steps must be >= 0, got {eval_inner_steps}"
+            )
+        for key, value in (("inner_lr", inner_lr), ("eval_inner_lr", eval_inner_lr)):
+            if value is not None and value <= 0:
+                raise ValueError(f"MetaLearningModule: {key} must be > 0, got {value}")
+        if baselines_use_proximal and alpha <= 0:
+            raise ValueError(
+                f"MetaLearningModule: baselines_use_proximal needs alpha > 0, got alpha={alpha}"
+            )
         if method == "maml" and inner_steps > max_inner_steps_second_order:
             warnings.warn(
                 f"second-order MAML with inner_steps={inner_steps} > {max_inner_steps_second_order}:"
@@ -135,6 +149,18 @@ class MetaLearningModule(L.LightningModule):
                     "update during inner adaptation (learn2learn #377). Use GroupNorm or "
                     "track_running_stats=False"
                 )
+        dropout = [n for n, m in net.named_modules() if isinstance(m, _DROPOUT) and m.p > 0]
+        if dropout and method.startswith("fo_b_maml"):
+            raise ValueError(
+                f"MetaLearningModule: net.{dropout[0]} is active dropout; the two solves of one "
+                "FO-B-MAML estimate must see the same randomness (spec §3.3, common random "
+                "numbers), and independent masks inflate the finite difference. Set p=0"
+            )
+        if dropout and vectorize_tasks and inner_batch_size is None:
+            raise ValueError(
+                f"MetaLearningModule: net.{dropout[0]} is active dropout, which the task-vectorized "
+                "path (torch.func.vmap) cannot sample; set vectorize_tasks: false"
+            )
         self.save_hyperparameters(ignore=["net", "optimizer"])
         self.automatic_optimization = False
         self.net = net
@@ -142,8 +168,8 @@ class MetaLearningModule(L.LightningModule):
         self.method = method
         self.nu, self.alpha = nu, alpha
         self.inner_steps, self.inner_lr = inner_steps, inner_lr
-        self.eval_inner_steps = eval_inner_steps or inner_steps
-        self.eval_inner_lr = eval_inner_lr or inner_lr
+        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        self.eval_inner_lr = inner_lr if eval_inner_lr is None else eval_inner_lr
         self.warm_start = warm_start
         self.reptile_uses_query = reptile_uses_query
         self.baselines_use_proximal = baselines_use_proximal
@@ -165,11 +191,29 @@ class MetaLearningModule(L.LightningModule):
                 "MetaLearningModule does not support FSDP: per-task functional parameter copies "
                 "need full tensors (spec §9). Use strategy: ddp"
             )
+        precision = str(self.trainer.precision)
+        # Meta-gradients are written to .grad by hand, so a loss scaler never sees a scaled loss,
+        # and FO-B-MAML divides the difference of two solves by alpha * nu, which turns bf16
+        # rounding into O(1) errors (72 % relative on the MNIST-1D net at nu = 1e-2).
+        allowed = ("32-true", "64-true") if self.method.startswith("fo_b_maml") else (
+            "32-true", "64-true", "bf16-mixed",
+        )  # fmt: skip
+        if precision not in allowed:
+            raise ValueError(
+                f"MetaLearningModule: trainer.precision={precision!r} is not supported with "
+                f"method={self.method!r}; use one of {allowed}"
+            )
 
     @property
     def proximal(self) -> bool:
-        """Whether this method adapts with the proximal inner problem (alpha)."""
-        return self.method.startswith("fo_b_maml") or self.baselines_use_proximal
+        """Whether this method adapts with the proximal inner problem (alpha).
+
+        ``baselines_use_proximal`` applies to FO-MAML and Reptile; second-order MAML always
+        differentiates through plain K-step GD, so it is evaluated with it too (spec §3.8).
+        """
+        if self.method.startswith("fo_b_maml"):
+            return True
+        return self.baselines_use_proximal and self.method in ("fomaml", "reptile")
 
     def _check_grad_mode(self) -> None:
         if torch.is_inference_mode_enabled():
@@ -245,7 +289,7 @@ class MetaLearningModule(L.LightningModule):
             estimator = self.method.removeprefix("fo_b_maml_")
             return batched_fob_maml_grads(
                 net, loss, x, support, query, nu=self.nu, alpha=self.alpha, estimator=estimator,
-                **common,
+                warm_start=self.warm_start, **common,
             )  # fmt: skip
         if self.method == "maml":
             return (*batched_maml_grads(net, loss, x, support, query, **common), None)
@@ -305,22 +349,59 @@ class MetaLearningModule(L.LightningModule):
             offset += p.numel()
         opt.step()
         opt.zero_grad()
+        self._step_schedulers("step")
         after = torch.cat([p.detach().flatten().double() for p in self.net.parameters()])
+        # Reptile (with reptile_uses_query) adapts on the query set it is scored on: its query
+        # loss is a fit, not a held-out meta-loss, and is logged under its own name.
+        name = "train/reptile_fit" if self._adapts_on_query else "train/meta"
         logs = {
-            "train/meta_loss": loss_sum / count,
+            f"{name}_loss": loss_sum / count,
             "train/meta_grad_norm": meta_grad.norm(),
             "train/step_norm": (after - before).norm(),
         }
         if self.hparams.loss == "cross_entropy":
-            logs["train/meta_acc"] = acc_sum / count
+            logs[f"{name}_acc"] = acc_sum / count
         if self.method.startswith("fo_b_maml"):
             logs["train/solve_gap"] = gap_sum / count
         logs.update(closed_form)
         self.log_dict({k: v.float() for k, v in logs.items()}, prog_bar=False)
 
+    @property
+    def _adapts_on_query(self) -> bool:
+        return self.method == "reptile" and self.reptile_uses_query
+
+    def _step_schedulers(self, interval: str) -> None:
+        """Step the configured LR schedulers: manual optimization leaves that to the module."""
+        count = self.global_step if interval == "step" else self.current_epoch + 1
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval != interval or count % config.frequency:
+                continue
+            if config.reduce_on_plateau:
+                raise ValueError(
+                    "MetaLearningModule: ReduceLROnPlateau is not supported (manual optimization "
+                    "has no monitored value at step time); use a schedule that needs no metric"
+                )
+            config.scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        self._step_schedulers("epoch")
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        inputs, dtype = batch["support_x"], next(self.net.parameters()).dtype
+        if inputs.is_floating_point() and inputs.dtype != dtype:
+            raise TypeError(
+                f"MetaLearningModule: the task inputs are {inputs.dtype} but the net's parameters "
+                f"are {dtype}; match them (e.g. trainer.precision: 64-true for float64 data, or "
+                "the datamodule's dtype)"
+            )
+
     def _local_sums(self, batch, x: Params, names: list[str]) -> tuple[Tensor, Tensor]:
         """Sum over this rank's tasks of the estimates, and of [1, query loss, acc, solve gap]."""
         stats = torch.zeros(4, dtype=torch.float64, device=self.device)  # count, loss, acc, gap
+        numel = sum(v.numel() for v in x.values())
+        if self.vectorize_tasks and batch["support_x"].shape[0] <= self.global_rank:
+            # More ranks than tasks: this rank contributes nothing to the all-reduced sums.
+            return torch.zeros(numel, dtype=torch.float64, device=self.device), stats
         if self.vectorize_tasks:
             b = self._local_batch(batch)
             grads, adapted, gaps = self.batched_estimate(b, x)
@@ -333,7 +414,6 @@ class MetaLearningModule(L.LightningModule):
                 device=self.device,
             )
             return grad_sum, stats
-        numel = sum(v.numel() for v in x.values())
         grad_sum = torch.zeros(numel, dtype=torch.float64, device=self.device)
         for i, task in enumerate(self._local_tasks(batch)):
             est = self.estimate(task, x, seed=self.global_step * 4099 + self.global_rank * 257 + i)

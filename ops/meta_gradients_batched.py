@@ -45,12 +45,20 @@ def batched_inner_solve(
     alpha: float | None,
     steps: int,
     lr: float,
+    start: Params | None = None,
 ) -> Params:
-    """``inner_solve`` for T tasks at once; ``nu`` is a scalar or a per-task tensor [T]."""
+    """``inner_solve`` for T tasks at once; ``nu`` is a scalar or a per-task tensor [T].
+
+    ``start`` (leading task dimension T) is the initial iterate, default ``x`` for every task;
+    the proximal anchor stays ``x``.
+    """
     sx, sy = support
     count = sx.shape[0]
     loss = _loss(net, loss_fn)
-    nus = torch.as_tensor(nu, dtype=sx.dtype if sx.is_floating_point() else torch.float32)
+    # nu in the parameters' dtype: a float32 nu in a float64 solve would divide float32
+    # rounding of nu by the exact nu in the estimator's scale.
+    dtype = next(iter(x.values())).dtype
+    nus = torch.as_tensor(nu, dtype=dtype if dtype.is_floating_point else torch.float32)
     nus = nus.to(sx.device).expand(count)
     use_query = bool((nus != 0).any())
     if use_query and query is None:
@@ -63,7 +71,7 @@ def batched_inner_solve(
     step_grad = vmap(grad(objective))
     qx, qy = query if query is not None else (sx, sy)
     anchor = {k: v.detach() for k, v in x.items()}
-    y = _tile(x, count)
+    y = _tile(x, count) if start is None else {k: v.detach().clone() for k, v in start.items()}
     for _ in range(steps):
         grads = step_grad(y, sx, sy, qx, qy, nus)
         if alpha is None:
@@ -85,21 +93,38 @@ def batched_fob_maml_grads(
     steps: int,
     lr: float,
     estimator: str = "symmetric",
+    warm_start: bool = False,
 ) -> tuple[Params, Params, Tensor]:
-    """Per-task FO-B-MAML estimates [T, ...]; returns ``(grads, adapted, solve_gaps [T])``."""
+    """Per-task FO-B-MAML estimates [T, ...]; returns ``(grads, adapted, solve_gaps [T])``.
+
+    Same estimates as ``fob_maml_grad``: without ``warm_start`` the two solves of each task run
+    as one vmapped solve over 2T "tasks" (forward: nu = 0 and +nu; symmetric: -nu and +nu); with
+    ``warm_start`` y^0 is solved first and the perturbed solves start from it.
+    """
+    if estimator not in ("forward", "symmetric"):
+        raise ValueError(f"estimator must be 'forward' or 'symmetric', got {estimator!r}")
     count = support[0].shape[0]
     kw = {"alpha": alpha, "steps": steps, "lr": lr}
-    pair = tuple(torch.cat([a, a]) for a in support), tuple(torch.cat([a, a]) for a in query)
-    signs = torch.cat([torch.zeros(count), torch.ones(count)]) * nu  # forward: y^0, y^{+nu}
-    if estimator == "symmetric":
-        signs = torch.cat([-torch.ones(count), torch.ones(count)]) * nu
-    elif estimator != "forward":
-        raise ValueError(f"estimator must be 'forward' or 'symmetric', got {estimator!r}")
-    y = batched_inner_solve(net, loss_fn, x, pair[0], pair[1], nu=signs, **kw)
-    first, plus = {n: v[:count] for n, v in y.items()}, {n: v[count:] for n, v in y.items()}
-    diff = {n: first[n] - plus[n] for n in y}
+    y0 = None
+    if warm_start:
+        y0 = batched_inner_solve(net, loss_fn, x, support, None, nu=0.0, **kw)
+    if warm_start and estimator == "forward":
+        first = y0
+        plus = batched_inner_solve(net, loss_fn, x, support, query, nu=nu, start=y0, **kw)
+    else:
+        pair = tuple(torch.cat([a, a]) for a in support), tuple(torch.cat([a, a]) for a in query)
+        low = 0.0 if estimator == "forward" else -nu
+        # float64 signs: cast to the parameters' dtype inside the solve, never rounded via float32.
+        signs = torch.tensor([low] * count + [float(nu)] * count, dtype=torch.float64)
+        start = None if y0 is None else {n: torch.cat([v, v]) for n, v in y0.items()}
+        y = batched_inner_solve(net, loss_fn, x, *pair, nu=signs, start=start, **kw)
+        first, plus = {n: v[:count] for n, v in y.items()}, {n: v[count:] for n, v in y.items()}
+    diff = {n: first[n] - plus[n] for n in first}
     scale = 1.0 / (alpha * nu) if estimator == "forward" else 1.0 / (2 * alpha * nu)
-    adapted = first if estimator == "forward" else {n: (first[n] + plus[n]) / 2 for n in y}
+    if estimator == "forward" or y0 is not None:
+        adapted = first if y0 is None else y0
+    else:
+        adapted = {n: (first[n] + plus[n]) / 2 for n in first}
     gaps = torch.sqrt(sum(d.flatten(1).double().pow(2).sum(1) for d in diff.values()))
     return {n: d * scale for n, d in diff.items()}, adapted, gaps
 

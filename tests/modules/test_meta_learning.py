@@ -65,7 +65,8 @@ def test_every_method_trains_and_evaluates_on_mnist1d(tmp_path, method):
     trainer.fit(module, dm)
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
     metrics = trainer.callback_metrics
-    for key in ("train/meta_loss", "train/meta_grad_norm", "val/query_acc", "val/query_loss"):
+    loss_key = "train/reptile_fit_loss" if method == "reptile" else "train/meta_loss"
+    for key in (loss_key, "train/meta_grad_norm", "val/query_acc", "val/query_loss"):
         assert torch.isfinite(metrics[key]), key
     assert 0.0 <= float(metrics["val/query_acc"]) <= 1.0
     assert trainer.global_step == 2
@@ -84,6 +85,81 @@ def test_bad_configuration_raises():
         MetaLearningModule(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
     with pytest.warns(UserWarning, match="linearly"):
         MetaLearningModule(LinearRegressor(3), method="maml", inner_steps=100)
+    with pytest.raises(ValueError, match="inner_lr must be > 0"):
+        MetaLearningModule(LinearRegressor(3), inner_lr=-0.1)
+    with pytest.raises(ValueError, match="eval_inner_steps"):
+        MetaLearningModule(LinearRegressor(3), eval_inner_steps=-1)
+    with pytest.raises(ValueError, match="baselines_use_proximal needs alpha"):
+        MetaLearningModule(
+            LinearRegressor(3), method="fomaml", alpha=0, baselines_use_proximal=True
+        )
+    dropout_net = nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.1), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"net\.1 is active dropout.*common random"):
+        MetaLearningModule(dropout_net)
+    with pytest.raises(ValueError, match="vectorize_tasks: false"):
+        MetaLearningModule(dropout_net, method="fomaml")
+    MetaLearningModule(dropout_net, method="fomaml", vectorize_tasks=False)
+
+
+def test_zero_eval_settings_are_kept():
+    module = MetaLearningModule(LinearRegressor(3), eval_inner_steps=0)
+    assert module.eval_inner_steps == 0 and module.eval_inner_lr == module.inner_lr
+
+
+def test_maml_ignores_baselines_use_proximal_at_evaluation():
+    kw = {"baselines_use_proximal": True}
+    assert not MetaLearningModule(LinearRegressor(3), method="maml", **kw).proximal
+    assert MetaLearningModule(LinearRegressor(3), method="fomaml", **kw).proximal
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])  # 16-mixed is bf16 on CPU
+def test_fo_b_maml_refuses_mixed_precision(tmp_path, precision):
+    dm = LinearRegressionTasks(dim=6, num_tasks=10, episodes_per_epoch=1)
+    with pytest.raises(ValueError, match=f"precision='{precision}'"):
+        _trainer(tmp_path, max_steps=1, precision=precision).fit(_linear_module(), dm)
+
+
+def test_float64_data_into_float32_net_gets_a_clear_error(tmp_path):
+    dm = LinearRegressionTasks(dim=6, num_tasks=10, episodes_per_epoch=1)
+    with pytest.raises(
+        TypeError, match=r"torch\.float64 but the net's parameters are torch\.float32"
+    ):
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(_linear_module(), dm)
+
+
+@pytest.mark.parametrize("method", ["fo_b_maml_forward", "fo_b_maml_symmetric"])
+def test_vectorized_and_per_task_paths_agree_with_warm_start(method):
+    """Same estimate from the vmapped and the looped path, warm start included (float64)."""
+    torch.manual_seed(0)
+    dm = LinearRegressionTasks(dim=6, num_tasks=10, meta_batch_size=3, episodes_per_epoch=1)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    sums = []
+    for vectorize in (True, False):
+        torch.manual_seed(1)
+        module = _linear_module(method, warm_start=True, vectorize_tasks=vectorize).double()
+        x = module._params()
+        sums.append(module._local_sums(batch, x, list(x))[0])
+    torch.testing.assert_close(sums[0], sums[1], atol=1e-10, rtol=0)
+    cold = _linear_module(method).double()
+    cold.net.load_state_dict(module.net.state_dict())
+    x = cold._params()
+    assert not torch.allclose(cold._local_sums(batch, x, list(x))[0], sums[0], atol=1e-10, rtol=0)
+
+
+def test_a_configured_lr_scheduler_is_stepped(tmp_path):
+    """Manual optimization: the module steps the schedule Lightning would step (per epoch)."""
+    dm = LinearRegressionTasks(dim=6, num_tasks=10, episodes_per_epoch=1)
+    module = _linear_module().double()
+
+    def configure_optimizers():
+        opt = torch.optim.SGD(module.parameters(), lr=0.1)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
+
+    module.configure_optimizers = configure_optimizers
+    trainer = _trainer(tmp_path, max_epochs=3, precision="64-true", limit_val_batches=0)
+    trainer.fit(module, dm)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
 
 
 def _fit_linear(tmp_path, steps, ckpt=None, save=None):
