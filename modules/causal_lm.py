@@ -20,7 +20,13 @@ from torchmetrics.text import Perplexity
 from transformers import PreTrainedModel
 
 from datamodules.text import load_tokenizer
-from modules.hf_models import build_causal_lm, is_pretrained_name, max_positions
+from modules.hf_models import (
+    build_causal_lm,
+    is_pretrained_name,
+    max_positions,
+    own_tokenizer_dir,
+    special_token_ids,
+)
 from optim.schedules import fill_total_steps
 
 
@@ -126,6 +132,32 @@ def _reject_rotating_conv1d(model: torch.nn.Module, optimizer: Any) -> None:
             )
 
 
+DEFAULT_TOKENIZER = "data/tokenizer"
+
+
+def resolve_tokenizer_name(model: str | dict[str, Any], tokenizer: str | None) -> str:
+    """The tokenizer to load: the given one, else the pretrained model's own, else the project's.
+
+    An explicit tokenizer for a pretrained model that ships its own must have the same
+    vocabulary: ids from another vocabulary would train silently on the wrong embeddings.
+    """
+    own = own_tokenizer_dir(model)
+    if tokenizer is None:
+        if own is not None:
+            return str(own)
+        local = isinstance(model, str) and Path(model).expanduser().exists()
+        return model if is_pretrained_name(model) and not local else DEFAULT_TOKENIZER
+    if (
+        own is not None
+        and load_tokenizer(tokenizer).get_vocab() != load_tokenizer(str(own)).get_vocab()
+    ):
+        raise ValueError(
+            f"tokenizer={tokenizer!r} has a different vocabulary from the one model={model!r} "
+            f"ships in {own}: leave model.tokenizer unset to use the model's own"
+        )
+    return tokenizer
+
+
 def _takes_weight_decay(name: str, param: torch.Tensor) -> bool:
     # Matrices decay; norm gains, biases and embeddings (Llama ``embed_tokens``, GPT-2 ``wte``/
     # ``wpe``) do not, as in GPT-2/Llama training recipes.
@@ -138,8 +170,9 @@ class CausalLMModule(L.LightningModule):
     Args:
         model: preset name (``tiny-llama``, ``tiny-gpt2``, ...), config dict with ``model_type``,
             local directory or hub id.
-        tokenizer: tokenizer directory or hub id; gives the vocabulary size of models built from
-            a config and decodes generations.
+        tokenizer: tokenizer directory, preset or hub id; gives the vocabulary size (and the
+            BOS/EOS/PAD ids) of models built from a config and decodes generations. ``None``: the
+            pretrained model's own tokenizer, else the project's ``data/tokenizer``.
         dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps float32.
         lora: LoRA settings; ``None`` trains all parameters.
         optimizer: optimizer class and arguments (``class_path`` in YAML).
@@ -148,15 +181,17 @@ class CausalLMModule(L.LightningModule):
         weight_decay_norms_and_biases: apply the optimizer's weight decay to norm gains, biases
             and embeddings too (off: they go in a group with ``weight_decay=0``).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
-        trainable_only_checkpoints: with LoRA, checkpoints hold only the trainable (adapter)
-            weights; the frozen base is rebuilt from ``model`` when loading.
+        trainable_only_checkpoints: with LoRA on pretrained weights, checkpoints hold only the
+            trainable (adapter) weights; the frozen base is reloaded from ``model``. A randomly
+            initialized base (a preset or config dict) cannot be rebuilt identically under
+            another seed, so its checkpoints are always full.
         generation: decoding settings for ``mlo predict``.
     """
 
     def __init__(
         self,
         model: str | dict[str, Any] = "tiny-llama",
-        tokenizer: str = "data/tokenizer",
+        tokenizer: str | None = None,
         dtype: str | None = None,
         lora: LoraSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -172,9 +207,14 @@ class CausalLMModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "generation"])
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.generation = generation or GenerationSettings()
+        tokenizer = resolve_tokenizer_name(model, tokenizer)
         self.tokenizer = load_tokenizer(tokenizer)
-        vocab_size = None if is_pretrained_name(model) else len(self.tokenizer)
-        net = build_causal_lm(model, vocab_size=vocab_size, dtype=dtype)
+        self.base_is_pretrained = is_pretrained_name(model)
+        vocab_size = None if self.base_is_pretrained else len(self.tokenizer)
+        self._build_kwargs = {
+            "vocab_size": vocab_size, "dtype": dtype, "special_ids": special_token_ids(self.tokenizer),
+        }  # fmt: skip
+        net = build_causal_lm(model, **self._build_kwargs)
         embedding_rows = net.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > embedding_rows:
             raise ValueError(
@@ -184,9 +224,12 @@ class CausalLMModule(L.LightningModule):
         net.train()  # from_pretrained returns eval mode; Lightning switches modes per stage
         if gradient_checkpointing:
             net.gradient_checkpointing_enable()
-        self.model = apply_lora(net, lora) if lora is not None else net
+        # LightningCLI records dataclass arguments as plain dicts in hparams; keep the dataclass.
+        self.lora_settings = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        self.model = apply_lora(net, self.lora_settings) if lora is not None else net
         self.uses_lora = lora is not None
-        self.strict_loading = not (self.uses_lora and trainable_only_checkpoints)
+        adapter_only = self.uses_lora and trainable_only_checkpoints and self.base_is_pretrained
+        self.strict_loading = not adapter_only
         self.val_ppl, self.test_ppl = Perplexity(ignore_index=-100), Perplexity(ignore_index=-100)
 
     # ----------------------------------------------------------------- set-up checks
@@ -200,11 +243,12 @@ class CausalLMModule(L.LightningModule):
                 "lower data.block_size or raise the model's max_position_embeddings"
             )
         data_tokenizer = getattr(datamodule, "tokenizer", None)
-        embedding_rows = self.model.get_input_embeddings().num_embeddings
-        if data_tokenizer is not None and len(data_tokenizer) > embedding_rows:
+        if data_tokenizer is not None and data_tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(
-                f"data.tokenizer has {len(data_tokenizer)} tokens but the model embeds only "
-                f"{embedding_rows}: use the same tokenizer for model and data"
+                f"data.tokenizer ({len(data_tokenizer)} tokens, {data_tokenizer.name_or_path!r}) "
+                f"differs from model.tokenizer ({len(self.tokenizer)} tokens, "
+                f"{self.tokenizer.name_or_path!r}): the model would read ids of another "
+                "vocabulary; use the same tokenizer for model and data"
             )
 
     # ----------------------------------------------------------------- steps
@@ -312,11 +356,24 @@ class CausalLMModule(L.LightningModule):
                 f"(missing e.g. {missing}, unexpected e.g. {unexpected}): same model and lora settings?"
             )
 
+    def base_model_copy(self) -> PreTrainedModel:
+        """A separate copy of the frozen base model without adapters (the LoRA model is untouched)."""
+        base = build_causal_lm(self.hparams.model, **self._build_kwargs)
+        state = {
+            key.replace(".base_layer.", "."): value
+            for key, value in self.model.get_base_model().state_dict().items()
+            if "lora_" not in key
+        }
+        base.load_state_dict(state, strict=True)
+        return base
+
     def save_pretrained(self, directory: str | Path, merge_lora: bool = False) -> Path:
         """Write the model (or only its LoRA adapter) and tokenizer in Hugging Face format.
 
         ``transformers.AutoModelForCausalLM.from_pretrained`` (full model) or
-        ``peft.PeftModel.from_pretrained`` (adapter) load the result directly.
+        ``peft.PeftModel.from_pretrained`` (adapter) load the result directly. An adapter of a
+        randomly initialized base also gets that base in ``<directory>/base`` (nothing else could
+        rebuild it), and the adapter config points at it.
         """
         directory = Path(directory)
         model = self.model
@@ -324,10 +381,21 @@ class CausalLMModule(L.LightningModule):
             model = model.merge_and_unload()
         model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        adapter_only = self.uses_lora and not merge_lora
+        base_dir = None
+        if adapter_only and not self.base_is_pretrained:
+            base_dir = directory / "base"
+            self.base_model_copy().save_pretrained(base_dir)
+            self.tokenizer.save_pretrained(base_dir)
+            config_path = directory / "adapter_config.json"
+            adapter_config = json.loads(config_path.read_text())
+            adapter_config["base_model_name_or_path"] = str(base_dir.resolve())
+            config_path.write_text(json.dumps(adapter_config, indent=2))
         provenance = {
             "source_model": self.hparams.model,
-            "lora_adapter_only": self.uses_lora and not merge_lora,
-            "lora": asdict(self.hparams.lora) if self.hparams.lora else None,
+            "lora_adapter_only": adapter_only,
+            "lora": asdict(self.lora_settings) if self.lora_settings else None,
+            "base_model_dir": base_dir.name if base_dir else None,
         }
         (directory / "mlo_export.json").write_text(json.dumps(provenance, indent=2, default=str))
         return directory

@@ -93,8 +93,26 @@ def resolve_dtype(dtype: str | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-def build_config(model: str | dict[str, Any], vocab_size: int | None = None) -> PretrainedConfig:
-    """The config a preset name or config dict describes (no weights)."""
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The tokenizer's BOS/EOS/PAD ids under their config keys (``None`` ids left out)."""
+    ids = {key: getattr(tokenizer, key, None) for key in SPECIAL_TOKEN_KEYS}
+    return {key: value for key, value in ids.items() if value is not None}
+
+
+def build_config(
+    model: str | dict[str, Any],
+    vocab_size: int | None = None,
+    special_ids: dict[str, int] | None = None,
+) -> PretrainedConfig:
+    """The config a preset name or config dict describes (no weights).
+
+    ``special_ids`` (``special_token_ids(tokenizer)``) fill the BOS/EOS/PAD ids a config dict
+    leaves out: otherwise the architecture's defaults (Llama: eos 2) would make ``generate`` stop
+    on an ordinary token of the project's tokenizer and be written into exported configs.
+    """
     spec = copy.deepcopy(TINY_PRESETS[model]) if isinstance(model, str) else copy.deepcopy(model)
     if "model_type" not in spec:
         raise ValueError(
@@ -104,6 +122,8 @@ def build_config(model: str | dict[str, Any], vocab_size: int | None = None) -> 
     model_type = spec.pop("model_type")
     if vocab_size is not None:
         spec["vocab_size"] = vocab_size
+    for key, value in (special_ids or {}).items():
+        spec.setdefault(key, value)
     try:
         return AutoConfig.for_model(model_type, **spec)
     except ValueError as err:
@@ -121,6 +141,7 @@ def build_causal_lm(
     vocab_size: int | None = None,
     dtype: str | None = None,
     attn_implementation: str | None = "sdpa",
+    special_ids: dict[str, int] | None = None,
 ) -> PreTrainedModel:
     """Instantiate a causal LM from a preset, a config dict, a local directory or a hub id.
 
@@ -132,10 +153,12 @@ def build_causal_lm(
             ignored for pretrained weights.
         dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps the default.
         attn_implementation: attention kernel passed to ``transformers`` (``sdpa``, ``eager``).
+        special_ids: BOS/EOS/PAD ids for presets and dicts that do not set them (see
+            ``build_config``); ignored for pretrained weights.
     """
     torch_dtype = resolve_dtype(dtype)
     if not is_pretrained_name(model):
-        config = build_config(model, vocab_size)
+        config = build_config(model, vocab_size, special_ids)
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         net = AutoModelForCausalLM.from_config(config, **kwargs)
         return net.to(torch_dtype) if torch_dtype is not None else net
@@ -153,6 +176,17 @@ def build_causal_lm(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else model, **kwargs)
+
+
+def own_tokenizer_dir(model: str | dict[str, Any]) -> Path | None:
+    """The local directory of pretrained ``model`` when it ships a tokenizer, else ``None``."""
+    if not is_pretrained_name(model):
+        return None
+    assert isinstance(model, str)
+    path = resolve_pretrained_preset(model) if model in PRETRAINED_PRESETS else Path(model)
+    path = path.expanduser()
+    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return path if has_tokenizer else None
 
 
 def max_positions(config: PretrainedConfig) -> int | None:

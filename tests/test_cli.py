@@ -44,7 +44,7 @@ def test_print_config_is_complete_and_documented(repo_root):
         cwd=repo_root, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     flat = " ".join(help_text.split())
-    assert "tokenizer directory or hub id" in flat and "--model.lora.help" in flat
+    assert "tokenizer directory, preset or hub id" in flat and "--model.lora.help" in flat
 
 
 def test_unknown_config_key_is_named(tmp_path, repo_root):
@@ -87,6 +87,25 @@ def test_fit_writes_all_artifacts_and_predict_generates(tmp_path):
     tokenizer = predict.model.tokenizer
     assert all(len(tokenizer(r["completion"]).input_ids) <= 6 for r in records), records
     assert predict.trainer.state.fn == "predict"
+
+
+def test_readme_lora_command_exports_a_reloadable_adapter(tmp_path):
+    """The README's LoRA override: LightningCLI passes the settings as a dict."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cli = _fit(tmp_path, "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+               "--model.init_args.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}")  # fmt: skip
+    export = tmp_path / "run" / "version_0" / "hf_model"
+    assert json.loads((export / "mlo_export.json").read_text())["lora"]["r"] == 4
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(export / "base"), export
+    ).eval()
+    ids = torch.randint(0, 4096, (1, 10))
+    cli.model.eval()
+    with torch.no_grad():
+        expected = cli.model.model(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
 
 
 def _params(cli):

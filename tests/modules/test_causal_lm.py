@@ -1,4 +1,3 @@
-import copy
 import json
 
 import lightning as L
@@ -7,7 +6,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from datamodules.text import TextDataModule
+from datamodules.text import TextDataModule, load_tokenizer
 from modules.causal_lm import CausalLMModule, LoraSettings
 
 
@@ -89,24 +88,25 @@ def test_lora_trains_only_adapters_and_exports_for_peft(tmp_path, tokenizer_dir,
             assert torch.equal(p, base_before[n]), n
     assert any(module.get_parameter(n).abs().sum() > 0 for n in trainable if "lora_B" in n)
 
+    # A random-init base cannot be rebuilt under another seed: its checkpoints are full.
     ckpt_path = tmp_path / "adapter.ckpt"
     trainer.save_checkpoint(ckpt_path)
     ckpt = torch.load(ckpt_path, weights_only=False)
-    assert set(ckpt["state_dict"]) == set(trainable) and ckpt["trainable_only"]
-    torch.manual_seed(1234)  # rebuild the same random base, as a seeded resume does
+    assert set(trainable) < set(ckpt["state_dict"]) and not ckpt.get("trainable_only")
+    torch.manual_seed(7)  # another seed: the base still comes back from the checkpoint
     restored = CausalLMModule.load_from_checkpoint(
         ckpt_path, model="micro-llama", tokenizer=str(tokenizer_dir), lora=lora
     )
-    for n in trainable:
-        assert torch.equal(restored.get_parameter(n), module.get_parameter(n))
+    for n, p in module.named_parameters():
+        assert torch.equal(restored.get_parameter(n), p), n
 
-    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
-    copy.deepcopy(module.model).unload().save_pretrained(
-        base_dir
-    )  # the frozen base, adapters removed
-    module.save_pretrained(adapter_dir)
-    assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 4
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    # The adapter export carries its random base in ``base/`` and points its config at it.
+    adapter_dir = module.save_pretrained(tmp_path / "adapter")
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4
+    assert adapter_config["base_model_name_or_path"] == str((adapter_dir / "base").resolve())
+    base = AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"])
+    plain = PeftModel.from_pretrained(base, adapter_dir)
     ids = torch.randint(0, 4096, (1, 12))
     module.eval()
     with torch.no_grad():
@@ -115,6 +115,7 @@ def test_lora_trains_only_adapters_and_exports_for_peft(tmp_path, tokenizer_dir,
         )
 
     merged_dir = module.save_pretrained(tmp_path / "merged", merge_lora=True)
+    assert not (merged_dir / "base").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
@@ -129,3 +130,41 @@ def test_training_lowers_validation_perplexity(tmp_path, tokenizer_dir, datamodu
     trainer.fit(module, datamodule)
     after = trainer.validate(module, datamodule, verbose=False)[0]["val/ppl"]
     assert after < 0.5 * before, (before, after)
+
+
+def test_lora_on_pretrained_weights_checkpoints_only_the_adapter(tmp_path, tokenizer_dir):
+    pretrained = tmp_path / "pretrained"
+    CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir)).save_pretrained(pretrained)
+    lora = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj"]}  # as LightningCLI passes it
+    module = CausalLMModule(str(pretrained), lora=lora)  # tokenizer: the model's own
+    assert module.tokenizer.get_vocab() == load_tokenizer(str(tokenizer_dir)).get_vocab()
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    state = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(state)
+    assert set(state["state_dict"]) == trainable and state["trainable_only"]
+    exported = json.loads(
+        (module.save_pretrained(tmp_path / "out") / "mlo_export.json").read_text()
+    )
+    assert exported["lora"]["r"] == 4 and exported["base_model_dir"] is None
+
+
+def test_a_tokenizer_other_than_the_pretrained_models_own_is_refused(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    pretrained = tmp_path / "pretrained"
+    CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir)).save_pretrained(pretrained)
+    other = tmp_path / "other_tokenizer"
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="different vocabulary"):
+        CausalLMModule(str(pretrained), tokenizer=str(other))
+
+
+def test_config_dict_models_take_special_ids_from_the_tokenizer(tokenizer_dir):
+    config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}  # fmt: skip
+    module = CausalLMModule(config, tokenizer=str(tokenizer_dir))
+    tok = module.tokenizer
+    assert module.model.config.eos_token_id == tok.eos_token_id
+    assert module.model.config.pad_token_id == tok.pad_token_id
