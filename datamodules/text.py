@@ -16,6 +16,7 @@ from pathlib import Path
 import datasets
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -237,25 +238,28 @@ class TextDataModule(L.LightningDataModule):
             "num_workers": self.hparams.num_workers,
             "collate_fn": _collate,
         }
-        if not shuffle:
-            return DataLoader(dataset, shuffle=False, **kwargs)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        if not shuffle:
+            # Every block exactly once over the ranks: Lightning's default DistributedSampler pads
+            # the split with repeated blocks, which would change val/test metrics with the world size.
+            sampler = None
+            if world > 1:
+                sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)
+            return DataLoader(dataset, sampler=sampler, **kwargs)
         sampler = ResumableSampler(
             dataset, world, rank, shuffle=True, seed=self.hparams.shuffle_seed
         )
-        if trainer is not None and trainer.global_step > 0:
-            self._skip_consumed(sampler, trainer, len(sampler) // self.batch_size)
+        if trainer is not None and trainer.fit_loop.restarting:
+            self._skip_consumed(sampler, trainer)
         return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
 
-    def _skip_consumed(
-        self, sampler: ResumableSampler, trainer: L.Trainer, batches_per_epoch: int
-    ) -> None:
-        # On resume, skip the batches this epoch already consumed (global_step counts optimizer
-        # steps; accumulate_grad_batches micro-batches make one step).
-        consumed = trainer.global_step * trainer.accumulate_grad_batches
-        done_in_epoch = consumed - trainer.current_epoch * batches_per_epoch
-        if 0 < done_in_epoch < batches_per_epoch:
+    def _skip_consumed(self, sampler: ResumableSampler, trainer: L.Trainer) -> None:
+        # On resume, skip the batches this epoch already consumed, as counted by Lightning's
+        # restored loop state: deriving them from global_step breaks under limit_train_batches
+        # and under gradient accumulation with an epoch-end step on a partial accumulation.
+        done_in_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if done_in_epoch > 0:
             sampler.set_epoch(trainer.current_epoch)
             sampler.skip_batches(done_in_epoch, self.batch_size)
 

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 from transformers import PreTrainedModel
 
@@ -231,6 +232,9 @@ class CausalLMModule(L.LightningModule):
         adapter_only = self.uses_lora and trainable_only_checkpoints and self.base_is_pretrained
         self.strict_loading = not adapter_only
         self.val_ppl, self.test_ppl = Perplexity(ignore_index=-100), Perplexity(ignore_index=-100)
+        # Token-weighted means: reduced as sums over ranks, so batches and ranks holding
+        # different numbers of tokens weigh what they hold (a mean of rank means would not).
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     # ----------------------------------------------------------------- set-up checks
     def setup(self, stage: str) -> None:
@@ -264,26 +268,31 @@ class CausalLMModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, metric: Perplexity) -> None:
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         out = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
+        targets = batch["labels"][:, 1:]
         # Perplexity over the same shifted targets as the loss: logits at t predict token t+1.
-        metric.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
-        self.log(f"{stage}/loss", out.loss, sync_dist=True, prog_bar=stage == "val")
-        self.log(f"{stage}/ppl", metric, prog_bar=stage == "val")
+        ppl, loss = getattr(self, f"{stage}_ppl"), getattr(self, f"{stage}_loss")
+        ppl.update(out.logits[:, :-1].float(), targets)
+        loss.update(out.loss.detach(), weight=(targets != -100).sum())
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
 
     def on_validation_epoch_start(self) -> None:
         # States left by an earlier ``trainer.validate`` are inference tensors; fit's validation
         # runs under no_grad and could not update them in place.
         self.val_ppl.reset()
+        self.val_loss.reset()
 
     def on_test_epoch_start(self) -> None:
         self.test_ppl.reset()
+        self.test_loss.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_ppl)
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_ppl)
+        self._eval_step(batch, "test")
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, str]]:

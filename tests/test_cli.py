@@ -136,6 +136,24 @@ def test_resume_is_bit_identical(tmp_path):
     )
 
 
+def test_resume_mid_epoch_under_limit_train_batches(tmp_path):
+    """Epochs of 4 batches: the resumed run must skip the 2 batches epoch 1 already used."""
+    common = [
+        "--trainer.limit_train_batches=4", "--trainer.val_check_interval=2",
+        "--model.init_args.lr_scheduler.init_args.total_steps=10",
+        "--model.init_args.lr_scheduler.init_args.warmup_steps=2",
+    ]  # fmt: skip
+    full = _fit(tmp_path, "--trainer.max_steps=10", *common, name="full")
+    _fit(tmp_path, "--trainer.max_steps=6", *common, name="part")
+    ckpt = tmp_path / "part" / "version_0" / "checkpoints" / "last.ckpt"
+    resumed = _fit(
+        tmp_path, "--trainer.max_steps=10", *common, f"--ckpt_path={ckpt}", name="resumed"
+    )
+    expected, got = _params(full), _params(resumed)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
 def test_block_size_beyond_model_positions(tmp_path):
     with pytest.raises(ValueError, match="exceeds the model's maximum positions"):
         _fit(tmp_path, "--trainer.max_steps=1", "--data.init_args.block_size=4096")
