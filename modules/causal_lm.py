@@ -17,7 +17,6 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 from transformers import PreTrainedModel
 
 from datamodules.text import load_tokenizer
@@ -28,6 +27,7 @@ from modules.hf_models import (
     own_tokenizer_dir,
     special_token_ids,
 )
+from modules.token_perplexity import TokenPerplexity
 from optim.schedules import fill_total_steps
 
 
@@ -231,7 +231,7 @@ class CausalLMModule(L.LightningModule):
         self.uses_lora = lora is not None
         adapter_only = self.uses_lora and trainable_only_checkpoints and self.base_is_pretrained
         self.strict_loading = not adapter_only
-        self.val_ppl, self.test_ppl = Perplexity(ignore_index=-100), Perplexity(ignore_index=-100)
+        self.val_ppl, self.test_ppl = TokenPerplexity(), TokenPerplexity()
         # Token-weighted means: reduced as sums over ranks, so batches and ranks holding
         # different numbers of tokens weigh what they hold (a mean of rank means would not).
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -273,7 +273,7 @@ class CausalLMModule(L.LightningModule):
         targets = batch["labels"][:, 1:]
         # Perplexity over the same shifted targets as the loss: logits at t predict token t+1.
         ppl, loss = getattr(self, f"{stage}_ppl"), getattr(self, f"{stage}_loss")
-        ppl.update(out.logits[:, :-1].float(), targets)
+        ppl.update(out.logits, batch["labels"])
         loss.update(out.loss.detach(), weight=(targets != -100).sum())
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
         self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")

@@ -22,7 +22,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torchmetrics.text import Perplexity
 
 from datamodules.text import load_tokenizer
 from modules.causal_lm import GenerationSettings, generate_completion
@@ -34,6 +33,7 @@ from modules.layer_parallel_model import (
     sequential_layers,
     undo_layer_parallelism,
 )
+from modules.token_perplexity import TokenPerplexity, next_token_nll
 from ops.layer_parallel import LayerParallelPlan, ideal_speedup
 from optim.schedules import fill_total_steps
 
@@ -75,11 +75,8 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     """Token-level perplexity ``exp(mean NLL)`` of next-token prediction over ``windows`` ``[N, T]``."""
     total, count = 0.0, 0
     for chunk in windows.split(batch_size):
-        logits = model(input_ids=chunk).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"
-        )
-        total, count = total + nll.item(), count + chunk[:, 1:].numel()
+        nll, tokens = next_token_nll(model(input_ids=chunk).logits, chunk)
+        total, count = total + nll.item(), count + tokens.item()
     return float(torch.tensor(total / count).exp())
 
 
@@ -146,7 +143,7 @@ class LayerParallelModule(L.LightningModule):
         apply_layer_parallelism(self.model, self.plan, "reference", post_norm_mode)
         self._freeze_all_but_paired_layers()
         self.metrics = torch.nn.ModuleDict(
-            {f"{s}_{k}": Perplexity() for s in ("val", "test") for k in ("lp", "seq")}
+            {f"{s}_{k}": TokenPerplexity() for s in ("val", "test") for k in ("lp", "seq")}
         )
         self._decode_prompt: torch.Tensor | None = None
 
@@ -158,9 +155,14 @@ class LayerParallelModule(L.LightningModule):
             p.requires_grad_(id(p) in keep)
 
     def use_mode(self, mode: str) -> None:
-        """Switch the LP implementation (``fused``/``reference``) keeping the same weights."""
+        """Switch the LP implementation (``fused``/``reference``) keeping the same weights.
+
+        Fused weights are derived from the members' parameters when the pairs are built, so
+        ``fused`` is rebuilt on every call: a checkpoint loaded since the last call (a second
+        ``validate``/``test`` with ``ckpt_path`` on the same module) would otherwise be ignored.
+        """
         state: LPState = self.model.layer_parallel
-        if state.mode == mode:
+        if state.mode == mode and mode != "fused":
             return
         with torch.no_grad():
             undo_layer_parallelism(self.model)
@@ -203,12 +205,10 @@ class LayerParallelModule(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         ids, labels = batch["input_ids"], batch["labels"]
-        logits = self.model(input_ids=ids).logits
-        self.metrics[f"{stage}_lp"].update(logits[:, :-1].float(), labels[:, 1:])
+        self.metrics[f"{stage}_lp"].update(self.model(input_ids=ids).logits, labels)
         if self.hparams.compare_sequential:
             with sequential_layers(self.model):
-                logits = self.model(input_ids=ids).logits
-            self.metrics[f"{stage}_seq"].update(logits[:, :-1].float(), labels[:, 1:])
+                self.metrics[f"{stage}_seq"].update(self.model(input_ids=ids).logits, labels)
         if stage == "test" and self._decode_prompt is None:
             n = self.hparams.decode_prompt_len
             rows = ids[: self.hparams.decode_batch_size, :n]

@@ -15,6 +15,12 @@ Both write keys/values under each member's **original** layer index, so the ``Dy
 one entry per original layer and ``generate()`` works unchanged. The original layer objects stay
 inside the pair (``pair.members``) unless ``keep_originals=False``, so
 ``undo_layer_parallelism`` restores the model bit-identically.
+
+While LP is applied, ``model.save_pretrained`` writes the original sequential layers (the pair
+modules' keys would reload as a different model), ``output_hidden_states`` /
+``output_attentions`` raise (Hugging Face records them from ``LlamaDecoderLayer`` /
+``LlamaAttention`` calls, which pairs do not make), and a fused pair raises when its members would
+be trained (its weights are derived buffers that receive no gradient).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from ops.layer_parallel import (
 # position in the loop, which a shortened layer list would misalign, so they are not accepted.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 MODES = ("reference", "fused")
+CAPTURE_FLAGS = ("output_hidden_states", "output_attentions")
 
 
 @dataclass(frozen=True)
@@ -89,10 +96,27 @@ class _LPPair(nn.Module):
             raise ValueError(f"post_norm_mode={post!r} is not one of {POST_NORM_MODES}")
         self.layer_ids = idx
         self.post_norm_mode = post
+        self.config = layer_i.self_attn.config  # capture flags' defaults; HF attention interfaces
         self.members = nn.ModuleList([layer_i, layer_j])
 
     def extra_repr(self) -> str:
         return f"layers={self.layer_ids}, post_norm_mode={self.post_norm_mode}"
+
+    def refuse_output_capture(self, kwargs: dict) -> None:
+        """Raise when per-layer outputs are requested (kwargs first, then config, as HF reads them).
+
+        Hugging Face records hidden states / attentions with hooks on ``LlamaDecoderLayer`` /
+        ``LlamaAttention`` calls; a pair is neither and a fused pair never calls its members, so
+        the paired layers would be missing and the other entries would match no layer index.
+        """
+        for flag in CAPTURE_FLAGS:
+            value = kwargs.get(flag, getattr(self.config, flag, False))
+            if value is not None and value is not False:
+                raise NotImplementedError(
+                    f"{flag}={value!r} is not supported while layer parallelism is applied "
+                    f"(LP pair {self.layer_ids} would be missing from the output); run the model "
+                    "under `with sequential_layers(model):` or call undo_layer_parallelism first"
+                )
 
 
 class LPPairReference(_LPPair):
@@ -108,6 +132,7 @@ class LPPairReference(_LPPair):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        self.refuse_output_capture(kwargs)
         x = hidden_states
         h = x
         # Both attentions read the same x; each updates the cache at its own original layer index.
@@ -150,6 +175,15 @@ class LPPairReference(_LPPair):
         return out
 
 
+def _check_foldable_eps(idx: tuple[int, int], norm: str, eps_i: float, eps_j: float) -> None:
+    """Folding needs one shared ``n(x)`` per sub-layer, i.e. equal eps (spec 3.4 "assert")."""
+    if eps_i != eps_j:
+        raise ValueError(
+            f"LP pair {idx}: {norm}.variance_epsilon differs between the members ({eps_i} vs "
+            f"{eps_j}), so the norms cannot be folded into one fused layer; use mode='reference'"
+        )
+
+
 def _rows(bias: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return None if bias is None else bias[rows]
 
@@ -176,14 +210,16 @@ class LPPairFused(_LPPair):
         ai, aj = layer_i.self_attn, layer_j.self_attn
         ni, nj = layer_i.input_layernorm, layer_j.input_layernorm
         pi, pj = layer_i.post_attention_layernorm, layer_j.post_attention_layernorm
-        # Folding needs one shared n(x) per sub-layer, i.e. equal eps (spec 3.4 "assert").
-        if ni.variance_epsilon != nj.variance_epsilon or (
-            post == "per_member" and pi.variance_epsilon != pj.variance_epsilon
-        ):
-            raise ValueError(f"LP pair {idx}: members' RMSNorm eps differ; use mode='reference'")
+        _check_foldable_eps(idx, "input_layernorm", ni.variance_epsilon, nj.variance_epsilon)
+        if post != "averaged":
+            # `averaged` is defined with one norm using the smaller eps (official first commit), so
+            # its reference path shares n(h) too; the other modes normalise h with each member's
+            # own eps, which one folded n(h) cannot reproduce.
+            _check_foldable_eps(
+                idx, "post_attention_layernorm", pi.variance_epsilon, pj.variance_epsilon
+            )
         self.eps1 = ni.variance_epsilon
         self.eps2 = min(pi.variance_epsilon, pj.variance_epsilon)
-        self.config = ai.config  # read by the HF attention interfaces
         self.head_dim = ai.head_dim
         self.scaling = ai.scaling
         self.is_causal = True
@@ -204,6 +240,10 @@ class LPPairFused(_LPPair):
             self.register_buffer(name, None if value is None else value.detach().clone(), False)
         if not keep_originals:
             del self.members
+
+    def _members_trainable(self) -> bool:
+        members = getattr(self, "members", ())  # gone after keep_originals=False: nothing to train
+        return any(p.requires_grad for m in members for p in m.parameters())
 
     @staticmethod
     def _attn_parts(attn: nn.Module, norm: nn.Module) -> dict[str, torch.Tensor | None]:
@@ -229,6 +269,14 @@ class LPPairFused(_LPPair):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        self.refuse_output_capture(kwargs)
+        if self.training and torch.is_grad_enabled() and self._members_trainable():
+            raise RuntimeError(
+                f"LP pair {self.layer_ids} is fused: its weights are derived buffers, so training "
+                "through it leaves the members' parameters without gradients; apply layer "
+                "parallelism with mode='reference' to train (or call model.eval() / run under "
+                "torch.no_grad() for inference)"
+            )
         x = hidden_states
         bsz, q_len, _ = x.shape
         hq, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
@@ -308,10 +356,30 @@ def apply_layer_parallelism(
         else:
             new.append(LPPairFused(layer, layers[j], (idx, j), post_norm_mode, keep_originals))
     decoder.layers = nn.ModuleList(new)
+    if hasattr(type(model), "save_pretrained"):
+        # An instance attribute shadows the class method until undo; a callable object (not a
+        # closure) so deepcopy and pickling (ddp_spawn) rebind it to the copied model.
+        object.__setattr__(model, "save_pretrained", SaveSequential(model))
     # A plain attribute (not a Module), so it stays out of state_dict; the config keeps
     # num_hidden_layers = L so DynamicCache still allocates one entry per original layer.
     object.__setattr__(model, "layer_parallel", LPState(plan, mode, post_norm_mode))
     return model
+
+
+class SaveSequential:
+    """``model.save_pretrained`` while LP is applied: writes the original sequential layers.
+
+    With the pairs in ``decoder.layers`` the state dict has keys ``layers.<k>.members.<m>.*`` at
+    shifted positions, which Hugging Face would load as a different model (missing layers
+    initialised at random). The plan is not saved: re-apply it after loading.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with sequential_layers(self.model):
+            return type(self.model).save_pretrained(self.model, *args, **kwargs)
 
 
 def undo_layer_parallelism(model: nn.Module) -> nn.Module:
@@ -321,6 +389,7 @@ def undo_layer_parallelism(model: nn.Module) -> nn.Module:
         return model
     layers = original_layers(model)
     decoder.layers = nn.ModuleList(layers)
+    model.__dict__.pop("save_pretrained", None)
     object.__setattr__(model, "layer_parallel", None)
     return model
 

@@ -4,7 +4,7 @@ tokens/s, and a 2-process tensor-parallel emulation that counts all-reduces.
 Not a test and not run in CI: run it when a GPU is available. ``--tiny`` is a CPU dry run (gloo, a
 64-wide 4-layer model) that checks the same things in seconds and is what the test suite runs.
 
-    python scripts/layer_parallel_gpu_check.py                 # GPU: Llama-3.2-1B-shaped, bf16
+    python scripts/layer_parallel_gpu_check.py                 # GPU: Llama-3.2-1B-shaped
     python scripts/layer_parallel_gpu_check.py --tiny          # CPU dry run
 
 Tensor-parallel emulation, one process per "GPU" (NCCL when there are >= world GPUs, else gloo):
@@ -18,6 +18,9 @@ Tensor-parallel emulation, one process per "GPU" (NCCL when there are >= world G
 Checks (fp32 runs): the counts; TP logits equal the single-process HF model (sequential) and the
 reference LP model (``per_member``, and ``rank_mixed`` against its reference) within ``--tol``;
 ``rank_mixed`` differs from ``per_member``. Results go to ``--out`` as JSON.
+
+Dtypes: the tensor-parallel emulation always runs in fp32 (on GPU too), so its checks can use an
+fp32 tolerance; only the single-device decode timing runs in bf16 (CUDA; fp32 on CPU).
 """
 
 from __future__ import annotations

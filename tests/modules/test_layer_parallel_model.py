@@ -14,6 +14,7 @@ from modules.layer_parallel_model import (
     LPPairReference,
     apply_layer_parallelism,
     num_sequential_layers,
+    sequential_layers,
     undo_layer_parallelism,
 )
 from ops.layer_parallel import LayerParallelPlan
@@ -250,3 +251,73 @@ def test_clear_errors():
     dropped = _lp(model, keep_originals=False)
     with pytest.raises(RuntimeError, match="keep_originals=False"):
         undo_layer_parallelism(dropped)
+
+
+@pytest.mark.parametrize("mode", ["fused", "reference"])
+@torch.no_grad()
+def test_save_pretrained_of_an_lp_model_writes_the_sequential_model(mode, tmp_path):
+    # The pair modules' keys (layers.<k>.members.<m>.*, shifted positions) would reload as a
+    # different model with layers initialised at random.
+    model, ids = _tiny(), _ids()
+    lp = _lp(model, mode=mode)
+    lp.save_pretrained(tmp_path)
+    back = build_causal_lm(str(tmp_path)).eval()
+    assert torch.equal(back(ids).logits, model(ids).logits)
+    assert num_sequential_layers(lp) == 6  # still LP after saving
+    copied = copy.deepcopy(lp)  # the override follows the copy, not the original
+    copied.model.layers[0].mlp.down_proj.weight.zero_()
+    copied.save_pretrained(tmp_path / "copy")
+    reloaded = build_causal_lm(str(tmp_path / "copy")).eval()
+    assert torch.equal(reloaded.model.layers[0].mlp.down_proj.weight, torch.zeros(64, 96))
+    undo_layer_parallelism(lp)
+    assert "save_pretrained" not in vars(lp)
+
+
+@pytest.mark.parametrize("post", ["per_member", "rank_mixed"])
+def test_fused_refuses_members_with_different_post_norm_eps(post):
+    model = _tiny()
+    model.model.layers[3].post_attention_layernorm.variance_epsilon = 0.1  # layer 2 keeps 1e-6
+    with pytest.raises(ValueError, match=r"\(2, 3\): post_attention_layernorm.*0.1.*reference"):
+        _lp(model, [[2, 3]], mode="fused", post_norm_mode=post)
+    _lp(model, [[2, 3]], mode="reference", post_norm_mode=post)  # the reference path is exact
+
+
+@torch.no_grad()
+def test_averaged_post_norm_folds_with_different_eps():
+    # `averaged` is defined with one norm using the smaller eps, so folding stays exact.
+    model, ids = _tiny(), _ids()
+    model.model.layers[3].post_attention_layernorm.variance_epsilon = 0.1
+    ref = _lp(model, [[2, 3]], mode="reference", post_norm_mode="averaged")(ids).logits
+    fused = _lp(model, [[2, 3]], mode="fused", post_norm_mode="averaged")(ids).logits
+    assert (fused - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("mode", ["fused", "reference"])
+@pytest.mark.parametrize("flag", ["output_hidden_states", "output_attentions"])
+@torch.no_grad()
+def test_per_layer_outputs_are_refused_under_lp(mode, flag):
+    # HF records them from LlamaDecoderLayer / LlamaAttention calls: paired layers would be missing.
+    lp, ids = _lp(_tiny("eager"), mode=mode), _ids()
+    with pytest.raises(NotImplementedError, match=f"{flag}=True.*sequential_layers"):
+        lp(ids, **{flag: True})
+    lp.config.update({flag: True})  # the config default is read too
+    with pytest.raises(NotImplementedError, match=flag):
+        lp(ids)
+    lp.config.update({flag: False})
+    with sequential_layers(lp):  # the original layers run: capture is exact
+        out = lp(ids, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 9 and len(out.attentions) == 8
+    assert lp(ids).logits.shape == (2, 12, 256)
+
+
+def test_training_through_fused_pairs_is_refused():
+    lp, ids = _lp(_tiny(), [[2, 3]], mode="fused"), _ids()
+    lp.train()
+    with pytest.raises(RuntimeError, match=r"\(2, 3\) is fused.*mode='reference'"):
+        lp(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        lp(ids)  # inference in train mode is fine
+    for p in lp.model.layers[2].members.parameters():
+        p.requires_grad_(False)
+    lp(ids, labels=ids).loss.backward()  # frozen members: nothing is lost, other layers train
+    assert lp.model.layers[3].mlp.down_proj.weight.grad.abs().sum() > 0

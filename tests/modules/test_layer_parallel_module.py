@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from modules.hf_models import build_causal_lm
 from modules.layer_parallel import (
@@ -16,6 +18,7 @@ from modules.layer_parallel import (
     perplexity,
 )
 from modules.layer_parallel_model import original_layers, sequential_layers
+from modules.token_perplexity import TokenPerplexity
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,73 @@ def test_helpers_decode_and_perplexity(hf_dir):
     assert len(model.model.layers) == 6
 
 
+def test_token_perplexity_stays_finite_where_softmax_underflows():
+    # One confidently wrong token (probability ~e^-110): softmax-then-log gives log(0) = -inf.
+    logits = torch.zeros(1, 5, 10)
+    logits[0, :, 0] = 110.0
+    labels = torch.tensor([[0, 0, 0, 0, 5]])
+    metric = TokenPerplexity()
+    metric.update(logits, labels)
+    expected = F.cross_entropy(logits[0, :-1], labels[0, 1:]).exp()
+    assert torch.isfinite(metric.compute())
+    assert metric.compute().item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_token_perplexity_reduces_sums_across_ranks():
+    # DDP: sum NLL and token counts over ranks, then exp; ranks with fewer scored tokens (labels
+    # -100) must weigh less than in a mean of per-rank perplexities.
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, 6, 10, generator=gen) * 3 for _ in range(2)]
+    labels = [torch.randint(0, 10, (2, 6), generator=gen) for _ in range(2)]
+    labels[1][:, 1:5] = -100  # rank 1 scores 2 tokens, rank 0 scores 10
+    ranks = [TokenPerplexity() for _ in range(2)]
+    for metric, x, y in zip(ranks, logits, labels, strict=True):
+        metric.update(x, y)
+    ranks[0].merge_state(ranks[1])  # the states' dist_reduce_fx, as in the DDP sync
+
+    def ppl(x: torch.Tensor, y: torch.Tensor) -> float:
+        return F.cross_entropy(x.reshape(-1, 10), y.reshape(-1), ignore_index=-100).exp().item()
+
+    expected = ppl(torch.cat([t[:, :-1] for t in logits]), torch.cat([t[:, 1:] for t in labels]))
+    assert ranks[0].compute().item() == pytest.approx(expected, rel=1e-6)
+    mean_of_ranks = sum(ppl(x[:, :-1], y[:, 1:]) for x, y in zip(logits, labels, strict=True)) / 2
+    assert expected != pytest.approx(mean_of_ranks, rel=1e-3)
+
+
+def test_fused_weights_follow_a_checkpoint_loaded_into_a_reused_module(hf_dir, tmp_path):
+    """A second validate with ``ckpt_path`` on a module left fused must use the loaded weights."""
+    import lightning as L
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+
+    def module() -> LayerParallelModule:
+        return LayerParallelModule(model=str(hf_dir), plan={"start": 2, "end": 6}, mode="fused")
+
+    ids = torch.randint(0, 4096, (4, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in ids], batch_size=2)
+    tuned = module()  # a "fine-tuned" checkpoint: the paired layers moved
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    saver = trainer()
+    saver.validate(tuned, loader, verbose=False)
+    saver.save_checkpoint(tmp_path / "tuned.ckpt")
+    ckpt = str(tmp_path / "tuned.ckpt")
+    fresh = trainer().validate(module(), loader, ckpt_path=ckpt, verbose=False)[0]
+    reused = module()
+    base = trainer().validate(reused, loader, verbose=False)[0]  # leaves it fused on base weights
+    again = trainer().validate(reused, loader, ckpt_path=ckpt, verbose=False)[0]
+    assert fresh["val/ppl"] != pytest.approx(base["val/ppl"], rel=1e-3)  # the checkpoint matters
+    for key in ("val/ppl", "val/ppl_seq", "val/ppl_ratio"):
+        assert again[key] == pytest.approx(fresh[key], rel=1e-6), key
+
+
 def _cli(args: list[str]):
     from cli import main
 
@@ -80,6 +150,13 @@ def test_cli_test_logs_ppl_ratio_and_decode_speed(hf_dir, tmp_path, repo_root, m
     )  # fmt: skip
     metrics = cli.trainer.callback_metrics
     assert metrics["test/ppl_ratio"] == pytest.approx(metrics["test/ppl"] / metrics["test/ppl_seq"])
+    # ppl_seq must be the plain model's perplexity on the same batches (the ratio alone holds by
+    # construction, even if the "sequential" baseline silently ran the LP model).
+    batches = itertools.islice(cli.datamodule.test_dataloader(), 2)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    plain = build_causal_lm(str(hf_dir)).eval()
+    assert metrics["test/ppl_seq"].item() == pytest.approx(perplexity(plain, ids), rel=1e-5)
+    assert metrics["test/ppl"].item() != pytest.approx(metrics["test/ppl_seq"].item(), rel=1e-3)
     assert metrics["test/ideal_speedup"] == pytest.approx(8 / 6)
     assert metrics["test/decode_tok_s"] > 0 and metrics["test/decode_tok_s_seq"] > 0
     written = json.loads(next(tmp_path.rglob("metrics.json")).read_text())

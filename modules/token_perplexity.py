@@ -1,0 +1,51 @@
+"""Token-level perplexity that stays finite and reduces correctly across DDP ranks."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from torchmetrics import Metric
+
+from ops.goldfish import IGNORE_INDEX
+
+
+def next_token_nll(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL and the number of scored tokens (logits at ``t`` predict ``t + 1``).
+
+    Cross-entropy works in log-space (log-softmax): a target with probability below ~e^-103 stays
+    a finite NLL, where softmax-then-log (``torchmetrics.text.Perplexity``) underflows to inf.
+    """
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="sum",
+    )
+    return nll, (targets != ignore_index).sum()
+
+
+class TokenPerplexity(Metric):
+    """``exp(sum NLL / sum tokens)`` over all batches and, under DDP, all ranks.
+
+    Both sums are reduced across ranks before the division, so ranks with different token counts
+    weigh by their tokens (a mean of per-rank perplexities would not).
+    """
+
+    full_state_update = False
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.add_state("nll_sum", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        nll, tokens = next_token_nll(logits, labels, self.ignore_index)
+        self.nll_sum += nll.to(self.nll_sum)
+        self.tokens += tokens.to(self.tokens)
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self.nll_sum / self.tokens)
