@@ -11,6 +11,11 @@ to the logger, and, if the flipped labels are known (datamodule ``noisy_mask`` o
 DDP: every rank scores its own shard (``rank::world_size``, no padding), the curvature statistics
 are all-reduced, and the scores are gathered on rank 0, which writes the files.
 
+Timing: the ``fit_end`` trigger runs in ``on_train_end``, before Lightning's strategy teardown
+moves the model to the CPU (``on_fit_end`` comes after it), so the scores are computed on the
+training device. The inputs (``loss_fn``, ``include``/``exclude``, ``noise_index_path``, the
+datasets) are checked in ``on_fit_start``/``on_validation_start`` on every rank, before any work.
+
 The LightningModule must provide ``per_sample_loss(batch) -> Tensor[B]`` (or set ``loss_fn``).
 The datasets come from the datamodule's ``train_dataset``/``val_dataset`` attributes, or else
 from its own train/val dataloaders (dataset + ``collate_fn``, re-read in order, unshuffled).
@@ -21,6 +26,8 @@ from __future__ import annotations
 import importlib
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +37,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
@@ -52,6 +60,84 @@ class _Indexed(Dataset):
         return self.positions[i], self.dataset[self.positions[i]]
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module.eval()`` inside, then every submodule's own ``training`` flag back.
+
+    ``module.train(was_training)`` would recurse and flip submodules the user keeps in eval
+    (a frozen backbone or BatchNorm) to train mode.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
+def on_device(module: L.LightningModule, device: torch.device) -> Iterator[None]:
+    """Run with ``module`` on ``device`` and move it back afterwards (no-op if already there).
+
+    After ``trainer.fit`` the strategy teardown has moved the model to the CPU; without this a
+    later :meth:`HyperINFCallback.compute` would silently run there (and NCCL cannot reduce CPU
+    tensors).
+    """
+    before = module.device
+    moved = before != device
+    if moved:
+        module.to(device)
+    try:
+        yield
+    finally:
+        if moved:
+            module.to(before)
+
+
+def read_noise_index(path: Path) -> torch.Tensor:
+    """Dataset positions of flipped labels from a ``.json`` list, ``.pt`` tensor or text file."""
+    if not path.exists():
+        raise FileNotFoundError(f"noise_index_path={str(path)!r} does not exist")
+    if path.suffix == ".json":
+        return torch.tensor(json.loads(path.read_text()), dtype=torch.long)
+    if path.suffix == ".pt":
+        return torch.as_tensor(torch.load(path)).long().flatten()
+    return torch.tensor([int(s) for s in path.read_text().split()], dtype=torch.long)
+
+
+def noise_mask_from_index(index: torch.Tensor, n: int, path: Path) -> torch.Tensor:
+    """Boolean mask of length ``n`` from positions; out-of-range positions name the culprit."""
+    if index.numel():
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= n:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"noise_index_path={str(path)!r}: indices must lie in [0, {n}) (the training "
+                f"set size), got {bad}"
+            )
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[index] = True
+    return mask
+
+
+def merge_parts(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate the per-rank tables gathered on rank 0.
+
+    The keys are the union over ranks: a rank with an empty shard has no ``sample_id`` (it saw
+    no item to read one from), and only such an empty part may lack a column.
+    """
+    keys = list(dict.fromkeys(k for p in parts for k in p))
+    for p in parts:
+        missing = [k for k in keys if k not in p]
+        if missing and p["index"].numel():
+            raise ValueError(
+                f"HyperINFCallback: a rank with {p['index'].numel()} examples has no {missing} "
+                "column; every rank's dataset items must carry the same keys"
+            )
+    return {k: torch.cat([p[k] for p in parts if k in p]) for k in keys}
+
+
 class HyperINFCallback(L.Callback):
     """Influence of every training example on the validation loss (HyperINF + baselines).
 
@@ -70,7 +156,8 @@ class HyperINFCallback(L.Callback):
         grads: per-sample gradient settings (``vmap``/``loop``, batch size, cache, dtype).
         code_faithful_preset: run ``hyperinf`` with an official preset (``mislabel``,
             ``llm_selection``, ``vlm_selection``: fixed start ``5e-5``, 30/15 iterations).
-        run_on: ``fit_end`` (after ``trainer.fit``), ``validate`` (after ``trainer.validate``),
+        run_on: ``fit_end`` (at the end of ``trainer.fit``: ``on_train_end``, before the
+            strategy teardown), ``validate`` (after ``trainer.validate``),
             ``fit_end_or_validate`` (both) or ``manual`` (call :meth:`compute`).
         output_dir: where to write the files (default ``<log_dir>/influence``).
         output_format: ``csv`` or ``parquet`` for the score table.
@@ -127,15 +214,40 @@ class HyperINFCallback(L.Callback):
         self.result: InfluenceResult | None = None
         self.table: dict[str, torch.Tensor] | None = None
         self.last_output: str | None = None
+        self._fit_computed = False
 
     # -- hooks -----------------------------------------------------------------------------
+    def _on_fit(self) -> bool:
+        return self.run_on in ("fit_end", "fit_end_or_validate")
+
+    def _on_validate(self, trainer: L.Trainer) -> bool:
+        standalone = trainer.state.fn == TrainerFn.VALIDATING  # not fit's validation loops
+        return standalone and self.run_on in ("validate", "fit_end_or_validate")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_computed = False
+        if self._on_fit():
+            self.check_inputs(trainer, pl_module)  # every rank, before any training step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # before strategy.teardown() moves the model to the CPU (it runs before on_fit_end)
+        if self._on_fit():
+            self.compute(trainer, pl_module)
+            self._fit_computed = True
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.run_on in ("fit_end", "fit_end_or_validate"):
+        # The fit loop skips on_train_end when there is nothing to train (max_steps=0,
+        # limit_train_batches=0, a finished run resumed): score here; compute() moves the
+        # model back to the strategy's device.
+        if self._on_fit() and not self._fit_computed:
             self.compute(trainer, pl_module)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._on_validate(trainer):
+            self.check_inputs(trainer, pl_module)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        standalone = trainer.state.fn == TrainerFn.VALIDATING
-        if standalone and self.run_on in ("validate", "fit_end_or_validate"):
+        if self._on_validate(trainer):
             self.compute(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
@@ -195,8 +307,13 @@ class HyperINFCallback(L.Callback):
 
         return iterate
 
-    def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> InfluenceResult:
-        """Score the training set now; returns this rank's result (rank 0 also writes files)."""
+    def check_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Raise on a bad strategy, ``loss_fn``, ``include``/``exclude``, dataset or
+        ``noise_index_path`` now, on every rank, rather than after training and scoring."""
+        self._inputs(trainer, pl_module)
+
+    def _inputs(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        """``(loss_fn, params, train_source, val_source)``, every input checked."""
         name = type(trainer.strategy).__name__
         if "FSDP" in name or "DeepSpeed" in name:
             raise RuntimeError(
@@ -204,8 +321,16 @@ class HyperINFCallback(L.Callback):
                 "gradients incomplete; use DDP or a single device"
             )
         loss_fn = self._loss_fn(pl_module)
-        train_src, val_src = self._source(trainer, "train"), self._source(trainer, "val")
         params = select_params(pl_module, self.include, self.exclude)
+        train_src, val_src = self._source(trainer, "train"), self._source(trainer, "val")
+        if self.noise_index_path is not None:
+            path = Path(self.noise_index_path)
+            noise_mask_from_index(read_noise_index(path), len(train_src[0]), path)
+        return loss_fn, params, train_src, val_src
+
+    def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> InfluenceResult:
+        """Score the training set now; returns this rank's result (rank 0 also writes files)."""
+        loss_fn, params, train_src, val_src = self._inputs(trainer, pl_module)
 
         def reduce_sum(t: torch.Tensor) -> torch.Tensor:
             if trainer.world_size == 1:
@@ -222,9 +347,9 @@ class HyperINFCallback(L.Callback):
             reduce_sum=reduce_sum,
         )
         ids: dict[int, int] = {}
-        was_training = pl_module.training
-        pl_module.eval()  # no dropout: deterministic per-sample gradients
-        try:
+        # eval: no dropout, deterministic per-sample gradients; the strategy's device, also
+        # when called after the teardown of fit moved the model to the CPU
+        with on_device(pl_module, trainer.strategy.root_device), eval_mode(pl_module):
             result = engine.run(
                 pl_module,
                 params,
@@ -232,13 +357,14 @@ class HyperINFCallback(L.Callback):
                 self._batches(trainer, pl_module, train_src, ids),
                 self._batches(trainer, pl_module, val_src, {}),
             )
-        finally:
-            pl_module.train(was_training)
         self.result = result
         table = self._gather(trainer, result, ids)
-        if trainer.is_global_zero:
-            self._report(trainer, table, result)
-        trainer.strategy.barrier("hyperinf")
+        try:
+            if trainer.is_global_zero:
+                self._report(trainer, table, result)
+        finally:
+            # the other ranks must not wait forever for a rank 0 that failed while reporting
+            trainer.strategy.barrier("hyperinf")
         return result
 
     def _loss_fn(self, pl_module: L.LightningModule):
@@ -264,26 +390,14 @@ class HyperINFCallback(L.Callback):
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             parts: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(parts, local)
-            local = {k: torch.cat([p[k] for p in parts]) for k in local}
+            local = merge_parts(parts)
         order = torch.argsort(local["index"])
         return {k: t[order] for k, t in local.items()}
 
     def _noise_mask(self, trainer: L.Trainer, n: int) -> torch.Tensor | None:
         if self.noise_index_path is not None:
             path = Path(self.noise_index_path)
-            if not path.exists():
-                raise FileNotFoundError(f"noise_index_path={path} does not exist")
-            if path.suffix == ".json":
-                index = torch.tensor(json.loads(path.read_text()), dtype=torch.long)
-            elif path.suffix == ".pt":
-                index = torch.as_tensor(torch.load(path)).long()
-            else:
-                index = torch.tensor([int(s) for s in path.read_text().split()], dtype=torch.long)
-            if index.numel() and (index.min() < 0 or index.max() >= n):
-                raise ValueError(f"{path}: indices must lie in [0, {n}), got {index.max()}")
-            mask = torch.zeros(n, dtype=torch.bool)
-            mask[index] = True
-            return mask
+            return noise_mask_from_index(read_noise_index(path), n, path)
         mask = getattr(trainer.datamodule, "noisy_mask", None)
         return None if mask is None else torch.as_tensor(mask).bool()
 
@@ -293,11 +407,13 @@ class HyperINFCallback(L.Callback):
         )
         out.mkdir(parents=True, exist_ok=True)
         n_total = result.stats.n if result.stats is not None else table["index"].numel()
+        self.table = table
+        # the scores are on disk before anything else can fail (e.g. the noise file)
+        path = write_table(table, out, self.output_format)
         mask = self._noise_mask(trainer, n_total)
         if mask is not None:
             table["is_noisy"] = mask[table["index"]]
-        self.table = table
-        path = write_table(table, out, self.output_format)
+            path = write_table(table, out, self.output_format)
         metrics = noise_metrics(table, self.methods) if mask is not None else {}
         for m in self.methods:
             metrics[f"influence/{m}/runtime_s"] = result.runtime_s[m]

@@ -17,6 +17,7 @@ independent of the number of training examples ``n``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -95,6 +96,28 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def check_damping(damping: DampingConfig) -> None:
+    """Reject damping values that make the curvature singular or indefinite (NaN or garbage
+    scores, or a Schulz divergence far from the cause), naming the offending key."""
+    if damping.mode not in ("relative", "fixed"):
+        raise ValueError(f"damping.mode={damping.mode!r}: expected 'relative' or 'fixed'")
+    if not (math.isfinite(damping.lambda_const) and damping.lambda_const > 0):
+        raise ValueError(
+            f"damping.lambda_const={damping.lambda_const!r} must be a finite number > 0 "
+            "(lambda_l = mean(g^2) / lambda_const; 10 in the official code)"
+        )
+    if damping.mode == "fixed":
+        if damping.value is None:
+            raise ValueError("damping.mode='fixed' needs damping.value (a number > 0)")
+        if not (math.isfinite(damping.value) and damping.value > 0):
+            raise ValueError(
+                f"damping.value={damping.value!r} must be a finite number > 0: the damped "
+                "curvature must be positive definite"
+            )
+    if not (math.isfinite(damping.extra) and damping.extra >= 0):
+        raise ValueError(f"damping.extra={damping.extra!r} must be a finite number >= 0")
+
+
 class InfluenceEngine:
     """Computes influence scores of training examples on a validation set for several methods.
 
@@ -134,8 +157,15 @@ class InfluenceEngine:
                 f"{list(CODE_FAITHFUL_PRESETS)} or null"
             )
         self.damping = damping or DampingConfig()
-        if self.damping.mode == "fixed" and self.damping.value is None:
-            raise ValueError("damping.mode='fixed' needs damping.value")
+        check_damping(self.damping)
+        if code_faithful_preset is not None and self.damping.extra != 0.0:
+            warnings.warn(
+                f"code_faithful_preset={code_faithful_preset!r} replaces damping.extra="
+                f"{self.damping.extra:g} by the preset's "
+                f"{CODE_FAITHFUL_PRESETS[code_faithful_preset]['extra']:g} for hyperinf and "
+                "exact_gfim",
+                stacklevel=2,
+            )
         self.schulz = schulz or SchulzConfig()
         self.lissa = lissa or LissaConfig()
         self.grads = grads or GradConfig()
@@ -298,9 +328,17 @@ class InfluenceEngine:
         )
 
     # -- methods ---------------------------------------------------------------------------
+    def extra_damping(self) -> float:
+        """``delta`` of ``hyperinf`` and of its exact target ``exact_gfim``: the preset's value
+        when ``hyperinf`` runs with a code-faithful preset, else ``damping.extra``. Sharing it
+        keeps the ``hyperinf`` vs ``exact_gfim`` comparison about the Schulz error alone."""
+        if self.preset is not None:
+            return float(CODE_FAITHFUL_PRESETS[self.preset]["extra"])
+        return self.damping.extra
+
     def _precondition(self, method: str, stats: InfluenceStats, train_grads):
         v, G, lam = stats.v, stats.G, stats.lambdas
-        delta = self.damping.extra
+        delta = self.extra_damping()
         if method == "hyperinf" or method in PRESET_METHODS:
             preset = self.preset if method == "hyperinf" else method[len("hyperinf_") :]
             cfg = dataclasses.asdict(self.schulz)

@@ -167,15 +167,25 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
     return leaves
 
 
+def causal_lm_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token targets of a batch without ``labels``: ``input_ids``, -100 where padded."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    return ids if mask is None else ids.masked_fill(mask == 0, -100)
+
+
 def causal_lm_per_sample_loss(module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss of every sequence over its non-ignored (``labels != -100``) tokens.
 
     For modules whose ``forward(input_ids, **kw)`` returns Hugging Face causal-LM outputs
     (e.g. ``modules.causal_lm.CausalLMModule``); ``attention_mask`` is passed on when present.
+    Without ``labels`` the targets are ``input_ids`` with the padded positions
+    (``attention_mask == 0``) ignored, so padding never counts as a target (spec 3.2).
     """
     kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
     logits = module(batch["input_ids"], **kwargs).logits[:, :-1]
-    labels = batch.get("labels", batch["input_ids"])[:, 1:]
+    labels = batch["labels"] if "labels" in batch else causal_lm_targets(batch)
+    labels = labels[:, 1:]
     tok = torch.nn.functional.cross_entropy(
         logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
     )

@@ -37,10 +37,13 @@ class SchulzInfo:
 
     Attributes:
         alpha: the start scale, ``X_0 = alpha I``.
-        iters: number of updates ``X_k -> X_{k+1}`` performed.
+        iters: index ``k`` of the returned iterate ``X_k``, i.e. the updates that produced it (an
+            update discarded by the stagnation stop is not counted).
         residual: ``||I - A X||_F / sqrt(d)`` of the returned iterate.
         converged: ``residual <= accept_tol``.
         history: residual of every iterate ``X_0, X_1, ...`` that was evaluated.
+        stop: why the loop ended: ``tol``, ``stagnation`` (the last entry of ``history`` is the
+            rejected iterate that triggered it) or ``max_iter``.
     """
 
     alpha: float
@@ -48,6 +51,7 @@ class SchulzInfo:
     residual: float
     converged: bool
     history: list[float]
+    stop: Literal["tol", "stagnation", "max_iter"] = "max_iter"
 
 
 def schulz_alpha(A: torch.Tensor, init: SchulzInit) -> float:
@@ -63,6 +67,17 @@ def schulz_alpha(A: torch.Tensor, init: SchulzInit) -> float:
     if init == "legacy":
         return LEGACY_ALPHA
     raise ValueError(f"schulz init={init!r}: expected 'frobenius', 'trace' or 'legacy'")
+
+
+def _divergence_hint(init: SchulzInit) -> str:
+    """Likely cause of a diverging solve, for the error message of the ``init`` actually used."""
+    if init == "legacy":
+        return "with init='legacy' this happens when the largest eigenvalue exceeds 2/alpha"
+    # alpha * mu <= 1 for every eigenvalue of an SPD matrix, so this start cannot diverge on one
+    return (
+        f"init={init!r} converges for every symmetric positive definite A, so A is not SPD "
+        "(check the damping: it must be > 0) or not finite"
+    )
 
 
 def schulz_inverse(
@@ -105,10 +120,10 @@ def schulz_inverse(
     eye = torch.eye(d, dtype=A.dtype, device=A.device)
     alpha = schulz_alpha(A, init)
     X = alpha * eye
-    best_X, best_rho = X, math.inf
+    best_X, best_rho, best_k = X, math.inf, 0
     history: list[float] = []
     diverged_warned = False
-    iters = 0
+    iters, stop = 0, "max_iter"
     for k in range(max_iter + 1):
         R = eye - A @ X
         rho = float(torch.linalg.matrix_norm(R, ord="fro")) / math.sqrt(d)
@@ -118,8 +133,7 @@ def schulz_inverse(
         if not math.isfinite(rho) or rho > 10.0 * history[0]:
             msg = (
                 f"Schulz iteration diverged at step {k} (residual {rho:.3e}, start "
-                f"{history[0]:.3e}, init={init!r}, alpha={alpha:.3e}); "
-                "with init='legacy' this happens when the largest eigenvalue exceeds 2/alpha"
+                f"{history[0]:.3e}, init={init!r}, alpha={alpha:.3e}); {_divergence_hint(init)}"
             )
             if raise_on_divergence:
                 raise SchulzDivergenceError(msg)
@@ -127,14 +141,16 @@ def schulz_inverse(
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
                 diverged_warned = True
         if rho < best_rho:
-            best_X, best_rho = X, rho
+            best_X, best_rho, best_k = X, rho, k
         if early_stop:
             if rho <= tol:
+                stop = "tol"
                 break
             # At the floating-point floor (~kappa * eps) the residual stops falling: keep the
             # better iterate instead of iterating on rounding noise.
             if k >= 1 and history[-2] < 1e-2 and rho >= history[-2]:
                 X, rho = best_X, best_rho
+                stop = "stagnation"
                 break
         if k == max_iter:
             break
@@ -146,15 +162,17 @@ def schulz_inverse(
         best_X, best_rho = X, rho  # code-faithful: the last iterate, whatever its residual
     info = SchulzInfo(
         alpha=alpha,
-        iters=iters,
+        # early stop returns the best iterate, which is not the last one after a stagnation stop
+        iters=best_k if early_stop else iters,
         residual=best_rho if early_stop else rho,
         converged=(best_rho if early_stop else rho) <= accept_tol,
         history=history,
+        stop=stop,
     )
     if not info.converged:
         warnings.warn(
             f"Schulz iteration did not reach accept_tol={accept_tol:g} "
-            f"(residual {info.residual:.3e} after {iters} updates, init={init!r})",
+            f"(residual {info.residual:.3e} after {info.iters} updates, init={init!r})",
             RuntimeWarning,
             stacklevel=2,
         )

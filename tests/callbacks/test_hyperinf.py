@@ -1,4 +1,4 @@
-"""HyperINFCallback inside a real Trainer: files, logging, validate trigger, DDP (spec V4, 7.13)."""
+"""HyperINFCallback inside a real Trainer: files, logging, triggers, input checks, DDP (spec V4, 7.13)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from callbacks.hyperinf import HyperINFCallback
+from callbacks.hyperinf import HyperINFCallback, merge_parts
 from datamodules.noisy_labels import NoisyLabelDataModule
 from modules.sequence_classifier import LoRAClassifier
 from ops.influence_config import GradConfig
+from ops.influence_engine import InfluenceEngine
 
 METHODS = ["hyperinf", "exact_gfim", "datainf", "grad_dot"]
 INCLUDE = ["lora_A", "lora_B", "head.weight"]
+# Odd sizes: DistributedSampler would pad 61 -> 62 (a duplicated example) on 2 ranks, which the
+# DDP test must catch; 60 would split evenly and hide it.
+N_TRAIN, N_VAL = 61, 21
 
 
 # One intra-op thread (tests/conftest.py): threads oversubscribe a shared 2-core machine.
@@ -24,11 +28,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(**kw) -> NoisyLabelDataModule:
-    return NoisyLabelDataModule(n_train=60, n_val=20, d_in=8, batch_size=20, seed=0, **kw)
+    kw = {"n_train": N_TRAIN, "n_val": N_VAL, **kw}
+    return NoisyLabelDataModule(d_in=8, batch_size=20, seed=0, **kw)
 
 
-def _model() -> LoRAClassifier:
-    return LoRAClassifier(in_features=8, hidden_size=16, lora_r=2, init_seed=0, lr=1e-2)
+def _model(lr: float = 1e-2) -> LoRAClassifier:
+    return LoRAClassifier(in_features=8, hidden_size=16, lora_r=2, init_seed=0, lr=lr)
+
+
+def _rank_auc(scores: pd.Series, noisy: pd.Series) -> float:
+    """ROC-AUC of "high score = noisy" by the Mann-Whitney rank sum (ties get average ranks),
+    independent of ops.influence_metrics.roc_auc."""
+    ranks = scores.rank(method="average")
+    pos = int(noisy.sum())
+    neg = len(noisy) - pos
+    return float((ranks[noisy.astype(bool)].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 def _callback(out, run_on: str = "fit_end", **kw) -> HyperINFCallback:
@@ -46,13 +60,12 @@ def _trainer(tmp_path, callback, logger=None, **kw) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
         devices=1,
-        max_epochs=2,
         logger=logger if logger is not None else CSVLogger(tmp_path),
         callbacks=[callback],
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
-        **kw,
+        **{"max_epochs": 2, **kw},
     )
 
 
@@ -62,8 +75,8 @@ def test_fit_end_writes_aligned_table_and_metrics(tmp_path) -> None:
     trainer = _trainer(tmp_path, cb)
     trainer.fit(_model(), dm)
     table = pd.read_csv(tmp_path / "inf" / "influence.csv")
-    assert len(table) == 60
-    assert table["index"].tolist() == list(range(60))
+    assert len(table) == N_TRAIN
+    assert table["index"].tolist() == list(range(N_TRAIN))
     assert table["sample_id"].tolist() == dm.train_dataset.sample_id.tolist()
     assert table["is_noisy"].tolist() == dm.noisy_mask.tolist()
     for m in METHODS:
@@ -72,7 +85,10 @@ def test_fit_end_writes_aligned_table_and_metrics(tmp_path) -> None:
         table["score_exact_gfim"].abs().max()
     )
     summary = json.loads((tmp_path / "inf" / "influence_summary.json").read_text())
-    assert summary["n_train"] == 60 and 0.0 <= summary["metrics"]["influence/hyperinf/auc"] <= 1.0
+    assert summary["n_train"] == N_TRAIN
+    for m in METHODS:
+        expected = _rank_auc(table[f"score_{m}"], table["is_noisy"])
+        assert summary["metrics"][f"influence/{m}/auc"] == pytest.approx(expected, abs=1e-9)
     logged = pd.read_csv(trainer.logger.log_dir + "/metrics.csv")
     assert "influence/hyperinf/auc" in logged.columns
     assert "influence/datainf/score_mean" in logged.columns
@@ -85,7 +101,7 @@ def test_parquet_and_tensorboard_histograms(tmp_path) -> None:
     cb = _callback(tmp_path / "inf", output_format="parquet")
     trainer = _trainer(tmp_path, cb, logger=TensorBoardLogger(tmp_path, name="tb"))
     trainer.fit(_model(), _data())
-    assert len(pd.read_parquet(tmp_path / "inf" / "influence.parquet")) == 60
+    assert len(pd.read_parquet(tmp_path / "inf" / "influence.parquet")) == N_TRAIN
     acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0, "tensors": 0})
     acc.Reload()
     assert "influence/hyperinf/scores" in acc.Tags()["histograms"]
@@ -106,7 +122,7 @@ def test_standalone_validate_computes_with_noise_file(tmp_path) -> None:
     trainer.validate(model, dm)  # runs under inference_mode: the engine must re-enable grad
     table = pd.read_csv(tmp_path / "inf" / "influence.csv")
     assert table["is_noisy"].sum() == int(dm.noisy_mask.sum())
-    assert cb.result is not None and cb.result.scores["hyperinf"].shape == (60,)
+    assert cb.result is not None and cb.result.scores["hyperinf"].shape == (N_TRAIN,)
 
 
 def test_bad_configuration_fails_before_training(tmp_path) -> None:
@@ -120,9 +136,172 @@ def test_bad_configuration_fails_before_training(tmp_path) -> None:
         _callback(tmp_path).compute(_trainer(tmp_path, _callback(tmp_path)), L.LightningModule())
 
 
-def _ddp_scores(tmp_path, devices: int, strategy: str) -> pd.DataFrame:
-    out = tmp_path / f"inf_{devices}"
-    cb = _callback(out, run_on="validate")
+class _Timeline(HyperINFCallback):
+    """Records when the influence computation runs and on which device the model is."""
+
+    def __init__(self, events: list, **kw):
+        super().__init__(**kw)
+        self.events = events
+
+    def compute(self, trainer, pl_module):
+        params = next(p for n, p in pl_module.named_parameters() if "lora_A" in n)
+        self.events.append(("compute", params.device, trainer.strategy.root_device))
+        return super().compute(trainer, pl_module)
+
+
+def test_fit_end_scores_before_strategy_teardown(tmp_path) -> None:
+    # Strategy.teardown() moves the model to the CPU and runs before on_fit_end: scoring there
+    # would run on the CPU (silently) on a GPU run, and NCCL cannot reduce CPU tensors.
+    events: list = []
+    cb = _Timeline(
+        events,
+        methods=["hyperinf"],
+        include=INCLUDE,
+        grads=GradConfig(batch_size=16),
+        run_on="fit_end",
+        output_dir=str(tmp_path / "inf"),
+    )
+    trainer = _trainer(tmp_path, cb, max_epochs=1, limit_val_batches=0)
+    teardown = trainer.strategy.teardown
+
+    def recorded_teardown() -> None:
+        events.append(("teardown",))
+        teardown()
+
+    trainer.strategy.teardown = recorded_teardown
+    trainer.fit(_model(), _data())
+    assert [e[0] for e in events] == ["compute", "teardown"]
+    _, device, root = events[0]
+    assert device == root
+
+
+def test_fit_end_without_training_steps_still_scores(tmp_path) -> None:
+    # limit_train_batches=0: the fit loop skips on_train_end, so on_fit_end must do it
+    cb = HyperINFCallback(
+        methods=["grad_dot"],
+        include=INCLUDE,
+        grads=GradConfig(batch_size=16),
+        run_on="fit_end",
+        output_dir=str(tmp_path / "inf"),
+    )
+    trainer = _trainer(tmp_path, cb, limit_train_batches=0, limit_val_batches=0)
+    trainer.fit(_model(), _data())
+    assert len(pd.read_csv(tmp_path / "inf" / "influence.csv")) == N_TRAIN
+
+
+class _FrozenNormClassifier(LoRAClassifier):
+    """A LoRA classifier whose input BatchNorm the user keeps in eval (frozen statistics)."""
+
+    def __init__(self):
+        super().__init__(in_features=8, hidden_size=16, lora_r=2, init_seed=0)
+        self.norm = torch.nn.BatchNorm1d(8).requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        self.norm.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.norm(x))
+
+
+def test_submodule_modes_restored_after_scoring(tmp_path) -> None:
+    model = _FrozenNormClassifier()
+    cb = HyperINFCallback(
+        methods=["grad_dot"],
+        include=INCLUDE,
+        grads=GradConfig(batch_size=16),
+        run_on="fit_end",
+        output_dir=str(tmp_path / "inf"),
+    )
+    _trainer(tmp_path, cb, max_epochs=1, limit_val_batches=0).fit(model, _data())
+    assert cb.result is not None
+    assert model.training and model.head.training
+    assert not model.norm.training  # pl_module.train(True) would have flipped it
+
+
+def _write_json(path, values) -> str:
+    path.write_text(json.dumps(values))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "match"),
+    [
+        ({"loss_fn": "ops.per_sample_grads.causal_lm_per_sample_los"}, ValueError, "loss_fn"),
+        ({"include": ["lora_a"]}, ValueError, "no trainable parameter"),
+        ({"noise_index_path": "missing.json"}, FileNotFoundError, "noise_index_path"),
+        ({"noise_index_path": [-1, 3]}, ValueError, "got -1"),
+        ({"noise_index_path": [3, N_TRAIN]}, ValueError, f"got {N_TRAIN}"),
+    ],
+)
+def test_bad_inputs_fail_before_training(tmp_path, kw, error, match) -> None:
+    if isinstance(kw.get("noise_index_path"), list):
+        kw = {"noise_index_path": _write_json(tmp_path / "noise.json", kw["noise_index_path"])}
+    elif "noise_index_path" in kw:
+        kw = {"noise_index_path": str(tmp_path / kw["noise_index_path"])}
+    kw = {"include": INCLUDE, **kw}
+    cb = HyperINFCallback(
+        methods=["grad_dot"],
+        grads=GradConfig(batch_size=16),
+        run_on="fit_end",
+        output_dir=str(tmp_path / "inf"),
+        **kw,
+    )
+    trainer = _trainer(tmp_path, cb)
+    with pytest.raises(error, match=match):
+        trainer.fit(_model(), _data())
+    assert trainer.global_step == 0 and cb.result is None
+
+
+def test_scores_written_before_a_late_noise_file_failure(tmp_path, monkeypatch) -> None:
+    # a noise file that vanishes during scoring must not throw the computed scores away
+    dm = _data()
+    dm.setup("fit")
+    noise = tmp_path / "noise.json"
+    noise.write_text(json.dumps(torch.nonzero(dm.noisy_mask).flatten().tolist()))
+    run = InfluenceEngine.run
+
+    def run_then_lose_file(self, *args, **kwargs):
+        out = run(self, *args, **kwargs)
+        noise.unlink()
+        return out
+
+    monkeypatch.setattr(InfluenceEngine, "run", run_then_lose_file)
+    cb = _callback(tmp_path / "inf", noise_index_path=str(noise))
+    with pytest.raises(FileNotFoundError, match="noise_index_path"):
+        _trainer(tmp_path, cb, max_epochs=1, limit_val_batches=0).fit(_model(), dm)
+    table = pd.read_csv(tmp_path / "inf" / "influence.csv")
+    assert table["index"].tolist() == list(range(N_TRAIN))
+    assert table["score_hyperinf"].notna().all()
+
+
+def test_merge_parts_accepts_a_rank_with_an_empty_shard() -> None:
+    # n_train < world_size: a rank scores nothing and so never saw a sample_id
+    full = {
+        "index": torch.tensor([2, 0]),
+        "score_hyperinf": torch.tensor([0.5, -1.0]),
+        "sample_id": torch.tensor([12, 10]),
+    }
+    empty = {"index": torch.empty(0, dtype=torch.long), "score_hyperinf": torch.empty(0)}
+    merged = merge_parts([empty, full])
+    assert set(merged) == {"index", "score_hyperinf", "sample_id"}
+    assert merged["sample_id"].tolist() == [12, 10] and merged["sample_id"].dtype == torch.long
+    assert merged["index"].tolist() == [2, 0]
+    lacking = {k: t for k, t in full.items() if k != "sample_id"}
+    with pytest.raises(ValueError, match="sample_id"):
+        merge_parts([full, lacking])
+
+
+def _nonzero_lora_b(model: LoRAClassifier) -> LoRAClassifier:
+    with torch.no_grad():  # non-zero lora_B so every tensor has gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    return model
+
+
+def _ddp_scores(tmp_path, devices: int, strategy: str, run_on: str = "validate") -> pd.DataFrame:
+    out = tmp_path / f"inf_{devices}_{run_on}"
+    cb = _callback(out, run_on=run_on)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -131,22 +310,28 @@ def _ddp_scores(tmp_path, devices: int, strategy: str) -> pd.DataFrame:
         callbacks=[cb],
         enable_progress_bar=False,
         enable_model_summary=False,
+        enable_checkpointing=False,
+        # fit: one step, no validation loop (validate itself needs its loop: it triggers there)
+        **({"max_steps": 1, "limit_val_batches": 0} if run_on == "fit_end" else {}),
     )
-    model = _model()
-    with torch.no_grad():  # non-zero lora_B so every tensor has gradient
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    trainer.validate(model, _data())
+    if run_on == "fit_end":
+        # lr 0: one real DDP training step that leaves the weights as they are, so the scores
+        # (computed at the end of fit, before teardown) equal one process's validate scores
+        trainer.fit(_nonzero_lora_b(_model(lr=0.0)), _data())
+    else:
+        trainer.validate(_nonzero_lora_b(_model()), _data())
     return pd.read_csv(out / "influence.csv")
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_ddp_sharded_scores_equal_single_process(tmp_path) -> None:
+@pytest.mark.parametrize("run_on", ["validate", "fit_end"])
+def test_ddp_sharded_scores_equal_single_process(tmp_path, run_on: str) -> None:
     single = _ddp_scores(tmp_path, 1, "auto")
-    ddp = _ddp_scores(tmp_path, 2, "ddp_spawn")
-    assert ddp["index"].tolist() == list(range(60))
+    ddp = _ddp_scores(tmp_path, 2, "ddp_spawn", run_on)
+    # 61 rows in order: no DistributedSampler padding (a duplicate would also change G and v)
+    assert ddp["index"].tolist() == list(range(N_TRAIN))
+    assert ddp["sample_id"].is_unique
     for m in METHODS:
         torch.testing.assert_close(
             torch.tensor(ddp[f"score_{m}"].values),

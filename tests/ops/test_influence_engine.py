@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -10,7 +12,12 @@ from modules.sequence_classifier import LoRAClassifier
 from ops.influence import METHODS
 from ops.influence_config import DampingConfig, GradConfig, LissaConfig
 from ops.influence_engine import InfluenceEngine
-from ops.per_sample_grads import loss_hessian_blocks, per_sample_grads, select_params
+from ops.per_sample_grads import (
+    causal_lm_per_sample_loss,
+    loss_hessian_blocks,
+    per_sample_grads,
+    select_params,
+)
 
 INCLUDE = ["lora_A", "lora_B", "head.weight"]
 
@@ -185,3 +192,77 @@ def test_engine_rejects_bad_configuration() -> None:
     params = select_params(model, INCLUDE)
     with pytest.raises(ValueError, match="fim_max_dim"):
         engine.run(model, params, model.per_sample_loss, _batches(train, 8), _batches(val, 8))
+
+
+@pytest.mark.parametrize(
+    ("damping", "key"),
+    [
+        (DampingConfig(lambda_const=0.0), "damping.lambda_const"),
+        (DampingConfig(lambda_const=-10.0), "damping.lambda_const"),
+        (DampingConfig(mode="fixed", value=0.0), "damping.value"),
+        (DampingConfig(mode="fixed", value=-1e-3), "damping.value"),
+        (DampingConfig(extra=-1e-3), "damping.extra"),
+        (DampingConfig(mode="absolute"), "damping.mode"),  # type: ignore[arg-type]
+    ],
+)
+def test_engine_rejects_non_positive_damping(damping: DampingConfig, key: str) -> None:
+    # value=0 gave NaN DataInf scores, lambda_const<0 garbage scores or a misleading Schulz error
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        InfluenceEngine(methods=["hyperinf", "datainf"], damping=damping)
+
+
+def test_exact_gfim_uses_the_preset_damping_of_hyperinf() -> None:
+    # with code_faithful_preset='mislabel' hyperinf inverts G + lambda I + 1e-3 I; its exact
+    # target must invert the same matrix, or the gap looks like Schulz error
+    model, train, val = _setup()
+    params = select_params(model, INCLUDE)
+
+    def scores(**kw) -> torch.Tensor:
+        engine = InfluenceEngine(["exact_gfim"], grads=GradConfig(dtype="float64"), **kw)
+        res = engine.run(model, params, model.per_sample_loss, _batches(train, 8), _batches(val, 8))
+        return res.scores["exact_gfim"]
+
+    preset = scores(code_faithful_preset="mislabel")
+    torch.testing.assert_close(preset, scores(damping=DampingConfig(extra=1e-3)))
+    assert not torch.allclose(preset, scores(), rtol=1e-6)
+    with pytest.warns(UserWarning, match=r"replaces damping\.extra"):
+        InfluenceEngine(["hyperinf"], DampingConfig(extra=0.5), code_faithful_preset="mislabel")
+
+
+class _TokenLM(torch.nn.Module):
+    """Position-wise toy LM (no attention): padding cannot change the real tokens' logits."""
+
+    def __init__(self, vocab: int = 11, width: int = 6):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.head = torch.nn.Linear(width, vocab)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask=None) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.head(self.emb(input_ids)))
+
+
+def test_causal_lm_loss_without_labels_ignores_padding() -> None:
+    lm = _TokenLM()
+    short = torch.tensor([[3, 5, 7, 2]])
+    alone = causal_lm_per_sample_loss(lm, {"input_ids": short})
+    # right-padded with token 0 next to an unpadded sequence, as a collator would batch them
+    batch = {
+        "input_ids": torch.tensor([[3, 5, 7, 2, 0, 0], [4, 1, 9, 9, 2, 6]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]),
+    }
+    padded = causal_lm_per_sample_loss(lm, batch)
+    torch.testing.assert_close(padded[0], alone[0])  # before: the two pads were targets too
+    # per-sample gradients (vmap over examples of one) see the same masked targets
+    params = dict(lm.named_parameters())
+    loss_fn = lambda b: causal_lm_per_sample_loss(lm, b)  # noqa: E731
+    g_batch = per_sample_grads(lm, params, loss_fn, batch)
+    g_alone = per_sample_grads(lm, params, loss_fn, {"input_ids": short})
+    for name in params:
+        torch.testing.assert_close(g_batch[name][0], g_alone[name][0])
+    # explicit labels still win
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    torch.testing.assert_close(causal_lm_per_sample_loss(lm, {**batch, "labels": labels}), padded)

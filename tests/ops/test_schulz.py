@@ -88,3 +88,35 @@ def test_bad_input_errors() -> None:
         schulz_inverse(torch.ones(2, 3))
     with pytest.raises(ValueError, match="init"):
         schulz_inverse(torch.eye(2), init="identity")  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore:Schulz iteration did not reach")
+def test_iters_counts_the_returned_iterate_after_a_stagnation_stop() -> None:
+    # float32 at its floor: the stagnation stop evaluates one more iterate, rejects it and returns
+    # the previous (best) one; iters must describe the returned iterate, not the rejected update
+    g = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    A = g.T @ g / 16 + 0.01 * torch.eye(64)
+    _, info = schulz_inverse(A, init="frobenius", max_iter=60)
+    assert info.history[info.iters] == info.residual
+    assert info.iters == len(info.history) - 2
+    assert info.stop == "stagnation"
+
+
+def test_stop_reason_tol_and_max_iter() -> None:
+    A = _random_spd(16, 64, seed=3)
+    _, info = schulz_inverse(A, init="frobenius", max_iter=200, tol=1e-10)
+    assert info.stop == "tol" and info.iters == len(info.history) - 1
+    _, info = schulz_inverse(A, init="frobenius", max_iter=2, accept_tol=math.inf)
+    assert info.stop == "max_iter" and info.iters == 2
+
+
+def test_divergence_message_names_the_init_actually_used() -> None:
+    # the Frobenius start cannot diverge on an SPD matrix: the message must say A is not SPD,
+    # not blame init='legacy'
+    A = torch.diag(torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    with pytest.raises(SchulzDivergenceError) as err:
+        schulz_inverse(A, init="frobenius", max_iter=30)
+    assert "init='frobenius'" in str(err.value) and "not SPD" in str(err.value)
+    assert "with init='legacy'" not in str(err.value)
+    with pytest.raises(SchulzDivergenceError, match="with init='legacy'"):
+        schulz_inverse(torch.diag(torch.tensor([5e4, 1.0], dtype=torch.float64)), init="legacy")
