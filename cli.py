@@ -13,10 +13,14 @@ default logger, the resolved config is saved next to the logs, ``seed_everything
 from __future__ import annotations
 
 import os
+import sys
+from itertools import pairwise
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 import strategies  # noqa: F401  (registers the project's strategies by name)
@@ -39,8 +43,30 @@ class MloCLI(LightningCLI):
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
 
 
+def config_paths(args: list[str]) -> list[str]:
+    """The values of every ``--config PATH`` / ``--config=PATH`` in ``args``."""
+    paths = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    paths += [b for a, b in pairwise(args) if a == "--config"]
+    return paths
+
+
+def check_config_syntax(args: list[str]) -> None:
+    """Exit with the file's name on a YAML syntax error: the parser's own message names only
+    ``"<unicode string>"``, which does not say which of several ``--config`` files is broken."""
+    for path in config_paths(args):
+        file = Path(path)
+        if not file.is_file():
+            continue  # the parser reports missing files itself
+        try:
+            with file.open() as stream:  # a stream: the YAML error then names the file too
+                yaml.safe_load(stream)
+        except yaml.YAMLError as err:
+            raise SystemExit(f"error: --config {path}: invalid YAML: {err}") from err
+
+
 def main(args: list[str] | None = None) -> MloCLI:
     """Entry point of the ``mlo`` console script; ``args`` defaults to ``sys.argv[1:]``."""
+    check_config_syntax(sys.argv[1:] if args is None else args)
     return MloCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -16,6 +16,7 @@ import json
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 _SYLLABLES = (
@@ -120,18 +121,34 @@ def _invented_word(rng: random.Random, n_syllables: int) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(n_syllables))
 
 
+_ENTITY_SUFFIXES = ("Labs", "Works", "Institute", "Cooperative", "Foundry", "Society")
+
+
+@lru_cache(maxsize=1)
+def _distinct_words() -> int:
+    """How many distinct 2- or 3-syllable invented words exist (concatenations can collide)."""
+    two = {a + b for a in _SYLLABLES for b in _SYLLABLES}
+    return len(two | {w + c for w in two for c in _SYLLABLES})
+
+
+def _check_capacity(requested: int, per_word: int, what: str) -> None:
+    # The rejection loops below would never end once every distinct name is taken.
+    capacity = _distinct_words() * per_word
+    if requested > capacity:
+        raise ValueError(f"{what}={requested} exceeds the {capacity} distinct names available")
+
+
 def entity_table(num_entities: int, seed: int = 0) -> list[Entity]:
     """``num_entities`` fictional entities with a city, founding year, colour and product."""
     if num_entities < 1:
         raise ValueError(f"num_entities must be >= 1, got {num_entities}")
+    _check_capacity(num_entities, len(_ENTITY_SUFFIXES), "num_entities")
     rng = random.Random(seed)
     names: set[str] = set()
     entities = []
     while len(entities) < num_entities:
         name = (
-            _invented_word(rng, rng.randint(2, 3)).capitalize()
-            + " "
-            + rng.choice(("Labs", "Works", "Institute", "Cooperative", "Foundry", "Society"))
+            _invented_word(rng, rng.randint(2, 3)).capitalize() + " " + rng.choice(_ENTITY_SUFFIXES)
         )
         if name in names:
             continue
@@ -169,6 +186,7 @@ def qa_pairs(entity: Entity) -> list[tuple[str, str]]:
 
 
 def _hosts(num_hosts: int, rng: random.Random) -> list[str]:
+    _check_capacity(num_hosts, len(_TLDS), "num_hosts")
     hosts: list[str] = []
     while len(hosts) < num_hosts:
         host = f"{_invented_word(rng, rng.randint(2, 3))}.{rng.choice(_TLDS)}"

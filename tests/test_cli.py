@@ -58,6 +58,13 @@ def test_unknown_config_key_is_named(tmp_path, repo_root):
     assert "learning_rat" in out.stderr
 
 
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad_syntax.yaml"
+    bad.write_text("trainer:\n  max_steps: 3\n   devices: 1\n")
+    with pytest.raises(SystemExit, match=r"(?s)--config .*bad_syntax\.yaml: invalid YAML.*line 3"):
+        main(["fit", "--config", "configs/quickstart.yaml", f"--config={bad}"])
+
+
 def test_fit_writes_all_artifacts_and_predict_generates(tmp_path):
     cli = _fit(tmp_path, "--trainer.max_steps=6", "--trainer.val_check_interval=3")
     log_dir = tmp_path / "run" / "version_0"

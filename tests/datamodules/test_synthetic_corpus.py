@@ -1,3 +1,5 @@
+import pytest
+
 from datamodules.synthetic_corpus import (
     canary_records,
     entity_table,
@@ -38,3 +40,10 @@ def test_canaries_unique_and_high_entropy(tmp_path):
     assert all("MRN " in c["text"] for c in canaries)
     path = write_jsonl(canaries, tmp_path / "c.jsonl")
     assert len(path.read_text().splitlines()) == 100
+
+
+def test_more_names_than_exist_is_an_error_not_an_endless_loop():
+    from datamodules.synthetic_corpus import _distinct_words, entity_table
+
+    with pytest.raises(ValueError, match="exceeds the 17640 distinct names"):
+        entity_table(6 * _distinct_words() + 1)
