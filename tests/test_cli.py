@@ -119,21 +119,27 @@ def _params(cli):
     return {k: v.clone() for k, v in cli.model.state_dict().items()}
 
 
+def _resume_matches_straight_run(tmp_path, steps: int, stop: int, common: list[str]):
+    """Fit ``steps`` straight and ``stop`` then resumed to ``steps``: parameters bit-identical."""
+    full = _fit(tmp_path, f"--trainer.max_steps={steps}", *common, name="full")
+    _fit(tmp_path, f"--trainer.max_steps={stop}", *common, name="part")
+    ckpt = tmp_path / "part" / "version_0" / "checkpoints" / "last.ckpt"
+    resumed = _fit(
+        tmp_path, f"--trainer.max_steps={steps}", *common, f"--ckpt_path={ckpt}", name="resumed"
+    )
+    expected, got = _params(full), _params(resumed)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    return full, resumed
+
+
 def test_resume_is_bit_identical(tmp_path):
     common = [
         "--model.init_args.lr_scheduler.init_args.total_steps=12",
         "--model.init_args.lr_scheduler.init_args.warmup_steps=3",
         "--trainer.val_check_interval=4",
     ]
-    full = _fit(tmp_path, "--trainer.max_steps=12", *common, name="full")
-    _fit(tmp_path, "--trainer.max_steps=5", *common, name="part")
-    ckpt = tmp_path / "part" / "version_0" / "checkpoints" / "last.ckpt"
-    resumed = _fit(
-        tmp_path, "--trainer.max_steps=12", *common, f"--ckpt_path={ckpt}", name="resumed"
-    )
-    expected, got = _params(full), _params(resumed)
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
+    full, resumed = _resume_matches_straight_run(tmp_path, 12, 5, common)
     opt_full = full.trainer.optimizers[0].state_dict()["state"]
     opt_resumed = resumed.trainer.optimizers[0].state_dict()["state"]
     for idx in opt_full:
@@ -150,15 +156,7 @@ def test_resume_mid_epoch_under_limit_train_batches(tmp_path):
         "--model.init_args.lr_scheduler.init_args.total_steps=10",
         "--model.init_args.lr_scheduler.init_args.warmup_steps=2",
     ]  # fmt: skip
-    full = _fit(tmp_path, "--trainer.max_steps=10", *common, name="full")
-    _fit(tmp_path, "--trainer.max_steps=6", *common, name="part")
-    ckpt = tmp_path / "part" / "version_0" / "checkpoints" / "last.ckpt"
-    resumed = _fit(
-        tmp_path, "--trainer.max_steps=10", *common, f"--ckpt_path={ckpt}", name="resumed"
-    )
-    expected, got = _params(full), _params(resumed)
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
+    _resume_matches_straight_run(tmp_path, 10, 6, common)
 
 
 def test_block_size_beyond_model_positions(tmp_path):

@@ -45,10 +45,10 @@ def _rank_auc(scores: pd.Series, noisy: pd.Series) -> float:
     return float((ranks[noisy.astype(bool)].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def _callback(out, run_on: str = "fit_end", **kw) -> HyperINFCallback:
+def _callback(out, run_on: str = "fit_end", methods=METHODS, **kw) -> HyperINFCallback:
+    kw = {"include": INCLUDE, **kw}
     return HyperINFCallback(
-        methods=METHODS,
-        include=INCLUDE,
+        methods=methods,
         grads=GradConfig(batch_size=16),
         run_on=run_on,
         output_dir=str(out),
@@ -177,13 +177,7 @@ def test_fit_end_scores_before_strategy_teardown(tmp_path) -> None:
 
 def test_fit_end_without_training_steps_still_scores(tmp_path) -> None:
     # limit_train_batches=0: the fit loop skips on_train_end, so on_fit_end must do it
-    cb = HyperINFCallback(
-        methods=["grad_dot"],
-        include=INCLUDE,
-        grads=GradConfig(batch_size=16),
-        run_on="fit_end",
-        output_dir=str(tmp_path / "inf"),
-    )
+    cb = _callback(tmp_path / "inf", methods=["grad_dot"])
     trainer = _trainer(tmp_path, cb, limit_train_batches=0, limit_val_batches=0)
     trainer.fit(_model(), _data())
     assert len(pd.read_csv(tmp_path / "inf" / "influence.csv")) == N_TRAIN
@@ -205,13 +199,7 @@ class _FrozenNormClassifier(LoRAClassifier):
 
 def test_submodule_modes_restored_after_scoring(tmp_path) -> None:
     model = _FrozenNormClassifier()
-    cb = HyperINFCallback(
-        methods=["grad_dot"],
-        include=INCLUDE,
-        grads=GradConfig(batch_size=16),
-        run_on="fit_end",
-        output_dir=str(tmp_path / "inf"),
-    )
+    cb = _callback(tmp_path / "inf", methods=["grad_dot"])
     _trainer(tmp_path, cb, max_epochs=1, limit_val_batches=0).fit(model, _data())
     assert cb.result is not None
     assert model.training and model.head.training
@@ -238,14 +226,7 @@ def test_bad_inputs_fail_before_training(tmp_path, kw, error, match) -> None:
         kw = {"noise_index_path": _write_json(tmp_path / "noise.json", kw["noise_index_path"])}
     elif "noise_index_path" in kw:
         kw = {"noise_index_path": str(tmp_path / kw["noise_index_path"])}
-    kw = {"include": INCLUDE, **kw}
-    cb = HyperINFCallback(
-        methods=["grad_dot"],
-        grads=GradConfig(batch_size=16),
-        run_on="fit_end",
-        output_dir=str(tmp_path / "inf"),
-        **kw,
-    )
+    cb = _callback(tmp_path / "inf", methods=["grad_dot"], **kw)
     trainer = _trainer(tmp_path, cb)
     with pytest.raises(error, match=match):
         trainer.fit(_model(), _data())
