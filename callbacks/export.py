@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from callbacks.metrics_file import log_dir_of
 
@@ -13,6 +14,12 @@ class ExportPretrained(L.Callback):
 
     The output loads with ``AutoModelForCausalLM.from_pretrained`` (full model) or
     ``peft.PeftModel.from_pretrained`` (adapter only).
+
+    Under multi-process FSDP the export is skipped with a warning: the parameters are sharded
+    over the ranks, and one rank reading them would hang on the gather or write shards. Export
+    from the checkpoint instead (consolidate a sharded one with
+    ``python -m lightning.pytorch.utilities.consolidate_checkpoint <dir>``, then
+    ``Module.load_from_checkpoint(path).save_pretrained(out)`` in one process).
 
     Args:
         dirname: sub-directory of the run's log directory.
@@ -29,5 +36,12 @@ class ExportPretrained(L.Callback):
             raise TypeError(
                 f"{type(pl_module).__name__} has no save_pretrained(directory) method to export"
             )
+        if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
+            rank_zero_warn(
+                "ExportPretrained skipped: under multi-process FSDP the parameters are sharded "
+                "over the ranks. Export from the checkpoint in one process (see "
+                "callbacks.export.ExportPretrained)"
+            )
+            return
         out = save(log_dir_of(trainer) / self.dirname, merge_lora=self.merge_lora)
         rank_zero_info(f"exported Hugging Face model to {out}")
