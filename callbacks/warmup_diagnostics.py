@@ -24,12 +24,14 @@ import fnmatch
 import math
 import statistics
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ops.warmup import (
@@ -107,13 +109,17 @@ class UpdateDiagnostics(Callback):
             raise ValueError(f"rrc_mode={rrc_mode!r}: expected 'layer' or 'network'")
         if not 0.0 <= snr_ema < 1.0:
             raise ValueError(f"snr_ema must lie in [0, 1), got {snr_ema}")
-        if snr_every_n_steps < 0 or snr_fresh_batches < 0 or probe_batch_size < 1:
-            raise ValueError(
-                "snr_every_n_steps, snr_fresh_batches must be >= 0, probe_batch_size >= 1"
-            )
+        for key, value, low in (
+            ("snr_every_n_steps", snr_every_n_steps, 0),
+            ("snr_fresh_batches", snr_fresh_batches, 0),
+            ("probe_batch_size", probe_batch_size, 1),
+        ):
+            if value < low:
+                raise ValueError(f"{key} must be >= {low}, got {value}")
         self.log_every_n_steps, self.dense_steps = log_every_n_steps, dense_steps
         self.per_neuron, self.log_per_tensor = per_neuron, log_per_tensor
         self.rrc_layers = DEFAULT_RRC_LAYERS if rrc_layers is None else list(rrc_layers)
+        self._rrc_explicit = rrc_layers is not None
         self.rrc_mode, self.probe_batch_size = rrc_mode, probe_batch_size
         self.snr_every_n_steps, self.snr_dense_steps = snr_every_n_steps, snr_dense_steps
         self.snr_ema, self.snr_fresh_batches = snr_ema, snr_fresh_batches
@@ -146,11 +152,31 @@ class UpdateDiagnostics(Callback):
         return named if self.max_tensors is None else named[: self.max_tensors]
 
     def _rrc_modules(self, pl_module: L.LightningModule) -> dict[str, nn.Module]:
+        """The modules ``rrc_layers`` selects that have a weight to measure."""
         return {
             n: m
             for n, m in pl_module.named_modules()
-            if n and any(fnmatch.fnmatchcase(n, pat) for pat in self.rrc_layers)
+            if n
+            and any(fnmatch.fnmatchcase(n, pat) for pat in self.rrc_layers)
+            and isinstance(getattr(m, "weight", None), torch.Tensor)
         }
+
+    def _check_rrc_selection(self, pl_module: L.LightningModule, modules: dict) -> None:
+        """D3 must not switch itself off silently when the patterns match nothing."""
+        if not self.rrc_layers or modules:
+            return
+        names = [
+            n
+            for n, m in pl_module.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor)
+        ]
+        message = (
+            f"rrc_layers={self.rrc_layers} match no module with a weight, so D3 (RRC) is off; "
+            f"modules with weights are e.g. {names[:6]}"
+        )
+        if self._rrc_explicit:
+            raise ValueError(message)
+        rank_zero_warn(message)
 
     def _generator(self, trainer: L.Trainer) -> torch.Generator:
         """A generator for the next fresh batch of this rank, from (seed, rank, draws so far).
@@ -217,7 +243,9 @@ class UpdateDiagnostics(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._transposed = {id(m.weight) for m in pl_module.modules() if isinstance(m, Conv1D)}
         modules = self._rrc_modules(pl_module)
+        self._check_rrc_selection(pl_module, modules)
         if not self.rrc_layers or not modules:
+            self._probe_inputs, self._inputs_restored = {}, False
             return
         if self._probe is None:
             self._probe = self._draw(trainer, pl_module, self.probe_batch_size, rank_seeded=False)
@@ -226,9 +254,17 @@ class UpdateDiagnostics(Callback):
         if self.rrc_mode == "layer":
             if self._inputs_restored:  # the inputs of the initial network, not of w_resume
                 self._inputs_restored = False
+                # A resume may select fewer layers; layers it adds have no initial inputs
+                # (capturing them now would measure against w_resume) and are not measured.
                 self._probe_inputs = {
-                    n: x.to(pl_module.device) for n, x in self._probe_inputs.items()
+                    n: x.to(pl_module.device) for n, x in self._probe_inputs.items() if n in modules
                 }
+                added = sorted(set(modules) - set(self._probe_inputs))
+                if added:
+                    rank_zero_warn(
+                        f"rrc_layers now also selects {added[:6]}, whose initial-network inputs "
+                        "were not in the checkpoint: their RRC is not measured in this run"
+                    )
             else:
                 self._probe_inputs = self._capture(pl_module, modules, inputs=True)
 
@@ -294,7 +330,6 @@ class UpdateDiagnostics(Callback):
                     p,
                     p.detach().clone(),
                     float(g.get("lr", math.nan)),
-                    g,
                     float(g.get("weight_decay", 0.0)),
                     (decoupled or g.get("decoupled_weight_decay", False)) and not rotational,
                 )
@@ -327,10 +362,15 @@ class UpdateDiagnostics(Callback):
         if pending is None or trainer.global_step <= pending["step"]:
             return  # accumulating micro-batches: the update has not happened yet
         self._pending = None
+        optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
+        # Lion/LionA/LionAR record per tensor the factor σ_t·ρ_t they applied to the LR.
+        pending["lr_multipliers"] = {
+            id(p): optimizer.state.get(p, {}).get("lr_multiplier", 1.0)
+            for _, p, *_ in pending["tensors"]
+        }
         record = {"step": pending["step"], **pending["record"], **self._update_metrics(pending)}
         record.update(self._rrc_metrics(pl_module, pending))
         if "g_sq" in pending:
-            optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
             ms = [optimizer.state.get(p, {}).get("exp_avg") for _, p, *_ in pending["tensors"]]
             m_sq = sum(squared_norm(m) for m in ms if m is not None)
             record["warmup/momentum/ratio_global"] = math.sqrt(m_sq / pending["g_sq"])
@@ -340,11 +380,11 @@ class UpdateDiagnostics(Callback):
     def _update_metrics(self, pending: dict[str, Any]) -> dict[str, float]:
         out: dict[str, float] = {}
         norms, dw_sq, u_sq, n_u, hist = {}, 0.0, 0.0, 0, []
-        for name, p, old, lr, group, wd, decoupled in pending["tensors"]:
+        for name, p, old, lr, wd, decoupled in pending["tensors"]:
             new = p.detach()
             # Lion/LionA/LionAR scale the scheduled LR by σ_t·ρ_t (inverse bias correction, RRC
-            # correction) and record the factor they applied in this step.
-            lr *= float(group.get("lr_multiplier", 1.0))
+            # correction): divide Δw by the LR this tensor actually got.
+            lr *= float(pending["lr_multipliers"].get(id(p), 1.0))
             dw, u_rms = update_norms(old, new, lr, wd, decoupled)
             dw_sq += dw**2
             if math.isfinite(u_rms):
@@ -423,7 +463,10 @@ class UpdateDiagnostics(Callback):
         loss_fn = self._loss(pl_module)
         b_local = batch_size(batch)  # fresh batches have the training batch size too
         if b_local < 2:
-            raise ValueError("the two-batch SNR estimate needs a batch of at least 2 samples")
+            raise ValueError(
+                f"the two-batch SNR estimate needs a batch of at least 2 samples, got {b_local}; "
+                "raise the batch size or set snr_every_n_steps: 0 to turn the estimate off"
+            )
         if self.snr_fresh_batches:
             pairs = [
                 split_halves(self._draw(trainer, pl_module, b_local, True))
@@ -433,7 +476,7 @@ class UpdateDiagnostics(Callback):
             pairs = [split_halves(batch)]
         world = trainer.world_size
         g2_sum = tr_sum = 0.0
-        with _fork_rng(pl_module.device):
+        with _fork_rng(pl_module.device), _preserve_buffers(pl_module):
             for h1, h2 in pairs:
                 g1, g2 = (flat_grad(loss_fn(h), params) for h in (h1, h2))
                 if world > 1:  # G₁, G₂ are global means; B is the global batch (spec D4)
@@ -441,7 +484,8 @@ class UpdateDiagnostics(Callback):
                         trainer.strategy.reduce(g1, reduce_op="mean"),
                         trainer.strategy.reduce(g2, reduce_op="mean"),
                     )
-                g2_est, tr_est = noise_scale(g1, g2, b_local * world)
+                # Each half holds floor(B/2) samples (an odd batch drops one): B is what they hold.
+                g2_est, tr_est = noise_scale(g1, g2, 2 * (b_local // 2) * world)
                 g2_sum, tr_sum = g2_sum + g2_est, tr_sum + tr_est
         k = len(pairs)
         e = self._ema
@@ -491,6 +535,19 @@ class UpdateDiagnostics(Callback):
         self._probe_inputs = dict(state_dict.get("probe_inputs", {}))
         self._inputs_restored = bool(self._probe_inputs)
         self._draws = int(state_dict.get("draws", 0))
+
+
+@contextmanager
+def _preserve_buffers(module: nn.Module):
+    """Restore every buffer afterwards: the probe's train-mode forwards would otherwise update
+    BatchNorm running statistics, and the run would no longer match one without the callback."""
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def _fork_rng(device: torch.device):

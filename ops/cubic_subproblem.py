@@ -268,6 +268,12 @@ def solve_cubic_hvp(
             it -= 1
             break
         h = h - eta * grad
+    if not (math.isfinite(L) and math.isfinite(kappa) and bool(torch.isfinite(h).all())):
+        # Gradient descent would carry a NaN/inf product through every iteration into the step.
+        raise ValueError(
+            f"solve_cubic_hvp: non-finite Hessian-vector products (L={L}, "
+            f"curvature along g={kappa}, finite step: {bool(torch.isfinite(h).all())})"
+        )
     res = torch.linalg.vector_norm(cubic_model_grad(h, g64, H, M))
     return CubicStep(h.to(in_dtype), cubic_model(h, g64, H, M), res, it, False, float("nan"))
 

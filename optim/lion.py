@@ -146,8 +146,9 @@ class Lion(Optimizer):
                 if p.grad is None:
                     continue
                 sign, t = self._sign_direction(p, group)
-                # Recorded for the warmup diagnostics, which divide Δw by the LR applied.
-                mult = group["lr_multiplier"] = self._step_multiplier(group, t)
+                # Recorded per tensor for the warmup diagnostics, which divide Δw by the LR
+                # applied: σ_t depends on the tensor's own step count.
+                mult = self.state[p]["lr_multiplier"] = self._step_multiplier(group, t)
                 lr = group["lr"] * mult
                 p.mul_(1 - lr * group["weight_decay"])  # decoupled decay: η·λw
                 p.add_(self._direction(p, sign, group), alpha=-lr)
@@ -401,7 +402,7 @@ class LionAR(Lion):
                 if p.grad is None:  # REQ indexes such tensors and crashes (spec §4.1): skip them
                     continue
                 sign, t = self._sign_direction(p, group)
-                mult = group["lr_multiplier"] = self._step_multiplier(group, t)
+                mult = self.state[p]["lr_multiplier"] = self._step_multiplier(group, t)
                 if group["rotational"]:
                     self._rotate(p, sign, group, t, mult)
                 else:
@@ -412,8 +413,11 @@ class LionAR(Lion):
 
     def _rotate(self, p: Tensor, sign: Tensor, group: dict[str, Any], t: int, mult: float) -> None:
         state = self.state[p]
-        w = _rows(p, group["per_neuron"])
-        d = _rows(sign, group["per_neuron"])
+        rows = _rows(p, group["per_neuron"])
+        # The rotation runs in float32 (n0 and the EMA are stored in it too): in bf16 the
+        # re-projection onto n0 drifts the neuron norms by ~0.6 % over 200 steps.
+        w = rows.float()
+        d = _rows(sign, group["per_neuron"]).float()
         if "n0" not in state:
             state["n0"] = w.norm(dim=1, keepdim=True)
             state["update_norm_sq"] = torch.zeros_like(state["n0"])
@@ -429,6 +433,8 @@ class LionAR(Lion):
         )
         w.sub_(d * (mult * eta_r * n0 / (d_bar + group["rotational_eps"])))
         w.mul_(n0 / w.norm(dim=1, keepdim=True))  # projection replaces weight decay
+        if w.data_ptr() != rows.data_ptr():  # a float32 copy of a lower-precision weight
+            rows.copy_(w)
 
 
 def _rows(t: Tensor, per_neuron: bool = True) -> Tensor:

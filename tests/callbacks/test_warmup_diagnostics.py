@@ -141,12 +141,24 @@ def test_gradient_accumulation_keys_on_optimizer_steps(tmp_path: Path) -> None:
     assert sorted(_records(cb, "warmup/snr/b_noise")) == [0, 2, 4]
 
 
-def _final_weights(tmp_path: Path, callbacks) -> list[torch.Tensor]:
+class TinyBatchNormRegressor(TinyRegressor):
+    """TinyRegressor with BatchNorm, whose running statistics train-mode forwards update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(32)
+
+    def compute_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.out(self.drop(torch.relu(self.norm(self.fc(x))))), y)
+
+
+def _final_weights(tmp_path: Path, callbacks, model_class=TinyRegressor) -> list[torch.Tensor]:
     L.seed_everything(0)
-    model = TinyRegressor()
+    model = model_class()
     loader = DataLoader(_data(), batch_size=32, shuffle=True)
     _trainer(tmp_path, 8, callbacks).fit(model, loader)
-    return [p.detach().clone() for p in model.parameters()]
+    return [t.detach().clone() for t in model.state_dict().values()]  # buffers included
 
 
 def test_training_is_unchanged_by_the_callback(tmp_path: Path) -> None:
@@ -157,6 +169,37 @@ def test_training_is_unchanged_by_the_callback(tmp_path: Path) -> None:
     without = _final_weights(tmp_path, [])
     assert all(torch.equal(a, b) for a, b in zip(with_cb, without, strict=True))
     assert len(_records(cb, "warmup/snr/b_noise_raw")) == 8
+
+
+def test_snr_probe_leaves_batchnorm_statistics_alone(tmp_path: Path) -> None:
+    cb = UpdateDiagnostics(dense_steps=100, snr_every_n_steps=1, snr_fresh_batches=2)
+    with_cb = _final_weights(tmp_path, [cb], TinyBatchNormRegressor)
+    without = _final_weights(tmp_path, [], TinyBatchNormRegressor)
+    assert all(torch.equal(a, b) for a, b in zip(with_cb, without, strict=True))
+
+
+def test_odd_batches_scale_the_noise_by_the_samples_the_halves_hold(tmp_path, monkeypatch):
+    import callbacks.warmup_diagnostics as module
+
+    sizes: list[int] = []
+    real = module.noise_scale
+
+    def recording(g1, g2, batch):
+        sizes.append(batch)
+        return real(g1, g2, batch)
+
+    monkeypatch.setattr(module, "noise_scale", recording)
+    cb = UpdateDiagnostics(snr_every_n_steps=1, snr_fresh_batches=0, rrc_layers=[])
+    loader = DataLoader(_data(), batch_size=5)
+    _trainer(tmp_path, 2, [cb]).fit(TinyRegressor(), loader)
+    assert sizes == [4, 4]  # two halves of 2 samples; one of the 5 is left out
+
+
+def test_rrc_layers_matching_nothing_is_an_error(tmp_path: Path) -> None:
+    cb = UpdateDiagnostics(rrc_layers=["*.q_proj"])
+    trainer = _trainer(tmp_path, 1, [cb])
+    with pytest.raises(ValueError, match=r"rrc_layers=\['\*\.q_proj'\] match no module"):
+        trainer.fit(TinyRegressor(), DataLoader(_data(), batch_size=32))
 
 
 def test_tensorboard_receives_the_scalars(tmp_path: Path) -> None:
@@ -284,6 +327,23 @@ def test_resume_is_bitwise(tmp_path: Path) -> None:
     # EMAs and the same fresh batches.
     assert {k[1] for k in resumed_log} >= {"warmup/rrc/out", "warmup/snr/b_noise"}
     assert resumed_log == {k: v for k, v in straight_log.items() if k[0] >= 10}
+
+
+def test_resume_with_fewer_rrc_layers(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps: int, layers: list[str], ckpt: str | None, root: Path) -> set[str]:
+        diag = UpdateDiagnostics(keep_history=True, dense_steps=100, rrc_layers=layers)
+        cbs = [diag, ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=5)]
+        loader = DataLoader(_data(), batch_size=32)
+        trainer = _trainer(root, max_steps, cbs, enable_checkpointing=True)
+        trainer.fit(TinyRegressor(dropout=0.0), loader, ckpt_path=ckpt)
+        return {k for r in diag.history for k in r if k.startswith("warmup/rrc/")}
+
+    run(5, ["fc", "out"], None, tmp_path / "a")
+    ckpt = str(tmp_path / "a" / "last.ckpt")
+    assert run(8, ["fc"], ckpt, tmp_path / "b") == {"warmup/rrc/fc"}
+    assert run(8, [], ckpt, tmp_path / "c") == set()
 
 
 class TokenDataset(Dataset):

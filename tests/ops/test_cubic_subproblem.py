@@ -202,6 +202,8 @@ def test_non_finite_inputs_raise_instead_of_hanging(bad):
         solve_cubic_exact(torch.ones(2), torch.tensor([[bad, 0.0], [0.0, 1.0]]), 1.0)
     with pytest.raises(ValueError, match="non-finite"):
         solve_cubic_hvp(g, lambda v: v, 1.0)
+    with pytest.raises(ValueError, match="non-finite Hessian-vector products"):
+        solve_cubic_hvp(torch.ones(2), lambda v: v * bad, 1.0, L=1.0)
     with pytest.raises(ValueError, match="non-finite"):
         reg_newton_step(g, H, 1.0)
     with pytest.raises(ValueError, match="non-finite"):
