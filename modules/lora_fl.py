@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -158,6 +160,10 @@ class FederatedLoRAModule(L.LightningModule):
             if not hasattr(dm, "vocab"):
                 raise ValueError("vocab_size is None and the datamodule has no 'vocab' to size it")
             self.build_model(len(dm.vocab))
+        dm = self.trainer.datamodule
+        sizes = getattr(dm, "client_num_samples", None)
+        if sizes is not None:
+            self._check_client_settings(len(sizes), list(sizes))
         if self.secagg.enabled:  # refuse a modulus the sum of all clients could wrap
             num_clients = getattr(self.trainer.datamodule, "num_clients", None)
             if num_clients is not None:
@@ -165,6 +171,37 @@ class FederatedLoRAModule(L.LightningModule):
                     num_clients, self.secagg.clip_range, self.secagg.frac_bits,
                     self.secagg.modulus_bits,
                 )  # fmt: skip
+
+    def planned_rounds(self) -> int:
+        """Rounds this fit will run (one per optimizer step), for the DP accounting.
+
+        ``trainer.max_steps`` is -1 when ``max_epochs`` bounds the run, and larger than the
+        rounds run when the epochs end first; Lightning's estimate covers both.
+        """
+        rounds = self.trainer.estimated_stepping_batches
+        if not math.isfinite(rounds) or rounds < 1:
+            raise ValueError(
+                f"noise.target_epsilon needs a finite number of rounds, got {rounds}: set "
+                "trainer.max_steps or trainer.max_epochs"
+            )
+        return int(rounds)
+
+    def _check_client_settings(self, num_clients: int, sizes: list[int]) -> None:
+        """Per-client settings must cover every client, and every client must hold data."""
+        lrs = self.hparams.local_lr_per_client
+        if lrs is not None and len(lrs) != num_clients:
+            raise ValueError(
+                f"local_lr_per_client has {len(lrs)} entries for {num_clients} clients"
+            )
+        k = self.hparams.clients_per_round
+        if k is not None and k < 1:
+            raise ValueError(f"clients_per_round must be >= 1 or null (all), got {k}")
+        empty = [c for c, n in enumerate(sizes) if n == 0]
+        if empty:
+            raise ValueError(
+                f"clients {empty} hold no training sequences (client sizes {sizes}): change the "
+                "data partition (e.g. a larger Dirichlet alpha or another partition seed)"
+            )
 
     def build_model(self, vocab_size: int | None) -> None:
         """Build the network (and adapters); done in ``__init__`` when the vocab size is known."""
@@ -265,7 +302,10 @@ class FederatedLoRAModule(L.LightningModule):
             err = float((aggregate - plain[:numel].double()).abs().max())
             aggregate = aggregate.float()
             self.log("secagg/max_abs_error", err)
-            self.log("secagg/error_bound", sa.error_bound(len(clients), self.secagg.frac_bits))
+            bound = sa.error_bound(
+                len(clients), self.secagg.frac_bits, self.secagg.stochastic_rounding
+            )
+            self.log("secagg/error_bound", bound)
             self.log("secagg/clipped_coordinates_rank0", float(clipped))
             secagg_stats = {"secagg/max_abs_error": err, "secagg/clipped_rank0": float(clipped)}
         else:
@@ -339,6 +379,15 @@ class FederatedLoRAModule(L.LightningModule):
             [len(x) for x in mem["ids"]], max(self.mem.prefix_lengths), self.mem.suffix_len,
             self.mem.seed,
         )  # fmt: skip
+        if all(split is None for split in splits):
+            # Every canary skipped: a 0.0 recall would read as "nothing memorized".
+            need = max(self.mem.prefix_lengths) + self.mem.suffix_len
+            longest = max(len(x) for x in mem["ids"])
+            raise ValueError(
+                f"memorization: no canary is longer than max(prefix_lengths) + suffix_len = {need} "
+                f"tokens (the longest has {longest}); lower memorization.prefix_lengths or "
+                "memorization.suffix_len"
+            )
         rank, world = self.global_rank, self.trainer.world_size
         was_training = self.net.training
         self.net.eval()
@@ -408,6 +457,21 @@ class FederatedLoRAModule(L.LightningModule):
         if self.adapter is not None and self.hparams.lora_aggregation == "factor_mean":
             self.adapter.merge_into(net, self._server_factors())
         return net
+
+    def save_pretrained(self, directory: str | Path, merge_lora: bool = True) -> Path:
+        """Write the global model, adapters merged, in Hugging Face format (``ExportPretrained``).
+
+        The server state is merged weights (or factor means merged here), so the export is always
+        a plain model; ``merge_lora`` is accepted for the callback's protocol. The tokenizer is
+        written too when the data uses one (a character vocabulary has none).
+        """
+        directory = Path(directory)
+        self.merged_model().save_pretrained(directory)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        tokenizer = getattr(getattr(datamodule, "vocab", None), "tok", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        return directory
 
     def flat_server_state(self) -> Tensor:
         """All server parameters as one flat fp32 vector (for equality tests / checksums)."""

@@ -51,7 +51,7 @@ class ClientTrainer:
             return float(noise.sigma)
         if noise.target_epsilon is None:
             raise ValueError("noise.mode='dp_sgd' needs noise.sigma or noise.target_epsilon")
-        rounds = self.m.trainer.max_steps
+        rounds = self.m.planned_rounds()
         sigmas = []
         for n in self.sizes:
             q, steps = self.dp_schedule(self.m, n)
@@ -160,7 +160,7 @@ class ClientTrainer:
         if noise.target_epsilon is None:
             raise ValueError("noise.mode='output_perturbation' needs noise.sigma or target_epsilon")
         q, steps = self.dp_schedule(self.m, self.sizes[client])
-        total = steps * self.m.trainer.max_steps
+        total = steps * self.m.planned_rounds()
         return dp.output_perturbation_sigma(noise.target_epsilon, noise.delta, q, total, noise.c2)
 
     def _batches(self, client: int, total: int, data_gen: torch.Generator):

@@ -74,6 +74,21 @@ class NoiseSettings:
     delta: float = 1e-4
     c2: float = 1.1
 
+    def __post_init__(self) -> None:
+        # The Python API does not check Literal types: a typo such as "dp-sgd" would otherwise
+        # train without any noise. (The spec's post-hoc `weight_noise` is not implemented.)
+        modes = ("none", "output_perturbation", "dp_sgd")
+        if self.mode not in modes:
+            raise ValueError(f"noise.mode={self.mode!r} is not one of {modes}")
+        if self.sigma is not None and self.sigma < 0:
+            raise ValueError(f"noise.sigma must be >= 0, got {self.sigma}")
+        if self.clip_norm <= 0:
+            raise ValueError(f"noise.clip_norm must be > 0, got {self.clip_norm}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"noise.delta must lie in (0, 1), got {self.delta}")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ValueError(f"noise.target_epsilon must be > 0, got {self.target_epsilon}")
+
 
 @dataclass
 class SecureAggregationSettings:

@@ -143,6 +143,8 @@ def secure_sum(
     return unmask_sum(masked, frac_bits, modulus_bits).view_as(updates[0])
 
 
-def error_bound(num_clients: int, frac_bits: int) -> float:
-    """Worst-case rounding error of the secure sum per coordinate, ``C * 2^-(f+1)``."""
-    return num_clients * 2.0 ** -(frac_bits + 1)
+def error_bound(num_clients: int, frac_bits: int, stochastic_rounding: bool = False) -> float:
+    """Worst-case rounding error of the secure sum per coordinate: ``C * 2^-(f+1)`` with
+    round-to-nearest, ``C * 2^-f`` with stochastic rounding (a value may go to either
+    neighbouring grid point)."""
+    return num_clients * 2.0 ** -(frac_bits if stochastic_rounding else frac_bits + 1)

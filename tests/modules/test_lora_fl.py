@@ -9,12 +9,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.federated import CharVocab, FederatedTextDataModule
 from modules.hf_models import build_causal_lm
-from modules.lora_fl import FederatedLoRAModule
+from modules.lora_fl import FederatedLoRAModule, derive_seed
 from modules.lora_fl_client import ClientTrainer
 from modules.lora_fl_settings import (
     GoldfishSettings,
     LoraFLSettings,
     MemorizationSettings,
+    NoiseSettings,
     SecureAggregationSettings,
 )
 from ops.goldfish import goldfish_drop_mask
@@ -274,8 +275,6 @@ def test_setup_refuses_a_wrapping_secagg_modulus_and_half_precision_weights():
 
 
 def test_dp_sgd_through_the_module_reaches_the_target_epsilon():
-    from modules.lora_fl_settings import NoiseSettings
-
     dp = NoiseSettings(mode="dp_sgd", target_epsilon=8.0, delta=1e-3)
     m = _module(local_steps=2, noise=dp, memorization=MemorizationSettings(enabled=False))
     plain = _module(local_steps=2, memorization=MemorizationSettings(enabled=False))
@@ -299,3 +298,86 @@ def test_final_memorization_runs_when_epochs_bound_the_run():
         limit_val_batches=0,
     ).fit(m, dm)  # fmt: skip
     assert m.global_step == 2 and "exact_x10" in m.last_memorization
+
+
+NO_MEM = MemorizationSettings(enabled=False)
+
+
+def test_fedavg_weights_client_updates_by_their_training_sequences():
+    kw = {
+        "finetune_mode": "full", "local_steps": 1, "local_max_grad_norm": None,
+        "local_optimizer": lambda p: torch.optim.SGD(p, lr=0.1), "memorization": NO_MEM,
+    }  # fmt: skip
+    sizes = (8, 16, 24)
+    probe, dm = _module(**kw), _dm(sizes=sizes, canaries=0, batch=8)
+    _trainer(0).fit(probe, dm)  # attaches trainer and datamodule, runs no round
+    run = ClientTrainer(probe, dm, 0, dm.client_num_samples)
+    deltas = [run.run(c, derive_seed(0, 0, c))[0] for c in range(3)]
+    n = torch.tensor(dm.client_num_samples, dtype=torch.float32)
+    expected = sum(w * d for w, d in zip(n / n.sum(), deltas, strict=True))
+    assert not torch.allclose(expected, sum(deltas) / 3, atol=1e-6)  # the weighting matters
+    m = _module(**kw)
+    theta0 = m.flat_server_state().clone()
+    _trainer(1).fit(m, _dm(sizes=sizes, canaries=0, batch=8))
+    torch.testing.assert_close(m.flat_server_state() - theta0, expected, atol=1e-6, rtol=0)
+
+
+def test_dp_sgd_noise_reaches_the_update():
+    """Same seed, sigma 0 vs 1: batches and clipping come from other generators, so only the
+    noise differs (the official code's DP noise was a no-op, spec section 3.4b)."""
+    states = []
+    for sigma in (0.0, 1.0):
+        noise = NoiseSettings(mode="dp_sgd", sigma=sigma)
+        m = _module(local_steps=2, noise=noise, memorization=NO_MEM)
+        _trainer(1).fit(m, _dm(sizes=(12, 16, 20), canaries=0, batch=4))
+        states.append(m.flat_server_state())
+    again = _module(
+        local_steps=2, noise=NoiseSettings(mode="dp_sgd", sigma=0.0), memorization=NO_MEM
+    )
+    _trainer(1).fit(again, _dm(sizes=(12, 16, 20), canaries=0, batch=4))
+    assert torch.equal(again.flat_server_state(), states[0])  # deterministic without noise
+    assert not torch.allclose(states[0], states[1], atol=1e-6)
+
+
+def test_target_epsilon_with_epoch_bounded_runs_uses_the_planned_rounds():
+    noise = NoiseSettings(mode="dp_sgd", target_epsilon=8.0, delta=1e-3)
+    m = _module(local_steps=1, noise=noise, memorization=NO_MEM)
+    dm = FederatedTextDataModule(
+        num_rounds=2, client_sizes=[12, 16, 20], num_entities=20, val_questions_per_client=4,
+        num_canaries=0, batch_size=4,
+    )  # fmt: skip
+    L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0,
+    ).fit(m, dm)  # fmt: skip
+    assert m.global_step == 2
+    assert m.epsilon() == pytest.approx(8.0, rel=0.01)  # sigma solved for the 2 rounds run
+
+
+def test_bad_noise_and_client_settings_are_named():
+    with pytest.raises(ValueError, match=r"noise\.mode='dp-sgd'"):
+        NoiseSettings(mode="dp-sgd")
+    with pytest.raises(ValueError, match="local_lr_per_client has 2 entries for 3 clients"):
+        _trainer(1).fit(_module(local_lr_per_client=[0.1, 0.1], memorization=NO_MEM), _dm())
+    with pytest.raises(ValueError, match="clients_per_round"):
+        _trainer(1).fit(_module(clients_per_round=0, memorization=NO_MEM), _dm())
+
+
+def test_memorization_refuses_settings_that_skip_every_canary():
+    long = MemorizationSettings(prefix_lengths=[500], suffix_len=50)
+    with pytest.raises(ValueError, match="no canary is longer than"):
+        _trainer(1).fit(_module(local_steps=1, memorization=long), _dm())
+
+
+def test_save_pretrained_writes_the_merged_global_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    m = _module(local_steps=1, memorization=NO_MEM)
+    _trainer(1).fit(m, _dm())
+    out = m.save_pretrained(tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        expected = m.merged_model().eval()(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)

@@ -80,3 +80,15 @@ def test_pair_seed_is_symmetric_input_checked_and_round_dependent():
         pair_seed(0, 1, 5, 2)
     m = pairwise_mask(3, 100, M_BITS)
     assert int(m.min()) >= 0 and int(m.max()) < M
+
+
+def test_stochastic_rounding_error_bound_is_a_full_grid_step():
+    g = torch.Generator().manual_seed(3)
+    updates = [0.3 * torch.randn(2000, generator=g) for _ in range(3)]
+    encoded = [
+        quantize(u, 1.0, F, M_BITS, stochastic_rounding=True, generator=g)[0] for u in updates
+    ]
+    plain = sum(u.double().clamp(-1, 1) for u in updates)
+    err = (dequantize(sum(encoded), F, M_BITS) - plain).abs().max()
+    assert float(err) <= error_bound(3, F, stochastic_rounding=True) + 1e-12
+    assert float(err) > error_bound(3, F)  # the round-to-nearest bound would not hold
