@@ -16,11 +16,12 @@ from pathlib import Path
 import datasets
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from datamodules.even_eval_sampler import EvenEvalSampler, PaddedBlocks
 from datamodules.resumable_sampler import ResumableSampler
+from ops.goldfish import IGNORE_INDEX
 
 _BUILDERS = {
     ".json": "json",
@@ -231,8 +232,7 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if name not in self.splits:
             raise RuntimeError(f"no {name} split: its fraction is 0 or setup() did not run")
-        blocks = self.splits[name]
-        dataset = torch.utils.data.TensorDataset(blocks)
+        dataset = PaddedBlocks(self.splits[name])
         kwargs = {
             "batch_size": self.batch_size,
             "num_workers": self.hparams.num_workers,
@@ -241,11 +241,8 @@ class TextDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         if not shuffle:
-            # Every block exactly once over the ranks: Lightning's default DistributedSampler pads
-            # the split with repeated blocks, which would change val/test metrics with the world size.
-            sampler = None
-            if world > 1:
-                sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)
+            # Every block exactly once over the ranks, the same batch count on every rank.
+            sampler = EvenEvalSampler(dataset, world, rank) if world > 1 else None
             return DataLoader(dataset, sampler=sampler, **kwargs)
         sampler = ResumableSampler(
             dataset, world, rank, shuffle=True, seed=self.hparams.shuffle_seed
@@ -258,8 +255,12 @@ class TextDataModule(L.LightningDataModule):
         # On resume, skip the batches this epoch already consumed, as counted by Lightning's
         # restored loop state: deriving them from global_step breaks under limit_train_batches
         # and under gradient accumulation with an epoch-end step on a partial accumulation.
-        done_in_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        if done_in_epoch > 0:
+        # ``processed``, not ``completed``: a checkpoint written in on_train_batch_end (e.g.
+        # every_n_train_steps) has processed the batch but not completed it. A checkpoint from
+        # the epoch's last batch resumes in the next epoch, which skips nothing.
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        done_in_epoch = progress.current.processed
+        if done_in_epoch > 0 and not progress.is_last_batch:
             sampler.set_epoch(trainer.current_epoch)
             sampler.skip_batches(done_in_epoch, self.batch_size)
 
@@ -279,9 +280,11 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(prompts, batch_size=1, shuffle=False, collate_fn=lambda p: {"prompts": p})
 
 
-def _collate(rows: list[tuple[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    input_ids = torch.stack([r[0] for r in rows])
-    return {"input_ids": input_ids, "labels": input_ids.clone()}
+def _collate(rows: list[tuple[torch.Tensor, bool]]) -> dict[str, torch.Tensor]:
+    input_ids = torch.stack([ids for ids, _ in rows])
+    labels = input_ids.clone()
+    labels[torch.tensor([not scored for _, scored in rows])] = IGNORE_INDEX  # padding blocks
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

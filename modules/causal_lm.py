@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
@@ -274,7 +275,9 @@ class CausalLMModule(L.LightningModule):
         # Perplexity over the same shifted targets as the loss: logits at t predict token t+1.
         ppl, loss = getattr(self, f"{stage}_ppl"), getattr(self, f"{stage}_loss")
         ppl.update(out.logits, batch["labels"])
-        loss.update(out.loss.detach(), weight=(targets != -100).sum())
+        tokens = (targets != -100).sum()
+        if tokens > 0:  # a batch of padding blocks only (sharded eval) has a NaN mean loss
+            loss.update(out.loss.detach(), weight=tokens)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
         self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
 
@@ -364,6 +367,16 @@ class CausalLMModule(L.LightningModule):
                 f"adapter-only checkpoint does not match this model's trainable weights "
                 f"(missing e.g. {missing}, unexpected e.g. {unexpected}): same model and lora settings?"
             )
+        if not self.base_is_pretrained:
+            # Written before random-init bases were checkpointed in full: the base exists only
+            # as whatever the current seed rebuilt, which is the saved one only if seeds match.
+            rank_zero_warn(
+                f"adapter-only checkpoint of the randomly initialized base {self.hparams.model!r}: "
+                "its base weights were never saved, so the base is the one rebuilt from the "
+                "current seed (identical only under the seed of the original run)"
+            )
+            for key, value in self.state_dict().items():  # the re-seeded base, loaded strictly
+                checkpoint["state_dict"].setdefault(key, value)
 
     def base_model_copy(self) -> PreTrainedModel:
         """A separate copy of the frozen base model without adapters (the LoRA model is untouched)."""

@@ -364,6 +364,21 @@ class LionAR(Lion):
         if center_in_constructor:
             self.center_rotational_weights()
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim`` casts floating state to each parameter's dtype on load; the rotation
+        keeps ``n0`` and the update-norm EMA in float32, so they are restored from the saved
+        values (a cast bf16 -> float32 after the load would have lost their low bits)."""
+        saved = {
+            index: {k: v for k, v in st.items() if k in ("n0", "update_norm_sq")}
+            for index, st in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        indices = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in zip(indices, params, strict=True):
+            for key, value in saved.get(index, {}).items():
+                self.state[p][key] = value.detach().to(p.device, torch.float32).clone()
+
     @torch.no_grad()
     def center_rotational_weights(self) -> int:
         """Center each rotational neuron and rescale it to its original norm, once (idempotent).

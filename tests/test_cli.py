@@ -119,11 +119,13 @@ def _params(cli):
     return {k: v.clone() for k, v in cli.model.state_dict().items()}
 
 
-def _resume_matches_straight_run(tmp_path, steps: int, stop: int, common: list[str]):
+def _resume_matches_straight_run(
+    tmp_path, steps: int, stop: int, common: list[str], part_extra=(), ckpt=None
+):
     """Fit ``steps`` straight and ``stop`` then resumed to ``steps``: parameters bit-identical."""
     full = _fit(tmp_path, f"--trainer.max_steps={steps}", *common, name="full")
-    _fit(tmp_path, f"--trainer.max_steps={stop}", *common, name="part")
-    ckpt = tmp_path / "part" / "version_0" / "checkpoints" / "last.ckpt"
+    _fit(tmp_path, f"--trainer.max_steps={stop}", *common, *part_extra, name="part")
+    ckpt = ckpt or tmp_path / "part" / "version_0" / "checkpoints" / "last.ckpt"
     resumed = _fit(
         tmp_path, f"--trainer.max_steps={steps}", *common, f"--ckpt_path={ckpt}", name="resumed"
     )
@@ -157,6 +159,33 @@ def test_resume_mid_epoch_under_limit_train_batches(tmp_path):
         "--model.init_args.lr_scheduler.init_args.warmup_steps=2",
     ]  # fmt: skip
     _resume_matches_straight_run(tmp_path, 10, 6, common)
+
+
+def test_resume_from_the_last_batch_of_an_epoch(tmp_path):
+    """A checkpoint at the epoch's last batch resumes with the next epoch, skipping nothing."""
+    common = [
+        "--trainer.limit_train_batches=4", "--trainer.val_check_interval=4",
+        "--model.init_args.lr_scheduler.init_args.total_steps=10",
+        "--model.init_args.lr_scheduler.init_args.warmup_steps=2",
+    ]  # fmt: skip
+    _resume_matches_straight_run(tmp_path, 10, 4, common)
+
+
+def test_resume_from_a_checkpoint_written_at_batch_end(tmp_path):
+    """every_n_train_steps saves in on_train_batch_end, where the batch is processed but not
+    yet counted as completed: the resumed run must not train that batch again."""
+    common = [
+        "--trainer.val_check_interval=4",
+        "--model.init_args.lr_scheduler.init_args.total_steps=8",
+        "--model.init_args.lr_scheduler.init_args.warmup_steps=2",
+    ]  # fmt: skip
+    batch_end = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path / 'batch_end'}",
+        "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.filename=step3",
+    ]  # fmt: skip
+    ckpt = tmp_path / "batch_end" / "step3.ckpt"
+    _resume_matches_straight_run(tmp_path, 8, 3, common, part_extra=batch_end, ckpt=ckpt)
 
 
 def test_block_size_beyond_model_positions(tmp_path):

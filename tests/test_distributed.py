@@ -55,24 +55,26 @@ def test_ddp_spawn_keeps_ranks_in_lockstep(tmp_path, corpus_file, tokenizer_dir)
     assert r0["val_loss"] == r1["val_loss"]  # sync_dist: the same reduced value on both ranks
 
 
-class TestMetricsReport(L.Callback):
-    """Each rank writes the synced test metrics and the number of blocks it evaluated."""
+class MetricsReport(L.Callback):
+    """Each rank writes the synced test metrics, its batch count and the blocks it scored."""
 
     def __init__(self, out_dir: str) -> None:
-        self.out_dir, self.blocks = out_dir, 0
+        self.out_dir, self.blocks, self.batches = out_dir, 0, 0
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self.blocks += len(batch["input_ids"])
+        self.blocks += int((batch["labels"][:, 1:] != -100).any(dim=1).sum())  # not padding
+        self.batches += 1
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        report = {"blocks": self.blocks, **metrics}
+        report = {"blocks": self.blocks, "batches": self.batches, **metrics}
         with open(os.path.join(self.out_dir, f"test_rank{trainer.global_rank}.json"), "w") as f:
             json.dump(report, f)
 
 
 def test_ddp_test_metrics_count_every_block_once(tmp_path, corpus_file, tokenizer_dir):
-    """An odd test split over 2 ranks: no block repeated, metrics equal the 1-process ones."""
+    """An odd test split over 2 ranks: no block counted twice, the same number of batches on
+    both ranks (the odd one out is an unscored padding block), metrics equal 1-process ones."""
     data = TextDataModule(
         data_files=str(corpus_file), tokenizer=str(tokenizer_dir), block_size=64, batch_size=4
     )
@@ -84,11 +86,13 @@ def test_ddp_test_metrics_count_every_block_once(tmp_path, corpus_file, tokenize
     quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
     single = L.Trainer(accelerator="cpu", devices=1, **quiet).test(module, data, verbose=False)[0]
     L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[TestMetricsReport(str(tmp_path))],
+        accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[MetricsReport(str(tmp_path))],
         **quiet,
     ).test(module, data, verbose=False)  # fmt: skip
     ranks = [json.loads((tmp_path / f"test_rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["blocks"] + ranks[1]["blocks"] == blocks
+    # Equal batch counts: a strategy whose forward synchronizes (FSDP) would hang otherwise.
+    assert ranks[0]["batches"] == ranks[1]["batches"]
     for rank in ranks:
         assert rank["test/loss"] == pytest.approx(single["test/loss"], rel=1e-6)
         assert rank["test/ppl"] == pytest.approx(single["test/ppl"], rel=1e-5)

@@ -168,3 +168,26 @@ def test_config_dict_models_take_special_ids_from_the_tokenizer(tokenizer_dir):
     tok = module.tokenizer
     assert module.model.config.eos_token_id == tok.eos_token_id
     assert module.model.config.pad_token_id == tok.pad_token_id
+
+
+def test_older_adapter_only_checkpoint_of_a_random_base_loads_with_a_warning(
+    tmp_path, tokenizer_dir
+):
+    """Such checkpoints predate full checkpoints for random bases: the base is re-seeded."""
+    torch.manual_seed(0)
+    module = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir), lora=LoraSettings(r=4))
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    path = tmp_path / "old_adapter_only.ckpt"
+    torch.save(
+        {
+            "state_dict": {k: v for k, v in module.state_dict().items() if k in trainable},
+            "trainable_only": True,
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+        },
+        path,
+    )
+    with pytest.warns(UserWarning, match="base weights were never saved"):
+        restored = CausalLMModule.load_from_checkpoint(path, weights_only=False)
+    for name in trainable:
+        assert torch.equal(restored.get_parameter(name), module.get_parameter(name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -301,3 +302,30 @@ def test_lionar_keeps_bf16_neuron_norms():
     drift = (p.detach().float().norm(dim=1) / n0 - 1).abs().max()
     assert opt.state[p]["n0"].dtype == torch.float32
     assert float(drift) < 2e-3
+
+
+def test_lionar_bf16_resume_is_bit_identical():
+    """load_state_dict keeps n0 and the update-norm EMA in float32 (torch casts to bf16)."""
+
+    def run(opt, p, steps):
+        for step in steps:
+            g = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+            p.grad = g.to(torch.bfloat16)
+            opt.step()
+
+    def fresh():
+        torch.manual_seed(9)
+        p = torch.nn.Parameter(torch.randn(8, 16).to(torch.bfloat16))
+        return p, LionAR([p], lr=1e-2, weight_decay=0.1, rotational=ALL)
+
+    straight, opt = fresh()
+    run(opt, straight, range(10))
+    first, opt = fresh()
+    run(opt, first, range(5))
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = torch.nn.Parameter(first.detach().clone())
+    opt = LionAR([resumed], lr=1e-2, weight_decay=0.1, rotational=ALL)
+    opt.load_state_dict(saved)
+    assert opt.state[resumed]["n0"].dtype == torch.float32
+    run(opt, resumed, range(5, 10))
+    assert torch.equal(straight, resumed)

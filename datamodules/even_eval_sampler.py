@@ -1,0 +1,45 @@
+"""Evaluation sharding that gives every rank the same number of batches and counts each block once.
+
+Lightning's default ``DistributedSampler`` pads the split with *repeated* samples, which metrics
+then count twice (so results change with the number of GPUs). ``UnrepeatedDistributedSampler``
+avoids that but leaves ranks with different batch counts, and a strategy whose forward pass
+synchronizes (FSDP all-gathers each wrapped block) then hangs on the rank with one batch more.
+Here every rank gets ``ceil(N / W)`` indices: the real ones once each, then indices ``>= N``,
+which ``PaddedBlocks`` turns into blocks whose labels are all ignored (zero weight in
+token-weighted metrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+
+class PaddedBlocks(Dataset):
+    """Token blocks ``[N, T]`` as ``(ids, scored)``; an index ``>= N`` is an unscored padding block."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
+        if index < len(self.blocks):
+            return self.blocks[index], True
+        return torch.zeros_like(self.blocks[0]), False
+
+
+class EvenEvalSampler(DistributedSampler):
+    """Rank ``r`` of ``W`` reads indices ``r, r + W, ...`` below ``W * ceil(N / W)``, in order.
+
+    A ``DistributedSampler`` subclass, so Lightning does not wrap it again under DDP.
+    """
+
+    def __init__(self, dataset: PaddedBlocks, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas, rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
