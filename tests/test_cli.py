@@ -151,24 +151,20 @@ def test_resume_is_bit_identical(tmp_path):
     )
 
 
-def test_resume_mid_epoch_under_limit_train_batches(tmp_path):
-    """Epochs of 4 batches: the resumed run must skip the 2 batches epoch 1 already used."""
+@pytest.mark.parametrize(
+    ("val_every", "stop"),
+    [
+        (2, 6),  # mid-epoch: the resumed run must skip the 2 batches epoch 1 already used
+        (4, 4),  # the epoch's last batch: resume with the next epoch, skipping nothing
+    ],
+)
+def test_resume_under_limit_train_batches(tmp_path, val_every, stop):
     common = [
-        "--trainer.limit_train_batches=4", "--trainer.val_check_interval=2",
+        "--trainer.limit_train_batches=4", f"--trainer.val_check_interval={val_every}",
         "--model.init_args.lr_scheduler.init_args.total_steps=10",
         "--model.init_args.lr_scheduler.init_args.warmup_steps=2",
     ]  # fmt: skip
-    _resume_matches_straight_run(tmp_path, 10, 6, common)
-
-
-def test_resume_from_the_last_batch_of_an_epoch(tmp_path):
-    """A checkpoint at the epoch's last batch resumes with the next epoch, skipping nothing."""
-    common = [
-        "--trainer.limit_train_batches=4", "--trainer.val_check_interval=4",
-        "--model.init_args.lr_scheduler.init_args.total_steps=10",
-        "--model.init_args.lr_scheduler.init_args.warmup_steps=2",
-    ]  # fmt: skip
-    _resume_matches_straight_run(tmp_path, 10, 4, common)
+    _resume_matches_straight_run(tmp_path, 10, stop, common)
 
 
 def test_resume_from_a_checkpoint_written_at_batch_end(tmp_path):

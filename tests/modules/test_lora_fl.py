@@ -286,17 +286,22 @@ def test_dp_sgd_through_the_module_reaches_the_target_epsilon():
     assert not torch.equal(m.flat_server_state(), plain.flat_server_state())  # noise was added
 
 
+def _one_epoch(module: FederatedLoRAModule, dm: FederatedTextDataModule) -> None:
+    """Fit bounded by max_epochs (max_steps stays -1): the rounds are the datamodule's."""
+    L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0,
+    ).fit(module, dm)  # fmt: skip
+
+
 def test_final_memorization_runs_when_epochs_bound_the_run():
     m = _module(local_steps=1)
     dm = FederatedTextDataModule(
         num_rounds=2, client_sizes=[24, 30, 36], num_entities=20, val_questions_per_client=4,
         num_canaries=10, batch_size=8,
     )  # fmt: skip
-    L.Trainer(
-        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0,
-    ).fit(m, dm)  # fmt: skip
+    _one_epoch(m, dm)
     assert m.global_step == 2 and "exact_x10" in m.last_memorization
 
 
@@ -346,11 +351,7 @@ def test_target_epsilon_with_epoch_bounded_runs_uses_the_planned_rounds():
         num_rounds=2, client_sizes=[12, 16, 20], num_entities=20, val_questions_per_client=4,
         num_canaries=0, batch_size=4,
     )  # fmt: skip
-    L.Trainer(
-        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0,
-    ).fit(m, dm)  # fmt: skip
+    _one_epoch(m, dm)
     assert m.global_step == 2
     assert m.epsilon() == pytest.approx(8.0, rel=0.01)  # sigma solved for the 2 rounds run
 
