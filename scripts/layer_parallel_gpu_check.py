@@ -209,6 +209,9 @@ def tp_worker(rank: int, world: int, args, port: int, out_file: str) -> None:
         model = model_d.cpu()
     if rank == 0:
         torch.save(result, out_file)
+    # Every rank done communicating before teardown: a rank destroying its gloo group while the
+    # other still holds the connection aborted the process now and then (SIGABRT at exit).
+    dist.barrier()
     dist.destroy_process_group()
 
 
