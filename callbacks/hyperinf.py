@@ -307,13 +307,12 @@ class HyperINFCallback(L.Callback):
 
         return iterate
 
-    def check_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def check_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule):
         """Raise on a bad strategy, ``loss_fn``, ``include``/``exclude``, dataset or
-        ``noise_index_path`` now, on every rank, rather than after training and scoring."""
-        self._inputs(trainer, pl_module)
+        ``noise_index_path`` now, on every rank, rather than after training and scoring.
 
-    def _inputs(self, trainer: L.Trainer, pl_module: L.LightningModule):
-        """``(loss_fn, params, train_source, val_source)``, every input checked."""
+        Returns ``(loss_fn, params, train_source, val_source)`` for :meth:`compute`.
+        """
         name = type(trainer.strategy).__name__
         if "FSDP" in name or "DeepSpeed" in name:
             raise RuntimeError(
@@ -330,7 +329,7 @@ class HyperINFCallback(L.Callback):
 
     def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> InfluenceResult:
         """Score the training set now; returns this rank's result (rank 0 also writes files)."""
-        loss_fn, params, train_src, val_src = self._inputs(trainer, pl_module)
+        loss_fn, params, train_src, val_src = self.check_inputs(trainer, pl_module)
 
         def reduce_sum(t: torch.Tensor) -> torch.Tensor:
             if trainer.world_size == 1:

@@ -8,6 +8,7 @@ schedule is stepped once per optimizer step.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -213,10 +214,8 @@ class CausalLMModule(L.LightningModule):
         self.tokenizer = load_tokenizer(tokenizer)
         self.base_is_pretrained = is_pretrained_name(model)
         vocab_size = None if self.base_is_pretrained else len(self.tokenizer)
-        self._build_kwargs = {
-            "vocab_size": vocab_size, "dtype": dtype, "special_ids": special_token_ids(self.tokenizer),
-        }  # fmt: skip
-        net = build_causal_lm(model, **self._build_kwargs)
+        special_ids = special_token_ids(self.tokenizer)
+        net = build_causal_lm(model, vocab_size=vocab_size, dtype=dtype, special_ids=special_ids)
         embedding_rows = net.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > embedding_rows:
             raise ValueError(
@@ -380,14 +379,7 @@ class CausalLMModule(L.LightningModule):
 
     def base_model_copy(self) -> PreTrainedModel:
         """A separate copy of the frozen base model without adapters (the LoRA model is untouched)."""
-        base = build_causal_lm(self.hparams.model, **self._build_kwargs)
-        state = {
-            key.replace(".base_layer.", "."): value
-            for key, value in self.model.get_base_model().state_dict().items()
-            if "lora_" not in key
-        }
-        base.load_state_dict(state, strict=True)
-        return base
+        return copy.deepcopy(self.model).unload()  # peft: remove the adapters without merging
 
     def save_pretrained(self, directory: str | Path, merge_lora: bool = False) -> Path:
         """Write the model (or only its LoRA adapter) and tokenizer in Hugging Face format.

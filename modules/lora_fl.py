@@ -224,9 +224,7 @@ class FederatedLoRAModule(L.LightningModule):
             return list(self.net.named_parameters())
         assert self.adapter is not None
         if self.hparams.lora_aggregation == "factor_mean":
-            return [
-                (k, self.adapter_factors[k.replace(".", "__")]) for k in self.adapter.factor_names()
-            ]
+            return list(self._server_factors().items())
         params = dict(self.net.named_parameters())
         return [(f"{n}.weight", params[f"{n}.weight"]) for n in self.adapter.targets]
 
