@@ -84,7 +84,7 @@ class LayerParallelModule(L.LightningModule):
     """Evaluate / generate with / fine-tune a Hugging Face Llama-family model under layer parallelism.
 
     Args:
-        model: local Hugging Face directory (e.g. ``runs/quickstart/version_0/hf_model``), hub id,
+        model: local Hugging Face directory (e.g. ``runs/quickstart/demo/hf_model``), hub id,
             preset name or config dict (random weights: for smoke tests only).
         tokenizer: tokenizer directory or hub id.
         plan: layers to pair: ``{start: 2, end: 6}`` (pairs (2,3),(4,5)), a list of pairs
