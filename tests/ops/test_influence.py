@@ -48,16 +48,40 @@ def test_gfim_kronecker_equals_dense_score() -> None:
 
 @pytest.mark.parametrize("r", [1, 4, 16])
 def test_orientation_lora_b_and_rank_independent_gfim(r: int) -> None:
+    """lora_B (d_out, r) is transposed to (r, d_out); lora_A and 1-D tensors keep their values."""
     d_out, d_in, n = 12, 7, 5
     gb = torch.randn(n, d_out, r, generator=_gen(r))  # raw lora_B grads (d_out, r)
     ob = orient_grad("base.layer.lora_B.default.weight", gb, batched=True)
     assert ob.shape == (n, r, d_out)
-    assert gfim(ob).shape == (d_out, d_out)
+    # Orientation is a transpose, element by element: ob[s, j, i] == gb[s, i, j] (a reshape to the
+    # same shape scrambles the entries as soon as r > 1).
+    for s in range(n):
+        for i in range(d_out):
+            for j in range(r):
+                assert ob[s, j, i] == gb[s, i, j]
+    # Unbatched: the same transpose of a single (d_out, r) gradient.
+    one = orient_grad("base.layer.lora_B.default.weight", gb[2])
+    assert torch.equal(one, torch.stack([gb[2][:, j] for j in range(r)]))
+    # GFIM of oriented B grads: (1/n) sum_s ob_s^T ob_s = (1/n) sum_s B_s B_s^T, a d_out x d_out
+    # matrix whatever the rank r; entry (i, k) = (1/n) sum_{s, j} gb[s, i, j] gb[s, k, j].
+    expected_gb = torch.zeros(d_out, d_out)
+    for s in range(n):
+        expected_gb += gb[s] @ gb[s].T
+    torch.testing.assert_close(gfim(ob), expected_gb / n)
     ga = torch.randn(n, r, d_in, generator=_gen(r + 1))
     oa = orient_grad("base.layer.lora_A.default.weight", ga, batched=True)
-    assert oa.shape == (n, r, d_in) and gfim(oa).shape == (d_in, d_in)
+    # lora_A is already (r, d_in): kept as is; its GFIM is (1/n) sum_s A_s^T A_s (d_in x d_in).
+    assert torch.equal(oa, ga)
+    expected_ga = torch.zeros(d_in, d_in)
+    for s in range(n):
+        expected_ga += ga[s].T @ ga[s]
+    torch.testing.assert_close(gfim(oa), expected_ga / n)
+    bias = torch.arange(3.0)
+    assert torch.equal(
+        orient_grad("head.bias", bias.expand(n, 3), batched=True)[:, 0], bias.expand(n, 3)
+    )
     assert orient_grad("head.bias", torch.zeros(n, 3), batched=True).shape == (n, 1, 3)
-    assert orient_grad("head.bias", torch.zeros(3)).shape == (1, 3)
+    assert torch.equal(orient_grad("head.bias", bias), bias.view(1, 3))
     with pytest.raises(ValueError, match=r"conv\.weight"):
         orient_grad("conv.weight", torch.zeros(2, 3, 4))
 
