@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -134,15 +136,22 @@ def test_lora_round_changes_only_targets_and_fresh_adapter_is_identity():
     assert m.last_memorization["n_x10"] == 3.0  # evaluated after the last round
 
 
-def test_secure_aggregation_matches_plain_within_quantization():
+def test_secure_aggregation_matches_plain_within_the_round_to_nearest_bound():
     dm = _dm()
     plain = _module(local_steps=2)
     _trainer(2).fit(plain, dm)
     secure = _module(local_steps=2, secure_aggregation=SecureAggregationSettings(enabled=True))
     trainer = _trainer(2)
     trainer.fit(secure, dm)
-    err = float(trainer.callback_metrics["secagg/max_abs_error"])
-    assert err <= 3 * 2.0**-25 + 1e-6
+    # Spec 3.4c, defaults f = 24, R = 1, round-to-nearest: each of the 3 clients' |u_c| << R is
+    # off by at most half a grid step 2^-(f+1), so |secure - plain| <= 3 * 2^-25 per coordinate
+    # (stochastic rounding may be off by a full step, up to twice that).
+    bound = 3 * 2.0**-25
+    assert float(trainer.callback_metrics["secagg/error_bound"]) == bound
+    assert float(trainer.callback_metrics["secagg/clipped_coordinates_rank0"]) == 0
+    errs = [h["secagg/max_abs_error"] for h in secure.history]  # one per round, unrounded
+    assert len(errs) == 2
+    assert all(0 < e <= bound + 1e-12 for e in errs), errs  # > 0: the sum was quantized
     diff = (secure.flat_server_state() - plain.flat_server_state()).abs().max()
     assert float(diff) <= 2 * (3 * 2.0**-25) + 1e-6
 
@@ -342,6 +351,34 @@ def test_dp_sgd_noise_reaches_the_update():
     _trainer(1).fit(again, _dm(sizes=(12, 16, 20), canaries=0, batch=4))
     assert torch.equal(again.flat_server_state(), states[0])  # deterministic without noise
     assert not torch.allclose(states[0], states[1], atol=1e-6)
+
+
+def test_dp_sgd_update_noise_has_std_lr_sigma_c_over_b():
+    """Full fine-tuning, one local SGD step (lr eta) per round, FedAvg (server SGD lr 1): the
+    round's update is ``sum_c w_c * -eta (sum_i clip(g_i) + sigma C n_c) / B`` with
+    ``B = q n_c = batch`` (``q = batch / n_c``) and ``n_c ~ N(0, I)`` drawn per client. Runs with
+    sigma and with 0 share the Poisson batches and clipped gradients (other generators), so their
+    difference is ``-eta sigma C / B sum_c w_c n_c``: per coordinate mean 0 and std
+    ``eta sigma C sqrt(sum_c w_c^2) / B``."""
+    lr, sigma, clip, batch, sizes = 0.05, 2.0, 0.5, 4, (12, 16, 20)
+    states = []
+    for s in (0.0, sigma):
+        m = _module(
+            finetune_mode="full", local_steps=1, memorization=NO_MEM,
+            local_optimizer=lambda p: torch.optim.SGD(p, lr=lr),
+            noise=NoiseSettings(mode="dp_sgd", sigma=s, clip_norm=clip),
+        )  # fmt: skip
+        dm = _dm(sizes=sizes, canaries=0, batch=batch)
+        _trainer(1).fit(m, dm)
+        assert list(dm.client_num_samples) == list(sizes)  # FedAvg weights n_c / sum n
+        states.append(m.flat_server_state().double())
+    diff = states[1] - states[0]
+    w = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)  # 12/48, 16/48, 20/48
+    expected_std = lr * sigma * clip / batch * float(w.pow(2).sum().sqrt())  # 0.0125 * 0.589
+    n = diff.numel()
+    # Standard errors of the mean / std of n iid normals: std / sqrt(n), std / sqrt(2 (n - 1)).
+    assert abs(float(diff.mean())) <= 5 * expected_std / math.sqrt(n)
+    assert abs(float(diff.std()) - expected_std) <= 5 * expected_std / math.sqrt(2 * (n - 1))
 
 
 def test_target_epsilon_with_epoch_bounded_runs_uses_the_planned_rounds():

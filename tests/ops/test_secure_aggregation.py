@@ -73,11 +73,22 @@ def test_single_masked_vector_looks_uniform_and_uncorrelated():
     assert abs(float(corr)) < 0.03
 
 
-def test_pair_seed_is_symmetric_input_checked_and_round_dependent():
-    assert pair_seed(0, 1, 2, 5) == pair_seed(0, 1, 2, 5)
-    assert pair_seed(0, 1, 2, 5) != pair_seed(0, 2, 2, 5)
+def test_pair_seed_is_shared_by_both_clients_input_checked_and_depends_on_every_id():
+    # Symmetric: pair_seed is defined on the unordered pair (i < j), and both ends of the pair
+    # expand the same seed: with participants {2, 5} and zero inputs, client 2 uploads +m_25 and
+    # client 5 (whatever the participant order) uploads -m_25 mod M, m_25 = mask(seed(2, 5)).
+    zeros = torch.zeros(64, dtype=torch.int64)
+    m25 = pairwise_mask(pair_seed(4, 1, 2, 5), 64, M_BITS)
+    assert torch.equal(mask_update(zeros, 2, [2, 5], 4, 1, M_BITS), m25)
+    assert torch.equal(mask_update(zeros, 5, [5, 2], 4, 1, M_BITS), torch.remainder(-m25, M))
     with pytest.raises(ValueError, match="i < j"):
         pair_seed(0, 1, 5, 2)
+    # Every input enters the seed: master seed, round, i and j (and they are not interchangeable).
+    base = pair_seed(0, 1, 2, 5)
+    variants = [pair_seed(1, 1, 2, 5), pair_seed(0, 2, 2, 5), pair_seed(0, 1, 3, 5),
+                pair_seed(0, 1, 2, 6), pair_seed(1, 0, 2, 5), pair_seed(0, 1, 1, 5)]  # fmt: skip
+    assert len({base, *variants}) == 1 + len(variants)
+    assert pair_seed(0, 1, 2, 5) == base and 0 <= base < 2**63  # deterministic, 63-bit
     m = pairwise_mask(3, 100, M_BITS)
     assert int(m.min()) >= 0 and int(m.max()) < M
 
