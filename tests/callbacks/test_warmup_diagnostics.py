@@ -56,22 +56,73 @@ class TinyRegressor(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
 
 
+Snapshot = dict[str, torch.Tensor]
+
+
 class WeightRecorder(L.Callback):
-    """Independent reference: the weights right before and after every optimizer step."""
+    """Independent reference: the weights right before and after every optimizer step (``fc``
+    alone and every trainable matrix), the gradients and the momentum buffers ``exp_avg`` the
+    step starts from (m_{t-1}) and ends with (m_t)."""
 
     def __init__(self) -> None:
         self.before: dict[int, torch.Tensor] = {}
         self.after: dict[int, torch.Tensor] = {}
+        self.mats_before: dict[int, Snapshot] = {}
+        self.mats_after: dict[int, Snapshot] = {}
+        self.grads: dict[int, Snapshot] = {}
+        self.momenta_before: dict[int, Snapshot] = {}
+        self.momenta_after: dict[int, Snapshot] = {}
+
+    @staticmethod
+    def _matrices(pl_module) -> Snapshot:
+        return {
+            n: p.detach().clone()
+            for n, p in pl_module.named_parameters()
+            if p.requires_grad and p.dim() >= 2
+        }
+
+    @staticmethod
+    def _momenta(pl_module, optimizer) -> Snapshot:
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        out = {}
+        for n, p in pl_module.named_parameters():
+            m = optimizer.state.get(p, {}).get("exp_avg")
+            if m is not None:
+                out[n] = m.detach().clone()
+        return out
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.before[trainer.global_step] = pl_module.fc.weight.detach().clone()
-        if trainer.global_step == 0:
+        step = trainer.global_step
+        self.before[step] = pl_module.fc.weight.detach().clone()
+        self.mats_before[step] = self._matrices(pl_module)
+        self.grads[step] = {
+            n: p.grad.detach().clone()
+            for n, p in pl_module.named_parameters()
+            if p.grad is not None
+        }
+        self.momenta_before[step] = self._momenta(pl_module, optimizer)
+        if step == 0:
             self.first_grad = pl_module.fc.weight.grad.detach().clone()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1
         if step in self.before and step not in self.after:
             self.after[step] = pl_module.fc.weight.detach().clone()
+            self.mats_after[step] = self._matrices(pl_module)
+            self.momenta_after[step] = self._momenta(pl_module, trainer.optimizers[0])
+
+
+def _flat(snapshot: Snapshot, names) -> torch.Tensor:
+    """The named tensors of a snapshot flattened and concatenated, in float64."""
+    return torch.cat([snapshot[n].double().flatten() for n in names])
+
+
+def _concatenated_angle(before: Snapshot, after: Snapshot) -> float:
+    """Spec D2 for all matrices as one vector: θ = 2·atan2(‖â − b̂‖, ‖â + b̂‖), â = a/‖a‖ and
+    b̂ = b/‖b‖ for a, b = the concatenation of every matrix before and after the step."""
+    a, b = _flat(before, sorted(before)), _flat(after, sorted(before))
+    a, b = a / a.norm(), b / b.norm()
+    return float(2 * torch.atan2((a - b).norm(), (a + b).norm()))
 
 
 def _trainer(tmp_path: Path, max_steps: int, callbacks, **kw) -> L.Trainer:
@@ -121,7 +172,123 @@ def test_cadence_metrics_and_sign_like_first_step(tmp_path: Path) -> None:
         rrc = _records(cb, f"warmup/rrc/{layer}")
         assert sorted(rrc) == [0, 1, 2, 3, 4, 8, 12] and all(v > 0 for v in rrc.values())
     assert set(_records(cb, "warmup/momentum/cos_global")) == {1, 2, 3, 4, 8, 12}  # m_0 = 0
-    assert all(0 < v < 10 for v in _records(cb, "warmup/global/angle").values())
+    # D2 global: the angle of fc.weight and out.weight concatenated (biases are not matrices),
+    # from the recorded weights, not a combination of per-tensor angles.
+    global_angles = _records(cb, "warmup/global/angle")
+    assert sorted(global_angles) == [0, 1, 2, 3, 4, 8, 12]
+    for step, angle in global_angles.items():
+        assert set(ref.mats_before[step]) == {"fc.weight", "out.weight"}
+        expected = _concatenated_angle(ref.mats_before[step], ref.mats_after[step])
+        assert angle == pytest.approx(expected, rel=1e-9)
+        last_only = float(angular_update(ref.mats_before[step]["out.weight"],
+                                         ref.mats_after[step]["out.weight"]))  # fmt: skip
+        assert abs(expected - last_only) > 1e-3 * expected  # the check can tell them apart
+
+
+def test_momentum_alignment_and_ratio_are_the_recorded_cosines(tmp_path: Path) -> None:
+    # D5: cos(g_t, m_{t-1}) = ⟨g, m⟩/(‖g‖‖m‖) over all tensors concatenated (g = the gradient the
+    # step uses, m = AdamW's exp_avg before the step) and ‖m_t‖/‖g_t‖ with m_t after the step,
+    # both from tensors recorded by WeightRecorder.
+    L.seed_everything(0)
+    cb = UpdateDiagnostics(keep_history=True, dense_steps=100, snr_every_n_steps=0, rrc_layers=[])
+    ref = WeightRecorder()
+    _trainer(tmp_path, 6, [cb, ref]).fit(TinyRegressor(), DataLoader(_data(), batch_size=32))
+    cosines = _records(cb, "warmup/momentum/cos_global")
+    ratios = _records(cb, "warmup/momentum/ratio_global")
+    # Both need the momentum buffer before the step, which AdamW creates in its first step.
+    assert sorted(cosines) == sorted(ratios) == [1, 2, 3, 4, 5]
+    for step, cos in cosines.items():
+        names = sorted(ref.momenta_before[step])
+        assert len(names) == 4  # fc.weight, fc.bias, out.weight, out.bias
+        g, m = _flat(ref.grads[step], names), _flat(ref.momenta_before[step], names)
+        assert cos == pytest.approx(float(g @ m / (g.norm() * m.norm())), rel=1e-9)
+        for name in names:  # per tensor too
+            g1, m1 = ref.grads[step][name].double(), ref.momenta_before[step][name].double()
+            per = float((g1 * m1).sum() / (g1.norm() * m1.norm()))
+            assert _records(cb, f"warmup/momentum/cos/{name}")[step] == pytest.approx(per, rel=1e-9)
+    for step, ratio in ratios.items():
+        names = sorted(ref.momenta_after[step])
+        g, m = _flat(ref.grads[step], names), _flat(ref.momenta_after[step], names)
+        assert ratio == pytest.approx(float(m.norm() / g.norm()), rel=1e-9)
+
+
+class LinearRegressor(L.LightningModule):
+    """y = xwᵀ + b with the MSE loss: its half-batch gradients have a closed form."""
+
+    def __init__(self, optimizer: str = "adamw") -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 1)
+        self.opt_name = optimizer
+
+    def compute_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.lin(x), y)
+
+    def training_step(self, batch, batch_idx):
+        return self.compute_loss(batch)
+
+    def configure_optimizers(self):
+        if self.opt_name == "lionar":
+            return LionAR(self.named_parameters(), lr=0.1, weight_decay=0.1,
+                          rrc_correction="derived", rotational="all_matrices")  # fmt: skip
+        return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.1)
+
+
+class BatchRecorder(L.Callback):
+    """The batch and the weights w_t at the start of every step (what the SNR probe sees)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        x, y = batch
+        w, b = pl_module.lin.weight, pl_module.lin.bias
+        self.seen[trainer.global_step] = tuple(
+            t.detach().double().clone() for t in (x, y, w.reshape(-1), b)
+        )
+
+
+def _half_batch_gradient(x, y, w, b) -> torch.Tensor:
+    """∇ of mean((xw + b − y)²) over a half batch of n samples: with residuals r = xw + b − y,
+    ∂/∂w = (2/n)·xᵀr and ∂/∂b = (2/n)·Σr, concatenated."""
+    r = x @ w + b - y.reshape(-1)
+    n = x.shape[0]
+    return torch.cat([2 / n * (x.T @ r), (2 / n * r.sum()).reshape(1)])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lionar"])
+def test_snr_is_the_two_half_batch_estimator(tmp_path: Path, optimizer: str) -> None:
+    # Spec D4 on the current batch of B = 32: G₁, G₂ = mean gradients of samples 0-15 and 16-31,
+    # |G|² ≈ ⟨G₁, G₂⟩, trΣ ≈ (B/4)‖G₁ − G₂‖², each EMA-smoothed (decay 0.9, from 0) before
+    # B_noise = trΣ/|G|² and φ = 1/B_noise. G₁, G₂ come from the closed-form gradient above.
+    L.seed_everything(0)
+    cb = UpdateDiagnostics(keep_history=True, dense_steps=100, snr_every_n_steps=1,
+                           rrc_layers=[])  # fmt: skip
+    seen = BatchRecorder()
+    model = LinearRegressor(optimizer)
+    _trainer(tmp_path, 4, [cb, seen]).fit(model, DataLoader(_data(), batch_size=32))
+    ema_g2 = ema_tr = 0.0
+    for step in range(4):
+        x, y, w, b = seen.seen[step]
+        g1 = _half_batch_gradient(x[:16], y[:16], w, b)
+        g2 = _half_batch_gradient(x[16:], y[16:], w, b)
+        grad_sq, trace = float(g1 @ g2), 32 / 4 * float((g1 - g2).square().sum())
+        ema_g2, ema_tr = 0.9 * ema_g2 + 0.1 * grad_sq, 0.9 * ema_tr + 0.1 * trace
+        assert trace > 0 and grad_sq > 0
+        assert _records(cb, "warmup/snr/grad_sq")[step] == pytest.approx(grad_sq, rel=1e-4)
+        assert _records(cb, "warmup/snr/trace_sigma")[step] == pytest.approx(trace, rel=1e-4)
+        assert _records(cb, "warmup/snr/b_noise_raw")[step] == pytest.approx(
+            trace / grad_sq, rel=1e-4
+        )
+        assert _records(cb, "warmup/snr/b_noise")[step] == pytest.approx(ema_tr / ema_g2, rel=1e-4)
+        assert _records(cb, "warmup/snr/phi")[step] == pytest.approx(ema_g2 / ema_tr, rel=1e-4)
+    if optimizer == "lionar":
+        # LionAR's RRC correction got the last φ and applied ρ = √((1 + Bφ)/(1 + B²φ)) (§3.5).
+        opt = model.trainer.optimizers[0]
+        phi = ema_g2 / ema_tr
+        assert opt.param_groups[0]["snr_phi"] == pytest.approx(phi, rel=1e-4)
+        rho = math.sqrt((1 + 32 * phi) / (1 + 32**2 * phi))
+        assert opt.state[model.lin.weight]["lr_multiplier"] == pytest.approx(rho, rel=1e-4)
 
 
 def test_gradient_accumulation_keys_on_optimizer_steps(tmp_path: Path) -> None:
@@ -226,11 +393,15 @@ def test_lionar_rrc_correction_gets_the_snr_every_step(tmp_path: Path) -> None:
     cb = UpdateDiagnostics(
         keep_history=True, dense_steps=100, snr_every_n_steps=50, snr_dense_steps=0
     )
-    model = TinyRegressor(optimizer="lionar", lr=0.1)
+    model = TinyRegressor(optimizer="lionar", lr=0.1, dropout=0.0)  # the halves' only difference
     _trainer(tmp_path, 5, [cb]).fit(model, DataLoader(_data(), batch_size=32))
     assert sorted(_records(cb, "warmup/snr/phi")) == list(range(5))
     group = model.trainer.optimizers[0].param_groups[0]
-    assert group["snr_phi"] >= 0 and group["snr_batch_size"] == 32
+    # The optimizer holds the φ logged at the last step; a finite, positive one (a probe that
+    # used one half twice would give trΣ = 0 and φ = ∞, i.e. ρ pinned at 1/√B).
+    last_phi = _records(cb, "warmup/snr/phi")[4]
+    assert 0 < last_phi < math.inf and group["snr_phi"] == pytest.approx(last_phi, rel=1e-12)
+    assert group["snr_batch_size"] == 32
     # With accumulation ρ_t gets the batch of one optimizer step: 3 micro-batches of 16.
     model = TinyRegressor(optimizer="lionar", lr=0.1)
     _trainer(tmp_path, 2, [UpdateDiagnostics()], accumulate_grad_batches=3).fit(
@@ -397,7 +568,10 @@ def test_lora_follows_only_trainable_tensors(tmp_path: Path) -> None:
     rrc = _records(cb, "warmup/rrc_median")
     # q_proj's output changes through the adapter alone (the base weight is frozen)
     assert sorted(rrc) == [0, 1, 2] and all(0 < v < 1 for v in rrc.values())
-    assert all(math.isfinite(v) for v in _records(cb, "warmup/snr/b_noise_raw").values())
+    # the two halves of each batch differ: trΣ > 0 (|G|² > 0 too in this deterministic run)
+    traces = _records(cb, "warmup/snr/trace_sigma")
+    assert sorted(traces) == [0, 1, 2] and all(v > 0 for v in traces.values())
+    assert all(0 < v < math.inf for v in _records(cb, "warmup/snr/b_noise_raw").values())
 
 
 @pytest.mark.distributed

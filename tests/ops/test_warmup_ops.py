@@ -171,6 +171,30 @@ def test_equilibrium_angle_kinds() -> None:
         equilibrium_angle("adam", 1e-3, 0.1, (0.9, 0.99))
 
 
+def test_equilibrium_angles_match_hand_computed_values() -> None:
+    # Spec §3.3 [REQ], written out by hand; η = 0.5, λ = 0.01 throughout, so √(2ηλ) = √0.01 = 0.1,
+    # and √(π/2) = 1.2533141373155001.
+    sqrt_half_pi = 1.2533141373155001
+    # Lion/LionAR: η_r = √(π/2)·√(2ηλ)·√((1−β₁)² + β₁²(1−β₂)/(1+β₂)).
+    # β = (0.5, 0.6): (1−β₁)² = 0.25, β₁²(1−β₂)/(1+β₂) = 0.25·0.4/1.6 = 0.0625,
+    # √0.3125 = 0.5590169943749475 → η_r = 1.2533141373155001·0.1·0.5590169943749475.
+    assert lionar_target_angle(0.5, 0.01, (0.5, 0.6)) == pytest.approx(0.0700623902049741)
+    # β₁ = 0 isolates the √(π/2) factor: η_r = √(π/2)·0.1.
+    assert lionar_target_angle(0.5, 0.01, (0.0, 0.6)) == pytest.approx(0.1 * sqrt_half_pi)
+    # β₁ = 1 isolates the β₁² term: √(0 + 1·0.4/1.6) = 0.5 → η_r = √(π/2)·0.1·0.5.
+    assert lionar_target_angle(0.5, 0.01, (1.0, 0.6)) == pytest.approx(0.05 * sqrt_half_pi)
+    # The defaults η = λ = 0.1, β = (0.9, 0.99): √(2ηλ) = √0.02, (1−β₁)² = 0.01,
+    # β₁²(1−β₂)/(1+β₂) = 0.81·0.01/1.99 = 0.004070351758793970, sum 0.014070351758793970
+    # → η_r = 1.2533141373155001·√0.02·√0.014070351758793970 = 0.021024584114519684.
+    assert lionar_target_angle(0.1, 0.1, (0.9, 0.99)) == pytest.approx(0.021024584114519684)
+    assert equilibrium_angle("lion", 0.5, 0.01, (0.5, 0.6)) == pytest.approx(0.0700623902049741)
+    # AdamW: √(2ηλ(1−β₁)/(1+β₁)); β₁ = 0.6: √(0.01·0.4/1.6) = √0.0025 = 0.05 (β₂ plays no part).
+    assert equilibrium_angle("adamw", 0.5, 0.01, (0.6, 0.95)) == pytest.approx(0.05)
+    assert equilibrium_angle("adamw", 0.5, 0.01, 0.6) == pytest.approx(0.05)
+    # SGDM: √(2ηλ/(1+μ)); μ = 0.5625: √(0.01/1.5625) = √0.0064 = 0.08.
+    assert equilibrium_angle("sgdm", 0.5, 0.01, 0.5625) == pytest.approx(0.08)
+
+
 def test_rrc_identical_vs_independent_per_sample_gradients() -> None:
     # Spec §3.5 step 1: a normalized step built from B identical per-sample gradients changes the
     # layer's outputs √B times more than one built from B independent ones.

@@ -104,6 +104,36 @@ def test_lionar_keeps_neuron_norms_and_means_and_hits_target_angle() -> None:
     assert float(p.detach().double().mean(dim=1).abs().max()) < 1e-6 * float(n0.min())
 
 
+@pytest.mark.parametrize(
+    ("nesterov", "eta_r"),
+    [
+        # η_r = √(π/2)·√(2ηλ)·√((1−β₁)² + β₁²(1−β₂)/(1+β₂)) (spec §3.3) by hand, η = 0.5, λ = 0.01
+        # (√(2ηλ) = 0.1), β = (0.5, 0.6), √(π/2) = 1.2533141373155001:
+        # (1−0.5)² + 0.25·0.4/1.6 = 0.3125 → 1.2533141373155001·0.1·√0.3125.
+        (False, 0.0700623902049741),
+        # Nesterov = Lion with (β₁β₂, β₂) = (0.3, 0.6): (0.7)² + 0.09·0.4/1.6 = 0.49 + 0.0225
+        # = 0.5125 → 1.2533141373155001·0.1·√0.5125.
+        (True, 0.0897236377707895),
+    ],
+    ids=["plain", "nesterov"],
+)
+def test_lionar_turns_by_the_hand_computed_target_angle(nesterov: bool, eta_r: float) -> None:
+    # With update_norm_decay = 0 each neuron turns by exactly atan(η_r) per step.
+    p = _rot_param(seed=11)
+    opt = LionAR([p], lr=0.5, weight_decay=0.01, betas=(0.5, 0.6), nesterov=nesterov,
+                 rotational=ALL)  # fmt: skip
+    opt.center_rotational_weights()
+    gen = torch.Generator().manual_seed(12)
+    for _ in range(3):
+        before = p.detach().clone()
+        p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        angles = angular_update(before, p.detach(), per_neuron=True)
+        torch.testing.assert_close(
+            angles, torch.full_like(angles, math.atan(eta_r)), rtol=1e-3, atol=0
+        )
+
+
 def test_lionar_step_is_tangent_before_projection() -> None:
     # tan(θ) = ‖step‖/‖w‖ holds only if the step is ⟂ w: check against a non-centered tensor.
     p = _rot_param(8, 128, seed=3)

@@ -24,6 +24,14 @@ def test_warmup_cosine_values():
     assert warmup_cosine_factor(4, 4, 20) == pytest.approx(1.0)
     midpoint = 4 + 8
     assert warmup_cosine_factor(midpoint, 4, 20, min_lr_ratio=0.2) == pytest.approx(0.6)
+    # Interior points, where a linear decay would differ: progress p = (t − 4)/16, factor
+    # 0.2 + 0.8·½(1 + cos πp). p = ¼ (t = 8): ½(1 + √2/2) = 0.8535533905932737 → 0.8828427124746190
+    # (linear: 0.8); p = ¾ (t = 16): ½(1 − √2/2) = 0.1464466094067262 → 0.3171572875253810
+    # (linear: 0.4).
+    assert warmup_cosine_factor(8, 4, 20, min_lr_ratio=0.2) == pytest.approx(0.8828427124746190)
+    assert warmup_cosine_factor(16, 4, 20, min_lr_ratio=0.2) == pytest.approx(0.3171572875253810)
+    # Without a floor, p = ⅓ (warmup 0, total 30, t = 10): ½(1 + cos π/3) = ½·1.5 = 0.75.
+    assert warmup_cosine_factor(10, 0, 30) == pytest.approx(0.75)
     assert warmup_cosine_factor(20, 4, 20, min_lr_ratio=0.2) == pytest.approx(0.2)
     assert warmup_cosine_factor(50, 4, 20, min_lr_ratio=0.2) == pytest.approx(0.2)
 
