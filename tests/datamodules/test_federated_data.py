@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
+import numpy as np
 import pytest
+import torch
 
 from datamodules.federated import CharVocab, FederatedTextDataModule
 from datamodules.federated_data import (
@@ -55,6 +58,67 @@ def test_partitions_cover_everything_once():
     assert all(len(p) == 75 for p in iid)
 
 
+def _label_distributions(labels, parts, num_labels):
+    """Each non-empty client's label histogram, normalised to a distribution."""
+    hists = [np.bincount([labels[i] for i in p], minlength=num_labels) for p in parts]
+    return [h / h.sum() for h in hists if h.sum() > 0]
+
+
+def _total_variation(p, q) -> float:
+    return 0.5 * float(np.abs(p - q).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_dirichlet_alpha_controls_label_skew(seed):
+    """Dirichlet(alpha) label proportions per client: a small alpha concentrates each label on
+    few clients (clients dominated by one label, very different label mixes); a large alpha
+    gives every client nearly the global mix and an equal share of the data."""
+    num_labels = num_clients = 5
+    labels = [i % num_labels for i in range(200 * num_labels)]  # global mix: uniform
+    uniform = np.full(num_labels, 1 / num_labels)
+
+    skewed = _label_distributions(
+        labels, partition_indices(labels, num_clients, "dirichlet", alpha=0.1, seed=seed),
+        num_labels,
+    )  # fmt: skip
+    pairwise = [_total_variation(p, q) for p, q in itertools.combinations(skewed, 2)]
+    # Dirichlet(0.1) over 5 clients: the mean TV between two clients' mixes is typically 0.6-0.9;
+    # identical mixes (one proportion row reused for every label) would give exactly 0.
+    assert np.mean(pairwise) > 0.5
+    assert max(float(d.max()) for d in skewed) > 0.8  # some client is dominated by one label
+
+    parts = partition_indices(labels, num_clients, "dirichlet", alpha=1000.0, seed=seed)
+    mixed = _label_distributions(labels, parts, num_labels)
+    assert len(mixed) == num_clients
+    # Dirichlet(1000): each share is 0.2 +- ~0.006, so every mix is within a few % of uniform.
+    assert max(_total_variation(d, uniform) for d in mixed) < 0.05
+    assert all(abs(len(p) - 200) <= 20 for p in parts)
+
+
+def test_client_dataloader_shuffles_by_generator_and_covers_the_client_once():
+    dm = FederatedTextDataModule(
+        client_sizes=[20, 30, 25], num_entities=20, num_canaries=10, batch_size=4,
+        val_questions_per_client=2,
+    )  # fmt: skip
+    dm.setup("fit")
+    client = 1
+    expected = [tuple(r["input_ids"]) for r in dm.client_rows[client]]
+
+    def epoch(seed: int) -> list[tuple[int, ...]]:
+        rows = []
+        for batch in dm.client_dataloader(client, torch.Generator().manual_seed(seed)):
+            for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+                rows.append(tuple(ids[labels != -100].tolist()))  # drop the right padding
+        return rows
+
+    a, b, a_again = epoch(3), epoch(4), epoch(3)
+    for order in (a, b):
+        assert Counter(order) == Counter(expected)  # every example exactly once per epoch
+    assert a == a_again  # the order is fixed by the generator alone
+    assert a != b  # and a different generator gives a different order
+    assert a != expected and b != expected  # shuffled, not the stored order
+
+
 def test_datamodule_builds_clients_with_canaries_and_eval_sets():
     dm = FederatedTextDataModule(
         client_sizes=[80, 100, 120], num_entities=50, val_questions_per_client=10
@@ -71,8 +135,6 @@ def test_datamodule_builds_clients_with_canaries_and_eval_sets():
     texts = [vocab.decode(dm.client_rows[c][0]["input_ids"]) for c in range(3)]
     assert texts[0].startswith("Open Question:") and texts[1].startswith("MCQ:")
     assert texts[2].startswith("Closed Question:")
-    import torch
-
     b1 = next(iter(dm.client_dataloader(1, torch.Generator().manual_seed(3))))
     b2 = next(iter(dm.client_dataloader(1, torch.Generator().manual_seed(3))))
     assert torch.equal(b1["input_ids"], b2["input_ids"])
@@ -116,6 +178,23 @@ def test_dirichlet_repartition_keeps_every_example():
     )  # fmt: skip
     dm.setup("fit")
     assert sum(dm.client_num_samples) == 90 and dm.client_num_samples != [30, 30, 30]
+    by_client = FederatedTextDataModule(
+        client_sizes=[30, 30, 30], num_entities=20, num_canaries=0, val_questions_per_client=2,
+    )  # fmt: skip
+    by_client.setup("fit")
+
+    def examples(rows_per_client):
+        return Counter(tuple(r["input_ids"]) for rows in rows_per_client for r in rows)
+
+    assert examples(dm.client_rows) == examples(by_client.client_rows)  # the same examples
+    # Label skew: the label is the template family (30 each). Reusing one Dirichlet row for
+    # every family would give every client exactly a third of each family.
+    shares = []
+    for rows in dm.client_rows:
+        families = Counter(dm.vocab.decode(r["input_ids"]).split(":")[0] for r in rows)
+        if rows:
+            shares.append(max(families.values()) / len(rows))
+    assert max(shares) >= 0.6
 
 
 def test_pack_sequences_keeps_every_token_in_chunks_of_the_given_length():

@@ -1,8 +1,11 @@
+import itertools
 import json
+from collections import Counter
 
 import datasets
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from datamodules.text import TextDataModule, pack_blocks, validate_jsonl
 
@@ -25,6 +28,46 @@ def test_pack_blocks_joins_with_eos_and_drops_tail():
     assert blocks == [[1, 2, 3], [0, 4, 5]]  # stream 1 2 3 0 4 5 0 -> tail [0] dropped
 
 
+def _split_documents(blocks, eos_id):
+    """The documents of one packed split: the token runs ended by EOS, and the cut-off tail."""
+    docs, current = [], []
+    for token in blocks.flatten().tolist():
+        if token == eos_id:
+            docs.append(tuple(current))
+            current = []
+        else:
+            current.append(token)
+    return docs, tuple(current)
+
+
+def _assert_document_partition(splits, texts, tokenizer, block_size):
+    """Check that the packed splits are a partition of the documents ``texts``.
+
+    The expectation is rebuilt from the raw texts with the tokenizer alone: every EOS-ended run
+    of a split is a whole document, no document is used twice (within or across splits), and
+    the only documents missing are the ones cut off by dropping each split's last partial block
+    (fewer than ``block_size`` tokens per split). Returns the documents of each split.
+    """
+    corpus = Counter(tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    found, used, tails = {}, Counter(), []
+    for name, blocks in splits.items():
+        assert blocks.shape[1] == block_size
+        docs, tail = _split_documents(blocks, tokenizer.eos_token_id)
+        assert docs, f"{name}: no whole document"
+        assert all(d in corpus for d in docs), f"{name}: a run that is not a corpus document"
+        found[name] = docs
+        used += Counter(docs)
+        tails.append(tail)
+    assert not used - corpus, "a document appears in two splits (or twice in one)"
+    missing = list((corpus - used).elements())
+    assert len(missing) <= len(splits)  # at most the last document of each split
+    for tail in tails:  # a cut-off tail is the start of a missing document
+        assert not tail or any(d[: len(tail)] == tail for d in missing)
+    dropped = sum(len(d) + 1 for d in missing) - sum(len(t) for t in tails)
+    assert 0 <= dropped < len(splits) * block_size
+    return found
+
+
 def test_bundled_corpus_splits_are_disjoint_and_deterministic(corpus_file, tokenizer_dir):
     dm = TextDataModule(
         data_files=str(corpus_file), tokenizer=str(tokenizer_dir), block_size=64, batch_size=4
@@ -37,8 +80,19 @@ def test_bundled_corpus_splits_are_disjoint_and_deterministic(corpus_file, token
     for name in ("train", "val", "test"):
         assert torch.equal(dm.splits[name], again.splits[name])
         assert dm.splits[name].shape[1] == 64
-    train_rows = {tuple(r.tolist()) for r in dm.splits["train"]}
-    assert not train_rows & {tuple(r.tolist()) for r in dm.splits["val"]}
+    texts = [json.loads(line)["text"] for line in corpus_file.read_text().splitlines()]
+    texts = [t for t in texts if t.strip()]
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    found = _assert_document_partition(dm.splits, texts, tokenizer, 64)
+    # Pairwise disjoint at the document level (documents that occur once in the corpus; a
+    # duplicated text may legitimately sit in two splits).
+    counts = Counter(tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    unique = {name: {d for d in docs if counts[d] == 1} for name, docs in found.items()}
+    for a, b in itertools.combinations(("train", "val", "test"), 2):
+        assert not unique[a] & unique[b], f"{a} and {b} share documents"
+    # val and test hold about 5% of the documents each (the last one may be cut off).
+    for name in ("val", "test"):
+        assert abs(len(found[name]) - 0.05 * len(texts)) <= 2
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 64)
     assert torch.equal(batch["input_ids"], batch["labels"])
@@ -53,20 +107,28 @@ def test_other_formats_and_saved_datasets(tmp_path, tokenizer_dir, suffix):
         ds.to_parquet(str(path))
     else:
         path.write_text("\n".join(texts) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     dm = TextDataModule(
         data_files=str(path), tokenizer=str(tokenizer_dir), block_size=32, batch_size=2
     )
     dm.setup("fit")
-    assert len(dm.splits["train"]) > 0
+    assert set(dm.splits) == {"train", "val", "test"}
+    _assert_document_partition(dm.splits, texts, tokenizer, 32)
     ds.save_to_disk(str(tmp_path / "saved"))
     dm = TextDataModule(
         data_files=None,
         dataset_dir=str(tmp_path / "saved"),
         tokenizer=str(tokenizer_dir),
         block_size=32,
+        val_fraction=0,
+        test_fraction=0,
     )
     dm.setup("fit")
-    assert len(dm.splits["train"]) > 0
+    assert set(dm.splits) == {"train"}
+    # One split holding everything: exactly the whole blocks of all documents + EOS each.
+    total = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    assert dm.splits["train"].numel() == total // 32 * 32
+    _assert_document_partition(dm.splits, texts, tokenizer, 32)
 
 
 def test_missing_file_names_the_path(tmp_path, tokenizer_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import AutoTokenizer
 
 from datamodules.text_classification import SentimentNoisyDataModule, sentiment_pool
 
@@ -33,9 +34,30 @@ def test_exactly_twenty_percent_of_training_labels_flipped(tokenizer_dir):
     pool = sentiment_pool()
     assert [pool[i][1] for i in va["sample_id"].tolist()] == va["y"].tolist()  # val clean
     assert not set(tr["sample_id"].tolist()) & set(va["sample_id"].tolist())
-    # right padding: the last real token sits at length - 1, padding after it
-    pad = tr["input_ids"][0, tr["length"][0] :]
-    assert pad.numel() == 0 or bool((pad == 1).all())
+
+
+def test_every_row_is_its_sentence_right_padded(tokenizer_dir):
+    """Each row holds its own sentence's tokens, then pad ids up to the batch width; ``length``
+    is the count of real tokens (checked against an independent tokenization of the pool)."""
+    dm = _dm(tokenizer_dir, seed=3)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    pad_id = tokenizer.pad_token_id
+    assert pad_id is not None
+    pool = sentiment_pool()
+    padded_rows, widths, lengths_seen = 0, set(), []
+    for split in (dm.train_dataset.tensors, dm.val_dataset.tensors):
+        ids, lengths = split["input_ids"], split["length"]
+        widths.add(ids.shape[1])
+        for row, n, sample in zip(ids, lengths.tolist(), split["sample_id"].tolist(), strict=True):
+            expected = tokenizer(pool[sample][0])["input_ids"]
+            assert n == len(expected)
+            assert row[:n].tolist() == expected
+            assert (row[n:] == pad_id).all()
+            padded_rows += n < ids.shape[1]
+            lengths_seen.append(n)
+    # one padded batch: the width is the longest sentence, and shorter rows really are padded
+    assert widths == {max(lengths_seen)}
+    assert padded_rows > 0
 
 
 def test_seed_determines_the_draw(tokenizer_dir):

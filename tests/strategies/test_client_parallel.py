@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -21,7 +22,30 @@ TINY = {
 }  # fmt: skip
 
 
-def _run(devices: int, secure: bool) -> tuple[torch.Tensor, dict]:
+class PerturbNonZeroRanks(L.Callback):
+    """Add noise to every weight on the ranks other than 0, before the strategy's setup.
+
+    ``Callback.setup`` runs before ``strategy.setup`` -> ``configure_ddp``, so only the rank-0
+    broadcast there can bring the ranks back to the same model (spawn pickles identical modules
+    to every rank, which would hide a missing broadcast). Leaves a marker file per perturbed rank.
+    """
+
+    def __init__(self, marker_dir: str) -> None:
+        self.marker_dir = marker_dir
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        rank = trainer.global_rank
+        if rank == 0:
+            return
+        gen = torch.Generator().manual_seed(1000 + rank)
+        with torch.no_grad():
+            for t in [*pl_module.parameters(), *pl_module.buffers()]:
+                if t.is_floating_point():
+                    t.add_(0.1 * torch.randn(t.shape, generator=gen, dtype=t.dtype))
+        (Path(self.marker_dir) / f"perturbed_rank{rank}").touch()
+
+
+def _run(devices: int, secure: bool, marker_dir: Path) -> tuple[torch.Tensor, dict]:
     L.seed_everything(0)
     module = FederatedLoRAModule(
         model=TINY, vocab_size=len(CharVocab()), local_steps=2, local_warmup_steps=0,
@@ -39,6 +63,7 @@ def _run(devices: int, secure: bool) -> tuple[torch.Tensor, dict]:
         max_steps=2, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[PerturbNonZeroRanks(str(marker_dir))],
     )  # fmt: skip
     trainer.fit(module, dm)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -53,12 +78,14 @@ def test_registered_by_name():
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("secure", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_two_processes_match_one_process(secure, monkeypatch):
+def test_two_processes_match_one_process(secure, monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    one, m1 = _run(1, secure)
-    two, m2 = _run(2, secure)
+    one, m1 = _run(1, secure, tmp_path)
+    two, m2 = _run(2, secure, tmp_path)
+    # Rank 1 started from perturbed weights (rank 0 never is): the setup broadcast undid it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["perturbed_rank1"]
     assert m2["round/rank_desync"] == 0.0
     assert m2["round/clients"] == 4.0
     if secure:
