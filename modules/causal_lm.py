@@ -387,12 +387,17 @@ class CausalLMModule(L.LightningModule):
         ``transformers.AutoModelForCausalLM.from_pretrained`` (full model) or
         ``peft.PeftModel.from_pretrained`` (adapter) load the result directly. An adapter of a
         randomly initialized base also gets that base in ``<directory>/base`` (nothing else could
-        rebuild it), and the adapter config points at it.
+        rebuild it), and the adapter config points at it. ``merge_lora`` merges the adapters
+        into a copy of the weights and saves a plain model; the module keeps its adapters.
         """
         directory = Path(directory)
         model = self.model
         if self.uses_lora and merge_lora:
-            model = model.merge_and_unload()
+            # Merge a copy: peft merges in place and removes the adapters, which would leave the
+            # module unable to load its own checkpoints (``trainer.test(ckpt_path="best")``
+            # after a fit that exported with ``ExportPretrained(merge_lora=True)``) or to write
+            # loadable ones.
+            model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         adapter_only = self.uses_lora and not merge_lora

@@ -1,11 +1,19 @@
-"""ExportPretrained: multi-process FSDP is skipped with a warning instead of hanging on rank 0."""
+"""ExportPretrained: LoRA exports (merged or adapter) reload to the trained model; multi-process
+FSDP is skipped with a warning instead of hanging on rank 0."""
 
+import json
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from peft import PeftModel
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
 
 from callbacks.export import ExportPretrained
+from modules.causal_lm import CausalLMModule, LoraSettings
 
 
 class _Recorder:
@@ -24,3 +32,61 @@ def test_multi_process_fsdp_export_is_skipped_with_a_warning():
     with pytest.warns(UserWarning, match="ExportPretrained skipped"):
         ExportPretrained().on_fit_end(trainer, module)
     assert module.calls == []
+
+
+def _fit_lora_with_export(tmp_path, tokenizer_dir, merge_lora):
+    """Two AdamW steps of a LoRA micro-llama (adapters move off zero) with ExportPretrained."""
+    torch.manual_seed(0)
+    lora = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    module = CausalLMModule(
+        "micro-llama", tokenizer=str(tokenizer_dir), lora=lora,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+    )  # fmt: skip
+    ids = torch.randint(0, 4096, (4, 16))
+    batches = DataLoader([{"input_ids": row, "labels": row} for row in ids], batch_size=2)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[ExportPretrained(merge_lora=merge_lora)],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=batches)
+    # The export leaves the module's adapters in place (a merge in place would leave it unable
+    # to load its own checkpoints), and training moved them off zero: they change the model.
+    lora_b = [p for n, p in module.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 4 and all(p.abs().sum() > 0 for p in lora_b)
+    return module.eval(), tmp_path / "hf_model"  # logger=False: the log dir is default_root_dir
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_merge_lora_export_is_a_plain_model_with_the_trained_adapters(tmp_path, tokenizer_dir):
+    module, out = _fit_lora_with_export(tmp_path, tokenizer_dir, merge_lora=True)
+    assert (out / "config.json").is_file()
+    assert not (out / "adapter_config.json").exists() and not (out / "base").exists()
+    assert json.loads((out / "mlo_export.json").read_text())["lora_adapter_only"] is False
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not isinstance(merged, PeftModel)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids = torch.randint(0, 4096, (2, 12))
+    expected = _logits(module.model, ids)
+    torch.testing.assert_close(_logits(merged, ids), expected)
+    # The adapters count: the base alone gives other logits.
+    assert not torch.allclose(_logits(module.base_model_copy().eval(), ids), expected, atol=1e-3)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_default_export_of_a_lora_model_is_the_adapter_with_its_base(tmp_path, tokenizer_dir):
+    module, out = _fit_lora_with_export(tmp_path, tokenizer_dir, merge_lora=False)
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4
+    # A random-init base is written next to the adapter, which points at it.
+    assert adapter_config["base_model_name_or_path"] == str((out / "base").resolve())
+    assert json.loads((out / "mlo_export.json").read_text())["lora_adapter_only"] is True
+    base = AutoModelForCausalLM.from_pretrained(out / "base")
+    reloaded = PeftModel.from_pretrained(base, out).eval()
+    ids = torch.randint(0, 4096, (2, 12))
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(module.model, ids))
