@@ -58,11 +58,14 @@ def test_unknown_config_key_is_named(tmp_path, repo_root):
     assert "learning_rat" in out.stderr
 
 
-def test_yaml_syntax_error_names_the_file(tmp_path):
+@pytest.mark.parametrize("form", ["--config=PATH", "--config PATH"])
+def test_yaml_syntax_error_names_the_file(tmp_path, form):
     bad = tmp_path / "bad_syntax.yaml"
     bad.write_text("trainer:\n  max_steps: 3\n   devices: 1\n")
+    # Both spellings: the README writes ``--config A --config B``.
+    bad_args = [f"--config={bad}"] if form == "--config=PATH" else ["--config", str(bad)]
     with pytest.raises(SystemExit, match=r"(?s)--config .*bad_syntax\.yaml: invalid YAML.*line 3"):
-        main(["fit", "--config", "configs/quickstart.yaml", f"--config={bad}"])
+        main(["fit", "--config", "configs/quickstart.yaml", *bad_args])
 
 
 def test_fit_writes_all_artifacts_and_predict_generates(tmp_path):
@@ -73,7 +76,15 @@ def test_fit_writes_all_artifacts_and_predict_generates(tmp_path):
     metrics = json.loads((log_dir / "metrics.json").read_text())
     assert metrics["stage"] == "fit" and metrics["global_step"] == 6
     assert metrics["metrics"]["val/ppl"] > 1
-    assert (log_dir / "hf_model" / "config.json").is_file()
+    # The export holds the trained weights: it reloads with plain transformers to the same logits.
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(log_dir / "hf_model").eval()
+    ids = torch.randint(0, cli.model.model.config.vocab_size, (2, 12))
+    cli.model.eval()
+    with torch.no_grad():
+        trained = cli.model.model(input_ids=ids).logits
+        torch.testing.assert_close(exported(input_ids=ids).logits, trained)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(log_dir))
@@ -94,6 +105,9 @@ def test_fit_writes_all_artifacts_and_predict_generates(tmp_path):
     tokenizer = predict.model.tokenizer
     assert all(len(tokenizer(r["completion"]).input_ids) <= 6 for r in records), records
     assert predict.trainer.state.fn == "predict"
+    # The checkpoint predict loaded holds the same trained weights as the export.
+    with torch.no_grad():
+        torch.testing.assert_close(predict.model.model.eval()(input_ids=ids).logits, trained)
 
 
 def test_readme_lora_command_exports_a_reloadable_adapter(tmp_path):

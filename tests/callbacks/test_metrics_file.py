@@ -1,4 +1,5 @@
 import json
+import math
 
 import lightning as L
 import torch
@@ -17,19 +18,37 @@ class LoggingBoringModel(BoringModel):
         self.log("test/loss", super().test_step(batch, batch_idx)["y"])
 
 
+def _expected(trainer, stage):
+    """What the file should hold, read off the trainer (NaN as the string JSON allows)."""
+    metrics = {}
+    for name, value in trainer.callback_metrics.items():
+        value = value.item()
+        metrics[name] = "nan" if math.isnan(value) else value
+    return {
+        "stage": stage,
+        "global_step": trainer.global_step,
+        "epoch": trainer.current_epoch,
+        "metrics": metrics,
+    }
+
+
 def test_metrics_json_after_each_stage(tmp_path):
+    # 2 batches an epoch, 5 steps: fit ends past epoch 0, so the file's epoch is informative.
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=3, val_check_interval=3, limit_val_batches=2, limit_test_batches=2,
-        default_root_dir=tmp_path, callbacks=[MetricsFile()], enable_progress_bar=False,
+        accelerator="cpu", max_steps=5, limit_train_batches=2, limit_val_batches=2,
+        limit_test_batches=2, default_root_dir=tmp_path, callbacks=[MetricsFile()],
+        enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     model = LoggingBoringModel()
     trainer.fit(model)
     path = tmp_path / "lightning_logs" / "version_0" / "metrics.json"
     fit = json.loads(path.read_text())
-    assert fit["stage"] == "fit" and fit["global_step"] == 3
-    assert isinstance(fit["metrics"]["val/loss"], float)
+    assert trainer.current_epoch > 0 and trainer.global_step == 5
+    assert "val/loss" in trainer.callback_metrics
+    assert fit == _expected(trainer, "fit")  # every value exactly (JSON floats round-trip)
     trainer.validate(model, verbose=False)
-    assert json.loads(path.read_text())["stage"] == "validate"
+    assert json.loads(path.read_text()) == _expected(trainer, "validate")
     trainer.test(model, verbose=False)
     tested = json.loads(path.read_text())
-    assert tested["stage"] == "test" and tested["metrics"]["test/nan_metric"] == "nan"
+    assert tested == _expected(trainer, "test")
+    assert tested["metrics"]["test/nan_metric"] == "nan" and "test/loss" in tested["metrics"]

@@ -26,21 +26,38 @@ def datamodule(corpus_file, tokenizer_dir):
     return dm
 
 
-def test_loss_is_next_token_cross_entropy(tokenizer_dir):
+def test_loss_is_token_mean_next_token_cross_entropy_of_the_labels(tokenizer_dir, monkeypatch):
+    """compute_loss and training_step: logits at t predict labels[t + 1]; -100 labels do not
+    count; the mean is over the batch's counted tokens (rows with more tokens weigh more)."""
+    torch.manual_seed(0)
     module = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir))
-    ids = torch.randint(0, 4096, (2, 16))
-    out = module.model(input_ids=ids, labels=ids)
-    manual = torch.nn.functional.cross_entropy(
-        out.logits[:, :-1].reshape(-1, 4096), ids[:, 1:].reshape(-1)
-    )
-    assert torch.allclose(out.loss, manual, atol=1e-5)
+    vocab = module.model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 16))
     labels = ids.clone()
-    labels[:, :8] = -100  # masked prompt tokens do not count
-    masked = module.model(input_ids=ids, labels=labels).loss
-    manual_masked = torch.nn.functional.cross_entropy(
-        out.logits[:, 7:-1].reshape(-1, 4096), ids[:, 8:].reshape(-1)
-    )
-    assert torch.allclose(masked, manual_masked, atol=1e-5)
+    labels[0, :4] = -100  # a masked prompt of 4 tokens in row 0, of 11 in row 1
+    labels[1, :11] = -100
+    labels[0, 9] = -100  # and a masked token inside row 0's targets
+    batch = {"input_ids": ids, "labels": labels}
+    with torch.no_grad():
+        logits = module.model(input_ids=ids).logits.float()
+    # By hand: per-token negative log-likelihood of the shifted labels, then the token mean.
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = labels[:, 1:]
+    counted = targets != -100
+    nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = nll[counted].sum() / counted.sum()
+    row_means = torch.stack([nll[r][counted[r]].mean() for r in range(2)]).mean()
+    assert not torch.isclose(expected, row_means, rtol=1e-3)  # the reductions are told apart
+    assert counted.sum(dim=1).tolist() == [11, 5]  # labels 4..15 but 9; labels 11..15
+    with torch.no_grad():
+        loss = module.compute_loss(batch)
+        torch.testing.assert_close(loss, expected)
+
+        logged = {}
+        monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.update({name: value}))
+        returned = module.training_step(batch, 0)
+    torch.testing.assert_close(returned, expected)
+    torch.testing.assert_close(logged["train/loss"], expected)
 
 
 def test_weight_decay_groups(tokenizer_dir):
@@ -121,6 +138,26 @@ def test_lora_trains_only_adapters_and_exports_for_peft(tmp_path, tokenizer_dir,
         assert torch.allclose(merged(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
 
 
+def test_full_model_export_reloads_with_transformers(tmp_path, tokenizer_dir):
+    torch.manual_seed(0)
+    module = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir)).eval()
+    with torch.no_grad():  # weights no fresh initialization would draw
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = module.save_pretrained(tmp_path / "full")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded) is type(module.model)
+    ids = torch.randint(0, 4096, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits
+        )
+    assert load_tokenizer(str(out)).get_vocab() == module.tokenizer.get_vocab()
+    exported = json.loads((out / "mlo_export.json").read_text())
+    assert exported["lora_adapter_only"] is False and exported["lora"] is None
+    assert not (out / "adapter_config.json").exists() and not (out / "base").exists()
+
+
 def test_training_lowers_validation_perplexity(tmp_path, tokenizer_dir, datamodule):
     torch.manual_seed(0)
     module = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir),
@@ -134,9 +171,15 @@ def test_training_lowers_validation_perplexity(tmp_path, tokenizer_dir, datamodu
 
 def test_lora_on_pretrained_weights_checkpoints_only_the_adapter(tmp_path, tokenizer_dir):
     pretrained = tmp_path / "pretrained"
-    CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir)).save_pretrained(pretrained)
+    source = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir)).eval()
+    source.save_pretrained(pretrained)
     lora = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj"]}  # as LightningCLI passes it
     module = CausalLMModule(str(pretrained), lora=lora)  # tokenizer: the model's own
+    ids = torch.randint(0, 4096, (2, 12))
+    with torch.no_grad():  # the base is the saved model (new adapters start as the identity)
+        torch.testing.assert_close(
+            module.model.eval()(input_ids=ids).logits, source.model(input_ids=ids).logits
+        )
     assert module.tokenizer.get_vocab() == load_tokenizer(str(tokenizer_dir)).get_vocab()
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     state = {"state_dict": module.state_dict()}
