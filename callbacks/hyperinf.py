@@ -37,11 +37,11 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from callbacks.hyperinf_report import log_influence, noise_metrics, write_table
+from modules.eval_mode import eval_mode
 from ops.influence_config import DampingConfig, GradConfig, LissaConfig, SchulzConfig
 from ops.influence_engine import InfluenceEngine, InfluenceResult
 from ops.per_sample_grads import select_params
@@ -58,22 +58,6 @@ class _Indexed(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, Any]:
         return self.positions[i], self.dataset[self.positions[i]]
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module.eval()`` inside, then every submodule's own ``training`` flag back.
-
-    ``module.train(was_training)`` would recurse and flip submodules the user keeps in eval
-    (a frozen backbone or BatchNorm) to train mode.
-    """
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @contextmanager

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from modules.eval_mode import eval_mode
 from ops.warmup import (
     angle_from_sums,
     angular_update,
@@ -282,13 +283,11 @@ class UpdateDiagnostics(Callback):
             return fn
 
         handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-        was_training = pl_module.training
-        pl_module.eval()  # no dropout: the probe measures the weights, not the noise
+        # No dropout: the probe measures the weights, not the noise.
         try:
-            with torch.no_grad(), _fork_rng(pl_module.device):
+            with eval_mode(pl_module), torch.no_grad(), _fork_rng(pl_module.device):
                 self._loss(pl_module)(self._probe)
         finally:
-            pl_module.train(was_training)
             for h in handles:
                 h.remove()
         return seen

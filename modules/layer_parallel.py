@@ -215,24 +215,35 @@ class LayerParallelModule(L.LightningModule):
             if rows.shape[0] == self.hparams.decode_batch_size and rows.shape[1] == n:
                 self._decode_prompt = rows.clone()
 
+    def _reset_metrics(self, stage: str) -> None:
+        self.metrics[f"{stage}_lp"].reset()
+        self.metrics[f"{stage}_seq"].reset()
+
     def _log_ppl(self, stage: str) -> None:
         ppl = self.metrics[f"{stage}_lp"].compute()
         self.log(f"{stage}/ppl", ppl, prog_bar=True)
-        self.metrics[f"{stage}_lp"].reset()
         if self.hparams.compare_sequential:
             seq = self.metrics[f"{stage}_seq"].compute()
             self.log(f"{stage}/ppl_seq", seq)
             self.log(f"{stage}/ppl_ratio", ppl / seq, prog_bar=True)
-            self.metrics[f"{stage}_seq"].reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        # States left by an earlier ``trainer.validate`` were reset under inference mode, so they
+        # are inference tensors; fit's validation runs under no_grad and could not update them.
+        self._reset_metrics("val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_ppl("val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_metrics("test")
+        self._decode_prompt = None  # taken from this run's test data, not an earlier one's
 
     def on_test_epoch_end(self) -> None:
         self._log_ppl("test")

@@ -33,6 +33,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 import strategies.client_parallel  # noqa: F401  (registers strategy: client_parallel)
+from modules.eval_mode import eval_mode
 from modules.hf_models import build_causal_lm, is_pretrained_name
 from modules.lora_fl_client import ClientTrainer
 from modules.lora_fl_settings import (
@@ -387,16 +388,13 @@ class FederatedLoRAModule(L.LightningModule):
                 "memorization.suffix_len"
             )
         rank, world = self.global_rank, self.trainer.world_size
-        was_training = self.net.training
-        self.net.eval()
-        with self.global_model():
+        with eval_mode(self.net), self.global_model():
             counts = memorization_counts(
                 self.net, mem["ids"], splits, mem["groups"], mem["group_values"],
                 self.mem.prefix_lengths, self.mem.suffix_len, dm.vocab.decode,
                 self.mem.frequency_penalty, self.mem.bleu_threshold, dm.vocab.eos_token_id,
                 self.mem.batch_size, subset=range(rank, len(mem["ids"]), world),
             )  # fmt: skip
-        self.net.train(was_training)
         counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
         return memorization_summary(counts, mem["group_values"], self.mem.prefix_lengths)
 

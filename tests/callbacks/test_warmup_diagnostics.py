@@ -320,6 +320,15 @@ class TinyBatchNormRegressor(TinyRegressor):
         return nn.functional.mse_loss(self.out(self.drop(torch.relu(self.norm(self.fc(x))))), y)
 
 
+class TinyEvalDropoutRegressor(TinyRegressor):
+    """TinyRegressor whose dropout the user keeps in eval mode (like a frozen backbone's):
+    Lightning leaves each submodule's own mode alone during fit, so no dropout is applied."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.5)
+        self.drop.eval()
+
+
 def _final_weights(tmp_path: Path, callbacks, model_class=TinyRegressor) -> list[torch.Tensor]:
     L.seed_everything(0)
     model = model_class()
@@ -336,6 +345,18 @@ def test_training_is_unchanged_by_the_callback(tmp_path: Path) -> None:
     without = _final_weights(tmp_path, [])
     assert all(torch.equal(a, b) for a, b in zip(with_cb, without, strict=True))
     assert len(_records(cb, "warmup/snr/b_noise_raw")) == 8
+
+
+def test_rrc_probe_restores_each_submodule_mode(tmp_path: Path) -> None:
+    # The output-change probe runs in eval mode; restoring with ``train(True)`` would switch the
+    # user's eval-mode dropout on for the rest of the fit and change the weights.
+    cb = UpdateDiagnostics(
+        rrc_layers=["fc"], keep_history=True, dense_steps=100, snr_every_n_steps=0
+    )
+    with_cb = _final_weights(tmp_path, [cb], TinyEvalDropoutRegressor)
+    without = _final_weights(tmp_path, [], TinyEvalDropoutRegressor)
+    assert all(torch.equal(a, b) for a, b in zip(with_cb, without, strict=True))
+    assert len(_records(cb, "warmup/rrc_median")) > 0  # the probe ran
 
 
 def test_snr_probe_leaves_batchnorm_statistics_alone(tmp_path: Path) -> None:

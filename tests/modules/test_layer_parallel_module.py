@@ -212,3 +212,32 @@ def test_ddp_finetune_of_paired_layers(hf_dir):
     after = module.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".layers.2." in k or ".layers.3." in k for k in changed)
+
+
+def _rows_loader(seed: int) -> torch.utils.data.DataLoader:
+    ids = torch.randint(0, 4096, (4, 16), generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in ids], batch_size=2)
+
+
+def test_validate_then_fit_then_test_twice_start_from_fresh_state(hf_dir, tmp_path):
+    """A standalone ``validate`` resets its metrics under inference mode; fit's validation (no_grad)
+    must still update them. A second ``test`` on other data decodes that data's prompt."""
+    import lightning as L
+
+    module = LayerParallelModule(
+        model=str(hf_dir), plan={"start": 2, "end": 6}, decode_new_tokens=2, decode_prompt_len=8,
+        decode_repeats=1,
+    )  # fmt: skip
+    quiet = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+             "enable_progress_bar": False, "enable_model_summary": False,
+             "default_root_dir": str(tmp_path)}  # fmt: skip
+    L.Trainer(**quiet).validate(module, _rows_loader(0), verbose=False)
+    fit = L.Trainer(max_steps=2, limit_val_batches=1, num_sanity_val_steps=1, **quiet)
+    fit.fit(module, _rows_loader(1), _rows_loader(0))  # raised on the inference-mode states
+    assert fit.global_step == 2 and torch.isfinite(fit.callback_metrics["val/ppl"])
+    for seed in (2, 3):
+        loader = _rows_loader(seed)
+        result = L.Trainer(**quiet).test(module, loader, verbose=False)[0]
+        assert result["test/decode_tok_s"] > 0
+        first_rows = next(iter(loader))["input_ids"][:1, :8]
+        assert torch.equal(module._decode_prompt, first_rows)  # this run's data, not seed 2's
