@@ -5,8 +5,9 @@ alive (``ddp_spawn`` workers, CPU ``ddp``) finalizes the interpreter while gloo'
 still own tensors with Python references. Freeing one of them then takes the GIL; during
 finalization CPython ends such a thread with ``pthread_exit``, and its forced unwind through a
 ``noexcept`` destructor aborts the process ("terminate called without an active exception",
-SIGABRT) after all its work is done. Destroying the group from an ``atexit`` handler, while the
-interpreter is fully alive, lets those threads release the tensors normally.
+SIGABRT) after all its work is done. That is the likely cause of the rare abort seen at the exit
+of spawned test ranks (CONTRIBUTING.md). Destroying the group from an ``atexit`` handler, while
+the interpreter is fully alive, lets those threads release the tensors normally.
 
 The handler is registered when this module is first imported; the project's packages import it
 (``strategies``, ``modules``, ``datamodules``, ``callbacks``), so every rank that unpickles or
