@@ -6,12 +6,13 @@ avoids that but leaves ranks with different batch counts, and a strategy whose f
 synchronizes (FSDP all-gathers each wrapped block) then hangs on the rank with one batch more.
 Here every rank gets ``ceil(N / W)`` indices: the real ones once each, then indices ``>= N``,
 which ``PaddedBlocks`` turns into blocks whose labels are all ignored (zero weight in
-token-weighted metrics).
+token-weighted metrics) and ``PaddedItems`` into items flagged unscored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -32,13 +33,34 @@ class PaddedBlocks(Dataset):
         return torch.zeros_like(self.blocks[0]), False
 
 
+class PaddedItems(Dataset):
+    """Any map-style dataset as ``(item, scored)``; an index ``>= N`` repeats item 0, unscored.
+
+    For datasets whose items are not token blocks (tasks, labelled examples): the collate function
+    carries ``scored`` into the batch and the module gives unscored rows zero weight.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        if len(dataset) == 0:
+            raise ValueError("cannot shard an empty evaluation set")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, bool]:
+        if index < len(self.dataset):
+            return self.dataset[index], True
+        return self.dataset[0], False
+
+
 class EvenEvalSampler(DistributedSampler):
     """Rank ``r`` of ``W`` reads indices ``r, r + W, ...`` below ``W * ceil(N / W)``, in order.
 
     A ``DistributedSampler`` subclass, so Lightning does not wrap it again under DDP.
     """
 
-    def __init__(self, dataset: PaddedBlocks, num_replicas: int, rank: int) -> None:
+    def __init__(self, dataset: PaddedBlocks | PaddedItems, num_replicas: int, rank: int) -> None:
         super().__init__(dataset, num_replicas, rank, shuffle=False, drop_last=False)
 
     def __iter__(self) -> Iterator[int]:

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from datamodules.even_eval_sampler import EvenEvalSampler, PaddedBlocks
+from datamodules.even_eval_sampler import EvenEvalSampler, PaddedBlocks, PaddedItems
 
 CASES = [(1, 1), (5, 1), (1, 2), (2, 2), (5, 2), (139, 2), (2, 3), (7, 3), (9, 3), (10, 4), (3, 8)]
 
@@ -60,3 +60,12 @@ def test_order_ignores_epoch_and_seed():
     first = list(sampler)
     sampler.set_epoch(5)
     assert list(sampler) == first == [1, 4, 7, 10]
+
+
+def test_padded_items_flag_padding_and_refuse_an_empty_set():
+    items = PaddedItems([{"x": 10}, {"x": 11}, {"x": 12}])
+    shards = [[items[i] for i in EvenEvalSampler(items, 2, rank)] for rank in range(2)]
+    assert shards[0] == [({"x": 10}, True), ({"x": 12}, True)]
+    assert shards[1] == [({"x": 11}, True), ({"x": 10}, False)]  # index 3: item 0, unscored
+    with pytest.raises(ValueError, match="empty"):
+        PaddedItems([])
