@@ -6,7 +6,9 @@ a dedicated ``torch.Generator`` seeded from ``(seed, e)`` only, so the task stre
 function of the seed; the DataModule's ``state_dict`` stores the next episode and a resumed run
 continues the same stream (spec §5, §9 Checkpointing). Under DDP every rank receives the same
 meta-batch and the LightningModule takes its share of the tasks (``tasks[rank::world_size]``).
-Validation and test use fixed task lists drawn once from the seed.
+Validation and test use fixed task lists drawn once from the seed; under DDP they are sharded by
+``EvenEvalSampler`` (every task once, the same batch count on every rank) and each evaluation batch
+carries a bool ``scored`` mask [B] whose False rows are padding the module must not score.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from datamodules.even_eval_sampler import EvenEvalSampler, PaddedItems
 from ops.meta_tasks_closed_form import LinearTasks, sample_linear_tasks
 
 Task = dict[str, Tensor]
@@ -37,6 +40,13 @@ def task_generator(seed: int, split: str, index: int) -> torch.Generator:
 
 def stack_tasks(tasks: list[Task]) -> Task:
     return {k: torch.stack([t[k] for t in tasks]) for k in tasks[0]}
+
+
+def stack_scored_tasks(items: list[tuple[Task, bool]]) -> Task:
+    """Collate ``PaddedItems`` entries: the stacked tasks plus ``scored`` [B] (False = padding)."""
+    batch = stack_tasks([task for task, _ in items])
+    batch["scored"] = torch.tensor([scored for _, scored in items], dtype=torch.bool)
+    return batch
 
 
 class _EpisodeStream(IterableDataset):
@@ -114,9 +124,18 @@ class EpisodicTasks(L.LightningDataModule):
         return DataLoader(_EpisodeStream(self), batch_size=None)
 
     def _eval_loader(self, split: str) -> DataLoader:
+        tasks = self.eval_tasks(split)
+        if not tasks:  # num_val_tasks / num_test_tasks = 0: nothing to evaluate, nothing to shard
+            return DataLoader(tasks, batch_size=self.eval_batch_size, collate_fn=stack_tasks)
+        # Not Lightning's default DistributedSampler: it pads with repeated tasks, scored twice.
+        dataset = PaddedItems(tasks)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = EvenEvalSampler(dataset, world, rank) if world > 1 else None
         return DataLoader(
-            self.eval_tasks(split), batch_size=self.eval_batch_size, collate_fn=stack_tasks
-        )
+            dataset, batch_size=self.eval_batch_size, sampler=sampler,
+            collate_fn=stack_scored_tasks,
+        )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torchmetrics import MeanMetric
 
 from ops.meta_gradients import (
     Estimate,
@@ -48,6 +49,8 @@ from ops.meta_tasks_closed_form import LinearTasks, exact_meta_grad, exact_meta_
 from optim.sngdm import SNGDM
 
 METHODS = ("fo_b_maml_forward", "fo_b_maml_symmetric", "maml", "fomaml", "reptile")
+_STAGES = ("val", "test")
+_EVAL_KEYS = ("pre_adapt_loss", "pre_adapt_acc", "query_loss", "query_acc")
 _DROPOUT = nn.modules.dropout._DropoutNd
 
 
@@ -176,6 +179,12 @@ class MetaLearningModule(L.LightningModule):
         self.inner_batch_size = inner_batch_size
         self.vectorize_tasks = vectorize_tasks and inner_batch_size is None
         self.optimizer_factory = optimizer
+        # Validation/test means over every scored task, exact under DDP (see ``_evaluate``). NaN
+        # ``nan_strategy``: a NaN loss stays NaN (the default would drop it with a warning). The
+        # states are not saved in checkpoints (torchmetrics' default: persistent=False).
+        self.eval_metrics = nn.ModuleDict(
+            {f"{s}_{m}": MeanMetric(nan_strategy=float("nan")) for s in _STAGES for m in _EVAL_KEYS}
+        )
 
     # -- configuration ------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -270,10 +279,8 @@ class MetaLearningModule(L.LightningModule):
             g, None, x, nu=0.0, alpha=alpha, steps=self.eval_inner_steps, lr=self.eval_inner_lr
         )
 
-    def _local_batch(self, batch: dict[str, Tensor], split: bool = True) -> dict[str, Tensor]:
+    def _local_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         keys = ("support_x", "support_y", "query_x", "query_y")
-        if not split:
-            return {k: batch[k] for k in keys}
         rank, world = self.global_rank, self.trainer.world_size if self._trainer else 1
         return {k: batch[k][rank::world] for k in keys}
 
@@ -445,9 +452,24 @@ class MetaLearningModule(L.LightningModule):
 
     # -- evaluation ---------------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Tensor], prefix: str) -> None:
+        """Log the mean pre-/post-adaptation query loss (and accuracy) over the scored tasks.
+
+        Padding tasks (``scored`` False: ``EvenEvalSampler`` pads the shards so that every rank
+        runs the same number of batches) are dropped before any work. Each batch adds its mean
+        with weight = its number of scored tasks to a ``MeanMetric`` whose float sums are
+        all-reduced at epoch end. (``self.log(..., batch_size=n, sync_dist=True)`` is not exact
+        once ranks score different numbers of tasks: Lightning averages the integer batch-size
+        totals over the ranks and truncates, 21 tasks on 2 ranks counting as 20.) A batch of
+        padding only adds zeros with weight 0, so no NaN and nothing counted, and still logs, so
+        every rank syncs the same metrics. In one process the result is bit for bit the
+        batch-size-weighted mean the plain ``self.log`` gave.
+        """
+        b = self._scored_tasks(batch)
+        n = b["support_x"].shape[0]
         x = self._params()
-        if self.vectorize_tasks:
-            b = self._local_batch(batch, split=False)
+        if n == 0:
+            vals = torch.zeros(4, dtype=next(iter(x.values())).dtype, device=self.device)
+        elif self.vectorize_tasks:
             alpha = self.alpha if self.proximal else None
             with torch.enable_grad():
                 y = batched_inner_solve(
@@ -457,25 +479,50 @@ class MetaLearningModule(L.LightningModule):
             pre = self._batched_score(x, b["query_x"], b["query_y"], batched=False)
             post = self._batched_score(y, b["query_x"], b["query_y"])
             vals = torch.stack([pre[0].mean(), pre[1].mean(), post[0].mean(), post[1].mean()])
-            n = len(post[0])
         else:
             rows = []
-            for task in self._local_tasks_eval(batch):
+            for task in self._local_tasks_eval(b):
                 with torch.enable_grad():
                     y = self.adapt(task, x)
                 rows.append((*self._score(x, task["query_x"], task["query_y"]),
                              *self._score(y, task["query_x"], task["query_y"])))  # fmt: skip
             vals = torch.stack([torch.stack(r) for r in rows]).mean(0)
-            n = len(rows)
-        self.log(f"{prefix}/pre_adapt_loss", vals[0], batch_size=n, sync_dist=True)
-        self.log(f"{prefix}/query_loss", vals[2], batch_size=n, sync_dist=True)
+        keys = ["pre_adapt_loss", "query_loss"]
         if self.hparams.loss == "cross_entropy":
-            self.log(f"{prefix}/pre_adapt_acc", vals[1], batch_size=n, sync_dist=True)
-            self.log(f"{prefix}/query_acc", vals[3], batch_size=n, sync_dist=True, prog_bar=True)
+            keys += ["pre_adapt_acc", "query_acc"]
+        for key in keys:
+            metric = self.eval_metrics[f"{prefix}_{key}"]
+            # Accumulate in the dtype Lightning's own epoch mean used (default dtype, promoted).
+            dtype = torch.promote_types(torch.get_default_dtype(), vals.dtype)
+            if metric.dtype != dtype:
+                metric.set_dtype(dtype)
+            metric.update(vals[_EVAL_KEYS.index(key)].detach(), weight=n)
+            self.log(f"{prefix}/{key}", metric, prog_bar=key == "query_acc")
+
+    @staticmethod
+    def _scored_tasks(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch's tasks that count: rows with ``scored`` False are evaluation padding."""
+        keys = ("support_x", "support_y", "query_x", "query_y")
+        scored = batch.get("scored")
+        if scored is None or bool(scored.all()):
+            return {k: batch[k] for k in keys}
+        return {k: batch[k][scored] for k in keys}
 
     def _local_tasks_eval(self, batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
         keys = ("support_x", "support_y", "query_x", "query_y")
         return [{k: batch[k][i] for k in keys} for i in range(batch["support_x"].shape[0])]
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_eval_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_eval_metrics("test")
+
+    def _reset_eval_metrics(self, stage: str) -> None:
+        # Lightning resets logged metrics after computing them; this also clears an epoch that
+        # was interrupted before its end.
+        for key in _EVAL_KEYS:
+            self.eval_metrics[f"{stage}_{key}"].reset()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")

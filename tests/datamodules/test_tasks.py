@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 import socket
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from datamodules.even_eval_sampler import EvenEvalSampler
 from datamodules.tasks import (
     LinearRegressionTasks,
     MNIST1DFewShot,
@@ -103,3 +105,36 @@ def test_mnist1d_task_structure():
     assert val["support_x"].shape == (4, 25, 40)
     with pytest.raises(ValueError, match="n_way"):
         MNIST1DFewShot(n_way=11)
+
+
+def test_eval_loaders_score_every_task_once_on_every_world_size():
+    """One process: no sampler, the tasks in order, all scored. Three ranks: ``EvenEvalSampler``
+    shards (rank r reads r, r + 3, ...), every rank runs the same number of batches, and the
+    scored rows cover each task exactly once; the two padding rows are flagged unscored."""
+    dm = LinearRegressionTasks(dim=4, num_tasks=7, episodes_per_epoch=1)
+    dm.eval_batch_size = 2
+    pool = dm.pool["support_x"]
+    single = list(dm.val_dataloader())
+    assert [len(b["scored"]) for b in single] == [2, 2, 2, 1]
+    assert all(bool(b["scored"].all()) for b in single)
+    assert torch.equal(torch.cat([b["support_x"] for b in single]), pool)
+    scored, padding = [], 0
+    for rank in range(3):
+        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank)
+        for loader in (dm.val_dataloader(), dm.test_dataloader()):
+            assert isinstance(loader.sampler, EvenEvalSampler)
+            batches = list(loader)
+            assert len(batches) == 2  # ceil(ceil(7 / 3) / 2) on every rank
+            rows = torch.cat([b["support_x"] for b in batches])
+            mask = torch.cat([b["scored"] for b in batches])
+            assert mask.dtype == torch.bool
+            padding += int((~mask).sum())
+            scored += [int((pool == row).flatten(1).all(1).nonzero()) for row in rows[mask]]
+    assert sorted(scored) == sorted(list(range(7)) * 2)  # val and test: each task once
+    assert padding == 2 * 2
+
+
+def test_empty_eval_set_gives_an_empty_loader():
+    dm = SinusoidTasks(num_val_tasks=0, num_test_tasks=0)
+    assert len(dm.val_dataloader()) == 0
+    assert list(dm.test_dataloader()) == []

@@ -9,8 +9,10 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from datamodules.tasks import LinearRegressionTasks, MNIST1DFewShot
+from datamodules.even_eval_sampler import PaddedItems
+from datamodules.tasks import LinearRegressionTasks, MNIST1DFewShot, stack_scored_tasks
 from modules.meta_learning import METHODS, MetaLearningModule
 from modules.meta_nets import Conv1dNet, LinearRegressor
 from ops.meta_tasks_closed_form import exact_meta_grad
@@ -131,6 +133,41 @@ def test_validation_query_loss_is_scored_after_inner_adaptation(
     # means: 9.02 -> 5.25 with the proximal term), far beyond the rel=1e-10 tolerance above.
     assert float(post.mean()) < 0.75 * float(pre.mean())
     assert float(metrics["val/query_loss"]) < float(metrics["val/pre_adapt_loss"])
+
+
+@pytest.mark.parametrize(
+    ("task", "vectorize"), [("linear", True), ("linear", False), ("mnist1d", True)]
+)
+def test_padding_tasks_get_zero_weight(tmp_path, task, vectorize):
+    """Unscored (padding) tasks, alone in a batch or beside scored ones, change no val metric.
+
+    The task order and the scored batches are those of the unpadded loader, and a padding-only
+    batch adds exactly zero, so the metrics are bit-identical (and finite: no 0/0 mean)."""
+    torch.manual_seed(0)
+    if task == "linear":
+        dm = LinearRegressionTasks(dim=6, num_tasks=5, episodes_per_epoch=1)
+        module = _linear_module(vectorize_tasks=vectorize).double()
+        precision = "64-true"
+    else:
+        dm = MNIST1DFewShot(num_val_tasks=5)
+        module = MetaLearningModule(Conv1dNet(channels=4), inner_steps=2)
+        precision = "32-true"
+    tasks = PaddedItems(dm.eval_tasks("val"))
+
+    def validate(**kw) -> dict[str, float]:
+        loader = DataLoader(tasks, batch_size=2, collate_fn=stack_scored_tasks, **kw)
+        (metrics,) = _trainer(tmp_path, precision=precision).validate(module, loader, verbose=False)
+        return metrics
+
+    plain = validate()  # batches [0, 1], [2, 3], [4]
+    # Indices >= 5 are padding: batches [pad, pad], [0, 1], [2, 3], [4, pad].
+    padded = validate(sampler=[5, 6, 0, 1, 2, 3, 4, 7])
+    expected = {"val/pre_adapt_loss", "val/query_loss"}
+    if task == "mnist1d":
+        expected |= {"val/pre_adapt_acc", "val/query_acc"}
+    assert set(plain) == expected
+    assert all(torch.isfinite(torch.tensor(v)) for v in plain.values())
+    assert padded == plain
 
 
 def test_inference_mode_gets_a_clear_error(tmp_path):

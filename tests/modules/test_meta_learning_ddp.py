@@ -1,7 +1,8 @@
 """DDP (2 CPU processes, gloo): the meta-batch is split across ranks and reduced explicitly.
 
 Three meta-steps under ``ddp_spawn`` with 2 ranks must give the same parameters as one process
-seeing the whole meta-batch (up to float64 summation order).
+seeing the whole meta-batch (up to float64 summation order). Validation on an odd number of tasks
+must give the same metrics as one process (each task scored once, padding given zero weight).
 """
 
 from __future__ import annotations
@@ -70,3 +71,56 @@ def test_ddp_two_ranks_match_single_process(tmp_path, method):
     assert local_ddp == [[2, 2, 2], [2, 2, 2]]
     assert not torch.equal(single["net.weight"], torch.zeros(6, dtype=torch.float64))
     torch.testing.assert_close(ddp["net.weight"], single["net.weight"], atol=1e-10, rtol=0)
+
+
+class RecordEvalBatches(L.Callback):
+    """Every rank saves the task count and the scored-task count of each validation batch."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.batches: list[tuple[int, int]] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
+        total = int(batch["support_x"].shape[0])
+        self.batches.append((total, int(batch["scored"].sum()) if "scored" in batch else total))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        torch.save(self.batches, f"{self.path}.rank{trainer.global_rank}")
+
+
+def _validate(tmp_path, devices: int) -> tuple[dict[str, float], list]:
+    # 21 tasks, 4 per batch: one process sees batches of 4, 4, 4, 4, 4, 1; two ranks see 11
+    # tasks each (4, 4, 3), rank 1's last batch holding the one padding task of EvenEvalSampler.
+    dm = LinearRegressionTasks(dim=6, num_tasks=21, meta_batch_size=4, episodes_per_epoch=1)
+    dm.eval_batch_size = 4
+    module = MetaLearningModule(
+        LinearRegressor(6), loss="half_mse", method="fo_b_maml_symmetric", alpha=0.5,
+        inner_steps=30, inner_lr=0.12, baselines_use_proximal=True,
+    ).double()  # fmt: skip
+    with torch.no_grad():
+        module.net.weight.copy_(torch.linspace(-0.3, 0.4, 6, dtype=torch.float64))
+    path = str(tmp_path / f"eval_batches_{devices}.pt")
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+        precision="64-true", inference_mode=False, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[RecordEvalBatches(path)], default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    (metrics,) = trainer.validate(module, dm, verbose=False)
+    return metrics, [torch.load(f"{path}.rank{r}") for r in range(devices)]
+
+
+@pytest.mark.distributed
+def test_ddp_validation_metrics_count_every_task_once(tmp_path):
+    """An odd task count under 2 ranks: the padding task is not scored, so every val metric equals
+    the single-process one, and both ranks run the same batch count. (Lightning's default
+    DistributedSampler repeated task 0 and scored it twice: val/query_loss 4.3609 instead of
+    4.4427; with the padding merely unweighted, ``self.log(batch_size=n, sync_dist=True)`` still
+    divided by a batch-size total truncated from 21 / 2 to 10: 4.6649.)"""
+    single, batches_single = _validate(tmp_path, 1)
+    ddp, batches_ddp = _validate(tmp_path, 2)
+    assert set(single) == {"val/pre_adapt_loss", "val/query_loss"}
+    assert set(ddp) == set(single)
+    assert ddp == pytest.approx(single, rel=1e-6)
+    assert batches_single == [[(4, 4)] * 5 + [(1, 1)]]
+    assert batches_ddp == [[(4, 4), (4, 4), (3, 3)], [(4, 4), (4, 4), (3, 2)]]
