@@ -11,11 +11,12 @@ token-weighted metrics) and ``PaddedItems`` into items flagged unscored.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import lightning as L
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class PaddedBlocks(Dataset):
@@ -65,3 +66,37 @@ class EvenEvalSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+class ScoredCollate:
+    """Collate ``PaddedItems`` rows ``(item, scored)``: ``collate(items)`` plus a bool ``scored``
+    row mask (a class, not a closure, so loaders with worker processes can pickle it)."""
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, torch.Tensor]]) -> None:
+        self.collate = collate
+
+    def __call__(self, rows: list[tuple[Any, bool]]) -> dict[str, torch.Tensor]:
+        batch = self.collate([item for item, _ in rows])
+        batch["scored"] = torch.tensor([scored for _, scored in rows], dtype=torch.bool)
+        return batch
+
+
+def even_eval_loader(
+    datamodule: L.LightningDataModule,
+    dataset: Dataset,
+    batch_size: int,
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+) -> DataLoader:
+    """Unshuffled evaluation loader whose batches carry ``scored``, sharded evenly under DDP.
+
+    With ``W > 1`` processes (the datamodule's trainer), rank ``r`` reads ``r, r + W, ...``: every
+    item exactly once over the ranks and ``ceil(N / W)`` rows on each, a short shard ending in
+    unscored copies of item 0. Lightning does not replace this sampler with its own.
+    """
+    padded = PaddedItems(dataset)
+    trainer = datamodule.trainer
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+    sampler = EvenEvalSampler(padded, world, rank) if world > 1 else None
+    return DataLoader(
+        padded, batch_size=batch_size, sampler=sampler, collate_fn=ScoredCollate(collate)
+    )

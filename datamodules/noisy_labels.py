@@ -10,6 +10,11 @@ Two sources, both offline and deterministic given ``seed``:
 Every item is ``{"x": float[d_in], "y": long, "sample_id": long}``; ``sample_id`` is the row of the
 source data, kept so scores can be joined back. The validation set keeps its clean labels.
 ``noisy_mask`` (training set order) says which labels were flipped.
+
+Validation/test loaders shard the set with ``EvenEvalSampler`` under DDP (every example once over
+the ranks, the same batch count on every rank) and their batches carry a boolean ``scored`` row
+mask (``False`` on the padding rows that even the shards out; see
+``datamodules.even_eval_sampler``). ``train_dataset``/``val_dataset`` stay the plain datasets.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from typing import Literal
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from datamodules.even_eval_sampler import even_eval_loader
 
 
 class LabeledDataset(Dataset):
@@ -67,6 +75,7 @@ class NoisyLabelDataModule(L.LightningDataModule):
         separation: distance of each class mean from the origin (``gaussian_mixture``).
         batch_size: training batch size (``n_train`` or larger = full batch).
         seed: seed of the data, split and flips.
+        val_batch_size: validation/test batch size; ``None`` = the whole set in one batch.
     """
 
     def __init__(
@@ -79,6 +88,7 @@ class NoisyLabelDataModule(L.LightningDataModule):
         separation: float = 1.0,
         batch_size: int = 500,
         seed: int = 0,
+        val_batch_size: int | None = None,
     ):
         super().__init__()
         if source not in ("gaussian_mixture", "digits"):
@@ -87,6 +97,7 @@ class NoisyLabelDataModule(L.LightningDataModule):
         self.source, self.n_train, self.n_val = source, n_train, n_val
         self.noise_rate, self.d_in, self.separation = noise_rate, d_in, separation
         self.batch_size, self.seed = batch_size, seed
+        self.val_batch_size = val_batch_size
         self.train_dataset: LabeledDataset | None = None
         self.val_dataset: LabeledDataset | None = None
         self.noisy_mask: torch.Tensor | None = None
@@ -136,7 +147,8 @@ class NoisyLabelDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=max(self.n_val, 1), shuffle=False)
+        batch_size = self.val_batch_size or max(self.n_val, 1)
+        return even_eval_loader(self, self.val_dataset, batch_size, default_collate)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.even_eval_sampler import EvenEvalSampler, PaddedItems
+from datamodules.even_eval_sampler import even_eval_loader
 from ops.meta_tasks_closed_form import LinearTasks, sample_linear_tasks
 
 Task = dict[str, Tensor]
@@ -40,13 +40,6 @@ def task_generator(seed: int, split: str, index: int) -> torch.Generator:
 
 def stack_tasks(tasks: list[Task]) -> Task:
     return {k: torch.stack([t[k] for t in tasks]) for k in tasks[0]}
-
-
-def stack_scored_tasks(items: list[tuple[Task, bool]]) -> Task:
-    """Collate ``PaddedItems`` entries: the stacked tasks plus ``scored`` [B] (False = padding)."""
-    batch = stack_tasks([task for task, _ in items])
-    batch["scored"] = torch.tensor([scored for _, scored in items], dtype=torch.bool)
-    return batch
 
 
 class _EpisodeStream(IterableDataset):
@@ -128,14 +121,7 @@ class EpisodicTasks(L.LightningDataModule):
         if not tasks:  # num_val_tasks / num_test_tasks = 0: nothing to evaluate, nothing to shard
             return DataLoader(tasks, batch_size=self.eval_batch_size, collate_fn=stack_tasks)
         # Not Lightning's default DistributedSampler: it pads with repeated tasks, scored twice.
-        dataset = PaddedItems(tasks)
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        sampler = EvenEvalSampler(dataset, world, rank) if world > 1 else None
-        return DataLoader(
-            dataset, batch_size=self.eval_batch_size, sampler=sampler,
-            collate_fn=stack_scored_tasks,
-        )  # fmt: skip
+        return even_eval_loader(self, tasks, self.eval_batch_size, stack_tasks)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

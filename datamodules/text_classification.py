@@ -13,6 +13,9 @@ first ``num_layers - tail_layers`` decoder layers of that model once and keeps t
 influence computation, then only run the trainable tail (``modules.llm_tail_classifier``). This is
 exact (the prefix is frozen), and it is what makes LoRA on a 135M-parameter model affordable on a
 shared CPU.
+
+The validation/test loaders (both the validation set) are sharded evenly under DDP and their
+batches carry a ``scored`` row mask (``datamodules.even_eval_sampler.even_eval_loader``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import random
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from datamodules.even_eval_sampler import even_eval_loader
 
 SUBJECTS = (
     "The hotel room", "The pasta", "This laptop", "The train journey", "The new phone",
@@ -158,4 +164,7 @@ class SentimentNoisyDataModule(L.LightningDataModule):
         return DataLoader(self.train_dataset, batch_size=self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=self.hparams.batch_size)
+        return even_eval_loader(self, self.val_dataset, self.hparams.batch_size, default_collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -14,7 +14,8 @@ Sequences are right-padded and attention is causal, so padding never reaches a r
 pooled last-token state equals the unpadded one.
 
 It exposes ``per_sample_loss(batch) -> Tensor[B]``, the contract of
-``callbacks.hyperinf.HyperINFCallback``.
+``callbacks.hyperinf.HyperINFCallback``. Validation/test loss and accuracy are means over the
+examples, exact under DDP (``modules.sequence_classifier.ScoredEvalMetrics``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from modules.sequence_classifier import ScoredEvalMetrics
 
 
 @torch.no_grad()
@@ -55,7 +58,7 @@ class _Tail(nn.Module):
         self.layers = nn.ModuleList(layers)
 
 
-class LoRATailClassifier(L.LightningModule):
+class LoRATailClassifier(ScoredEvalMetrics, L.LightningModule):
     """LoRA on the last decoder layers of a pretrained causal LM, plus a linear head.
 
     Args:
@@ -107,6 +110,7 @@ class LoRATailClassifier(L.LightningModule):
         self.norm, self.rotary = net.model.norm, net.model.rotary_emb
         self.norm.requires_grad_(False)
         del net
+        self.init_eval_metrics()
 
     def forward(self, hidden: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         seq = hidden.shape[1]
@@ -135,19 +139,19 @@ class LoRATailClassifier(L.LightningModule):
         logits = self(batch["hidden"], batch["length"])
         return F.cross_entropy(logits, batch["y"], reduction="none")
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["hidden"], batch["length"])
         loss = F.cross_entropy(logits, batch["y"])
         acc = (logits.argmax(-1) == batch["y"]).float().mean()
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch["y"].numel())
-        self.log(f"{stage}/acc", acc, prog_bar=True, batch_size=batch["y"].numel())
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["y"].numel())
+        self.log("train/acc", acc, prog_bar=True, batch_size=batch["y"].numel())
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self.log_eval(self(batch["hidden"], batch["length"]), batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log_eval(self(batch["hidden"], batch["length"]), batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -8,6 +8,9 @@ path does for RoBERTa (LoRA + classifier ``out_proj``), at a size that trains in
 
 It exposes ``per_sample_loss(batch) -> Tensor[B]``, the contract of
 ``callbacks.hyperinf.HyperINFCallback``.
+
+Validation/test loss and accuracy are means over the examples, exact under DDP
+(:class:`ScoredEvalMetrics`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,54 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
+
+
+class ScoredEvalMetrics:
+    """Validation/test cross-entropy and accuracy as example means over all ranks.
+
+    A mixin of a ``LightningModule``: call :meth:`init_eval_metrics` in ``__init__`` and
+    :meth:`log_eval` from the validation/test steps. A batch may carry a boolean ``scored`` row
+    mask (the padding rows of ``EvenEvalSampler`` shards are ``False``); only scored rows count.
+    Each batch adds its mean over scored rows with weight = their number to a ``MeanMetric``,
+    whose sums are all-reduced at epoch end: the result is the mean over every scored example,
+    whatever the number of processes. In one process this is exactly what
+    ``self.log(..., batch_size=B)`` of the batch means gave. A batch of padding only adds
+    nothing (weight 0), but still updates, so every rank logs and syncs the same metrics.
+    """
+
+    def init_eval_metrics(self) -> None:
+        # Metric states are not saved in checkpoints (torchmetrics' default: persistent=False).
+        self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
+        self.test_loss, self.test_acc = MeanMetric(), MeanMetric()
+
+    def log_eval(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], stage: str) -> None:
+        y = batch["y"]
+        scored = batch.get("scored")
+        if scored is None:
+            scored = torch.ones_like(y, dtype=torch.bool)
+        n = scored.sum()
+        if n > 0:  # indexing with an all-True mask keeps the unsharded values bit for bit
+            logits, y = logits[scored], y[scored]
+            loss = F.cross_entropy(logits, y).detach()
+            acc = (logits.argmax(-1) == y).float().mean()
+        else:  # padding only: no NaN mean, and weight 0 adds nothing
+            loss = acc = logits.new_zeros(())
+        loss_metric, acc_metric = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+        loss_metric.update(loss, weight=n)
+        acc_metric.update(acc, weight=n)
+        self.log(f"{stage}/loss", loss_metric, prog_bar=True)
+        self.log(f"{stage}/acc", acc_metric, prog_bar=True)
+
+    def on_validation_epoch_start(self) -> None:
+        # States left by an earlier ``trainer.validate`` are inference tensors; fit's validation
+        # runs under no_grad and could not update them in place.
+        self.val_loss.reset()
+        self.val_acc.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_loss.reset()
+        self.test_acc.reset()
 
 
 class FrozenFeatures(nn.Module):
@@ -29,7 +80,7 @@ class FrozenFeatures(nn.Module):
         return torch.relu(self.hidden(x))
 
 
-class LoRAClassifier(L.LightningModule):
+class LoRAClassifier(ScoredEvalMetrics, L.LightningModule):
     """Classifier with a peft LoRA adapter on a frozen random layer and a trainable head.
 
     Args:
@@ -76,6 +127,7 @@ class LoRAClassifier(L.LightningModule):
         if init_seed is not None:
             torch.random.set_rng_state(state)
         self.lr, self.weight_decay = lr, weight_decay
+        self.init_eval_metrics()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -84,22 +136,19 @@ class LoRAClassifier(L.LightningModule):
         """Cross-entropy of every example, shape ``(B,)`` (used for per-sample gradients)."""
         return F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["x"])
         loss = F.cross_entropy(logits, batch["y"])
         acc = (logits.argmax(-1) == batch["y"]).float().mean()
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch["y"].numel())
-        self.log(f"{stage}/acc", acc, prog_bar=True, batch_size=batch["y"].numel())
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["y"].numel())
+        self.log("train/acc", acc, prog_bar=True, batch_size=batch["y"].numel())
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self.log_eval(self(batch["x"]), batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self.log_eval(self(batch["x"]), batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from datamodules.even_eval_sampler import PaddedItems
-from datamodules.tasks import LinearRegressionTasks, MNIST1DFewShot, stack_scored_tasks
+from datamodules.even_eval_sampler import PaddedItems, ScoredCollate
+from datamodules.tasks import LinearRegressionTasks, MNIST1DFewShot, stack_tasks
 from modules.meta_learning import METHODS, MetaLearningModule
 from modules.meta_nets import Conv1dNet, LinearRegressor
 from ops.meta_tasks_closed_form import exact_meta_grad
@@ -155,7 +155,7 @@ def test_padding_tasks_get_zero_weight(tmp_path, task, vectorize):
     tasks = PaddedItems(dm.eval_tasks("val"))
 
     def validate(**kw) -> dict[str, float]:
-        loader = DataLoader(tasks, batch_size=2, collate_fn=stack_scored_tasks, **kw)
+        loader = DataLoader(tasks, batch_size=2, collate_fn=ScoredCollate(stack_tasks), **kw)
         (metrics,) = _trainer(tmp_path, precision=precision).validate(module, loader, verbose=False)
         return metrics
 
