@@ -342,9 +342,14 @@ class HyperINFCallback(L.Callback):
             )
         self.result = result
         table = self._gather(trainer, result, ids)
+        # On every rank: Lightning's ``trainer.log_dir`` broadcasts from rank 0, so reading it on
+        # rank 0 alone would hang against the other ranks' barrier below.
+        out = Path(
+            self.output_dir or Path(trainer.log_dir or trainer.default_root_dir, "influence")
+        )
         try:
             if trainer.is_global_zero:
-                self._report(trainer, table, result)
+                self._report(trainer, table, result, out)
         finally:
             # the other ranks must not wait forever for a rank 0 that failed while reporting
             trainer.strategy.barrier("hyperinf")
@@ -384,10 +389,7 @@ class HyperINFCallback(L.Callback):
         mask = getattr(trainer.datamodule, "noisy_mask", None)
         return None if mask is None else torch.as_tensor(mask).bool()
 
-    def _report(self, trainer: L.Trainer, table: dict, result: InfluenceResult) -> None:
-        out = Path(
-            self.output_dir or Path(trainer.log_dir or trainer.default_root_dir, "influence")
-        )
+    def _report(self, trainer: L.Trainer, table: dict, result: InfluenceResult, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         n_total = result.stats.n if result.stats is not None else table["index"].numel()
         self.table = table

@@ -51,7 +51,7 @@ def _callback(out, run_on: str = "fit_end", methods=METHODS, **kw) -> HyperINFCa
         methods=methods,
         grads=GradConfig(batch_size=16),
         run_on=run_on,
-        output_dir=str(out),
+        output_dir=None if out is None else str(out),
         **kw,
     )
 
@@ -363,3 +363,19 @@ def test_causal_lm_module_via_dataloader_fallback(tmp_path, tokenizer_dir, corpu
         rtol=1e-2,
         atol=1e-3 * float(table["score_exact_gfim"].abs().max()),
     )
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_ddp_default_output_dir_is_the_log_dir(tmp_path) -> None:
+    """Without ``output_dir`` the files go to ``<log_dir>/influence``; Lightning resolves
+    ``log_dir`` with a broadcast, which rank 0 alone used to wait in (a hang under DDP)."""
+    cb = _callback(None, run_on="validate", methods=["grad_dot"])
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", callbacks=[cb],
+        logger=CSVLogger(tmp_path, name="inf", version=0), enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.validate(_model(), _data())
+    table = pd.read_csv(tmp_path / "inf" / "version_0" / "influence" / "influence.csv")
+    assert table["index"].tolist() == list(range(N_TRAIN))
