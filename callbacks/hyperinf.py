@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from callbacks.hyperinf_report import log_influence, noise_metrics, write_table
+from callbacks.metrics_file import log_dir_of
 from modules.eval_mode import eval_mode
 from ops.influence_config import DampingConfig, GradConfig, LissaConfig, SchulzConfig
 from ops.influence_engine import InfluenceEngine, InfluenceResult
@@ -342,14 +343,9 @@ class HyperINFCallback(L.Callback):
             )
         self.result = result
         table = self._gather(trainer, result, ids)
-        # On every rank: Lightning's ``trainer.log_dir`` broadcasts from rank 0, so reading it on
-        # rank 0 alone would hang against the other ranks' barrier below.
-        out = Path(
-            self.output_dir or Path(trainer.log_dir or trainer.default_root_dir, "influence")
-        )
         try:
             if trainer.is_global_zero:
-                self._report(trainer, table, result, out)
+                self._report(trainer, table, result)
         finally:
             # the other ranks must not wait forever for a rank 0 that failed while reporting
             trainer.strategy.barrier("hyperinf")
@@ -389,7 +385,10 @@ class HyperINFCallback(L.Callback):
         mask = getattr(trainer.datamodule, "noisy_mask", None)
         return None if mask is None else torch.as_tensor(mask).bool()
 
-    def _report(self, trainer: L.Trainer, table: dict, result: InfluenceResult, out: Path) -> None:
+    def _report(self, trainer: L.Trainer, table: dict, result: InfluenceResult) -> None:
+        # log_dir_of, not trainer.log_dir: that broadcasts from rank 0, which would wait there
+        # alone (a hang under DDP) since only rank 0 reports.
+        out = Path(self.output_dir) if self.output_dir else log_dir_of(trainer) / "influence"
         out.mkdir(parents=True, exist_ok=True)
         n_total = result.stats.n if result.stats is not None else table["index"].numel()
         self.table = table
