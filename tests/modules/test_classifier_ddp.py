@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from datamodules.noisy_labels import NoisyLabelDataModule
 from datamodules.text_classification import SentimentNoisyDataModule
-from modules.hf_models import build_causal_lm
 from modules.llm_tail_classifier import LoRATailClassifier
 from modules.sequence_classifier import LoRAClassifier
 
@@ -118,16 +117,6 @@ def test_eval_loader_shards_evenly_and_flags_padding(world):
     assert sorted(scored_ids) == sorted(ids.tolist())  # every example exactly once
     # HyperINF reads the plain datasets (``val_dataset`` attribute): unchanged.
     assert type(dm.val_dataset).__name__ == "LabeledDataset" and len(dm.val_dataset) == N_SEQ
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    build_causal_lm("tiny-llama", vocab_size=4096, attn_implementation="eager").save_pretrained(
-        path
-    )
-    return path
 
 
 @pytest.mark.distributed

@@ -17,16 +17,6 @@ from ops.per_sample_grads import per_sample_grads, select_params
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    build_causal_lm("tiny-llama", vocab_size=4096, attn_implementation="eager").save_pretrained(
-        path
-    )
-    return path
-
-
-@pytest.fixture(scope="module")
 def data(tiny_llama_dir, tokenizer_dir):
     dm = SentimentNoisyDataModule(
         tokenizer=str(tokenizer_dir),
