@@ -93,6 +93,8 @@ def even_eval_loader(
     item exactly once over the ranks and ``ceil(N / W)`` rows on each, a short shard ending in
     unscored copies of item 0. Lightning does not replace this sampler with its own.
     """
+    if len(dataset) == 0:  # nothing to evaluate (e.g. n_val = 0), nothing to shard
+        return DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     padded = PaddedItems(dataset)
     trainer = datamodule.trainer
     world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)

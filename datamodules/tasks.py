@@ -118,8 +118,6 @@ class EpisodicTasks(L.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         tasks = self.eval_tasks(split)
-        if not tasks:  # num_val_tasks / num_test_tasks = 0: nothing to evaluate, nothing to shard
-            return DataLoader(tasks, batch_size=self.eval_batch_size, collate_fn=stack_tasks)
         # Not Lightning's default DistributedSampler: it pads with repeated tasks, scored twice.
         return even_eval_loader(self, tasks, self.eval_batch_size, stack_tasks)
 

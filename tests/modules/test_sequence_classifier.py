@@ -92,3 +92,38 @@ def test_yaml_config_runs_through_mlo_fit(tmp_path, repo_root, monkeypatch) -> N
     table = pd.read_csv(run / "influence" / "influence.csv")
     assert len(table) == 80 and "score_hyperinf_mislabel" in table.columns
     assert (run / "influence" / "influence_summary.json").exists()
+
+
+def _validate(dm: NoisyLabelDataModule, **trainer_kw) -> dict[str, float]:
+    import lightning as L
+
+    model = LoRAClassifier(in_features=dm.d_in, init_seed=0)
+    quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    return L.Trainer(accelerator="cpu", **quiet, **trainer_kw).validate(model, dm, verbose=False)[0]
+
+
+def test_eval_metrics_are_example_means_exact_in_float64_and_keep_nan() -> None:
+    dm = NoisyLabelDataModule(n_train=64, n_val=37, d_in=32, batch_size=64, val_batch_size=10)
+    dm.setup("fit")
+    result = _validate(dm, precision="64-true")
+    model = LoRAClassifier(in_features=32, init_seed=0).double()
+    with torch.no_grad():  # the whole set at once, by hand: 37 examples in batches of 10
+        logits = model(dm.val_dataset.x.double())
+    correct = int((logits.argmax(-1) == dm.val_dataset.y).sum())
+    assert result["val/acc"] == correct / 37  # float64 accumulation: exactly k / 37
+    expected_loss = torch.nn.functional.cross_entropy(logits, dm.val_dataset.y)
+    assert result["val/loss"] == pytest.approx(float(expected_loss), rel=1e-12)
+    dm.val_dataset.x[36] = float("nan")  # a diverged example must show, not be dropped
+    assert torch.isnan(torch.tensor(_validate(dm)["val/loss"]))
+
+
+def test_an_empty_validation_set_still_fits() -> None:
+    import lightning as L
+
+    dm = NoisyLabelDataModule(n_train=64, n_val=0, d_in=32, batch_size=16)
+    dm.setup("fit")
+    assert len(dm.val_dataloader()) == 0
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(LoRAClassifier(in_features=32, init_seed=0), dm)
+    assert trainer.global_step == 4
