@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
-from torchmetrics import MeanMetric
 
+from modules.weighted_mean import update_weighted, weighted_mean
 from ops.meta_gradients import (
     Estimate,
     Params,
@@ -183,7 +183,7 @@ class MetaLearningModule(L.LightningModule):
         # ``nan_strategy``: a NaN loss stays NaN (the default would drop it with a warning). The
         # states are not saved in checkpoints (torchmetrics' default: persistent=False).
         self.eval_metrics = nn.ModuleDict(
-            {f"{s}_{m}": MeanMetric(nan_strategy=float("nan")) for s in _STAGES for m in _EVAL_KEYS}
+            {f"{s}_{m}": weighted_mean() for s in _STAGES for m in _EVAL_KEYS}
         )
 
     # -- configuration ------------------------------------------------------------------------
@@ -492,11 +492,7 @@ class MetaLearningModule(L.LightningModule):
             keys += ["pre_adapt_acc", "query_acc"]
         for key in keys:
             metric = self.eval_metrics[f"{prefix}_{key}"]
-            # Accumulate in the dtype Lightning's own epoch mean used (default dtype, promoted).
-            dtype = torch.promote_types(torch.get_default_dtype(), vals.dtype)
-            if metric.dtype != dtype:
-                metric.set_dtype(dtype)
-            metric.update(vals[_EVAL_KEYS.index(key)].detach(), weight=n)
+            update_weighted(metric, vals[_EVAL_KEYS.index(key)], n)
             self.log(f"{prefix}/{key}", metric, prog_bar=key == "query_acc")
 
     @staticmethod

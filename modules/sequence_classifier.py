@@ -19,7 +19,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
+
+from modules.weighted_mean import update_weighted, weighted_mean
 
 
 class ScoredEvalMetrics:
@@ -36,15 +37,8 @@ class ScoredEvalMetrics:
     """
 
     def init_eval_metrics(self) -> None:
-        # Metric states are not saved in checkpoints (torchmetrics' default: persistent=False).
-        # NaN ``nan_strategy``: a diverged (NaN) loss must reach checkpoint monitors, not be
-        # dropped with a warning (torchmetrics' default).
-        self.val_loss, self.val_acc = self._mean(), self._mean()
-        self.test_loss, self.test_acc = self._mean(), self._mean()
-
-    @staticmethod
-    def _mean() -> MeanMetric:
-        return MeanMetric(nan_strategy=float("nan"))
+        self.val_loss, self.val_acc = weighted_mean(), weighted_mean()
+        self.test_loss, self.test_acc = weighted_mean(), weighted_mean()
 
     def log_eval(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], stage: str) -> None:
         y = batch["y"]
@@ -52,7 +46,6 @@ class ScoredEvalMetrics:
         if scored is None:
             scored = torch.ones_like(y, dtype=torch.bool)
         n = scored.sum()
-        # Accumulate in the dtype Lightning's own epoch mean used (float64 under 64-true).
         dtype = torch.promote_types(torch.get_default_dtype(), logits.dtype)
         if n > 0:  # indexing with an all-True mask keeps the unsharded values bit for bit
             logits, y = logits[scored], y[scored]
@@ -61,11 +54,8 @@ class ScoredEvalMetrics:
         else:  # padding only: no NaN mean, and weight 0 adds nothing
             loss = acc = logits.new_zeros((), dtype=dtype)
         loss_metric, acc_metric = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
-        for metric in (loss_metric, acc_metric):
-            if metric.dtype != dtype:
-                metric.set_dtype(dtype)
-        loss_metric.update(loss, weight=n)
-        acc_metric.update(acc, weight=n)
+        update_weighted(loss_metric, loss, n)
+        update_weighted(acc_metric, acc, n)
         self.log(f"{stage}/loss", loss_metric, prog_bar=True)
         self.log(f"{stage}/acc", acc_metric, prog_bar=True)
 
