@@ -32,7 +32,6 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-import strategies.client_parallel  # noqa: F401  (registers strategy: client_parallel)
 from modules.eval_mode import eval_mode
 from modules.hf_models import build_causal_lm, is_pretrained_name
 from modules.lora_fl_client import ClientTrainer
@@ -43,6 +42,7 @@ from modules.lora_fl_settings import (
     NoiseSettings,
     SecureAggregationSettings,
 )
+from modules.weighted_mean import update_weighted, weighted_mean
 from ops import dp
 from ops import secure_aggregation as sa
 from ops.answer_match import answer_hits
@@ -55,6 +55,7 @@ from ops.federated import (
 )
 from ops.federated_lora import LoraAdapter
 from ops.memorization import memorization_counts, memorization_summary, sample_split_indices
+from strategies.client_parallel import ClientParallelStrategy  # also registers the name
 
 
 def _adamw(params) -> torch.optim.Optimizer:
@@ -142,11 +143,21 @@ class FederatedLoRAModule(L.LightningModule):
         self.last_memorization: dict[str, float] = {}
         self.last_round_stats: dict[str, float] = {}
         self.history: list[dict[str, float]] = []  # per-round stats of this process (diagnostics)
+        self.val_loss = weighted_mean()  # mean over answer tokens, not over batches
         if vocab_size is not None or is_pretrained_name(model):
             self.build_model(vocab_size)
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
+        strategy, world = self.trainer.strategy, self.trainer.world_size
+        if world > 1 and not isinstance(strategy, ClientParallelStrategy):
+            # A DDP wrapper would all-reduce every local client step (or, with LoRA's frozen
+            # weights, refuse to wrap at all); clients are simulated per rank instead.
+            raise ValueError(
+                f"FederatedLoRAModule on {world} processes needs strategy 'client_parallel' "
+                f"(or 'client_parallel_spawn'), got {type(strategy).__name__}: set "
+                "`trainer.strategy: client_parallel` (`--trainer.strategy client_parallel`)"
+            )
         precision = str(self.trainer.precision)
         if precision not in ("32-true", "32", "64-true", "bf16-mixed"):
             # 16-mixed: local steps bypass Lightning's GradScaler. *-true half precision: the
@@ -402,14 +413,16 @@ class FederatedLoRAModule(L.LightningModule):
         assert self.net is not None
         with self.global_model():
             logits = self.net(input_ids=batch["input_ids"]).logits
-        loss = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            batch["labels"][:, 1:].reshape(-1),
-            ignore_index=-100,
-        )
+        targets = batch["labels"][:, 1:]
+        loss_sum = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+            ignore_index=-100, reduction="sum",
+        )  # fmt: skip
+        tokens = int((targets != -100).sum())
+        update_weighted(self.val_loss, loss_sum / max(tokens, 1), tokens)
         correct, first_correct = answer_hits(logits, batch["labels"])
         n = batch["input_ids"].shape[0]
-        self.log("val/loss", loss, batch_size=n)
+        self.log("val/loss", self.val_loss, batch_size=n)
         self.log("val/answer_acc", correct.mean(), batch_size=n, prog_bar=True)
         self.log("val/answer_first_token_acc", first_correct.mean(), batch_size=n)
         if "client" in batch:  # utility per client: one template family / data source each
@@ -418,6 +431,10 @@ class FederatedLoRAModule(L.LightningModule):
                 self.log(
                     f"val/answer_acc_client{c}", correct[mine].mean(), batch_size=int(mine.sum())
                 )
+
+    def on_validation_epoch_start(self) -> None:
+        # States left by a standalone ``trainer.validate`` are inference tensors.
+        self.val_loss.reset()
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

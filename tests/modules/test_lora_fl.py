@@ -233,7 +233,12 @@ def test_validation_logs_utility_per_client_and_first_answer_token():
     m = _module(finetune_mode="lora", memorization=MemorizationSettings(enabled=False))
     m.net = _NextTokenOracle(VOCAB, spoil=(0, first_answer_target + 1))
     logged = {}
-    m.log = lambda name, value, **kw: logged.__setitem__(name, (float(value), kw["batch_size"]))
+
+    def log(name, value, **kw):
+        if name != "val/loss":  # a token-weighted MeanMetric (next tests)
+            logged[name] = (float(value), kw["batch_size"])
+
+    m.log = log
     m.validation_step(batch, 0)
     assert logged["val/answer_acc"] == (0.75, 4)  # row 0 misses its second answer token
     assert logged["val/answer_first_token_acc"] == (1.0, 4)
@@ -259,10 +264,10 @@ def test_factor_mean_is_evaluated_with_its_trained_adapter():
         merged = m.merged_model().eval()(input_ids=ids).logits
     assert not torch.allclose(base, hooked)  # the rounds trained the adapter
     torch.testing.assert_close(hooked, merged, rtol=1e-4, atol=1e-5)
-    logged = {}
-    m.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    m.log = lambda *args, **kw: None
     dm.build()
     batch = dm.collate(dm.val_rows[:4])
+    m.val_loss.reset()
     m.validation_step(batch, 0)
     labels = batch["labels"]
     with torch.no_grad():
@@ -270,7 +275,30 @@ def test_factor_mean_is_evaluated_with_its_trained_adapter():
         expected = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100
         )
-    assert logged["val/loss"] == pytest.approx(float(expected), rel=1e-4)
+    assert float(m.val_loss.compute()) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_val_loss_is_the_mean_over_all_answer_tokens_not_over_batches():
+    dm = _dm()
+    dm.build()
+    rows = sorted(dm.val_rows, key=lambda r: sum(x != -100 for x in r["labels"]))
+    batches = [dm.collate(rows[:1]), dm.collate(rows[-3:])]  # few vs many answer tokens
+    m = _module(memorization=MemorizationSettings(enabled=False))
+    m.log = lambda *args, **kw: None
+    token_losses = []
+    m.net.eval()
+    with torch.no_grad():
+        for batch in batches:
+            m.validation_step(batch, 0)
+            targets = batch["labels"][:, 1:].reshape(-1)
+            logits = m.net(input_ids=batch["input_ids"]).logits[:, :-1].reshape(-1, VOCAB)
+            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            token_losses.append(loss[targets != -100])
+    assert len(token_losses[0]) < len(token_losses[1])
+    token_mean = float(torch.cat(token_losses).mean())
+    batch_mean = float(sum(x.mean() for x in token_losses)) / 2
+    assert float(m.val_loss.compute()) == pytest.approx(token_mean, rel=1e-5)
+    assert abs(token_mean - batch_mean) > 1e-3  # the two definitions differ on these batches
 
 
 def test_setup_refuses_a_wrapping_secagg_modulus_and_half_precision_weights():

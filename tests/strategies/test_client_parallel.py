@@ -98,3 +98,24 @@ def test_two_processes_match_one_process(secure, monkeypatch, tmp_path):
     # Recall is 0 for this random-init model; the counts show both ranks' canaries were summed.
     assert m1["mem/n_x10"] == m2["mem/n_x10"] > 0 and m1["mem/n_x1"] == m2["mem/n_x1"] > 0
     torch.set_num_threads(before)
+
+
+@pytest.mark.distributed
+def test_plain_ddp_is_refused_with_the_strategy_to_use():
+    # A DDP wrapper would all-reduce every local client step; with LoRA (frozen weights) torch
+    # refused to wrap with "DistributedDataParallel is not needed when a module doesn't have any
+    # parameter that requires a gradient", which does not say what to do.
+    module = FederatedLoRAModule(
+        model=TINY, vocab_size=len(CharVocab()), local_steps=1, local_warmup_steps=0,
+        memorization=MemorizationSettings(enabled=False),
+    )  # fmt: skip
+    dm = FederatedTextDataModule(
+        client_sizes=[8, 8], num_entities=10, val_questions_per_client=1, num_canaries=0,
+        batch_size=4,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(Exception, match="needs strategy 'client_parallel'"):
+        trainer.fit(module, dm)
