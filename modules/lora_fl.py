@@ -53,7 +53,7 @@ from ops.federated import (
     normalize_weights,
     unflatten_like,
 )
-from ops.federated_lora import LoraAdapter
+from ops.federated_lora import LoraAdapter, find_lora_targets
 from ops.memorization import memorization_counts, memorization_summary, sample_split_indices
 from strategies.client_parallel import ClientParallelStrategy  # also registers the name
 
@@ -140,6 +140,7 @@ class FederatedLoRAModule(L.LightningModule):
         self.adapter_factors = nn.ParameterDict()
         self.accountant_history: dict[int, list] = {}
         self.dp_sigma: float | None = None
+        self.weight_noise_applied = False
         self.last_memorization: dict[str, float] = {}
         self.last_round_stats: dict[str, float] = {}
         self.history: list[dict[str, float]] = []  # per-round stats of this process (diagnostics)
@@ -347,16 +348,44 @@ class FederatedLoRAModule(L.LightningModule):
             self.last_round_stats["dp/sigma"] = float(self.dp_sigma or 0.0)
         if self.noise.mode == "output_perturbation":
             self.last_round_stats["dp/heuristic_epsilon"] = float(self.noise.target_epsilon or 0)
+        # The final round, whether the run is bounded by max_steps or by max_epochs of the driver.
+        last = round_index + 1 == self.trainer.estimated_stepping_batches
+        if last and self.noise.mode == "weight_noise" and not self.weight_noise_applied:
+            # Post-hoc, like the official script run on the trained model: before the final
+            # memorization evaluation, validation and export.
+            self.last_round_stats["noise/weight_noise_norm"] = self.apply_weight_noise()
         self.log_dict(self.last_round_stats, prog_bar=False)
         self.history.append({"round": round_index + 1, **self.last_round_stats, **secagg_stats})
         self.log("round", float(round_index + 1), prog_bar=True)
 
-        # The final round, whether the run is bounded by max_steps or by max_epochs of the driver.
-        last = round_index + 1 == self.trainer.estimated_stepping_batches
         every = self.mem.every_n_rounds
         if self.mem.enabled and (last or (every and (round_index + 1) % every == 0)):
             self.last_memorization = self.evaluate_memorization()
             self.log_dict({f"mem/{k}": v for k, v in self.last_memorization.items()})
+
+    @torch.no_grad()
+    def apply_weight_noise(self) -> float:
+        """``noise.mode: weight_noise`` (official ``src/noise.py``): every LoRA target of the
+        global model moves by ``s N_B (A + N_A)``, the merge of a fresh adapter (``A`` Kaiming,
+        ``B = 0``) whose factors got ``N(0, sigma^2)`` noise; a low-rank perturbation. The draw
+        depends on ``seed`` only, so every rank applies the same one. Returns its Frobenius norm.
+        """
+        assert self.net is not None and self.noise.sigma is not None
+        targets = (
+            self.adapter.targets if self.adapter is not None
+            else find_lora_targets(self.net, self.lora.target_modules)
+        )  # fmt: skip
+        gen = torch.Generator().manual_seed(derive_seed(self.hparams.seed, -2))
+        squared = 0.0
+        for lin in targets.values():
+            delta = dp.weight_noise_delta(
+                lin.in_features, lin.out_features, self.lora.rank,
+                self.lora.alpha / self.lora.rank, self.noise.sigma, gen,
+            )  # fmt: skip
+            lin.weight.add_(delta.to(lin.weight))
+            squared += float(delta.double().pow(2).sum())
+        self.weight_noise_applied = True
+        return math.sqrt(squared)
 
     # ------------------------------------------------------------------ DP accounting
     def _account_dp(self, clients: list[int], sizes: list[int]) -> None:
@@ -442,6 +471,7 @@ class FederatedLoRAModule(L.LightningModule):
         checkpoint["lora_fl"] = {
             "accountant_history": {int(c): list(h) for c, h in self.accountant_history.items()},
             "dp_sigma": self.dp_sigma,
+            "weight_noise_applied": self.weight_noise_applied,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -450,6 +480,7 @@ class FederatedLoRAModule(L.LightningModule):
             int(c): [tuple(x) for x in h] for c, h in state.get("accountant_history", {}).items()
         }
         self.dp_sigma = state.get("dp_sigma")
+        self.weight_noise_applied = bool(state.get("weight_noise_applied", False))
 
     def global_model(self) -> AbstractContextManager:
         """Within the block ``self.net`` computes the global model: with persistent adapters

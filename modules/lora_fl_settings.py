@@ -59,15 +59,19 @@ class NoiseSettings:
     Args:
         mode: ``none``; ``output_perturbation`` (official heuristic, noise on the trained
             factors, *not* a DP guarantee); ``dp_sgd`` (per-sample clipping + Gaussian noise,
-            Poisson sampling, RDP accounting; record-level DP per client, (reconstructed)).
-        sigma: noise multiplier; ``None`` = solved from ``target_epsilon``.
+            Poisson sampling, RDP accounting; record-level DP per client, (reconstructed));
+            ``weight_noise`` (official ``src/noise.py``, post-hoc, no guarantee: after the last
+            round a fresh LoRA on ``lora.target_modules`` gets ``N(0, sigma^2)`` on ``A`` and
+            ``B`` and is merged into the global model, whatever ``finetune_mode`` trained it).
+        sigma: noise multiplier (``weight_noise``: the std of the factor noise, required);
+            ``None`` = solved from ``target_epsilon``.
         clip_norm: per-sample clipping norm ``C`` (``dp_sgd``) or ``C`` of the heuristic.
         target_epsilon: epsilon to reach at the last round (solves ``sigma``).
         delta: target delta (official 1e-4; keep ``delta < 1 / n_c``).
         c2: constant of the output-perturbation heuristic.
     """
 
-    mode: Literal["none", "output_perturbation", "dp_sgd"] = "none"
+    mode: Literal["none", "output_perturbation", "dp_sgd", "weight_noise"] = "none"
     sigma: float | None = None
     clip_norm: float = 1.0
     target_epsilon: float | None = None
@@ -76,10 +80,15 @@ class NoiseSettings:
 
     def __post_init__(self) -> None:
         # The Python API does not check Literal types: a typo such as "dp-sgd" would otherwise
-        # train without any noise. (The spec's post-hoc `weight_noise` is not implemented.)
-        modes = ("none", "output_perturbation", "dp_sgd")
+        # train without any noise.
+        modes = ("none", "output_perturbation", "dp_sgd", "weight_noise")
         if self.mode not in modes:
             raise ValueError(f"noise.mode={self.mode!r} is not one of {modes}")
+        if self.mode == "weight_noise" and (self.sigma is None or self.target_epsilon is not None):
+            raise ValueError(
+                "noise.mode='weight_noise' needs noise.sigma (the std of the factor noise) and "
+                "no noise.target_epsilon: it is a post-hoc perturbation without a privacy guarantee"
+            )
         if self.sigma is not None and self.sigma < 0:
             raise ValueError(f"noise.sigma must be >= 0, got {self.sigma}")
         if self.clip_norm <= 0:

@@ -20,6 +20,7 @@ from modules.lora_fl_settings import (
     NoiseSettings,
     SecureAggregationSettings,
 )
+from ops.federated_lora import find_lora_targets
 from ops.goldfish import goldfish_drop_mask
 from ops.memorization import greedy_continue
 
@@ -447,3 +448,50 @@ def test_save_pretrained_writes_the_merged_global_model(tmp_path):
     with torch.no_grad():
         expected = m.merged_model().eval()(input_ids=ids).logits
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("finetune_mode", ["lora", "full"])
+def test_weight_noise_merges_a_noised_fresh_adapter_once_before_the_final_memorization(
+    finetune_mode,
+):
+    rank, alpha, sigma = 2, 4.0, 0.05
+    states, seen_at_memorization = [], []
+    for noise in (NoiseSettings(), NoiseSettings(mode="weight_noise", sigma=sigma)):
+        m = _module(
+            finetune_mode=finetune_mode, local_steps=1, noise=noise,
+            lora=LoraFLSettings(rank=rank, alpha=alpha, dropout=0.0),
+        )  # fmt: skip
+        evaluate = m.evaluate_memorization
+        m.evaluate_memorization = lambda m=m, evaluate=evaluate: (
+            seen_at_memorization.append(m.weight_noise_applied) or evaluate()
+        )
+        trainer = _trainer(2)
+        trainer.fit(m, _dm())
+        states.append({k: v.detach().clone() for k, v in m.net.named_parameters()})
+    assert seen_at_memorization == [False, True]  # plain run; noised run noised before it
+    targets = m.lora.target_modules
+    diffs = {k: states[1][k] - states[0][k] for k in states[0]}
+    for name, diff in diffs.items():
+        if name.rsplit(".", 2)[-2] in targets:  # ...self_attn.q_proj.weight
+            assert torch.linalg.matrix_rank(diff.double(), atol=1e-7) == rank  # s N_B (A + N_A)
+        else:
+            assert torch.equal(diff, torch.zeros_like(diff))
+    total = math.sqrt(sum(float(d.double().pow(2).sum()) for d in diffs.values()))
+    assert total == pytest.approx(
+        trainer.callback_metrics["noise/weight_noise_norm"].item(), rel=1e-4
+    )
+    # Expected size: E|s N_B (A + N_A)|^2 = s^2 sigma^2 out (|A|^2 + sigma^2 r in), with
+    # E|A|^2 = r in * in^-1 / 3 (Kaiming-uniform bound 1/sqrt(in)); checked to 20 % in total.
+    expected = sum(
+        (alpha / rank) ** 2
+        * sigma**2
+        * lin.out_features
+        * (rank / 3 + sigma**2 * rank * lin.in_features)
+        for lin in find_lora_targets(m.net, targets).values()
+    )
+    assert total**2 == pytest.approx(expected, rel=0.2)
+
+
+def test_weight_noise_needs_sigma():
+    with pytest.raises(ValueError, match=r"weight_noise' needs noise\.sigma"):
+        NoiseSettings(mode="weight_noise")
