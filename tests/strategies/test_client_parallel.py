@@ -12,7 +12,12 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from datamodules.federated import CharVocab, FederatedTextDataModule
 from modules.lora_fl import FederatedLoRAModule
-from modules.lora_fl_settings import LoraFLSettings, MemorizationSettings, SecureAggregationSettings
+from modules.lora_fl_settings import (
+    LoraFLSettings,
+    MemorizationSettings,
+    NoiseSettings,
+    SecureAggregationSettings,
+)
 from strategies.client_parallel import ClientParallelStrategy
 
 TINY = {
@@ -45,13 +50,15 @@ class PerturbNonZeroRanks(L.Callback):
         (Path(self.marker_dir) / f"perturbed_rank{rank}").touch()
 
 
-def _run(devices: int, secure: bool, marker_dir: Path) -> tuple[torch.Tensor, dict]:
+def _run(
+    devices: int, secure: bool, marker_dir: Path, noise: NoiseSettings | None = None
+) -> tuple[torch.Tensor, dict]:
     L.seed_everything(0)
     module = FederatedLoRAModule(
         model=TINY, vocab_size=len(CharVocab()), local_steps=2, local_warmup_steps=0,
         lora=LoraFLSettings(rank=4, alpha=2.0, dropout=0.05),
         server_optimizer=partial(torch.optim.Adam, lr=1e-2, betas=(0.9, 0.99), eps=1e-3),
-        secure_aggregation=SecureAggregationSettings(enabled=secure),
+        secure_aggregation=SecureAggregationSettings(enabled=secure), noise=noise,
         memorization=MemorizationSettings(prefix_lengths=[16], suffix_len=16, frequency_penalty=0),
     )  # fmt: skip
     dm = FederatedTextDataModule(
@@ -76,14 +83,23 @@ def test_registered_by_name():
     assert ClientParallelStrategy().distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
 
 
+WEIGHT_NOISE = NoiseSettings(mode="weight_noise", sigma=0.05)
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("secure", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_two_processes_match_one_process(secure, monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    ("secure", "noise"),
+    [(False, None), pytest.param(True, None, marks=pytest.mark.slow), (False, WEIGHT_NOISE)],
+    ids=["plain", "secagg", "weight_noise"],
+)
+def test_two_processes_match_one_process(secure, noise, monkeypatch, tmp_path):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    one, m1 = _run(1, secure, tmp_path)
-    two, m2 = _run(2, secure, tmp_path)
+    one, m1 = _run(1, secure, tmp_path, noise)
+    two, m2 = _run(2, secure, tmp_path, noise)
+    if noise is not None:  # every rank merged the same post-hoc noise
+        assert m1["noise/weight_noise_norm"] == m2["noise/weight_noise_norm"] > 0
     # Rank 1 started from perturbed weights (rank 0 never is): the setup broadcast undid it.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["perturbed_rank1"]
     assert m2["round/rank_desync"] == 0.0
