@@ -13,11 +13,12 @@ from modules.layer_parallel_model import (
     LPPairFused,
     LPPairReference,
     apply_layer_parallelism,
+    layer_block_influence,
     num_sequential_layers,
     sequential_layers,
     undo_layer_parallelism,
 )
-from ops.layer_parallel import LayerParallelPlan
+from ops.layer_parallel import LayerParallelPlan, block_influence
 
 TOL = 1e-5  # spec acceptance 1: fused vs reference, fp32, max abs logit difference
 PLAN = {"start": 2, "end": 6}
@@ -321,3 +322,28 @@ def test_training_through_fused_pairs_is_refused():
         p.requires_grad_(False)
     lp(ids, labels=ids).loss.backward()  # frozen members: nothing is lost, other layers train
     assert lp.model.layers[3].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_fused_uses_each_members_post_attention_norm_eps():
+    # Every other test has all eps equal; here the post-attention norms differ from the input
+    # norms, so a fused N2 that borrowed the input-norm eps would be off (by 0.07 in logits).
+    model, ids = _tiny(), _ids()
+    for k in (2, 3):
+        model.model.layers[k].post_attention_layernorm.variance_epsilon = 0.5
+    ref = _lp(model, [[2, 3]], mode="reference")(ids).logits
+    fused = _lp(model, [[2, 3]], mode="fused")(ids).logits
+    assert (fused - ref).abs().max().item() <= TOL
+
+
+@torch.no_grad()
+def test_layer_block_influence_compares_each_layers_input_and_output():
+    model, ids = _lp(_tiny(), [[2, 3]]), _ids()
+    influence = layer_block_influence(model, [ids])
+    with sequential_layers(model):
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(influence) == len(hidden) - 1 == 8
+    for layer in range(7):  # hidden[-1] is after the final norm, not the last layer's output
+        expected = block_influence(hidden[layer], hidden[layer + 1]).item()
+        assert influence[layer] == pytest.approx(expected, abs=1e-6)
+    assert min(influence) > 0  # not a layer compared with itself

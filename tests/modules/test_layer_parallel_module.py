@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from modules import layer_parallel
 from modules.hf_models import build_causal_lm
 from modules.layer_parallel import (
     LayerParallelModule,
@@ -54,9 +55,22 @@ def test_helpers_decode_and_perplexity(hf_dir):
     with torch.no_grad():
         nll = model(input_ids=ids, labels=ids).loss
     assert perplexity(model, ids) == pytest.approx(nll.exp().item(), rel=1e-5)
+    # Chunks of 2 + 1 rows: the token mean, not the mean of the two chunk means.
+    three = torch.randint(0, 4096, (3, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        nll3 = model(input_ids=three, labels=three).loss
+    assert perplexity(model, three, batch_size=2) == pytest.approx(nll3.exp().item(), rel=1e-5)
     with sequential_layers(model):
         assert len(model.model.layers) == 8
     assert len(model.model.layers) == 6
+
+
+def test_decode_tokens_per_s_counts_every_row_of_the_batch(hf_dir, monkeypatch):
+    model = LayerParallelModule(model=str(hf_dir)).model
+    clock = iter([10.0, 11.0])  # one timed repeat of exactly 1 s
+    monkeypatch.setattr(layer_parallel.time, "perf_counter", lambda: next(clock))
+    prompt = torch.randint(0, 4096, (2, 4))
+    assert decode_tokens_per_s(model, prompt, 3, warmup=0, repeats=1) == 6.0  # 2 rows x 3 tokens
 
 
 def test_token_perplexity_stays_finite_where_softmax_underflows():

@@ -9,7 +9,7 @@ import torch
 from scipy.stats import spearmanr
 
 from modules.sequence_classifier import LoRAClassifier
-from ops.influence import METHODS
+from ops.influence import METHODS, gfim, influence_scores, precondition_exact_gfim
 from ops.influence_config import DampingConfig, GradConfig, LissaConfig
 from ops.influence_engine import InfluenceEngine
 from ops.per_sample_grads import (
@@ -227,6 +227,26 @@ def test_exact_gfim_uses_the_preset_damping_of_hyperinf() -> None:
     assert not torch.allclose(preset, scores(), rtol=1e-6)
     with pytest.warns(UserWarning, match=r"replaces damping\.extra"):
         InfluenceEngine(["hyperinf"], DampingConfig(extra=0.5), code_faithful_preset="mislabel")
+
+
+def test_engine_gfim_is_the_per_sample_mean_and_hyperinf_adds_the_preset_damping() -> None:
+    # The other engine tests compare hyperinf with exact_gfim, which share the engine's G and
+    # damping: cross-sample products in G or a lost preset +1e-3 would pass them unnoticed.
+    model, train, val = _setup()
+    params = select_params(model, INCLUDE)
+    g = per_sample_grads(model, params, model.per_sample_loss, train)
+    engine = InfluenceEngine(
+        ["hyperinf"], grads=GradConfig(dtype="float64"), code_faithful_preset="mislabel"
+    )
+    res = engine.run(model, params, model.per_sample_loss, _batches(train, 7), _batches(val, 5))
+    for name in params:
+        torch.testing.assert_close(res.stats.G[name], gfim(g[name]))
+    preconditioned = {
+        name: precondition_exact_gfim(res.stats.v[name], gfim(g[name]), res.lambdas[name] + 1e-3)
+        for name in params
+    }
+    expected = influence_scores(preconditioned, g)
+    torch.testing.assert_close(res.scores["hyperinf"], expected, rtol=1e-5, atol=1e-9)
 
 
 class _TokenLM(torch.nn.Module):

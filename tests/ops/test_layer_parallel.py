@@ -46,6 +46,8 @@ def test_invalid_pairs_raise():
         LayerParallelPlan(((2, 3), (3, 4)))
     with pytest.raises(ValueError, match="out of range"):
         LayerParallelPlan.from_range(6, 10).validate(8)
+    with pytest.raises(ValueError, match="out of range"):  # j == L: the first invalid index
+        LayerParallelPlan(((7, 8),)).validate(8)
     with pytest.raises(ValueError, match="keys 'start' and 'end'"):
         LayerParallelPlan.parse({"start": 2, "stop": 4})
 
