@@ -35,7 +35,7 @@ def _setup():
             if "lora_B" in name:
                 p.normal_(0, 0.3, generator=gen)
     model = model.eval()  # float32: dattri accumulates its scores in float32
-    x, y = torch.randn(50, 6, generator=gen), torch.randint(0, 3, (50,))
+    x, y = torch.randn(50, 6, generator=gen), torch.randint(0, 3, (50,), generator=gen)
     return model, (x[:40], y[:40]), (x[40:], y[40:])
 
 
