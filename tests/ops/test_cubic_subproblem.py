@@ -7,6 +7,7 @@ import torch
 
 from ops.cubic_subproblem import (
     cubic_model,
+    cubic_model_grad,
     from_m3_convention,
     reg_newton_step,
     solve_cubic_exact,
@@ -216,3 +217,30 @@ def test_zero_gradient_with_a_flat_or_singular_model_gives_a_finite_step():
     assert torch.isfinite(hvp.h).all() and float(hvp.h.norm()) < 1e-2
     step = reg_newton_step(zero, torch.zeros(3, 3), 1.0)  # λ = √(M‖g‖) = 0, H singular
     assert torch.equal(step.h, zero)
+
+
+@pytest.mark.parametrize(
+    ("diag", "g"), [((2.0, 5.0, 7.0), (3.0, 0.0, 0.0)), ((-1.0, 5.0), (0.5, 0.0))]
+)
+def test_hvp_cauchy_point_is_the_minimizer_when_g_is_the_lowest_eigenvector(diag, g):
+    # Spec HVP step 4: h0 = -r_c g/|g|, r_c = (-kappa + sqrt(kappa^2 + 2M|g|))/M. With g along the
+    # lowest eigenvector the global minimizer lies on -g, so h0 is exact; max_iters=0 returns h0.
+    H, g = torch.diag(torch.tensor(diag)), torch.tensor(g)
+    sol = solve_cubic_hvp(g, lambda v: H @ v, 1.0, L=10.0, max_iters=0, perturb=0.0)
+    assert torch.allclose(sol.h, solve_cubic_exact(g, H, 1.0).h, atol=1e-12)
+
+
+def test_hvp_gradient_step_uses_the_spec_step_size():
+    # Spec HVP steps 2 and 5: eta = 1/(4(L + M R/2)), R = (L + sqrt(L^2 + 2M|g|))/M. A larger
+    # eta still converges on the other tests; one step from the Cauchy point pins it.
+    H = torch.tensor([[1.0, 0.5], [0.5, -2.0]])
+    g = torch.tensor([1.0, 2.0])
+    M, L = 1.5, 3.0
+    sol = solve_cubic_hvp(g, lambda v: H @ v, M, L=L, max_iters=1, rel_acc=1e-14, perturb=0.0)
+    gn = float(g.norm())
+    kappa = float(g @ H @ g) / gn**2
+    h0 = -((-kappa + math.sqrt(kappa**2 + 2 * M * gn)) / M) * g / gn
+    R = (L + math.sqrt(L**2 + 2 * M * gn)) / M
+    eta = 1.0 / (4.0 * (L + 0.5 * M * R))
+    expected = h0 - eta * cubic_model_grad(h0, g, H, M)
+    assert torch.allclose(sol.h, expected, atol=1e-14)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops.goldfish import goldfish_cross_entropy, goldfish_drop_mask
+from ops.goldfish import TABLE_SIZE, goldfish_cross_entropy, goldfish_drop_mask, goldfish_table
 
 
 def _ids(rows: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -105,3 +105,31 @@ def test_k_infinite_is_plain_cross_entropy_and_dropped_tokens_get_no_gradient():
 def test_bad_k_raises():
     with pytest.raises(ValueError, match="k must be"):
         goldfish_drop_mask(_ids(1, 10), k=0.5)
+
+
+def test_hash_window_ends_at_the_target_token():
+    # A 7-entry table where only key 6 is below 1/k = 0.5. With h = 2 the key of target t is
+    # ids[t-1] * ids[t] mod 7 = 2, 6, 3, 1 for t = 1..4: only t = 2 is dropped (a window ending
+    # one token early would drop t = 3 instead).
+    table = torch.full((7,), 0.9)
+    table[6] = 0.0
+    mask = goldfish_drop_mask(torch.tensor([1, 2, 3, 1, 1]), k=2, h=2, table=table)
+    assert mask.tolist() == [False, False, True, False, False]
+
+
+def test_mask_equals_a_loop_over_the_spec_formula():
+    # Spec 3.4d: drop target t iff table[prod(y_{t-h+1..t}) mod P] < 1/k; the first h - 1
+    # targets of a row have no full window and are kept ("keep").
+    table = goldfish_table()
+    ids = torch.randint(2, 100, (3, 40), generator=torch.Generator().manual_seed(0))
+    for h in (4, 13):
+        mask = goldfish_drop_mask(ids, k=4, h=h)
+        for b in range(ids.shape[0]):
+            for t in range(ids.shape[1]):
+                expected = False
+                if t >= h - 1:
+                    key = 1
+                    for u in range(t - h + 1, t + 1):
+                        key = key * int(ids[b, u]) % TABLE_SIZE
+                    expected = bool(table[key] < 0.25)
+                assert bool(mask[b, t]) == expected, (h, b, t)

@@ -117,3 +117,23 @@ def test_memorization_counts_on_a_copier():
     assert summary["exact_x10"] == 1.0 and summary["approx_x10"] == 1.0
     assert summary["exact_x1"] == 0.0
     assert summary["exact_all"] == 0.5 and summary["n_x1"] == 1.0
+
+
+def test_exact_match_needs_all_s_suffix_tokens():
+    assert not is_exact_match([1, 2, 3, 5], [1, 2, 3, 4], 4)  # LCP 3 < S = 4
+    ref = list(range(50))
+    assert not is_exact_match([*ref[:-1], 999], ref, 50)  # only the last of 50 differs
+
+
+def test_split_skips_a_canary_of_exactly_max_prefix_plus_suffix_tokens():
+    # Spec 3.2: skip iff N <= max(L) + S; s ~ UniformInt[max(L), N - S) has one value at N = 73.
+    assert sample_split_indices([72], max_prefix=48, suffix_len=24) == [None]
+    assert sample_split_indices([73], max_prefix=48, suffix_len=24) == [48]
+
+
+def test_worst_case_is_the_max_over_prefix_lengths():
+    counts = torch.zeros(1, 2, 3, dtype=torch.float64)  # (group, L, [exact, approx, total])
+    counts[0, 0] = torch.tensor([0.0, 0.0, 4.0])  # L = 16: 0 of 4 exact
+    counts[0, 1] = torch.tensor([4.0, 4.0, 4.0])  # L = 32: 4 of 4 exact
+    summary = memorization_summary(counts, [10], [16, 32])
+    assert summary["exact_x10"] == 0.5 and summary["worst_exact_x10"] == 1.0

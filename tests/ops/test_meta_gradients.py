@@ -18,6 +18,7 @@ from ops.meta_gradients import (
     task_objectives,
     unrolled_gd,
 )
+from ops.meta_gradients_batched import batched_reptile_grads
 from ops.meta_tasks_closed_form import (
     LinearTasks,
     exact_meta_grad,
@@ -257,3 +258,24 @@ def test_bad_arguments_raise():
         fob_maml_grad(g, g, x, nu=0.0, alpha=1.0, steps=1, lr=0.1)
     with pytest.raises(ValueError, match="query objective"):
         inner_solve(g, None, x, nu=0.1, alpha=1.0, steps=1, lr=0.1)
+
+
+def test_proximal_reptile_is_x_minus_the_prox_solution_over_alpha():
+    # Spec 3.8, baseline inner loops: with the proximal term the Reptile direction is
+    # (x - y_i)/alpha, y_i = argmin g_i(y) + |y - x|^2/(2 alpha) (prox_solution, closed form).
+    gen = torch.Generator().manual_seed(0)
+    sx, sy, qx, qy, _ = sample_linear_tasks(4, 6, 10, 10, generator=gen)
+    tasks = LinearTasks.from_data(sx, sy, qx, qy)
+    x = torch.randn(6, dtype=torch.float64, generator=gen)
+    lg, _ = tasks.curvatures()
+    lr = 1.0 / (lg + 1.0 / ALPHA)
+    expected = (x - prox_solution(x, tasks, ALPHA)) / ALPHA
+    net = Linear(6)
+    for i in range(4):
+        g, _ = task_objectives(net, half_mse, (sx[i], sy[i]), (qx[i], qy[i]))
+        got = reptile_grad(g, {"weight": x}, steps=300, lr=lr, alpha=ALPHA).grad["weight"]
+        assert torch.allclose(got, expected[i], atol=1e-10, rtol=0)
+    batched, _ = batched_reptile_grads(
+        net, half_mse, {"weight": x}, (sx, sy), steps=300, lr=lr, alpha=ALPHA
+    )
+    assert torch.allclose(batched["weight"], expected, atol=1e-10, rtol=0)

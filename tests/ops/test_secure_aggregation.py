@@ -103,3 +103,13 @@ def test_stochastic_rounding_error_bound_is_a_full_grid_step():
     err = (dequantize(sum(encoded), F, M_BITS) - plain).abs().max()
     assert float(err) <= error_bound(3, F, stochastic_rounding=True) + 1e-12
     assert float(err) > error_bound(3, F)  # the round-to-nearest bound would not hold
+
+
+def test_no_wrap_guard_is_strict_at_half_the_modulus():
+    # 2 clients x R = 1 x 2^24 = 2^25 = M/2 at m = 26: two clients at +R sum to exactly M/2,
+    # which the signed decoding reads as -M/2, so +2.0 comes back as -2.0; it must be refused.
+    q, _ = quantize(torch.tensor([1.0]), 1.0, 24, 26)
+    assert float(dequantize(q + q, 24, 26)[0]) == -2.0
+    with pytest.raises(ValueError, match="overflow"):
+        check_no_wrap(num_clients=2, clip_range=1.0, frac_bits=24, modulus_bits=26)
+    check_no_wrap(num_clients=2, clip_range=1.0, frac_bits=24, modulus_bits=27)
