@@ -9,6 +9,7 @@ and rewrites the measured section of ``docs/warmup-diagnostics.md``.
 
     python experiments/warmup.py            # full run (3 seeds at the selected LRs)
     python experiments/warmup.py --quick    # smoke version: 40 steps, one seed, one LR each
+    python experiments/warmup.py --gradient-clip-val 1.0  # side run (docs/results/warmup/clip1/)
 """
 
 from __future__ import annotations
