@@ -220,12 +220,14 @@ class LayerParallelModule(L.LightningModule):
         self.metrics[f"{stage}_seq"].reset()
 
     def _log_ppl(self, stage: str) -> None:
+        # compute() already reduces the token sums over all ranks, so every rank holds the same
+        # value; sync_dist averages identical numbers (and spares DDP users Lightning's warning).
         ppl = self.metrics[f"{stage}_lp"].compute()
-        self.log(f"{stage}/ppl", ppl, prog_bar=True)
+        self.log(f"{stage}/ppl", ppl, prog_bar=True, sync_dist=True)
         if self.hparams.compare_sequential:
             seq = self.metrics[f"{stage}_seq"].compute()
-            self.log(f"{stage}/ppl_seq", seq)
-            self.log(f"{stage}/ppl_ratio", ppl / seq, prog_bar=True)
+            self.log(f"{stage}/ppl_seq", seq, sync_dist=True)
+            self.log(f"{stage}/ppl_ratio", ppl / seq, prog_bar=True, sync_dist=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
