@@ -15,6 +15,7 @@ period in steps.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -230,11 +231,13 @@ class CubicNewtonModule(L.LightningModule):
             self._val_sums[key] = self._val_sums.get(key, 0) + val
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_sums:
-            return
         sums = self._val_sums
         if self._trainer is not None and self.trainer.world_size > 1:
+            # A rank whose shard was empty (fewer rows than ranks) still joins every all-reduce.
+            sums = sums or self._zero_val_sums()
             sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in sums.items()}
+        if not sums:
+            return
         n = sums["count"]
         grad = sums["grad"] / n
         logs = {"val/loss": sums["loss"] / n, "val/grad_norm": torch.linalg.vector_norm(grad)}
@@ -243,6 +246,14 @@ class CubicNewtonModule(L.LightningModule):
             logs["val/lambda_min"] = torch.linalg.eigvalsh(0.5 * (H + H.T))[0]
         self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=False)
         self._val_sums = {}
+
+    def _zero_val_sums(self) -> dict[str, Tensor]:
+        """The keys, shapes and dtype ``validation_step`` accumulates, all zero."""
+        zeros = partial(torch.zeros, dtype=torch.float64, device=self.device)
+        sums = {"count": zeros(()), "loss": zeros(()), "grad": zeros(self.dim)}
+        if self.dim <= self.hparams.max_dim_exact:
+            sums["hess"] = zeros(self.dim, self.dim)
+        return sums
 
     def _params(self) -> list[Tensor]:
         params = dict(self.model.named_parameters())

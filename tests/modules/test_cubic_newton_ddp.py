@@ -11,6 +11,8 @@ from datamodules.cubic_problems import (
     LogisticLoss,
     LogisticToyDataModule,
     NonconvexRegularizer,
+    SaddleFunction,
+    SaddleNoiseDataModule,
     logistic_oracles,
 )
 from modules.cubic_newton import CubicNewtonModule
@@ -85,3 +87,22 @@ def test_ddp_full_batch_validation_counts_every_row_once():
     for metrics in (one, two):
         assert metrics["val/loss"] == pytest.approx(float(loss), rel=1e-9)
         assert metrics["val/grad_norm"] == pytest.approx(float(g.norm()), rel=1e-9)
+
+
+@pytest.mark.distributed
+def test_ddp_validation_with_fewer_rows_than_ranks():
+    # The saddle problem validates on one row: rank 1's shard is empty, yet it must join the
+    # epoch-end all-reduce (it used to be refused: "needs >= 1 row per rank").
+    module = CubicNewtonModule(SaddleFunction(), M=1.0)
+    with torch.no_grad():
+        module.model.x.copy_(torch.tensor([0.5, 0.2], dtype=module.model.x.dtype))
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False,
+              enable_model_summary=False, inference_mode=False)  # fmt: skip
+    dm = SaddleNoiseDataModule(noise=0.01)
+    two = L.Trainer(devices=2, strategy="ddp_spawn", **kw).validate(module, dm, verbose=False)[0]
+    one = L.Trainer(devices=1, **kw).validate(module, dm, verbose=False)[0]
+    # f = x1^4/4 - x1^2/2 + x2^2/2, grad = (x1^3 - x1, x2), Hessian = diag(3 x1^2 - 1, 1).
+    for metrics in (one, two):
+        assert metrics["val/loss"] == pytest.approx(0.5**4 / 4 - 0.5**2 / 2 + 0.2**2 / 2)
+        assert metrics["val/grad_norm"] == pytest.approx(float(torch.tensor([-0.375, 0.2]).norm()))
+        assert metrics["val/lambda_min"] == pytest.approx(3 * 0.5**2 - 1)
