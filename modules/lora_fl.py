@@ -30,6 +30,8 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from modules.eval_mode import eval_mode
@@ -140,7 +142,7 @@ class FederatedLoRAModule(L.LightningModule):
         self.adapter_factors = nn.ParameterDict()
         self.accountant_history: dict[int, list] = {}
         self.dp_sigma: float | None = None
-        self.weight_noise_applied = False
+        self.weight_noise_round: int | None = None  # the round after which it was merged
         self.last_memorization: dict[str, float] = {}
         self.last_round_stats: dict[str, float] = {}
         self.history: list[dict[str, float]] = []  # per-round stats of this process (diagnostics)
@@ -150,14 +152,17 @@ class FederatedLoRAModule(L.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        strategy, world = self.trainer.strategy, self.trainer.world_size
-        if world > 1 and not isinstance(strategy, ClientParallelStrategy):
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ParallelStrategy) and not isinstance(
+            strategy, ClientParallelStrategy
+        ):
             # A DDP wrapper would all-reduce every local client step (or, with LoRA's frozen
-            # weights, refuse to wrap at all); clients are simulated per rank instead.
+            # weights, refuse to wrap at all, even on one device); clients are simulated per
+            # rank instead.
             raise ValueError(
-                f"FederatedLoRAModule on {world} processes needs strategy 'client_parallel' "
-                f"(or 'client_parallel_spawn'), got {type(strategy).__name__}: set "
-                "`trainer.strategy: client_parallel` (`--trainer.strategy client_parallel`)"
+                "FederatedLoRAModule needs strategy 'client_parallel' (or "
+                f"'client_parallel_spawn') or a single device, got {type(strategy).__name__}: "
+                "set `trainer.strategy: client_parallel` (`--trainer.strategy client_parallel`)"
             )
         precision = str(self.trainer.precision)
         if precision not in ("32-true", "32", "64-true", "bf16-mixed"):
@@ -350,10 +355,11 @@ class FederatedLoRAModule(L.LightningModule):
             self.last_round_stats["dp/heuristic_epsilon"] = float(self.noise.target_epsilon or 0)
         # The final round, whether the run is bounded by max_steps or by max_epochs of the driver.
         last = round_index + 1 == self.trainer.estimated_stepping_batches
-        if last and self.noise.mode == "weight_noise" and not self.weight_noise_applied:
+        if last and self.noise.mode == "weight_noise" and self.weight_noise_round != round_index:
             # Post-hoc, like the official script run on the trained model: before the final
-            # memorization evaluation, validation and export.
-            self.last_round_stats["noise/weight_noise_norm"] = self.apply_weight_noise()
+            # memorization evaluation, validation and export. (A run resumed with more rounds
+            # trains over the earlier draw and gets a new one at its own last round.)
+            self.last_round_stats["noise/weight_noise_norm"] = self.apply_weight_noise(round_index)
         self.log_dict(self.last_round_stats, prog_bar=False)
         self.history.append({"round": round_index + 1, **self.last_round_stats, **secagg_stats})
         self.log("round", float(round_index + 1), prog_bar=True)
@@ -363,28 +369,47 @@ class FederatedLoRAModule(L.LightningModule):
             self.last_memorization = self.evaluate_memorization()
             self.log_dict({f"mem/{k}": v for k, v in self.last_memorization.items()})
 
+    def on_train_end(self) -> None:
+        last_round = self.global_step - 1
+        stopped_early = last_round >= 0 and self.weight_noise_round != last_round
+        if self.noise.mode == "weight_noise" and stopped_early:
+            # Stopped before the planned last round (early stopping, max_time): the exported
+            # model still gets its noise, but the mem/* metrics logged so far predate it.
+            self.apply_weight_noise(last_round)
+            rank_zero_warn(
+                f"noise.mode='weight_noise': training stopped after round {self.global_step} "
+                "instead of the planned last round; the noise was merged at the end of training, "
+                "after the last logged memorization evaluation"
+            )
+
     @torch.no_grad()
-    def apply_weight_noise(self) -> float:
+    def apply_weight_noise(self, round_index: int) -> float:
         """``noise.mode: weight_noise`` (official ``src/noise.py``): every LoRA target of the
         global model moves by ``s N_B (A + N_A)``, the merge of a fresh adapter (``A`` Kaiming,
         ``B = 0``) whose factors got ``N(0, sigma^2)`` noise; a low-rank perturbation. The draw
-        depends on ``seed`` only, so every rank applies the same one. Returns its Frobenius norm.
+        depends on ``(seed, round_index)`` only, so every rank applies the same one. Returns its
+        Frobenius norm.
         """
         assert self.net is not None and self.noise.sigma is not None
+        self.weight_noise_round = round_index
         targets = (
             self.adapter.targets if self.adapter is not None
             else find_lora_targets(self.net, self.lora.target_modules)
         )  # fmt: skip
-        gen = torch.Generator().manual_seed(derive_seed(self.hparams.seed, -2))
-        squared = 0.0
-        for lin in targets.values():
-            delta = dp.weight_noise_delta(
-                lin.in_features, lin.out_features, self.lora.rank,
-                self.lora.alpha / self.lora.rank, self.noise.sigma, gen,
-            )  # fmt: skip
-            lin.weight.add_(delta.to(lin.weight))
-            squared += float(delta.double().pow(2).sum())
-        self.weight_noise_applied = True
+        gen = torch.Generator().manual_seed(derive_seed(self.hparams.seed, -2, round_index))
+        scale, squared = self.lora.alpha / self.lora.rank, 0.0
+        # Built on the CPU in fp32 whatever the precision plugin: bf16-mixed autocast would
+        # otherwise round the product s N_B (A + N_A).
+        with torch.autocast("cpu", enabled=False):
+            deltas = {
+                name: dp.weight_noise_delta(
+                    lin.in_features, lin.out_features, self.lora.rank, scale, self.noise.sigma, gen
+                )
+                for name, lin in targets.items()
+            }
+        for name, lin in targets.items():
+            lin.weight.add_(deltas[name].to(lin.weight))
+            squared += float(deltas[name].double().pow(2).sum())
         return math.sqrt(squared)
 
     # ------------------------------------------------------------------ DP accounting
@@ -444,7 +469,8 @@ class FederatedLoRAModule(L.LightningModule):
             logits = self.net(input_ids=batch["input_ids"]).logits
         targets = batch["labels"][:, 1:]
         loss_sum = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+            logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
+            targets.reshape(-1),
             ignore_index=-100, reduction="sum",
         )  # fmt: skip
         tokens = int((targets != -100).sum())
@@ -471,7 +497,7 @@ class FederatedLoRAModule(L.LightningModule):
         checkpoint["lora_fl"] = {
             "accountant_history": {int(c): list(h) for c, h in self.accountant_history.items()},
             "dp_sigma": self.dp_sigma,
-            "weight_noise_applied": self.weight_noise_applied,
+            "weight_noise_round": self.weight_noise_round,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -480,7 +506,7 @@ class FederatedLoRAModule(L.LightningModule):
             int(c): [tuple(x) for x in h] for c, h in state.get("accountant_history", {}).items()
         }
         self.dp_sigma = state.get("dp_sigma")
-        self.weight_noise_applied = bool(state.get("weight_noise_applied", False))
+        self.weight_noise_round = state.get("weight_noise_round")
 
     def global_model(self) -> AbstractContextManager:
         """Within the block ``self.net`` computes the global model: with persistent adapters

@@ -463,7 +463,7 @@ def test_weight_noise_merges_a_noised_fresh_adapter_once_before_the_final_memori
         )  # fmt: skip
         evaluate = m.evaluate_memorization
         m.evaluate_memorization = lambda m=m, evaluate=evaluate: (
-            seen_at_memorization.append(m.weight_noise_applied) or evaluate()
+            seen_at_memorization.append(m.weight_noise_round is not None) or evaluate()
         )
         trainer = _trainer(2)
         trainer.fit(m, _dm())
@@ -495,3 +495,24 @@ def test_weight_noise_merges_a_noised_fresh_adapter_once_before_the_final_memori
 def test_weight_noise_needs_sigma():
     with pytest.raises(ValueError, match=r"weight_noise' needs noise\.sigma"):
         NoiseSettings(mode="weight_noise")
+
+
+class _StopAfterFirstRound(L.Callback):
+    def on_train_batch_end(self, trainer, *args) -> None:
+        trainer.should_stop = True
+
+
+def test_weight_noise_is_merged_at_the_end_of_a_run_stopped_early():
+    states = []
+    for noise in (NoiseSettings(), NoiseSettings(mode="weight_noise", sigma=0.05)):
+        m = _module(local_steps=1, noise=noise, memorization=NO_MEM)
+        trainer = _trainer(3, callbacks=[_StopAfterFirstRound()])
+        if noise.mode == "weight_noise":
+            with pytest.warns(UserWarning, match="stopped after round 1"):
+                trainer.fit(m, _dm())
+        else:
+            trainer.fit(m, _dm())
+        assert m.global_step == 1
+        states.append(m.flat_server_state())
+    assert m.weight_noise_round == 0
+    assert not torch.equal(states[0], states[1])  # the exported model carries the noise
