@@ -129,17 +129,12 @@ def test_plain_ddp_is_refused_with_the_strategy_to_use():
         client_sizes=[8, 8], num_entities=10, val_questions_per_client=1, num_canaries=0,
         batch_size=4,
     )  # fmt: skip
-    trainer = L.Trainer(
-        max_steps=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    with pytest.raises(Exception, match="needs strategy 'client_parallel'"):
-        trainer.fit(module, dm)
-    # One device: DDP would still wrap (and refuse LoRA's frozen model). Spawned, so the process
-    # group (and its port) dies with the worker instead of staying alive in the pytest process.
-    one_device = L.Trainer(
-        max_steps=1, accelerator="cpu", devices=1, strategy="ddp_spawn", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    with pytest.raises(Exception, match="needs strategy 'client_parallel'"):
-        one_device.fit(module, dm)
+    # Also on one device: DDP would still wrap (and refuse LoRA's frozen model). Spawned, so the
+    # process group (and its port) dies with the workers instead of living on in pytest.
+    for devices in (2, 1):
+        trainer = L.Trainer(
+            max_steps=1, accelerator="cpu", devices=devices, strategy="ddp_spawn", logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        with pytest.raises(Exception, match="needs strategy 'client_parallel'"):
+            trainer.fit(module, dm)
