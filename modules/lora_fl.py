@@ -44,6 +44,7 @@ from modules.lora_fl_settings import (
     NoiseSettings,
     SecureAggregationSettings,
 )
+from modules.token_perplexity import next_token_nll
 from modules.weighted_mean import update_weighted, weighted_mean
 from ops import dp
 from ops import secure_aggregation as sa
@@ -401,15 +402,12 @@ class FederatedLoRAModule(L.LightningModule):
         # Built on the CPU in fp32 whatever the precision plugin: bf16-mixed autocast would
         # otherwise round the product s N_B (A + N_A).
         with torch.autocast("cpu", enabled=False):
-            deltas = {
-                name: dp.weight_noise_delta(
+            for lin in targets.values():
+                delta = dp.weight_noise_delta(
                     lin.in_features, lin.out_features, self.lora.rank, scale, self.noise.sigma, gen
                 )
-                for name, lin in targets.items()
-            }
-        for name, lin in targets.items():
-            lin.weight.add_(deltas[name].to(lin.weight))
-            squared += float(deltas[name].double().pow(2).sum())
+                lin.weight.add_(delta.to(lin.weight))
+                squared += float(delta.double().pow(2).sum())
         return math.sqrt(squared)
 
     # ------------------------------------------------------------------ DP accounting
@@ -467,14 +465,8 @@ class FederatedLoRAModule(L.LightningModule):
         assert self.net is not None
         with self.global_model():
             logits = self.net(input_ids=batch["input_ids"]).logits
-        targets = batch["labels"][:, 1:]
-        loss_sum = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
-            targets.reshape(-1),
-            ignore_index=-100, reduction="sum",
-        )  # fmt: skip
-        tokens = int((targets != -100).sum())
-        update_weighted(self.val_loss, loss_sum / max(tokens, 1), tokens)
+        loss_sum, tokens = next_token_nll(logits, batch["labels"])
+        update_weighted(self.val_loss, loss_sum / tokens.clamp_min(1), tokens)
         correct, first_correct = answer_hits(logits, batch["labels"])
         n = batch["input_ids"].shape[0]
         self.log("val/loss", self.val_loss, batch_size=n)

@@ -17,7 +17,9 @@ def next_token_nll(
     Cross-entropy works in log-space (log-softmax): a target with probability below ~e^-103 stays
     a finite NLL, where softmax-then-log (``torchmetrics.text.Perplexity``) underflows to inf.
     """
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    # At least fp32 (bf16 logits are upcast), float64 kept under 64-true.
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    targets = labels[:, 1:]
     nll = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
