@@ -29,13 +29,17 @@ class ExportPretrained(L.Callback):
     def __init__(self, dirname: str = "hf_model", merge_lora: bool = False) -> None:
         self.dirname, self.merge_lora = dirname, merge_lora
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # at start-up, not after training: the export is the last thing fit does
+        if stage == "fit" and not callable(getattr(pl_module, "save_pretrained", None)):
+            raise TypeError(
+                f"ExportPretrained: {type(pl_module).__name__} has no save_pretrained(directory) "
+                "method to export; remove the callback from trainer.callbacks"
+            )
+
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        save = getattr(pl_module, "save_pretrained", None)
-        if save is None:
-            raise TypeError(
-                f"{type(pl_module).__name__} has no save_pretrained(directory) method to export"
-            )
+        save = pl_module.save_pretrained
         if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
             rank_zero_warn(
                 "ExportPretrained skipped: under multi-process FSDP the parameters are sharded "

@@ -188,6 +188,8 @@ class HyperINFCallback(L.Callback):
             raise ValueError(f"HyperINFCallback run_on={run_on!r} is not a known trigger")
         if output_format not in ("csv", "parquet"):
             raise ValueError(f"HyperINFCallback output_format={output_format!r}: csv or parquet")
+        if top_k < 0:
+            raise ValueError(f"HyperINFCallback top_k={top_k} must be >= 0")
         self.run_on, self.output_dir, self.output_format = run_on, output_dir, output_format
         self.noise_index_path = noise_index_path
         self.train_attr, self.val_attr, self.top_k = train_dataset_attr, val_dataset_attr, top_k
@@ -307,6 +309,9 @@ class HyperINFCallback(L.Callback):
         loss_fn = self._loss_fn(pl_module)
         params = select_params(pl_module, self.include, self.exclude)
         train_src, val_src = self._source(trainer, "train"), self._source(trainer, "val")
+        for which, (dataset, _) in (("training", train_src), ("validation", val_src)):
+            if len(dataset) == 0:
+                raise ValueError(f"HyperINFCallback: the {which} set to score against is empty")
         if self.noise_index_path is not None:
             path = Path(self.noise_index_path)
             noise_mask_from_index(read_noise_index(path), len(train_src[0]), path)

@@ -46,6 +46,7 @@ class LinearModel(nn.Module):
 
     def __init__(self, dim: int, bias: bool = False, dtype: str = "float64") -> None:
         super().__init__()
+        self.in_features = dim  # checked against the data's feature count at setup
         self.weight = nn.Parameter(torch.zeros(dim, dtype=_dtype(dtype)))
         self.bias = nn.Parameter(torch.zeros((), dtype=_dtype(dtype))) if bias else None
 
@@ -66,6 +67,7 @@ class MLPClassifier(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 16, seed: int = 0, dtype: str = "float64") -> None:
         super().__init__()
+        self.in_features = dim  # checked against the data's feature count at setup
         gen = torch.Generator().manual_seed(seed)
         dt = _dtype(dtype)
         self.w1 = nn.Parameter(torch.randn(hidden, dim, generator=gen, dtype=dt) / dim**0.5)
@@ -195,6 +197,8 @@ def make_logistic_data(
         A = A / A.norm(dim=1, keepdim=True)
         y = torch.as_tensor(2.0 * t - 1.0, dtype=torch.float64)
     elif source == "synthetic":
+        if n < 1 or d < 1:
+            raise ValueError(f"synthetic logistic data needs n >= 1 and d >= 1, got n={n}, d={d}")
         gen = torch.Generator().manual_seed(seed)
         A = torch.randn(n, d, generator=gen, dtype=torch.float64)
         w_star = w_scale * torch.randn(d, generator=gen, dtype=torch.float64)
@@ -300,6 +304,10 @@ class _PairDataModule(L.LightningDataModule):
             raise ValueError(
                 "independent_hessian_batch=false reuses the gradient batch, so batch_size_hess "
                 f"({batch_size_hess}) must be <= batch_size_grad ({batch_size_grad})"
+            )
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(
+                f"val_batch_size must be >= 1 or null (one chunk), got {val_batch_size}"
             )
         self.batch_size_grad, self.batch_size_hess = batch_size_grad, batch_size_hess
         self.independent_hessian_batch, self.seed = independent_hessian_batch, seed

@@ -155,6 +155,13 @@ class CubicNewtonModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError("CubicNewtonModule does not support FSDP (it needs the full flat x)")
+        data = getattr(self._trainer, "datamodule", None)
+        features, inputs = getattr(data, "dim", None), getattr(self.model, "in_features", None)
+        if isinstance(features, int) and isinstance(inputs, int) and features != inputs:
+            raise ValueError(
+                f"the model takes {inputs} input features (model.init_args.model.init_args.dim) "
+                f"but the data has {features} (data.init_args.d; 30 for source: breast_cancer)"
+            )
 
     # ---------------------------------------------------------------- distributed helpers
     def _mean(self, t: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from datamodules.text import load_tokenizer
 from modules.causal_lm import GenerationSettings, generate_completion
 from modules.hf_models import build_causal_lm, is_pretrained_name
 from modules.layer_parallel_model import (
+    MODES,
     LPState,
     apply_layer_parallelism,
     original_layers,
@@ -129,6 +130,17 @@ class LayerParallelModule(L.LightningModule):
         generation: GenerationSettings | None = None,
     ) -> None:
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"LayerParallelModule mode={mode!r} is not one of {MODES}")
+        decode = {
+            "decode_new_tokens": (decode_new_tokens, 0),
+            "decode_prompt_len": (decode_prompt_len, 1),
+            "decode_batch_size": (decode_batch_size, 1),
+            "decode_repeats": (decode_repeats, 1),
+        }
+        for key, (value, low) in decode.items():
+            if value < low:
+                raise ValueError(f"LayerParallelModule {key}={value} must be >= {low}")
         # Decoding settings are run-time choices: kept out of the checkpoint, whose hyperparameters
         # LightningCLI would otherwise let override the predict config.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "generation"])
@@ -169,6 +181,8 @@ class LayerParallelModule(L.LightningModule):
             apply_layer_parallelism(self.model, self.plan, mode, self.hparams.post_norm_mode)
 
     def setup(self, stage: str) -> None:
+        if stage == "test":
+            self._check_decode_fits_the_test_data()
         if stage == "fit":
             # from_pretrained returns eval-mode modules; training runs the reference pairs.
             self.use_mode("reference")
@@ -176,6 +190,23 @@ class LayerParallelModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.use_mode("reference")
+
+    def _check_decode_fits_the_test_data(self) -> None:
+        """Refuse a decode prompt the test blocks cannot supply now, not after the test pass."""
+        data = getattr(self.trainer, "datamodule", None)
+        if self.hparams.decode_new_tokens <= 0 or data is None:
+            return
+        for key, data_key in [
+            ("decode_prompt_len", "block_size"),
+            ("decode_batch_size", "batch_size"),
+        ]:
+            have = getattr(data, data_key, None)
+            if isinstance(have, int) and self.hparams[key] > have:
+                raise ValueError(
+                    f"model.{key}={self.hparams[key]} exceeds data.{data_key}={have}: the decode "
+                    "measurement takes its prompts from one test batch (lower it, or set "
+                    "model.decode_new_tokens: 0 to skip the measurement)"
+                )
 
     def on_validation_start(self) -> None:
         self.use_mode(self.hparams.mode)

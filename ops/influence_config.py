@@ -6,6 +6,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 
+def _check(group: str, **bounds: tuple[float, float]) -> None:
+    """Raise naming ``group.key`` when a value lies below its lower bound (checked at parse time)."""
+    for key, (value, low) in bounds.items():
+        if value < low:
+            raise ValueError(f"{group}.{key}={value!r} must be >= {low}")
+
+
 @dataclass
 class DampingConfig:
     """Damping ``lambda_l`` added to every curvature (spec 3.3 step 2, 3.5 ``damping_mode``).
@@ -44,6 +51,10 @@ class SchulzConfig:
     accept_tol: float = 1e-3
     early_stop: bool = True
 
+    def __post_init__(self) -> None:
+        _check("schulz", max_iter=(self.max_iter, 0), tol=(self.tol, 0.0))
+        _check("schulz", accept_tol=(self.accept_tol, 0.0))
+
 
 @dataclass
 class LissaConfig:
@@ -59,6 +70,11 @@ class LissaConfig:
     iters: int = 100
     scale: Literal["trace", "frobenius"] | float = "trace"
     code_faithful_iters: int = 10
+
+    def __post_init__(self) -> None:
+        _check("lissa", iters=(self.iters, 1), code_faithful_iters=(self.code_faithful_iters, 1))
+        if not isinstance(self.scale, str) and not self.scale > 0:
+            raise ValueError(f"lissa.scale={self.scale!r} must be > 0, 'trace' or 'frobenius'")
 
 
 @dataclass
@@ -82,6 +98,10 @@ class GradConfig:
     cache_limit_bytes: int = 2**31
     dtype: Literal["float32", "float64"] = "float32"
     fim_max_dim: int = 8192
+
+    def __post_init__(self) -> None:
+        _check("grads", batch_size=(self.batch_size, 1), fim_max_dim=(self.fim_max_dim, 1))
+        _check("grads", cache_limit_bytes=(self.cache_limit_bytes, 0))
 
 
 #: Code-faithful HyperINF presets (spec 3.4 table): extra damping, start, iterations, early stop.

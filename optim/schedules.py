@@ -9,6 +9,7 @@ resumes from checkpoints. ``total_steps: null`` means "the trainer's
 from __future__ import annotations
 
 import math
+import warnings
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -132,7 +133,28 @@ class Trapezoidal(LambdaLR):
         )
 
 
-def fill_total_steps(scheduler: object, total_steps: int) -> None:
-    """Give a schedule with ``total_steps=None`` the trainer's number of optimizer steps."""
-    if getattr(scheduler, "total_steps", 0) is None:
-        scheduler.total_steps = int(total_steps)  # type: ignore[attr-defined]
+def fill_total_steps(scheduler: object, total_steps: float) -> None:
+    """Give a schedule with ``total_steps=None`` the trainer's number of optimizer steps.
+
+    ``total_steps`` is ``trainer.estimated_stepping_batches``: ``inf`` when neither
+    ``max_steps`` nor ``max_epochs`` bounds the run, which no decaying schedule can span.
+    """
+    if getattr(scheduler, "total_steps", 0) is not None:
+        return
+    name = type(scheduler).__name__
+    if not math.isfinite(total_steps):
+        raise ValueError(
+            f"{name}(total_steps=null) takes its length from the trainer, but the run is "
+            "unbounded (trainer.max_steps and trainer.max_epochs are both -1): set one of them "
+            "or lr_scheduler.init_args.total_steps"
+        )
+    warmup = getattr(scheduler, "warmup_steps", 0)
+    if int(total_steps) < warmup:
+        # a warning, not an error: short smoke runs of a full config are common and harmless
+        warnings.warn(
+            f"{name}: the run has {int(total_steps)} optimizer steps (trainer.max_steps / "
+            f"max_epochs), fewer than lr_scheduler.init_args.warmup_steps={warmup}: the LR "
+            "never reaches its set value",
+            stacklevel=2,
+        )
+    scheduler.total_steps = max(1, int(total_steps))  # type: ignore[attr-defined]

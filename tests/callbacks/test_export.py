@@ -90,3 +90,23 @@ def test_default_export_of_a_lora_model_is_the_adapter_with_its_base(tmp_path, t
     reloaded = PeftModel.from_pretrained(base, out).eval()
     ids = torch.randint(0, 4096, (2, 12))
     torch.testing.assert_close(_logits(reloaded, ids), _logits(module.model, ids))
+
+
+def test_a_module_without_save_pretrained_is_refused_before_fit(tmp_path):
+    class NoExport(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            raise AssertionError("training must not start")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[ExportPretrained()],
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="NoExport has no save_pretrained"):
+        trainer.fit(NoExport(), train_dataloaders=DataLoader(torch.zeros(4, 2), batch_size=2))

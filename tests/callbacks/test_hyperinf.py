@@ -222,6 +222,7 @@ def _write_json(path, values) -> str:
     ],
 )
 def test_bad_inputs_fail_before_training(tmp_path, kw, error, match) -> None:
+    """Every check runs at fit start: a late failure in ``on_train_end`` lost the whole run."""
     if isinstance(kw.get("noise_index_path"), list):
         kw = {"noise_index_path": _write_json(tmp_path / "noise.json", kw["noise_index_path"])}
     elif "noise_index_path" in kw:
@@ -231,6 +232,14 @@ def test_bad_inputs_fail_before_training(tmp_path, kw, error, match) -> None:
     with pytest.raises(error, match=match):
         trainer.fit(_model(), _data())
     assert trainer.global_step == 0 and cb.result is None
+
+
+def test_an_empty_validation_set_fails_before_training(tmp_path) -> None:
+    cb = _callback(tmp_path / "inf", methods=["grad_dot"])
+    trainer = _trainer(tmp_path, cb)
+    with pytest.raises(ValueError, match="the validation set to score against is empty"):
+        trainer.fit(_model(), _data(n_val=0))
+    assert trainer.global_step == 0
 
 
 def test_scores_written_before_a_late_noise_file_failure(tmp_path, monkeypatch) -> None:

@@ -60,6 +60,11 @@ def test_independent_and_shared_hessian_batches():
         LogisticToyDataModule(batch_size_grad=1, batch_size_hess=2, independent_hessian_batch=False)
     with pytest.raises(ValueError, match="batch_size_grad must be >= 1"):
         LogisticToyDataModule(batch_size_grad=0)
+    with pytest.raises(ValueError, match="val_batch_size must be >= 1 or null"):
+        LogisticToyDataModule(n=10, d=2, val_batch_size=-1)  # ran no validation batch at all
+    for n, d in ((0, 5), (5, 0)):
+        with pytest.raises(ValueError, match=f"n >= 1 and d >= 1, got n={n}, d={d}"):
+            LogisticToyDataModule(n=n, d=d)
 
 
 def test_full_batch_mode_and_validation_loader():

@@ -214,6 +214,14 @@ def test_bad_configuration_errors_name_the_value():
         StochasticCubicNewton([{"params": [a]}, {"params": [b], "M": 2.0}])
 
 
+def test_model_and_data_feature_counts_must_agree_before_the_first_step():
+    module = CubicNewtonModule(LinearModel(10), LogisticLoss())
+    trainer = _trainer(1)
+    with pytest.raises(ValueError, match=r"model takes 10 input features .* data has 30"):
+        trainer.fit(module, LogisticToyDataModule(n=50, d=30))
+    assert trainer.global_step == 0
+
+
 def test_hvp_mode_warns_that_hessian_corrected_uses_the_sample_and_evaluates_at_x():
     from optim.cubic_solvers import StochasticCubicNewton
 

@@ -255,3 +255,30 @@ def test_validate_then_fit_then_test_twice_start_from_fresh_state(hf_dir, tmp_pa
         assert result["test/decode_tok_s"] > 0
         first_rows = next(iter(loader))["input_ids"][:1, :8]
         assert torch.equal(module._decode_prompt, first_rows)  # this run's data, not seed 2's
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("mode", "fuzed", "mode='fuzed' is not one of"),
+        ("decode_repeats", 0, "decode_repeats=0 must be >= 1"),
+        ("decode_new_tokens", -1, "decode_new_tokens=-1 must be >= 0"),
+    ],
+)
+def test_bad_settings_are_refused_at_construction(hf_dir, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        LayerParallelModule(model=str(hf_dir), plan={"start": 2, "end": 6}, **{key: value})
+
+
+def test_cli_test_refuses_a_decode_prompt_longer_than_a_block_before_testing(
+    hf_dir, tmp_path, repo_root, monkeypatch
+):
+    monkeypatch.chdir(repo_root)
+    tested = []
+    monkeypatch.setattr(LayerParallelModule, "test_step", lambda *a: tested.append(1))
+    with pytest.raises(ValueError, match=r"decode_prompt_len=33 exceeds data\.block_size=32"):
+        _cli(
+            ["test", *_common(hf_dir, tmp_path), "--data.init_args.block_size", "32",
+             "--model.init_args.decode_prompt_len", "33"]
+        )  # fmt: skip
+    assert tested == []

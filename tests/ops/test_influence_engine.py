@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ from scipy.stats import spearmanr
 
 from modules.sequence_classifier import LoRAClassifier
 from ops.influence import METHODS, gfim, influence_scores, precondition_exact_gfim
-from ops.influence_config import DampingConfig, GradConfig, LissaConfig
+from ops.influence_config import DampingConfig, GradConfig, LissaConfig, SchulzConfig
 from ops.influence_engine import InfluenceEngine
 from ops.per_sample_grads import (
     causal_lm_per_sample_loss,
@@ -209,6 +210,25 @@ def test_engine_rejects_non_positive_damping(damping: DampingConfig, key: str) -
     # value=0 gave NaN DataInf scores, lambda_const<0 garbage scores or a misleading Schulz error
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         InfluenceEngine(methods=["hyperinf", "datainf"], damping=damping)
+
+
+@pytest.mark.parametrize(
+    ("make", "key"),
+    [
+        (lambda: GradConfig(batch_size=0), "grads.batch_size=0"),
+        (lambda: GradConfig(fim_max_dim=0), "grads.fim_max_dim=0"),
+        (lambda: GradConfig(cache_limit_bytes=-1), "grads.cache_limit_bytes=-1"),
+        (lambda: SchulzConfig(max_iter=-5), "schulz.max_iter=-5"),
+        (lambda: SchulzConfig(tol=-1e-6), "schulz.tol=-1e-06"),
+        (lambda: LissaConfig(iters=0), "lissa.iters=0"),
+        (lambda: LissaConfig(code_faithful_iters=0), "lissa.code_faithful_iters=0"),
+        (lambda: LissaConfig(scale=0.0), "lissa.scale=0.0"),
+    ],
+)
+def test_setting_groups_reject_out_of_range_values_when_built(make, key: str) -> None:
+    # they used to fail only in the scoring pass, i.e. after a whole training run
+    with pytest.raises(ValueError, match=re.escape(key)):
+        make()
 
 
 def test_exact_gfim_uses_the_preset_damping_of_hyperinf() -> None:

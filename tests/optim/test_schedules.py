@@ -85,3 +85,15 @@ def test_phase_lengths_are_floors_of_the_fractions() -> None:
     assert steps_of(0.05, 400) == 20 and steps_of(0.5, 400) == 200
     assert steps_of(0.29, 100) == 29  # 0.29 * 100 = 28.999999999999996 in floating point
     assert steps_of(0.05, 30) == 1  # 1.5 -> 1 (round() gave 2)
+
+
+def test_filling_total_steps_refuses_an_unbounded_run_and_warns_on_a_short_one():
+    from optim.schedules import fill_total_steps
+
+    _, _, scheduler = _lrs(WarmupCosine, 1, warmup_steps=10, total_steps=None)
+    with pytest.raises(ValueError, match="unbounded"):
+        fill_total_steps(scheduler, float("inf"))  # max_steps = max_epochs = -1
+    assert scheduler.total_steps is None
+    with pytest.warns(UserWarning, match="fewer than lr_scheduler.init_args.warmup_steps=10"):
+        fill_total_steps(scheduler, 4)
+    assert scheduler.total_steps == 4
