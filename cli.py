@@ -13,15 +13,19 @@ default logger, the resolved config is saved next to the logs, ``seed_everything
 from __future__ import annotations
 
 import os
+import pickle
 import sys
+import zipfile
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 import strategies  # noqa: F401  (registers the project's strategies by name)
 from callbacks.metrics_file import MetricsFile
@@ -41,6 +45,53 @@ class MloCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Always-on callback, configurable as ``metrics_file.filename``.
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's, plus errors and a note that name the checkpoint.
+
+        LightningCLI applies the hyperparameters saved in ``--ckpt_path`` over the config's
+        ``model``; a checkpoint of another run then silently changes the model, and a later
+        error blames a key of the config. Torch's errors on a truncated or foreign file name no
+        file at all.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path:
+            return super()._parse_ckpt_path()
+        unreadable = (
+            f"error: --ckpt_path {ckpt_path}: not a readable PyTorch checkpoint (truncated or "
+            "another kind of file)"
+        )
+        if Path(ckpt_path).is_file() and not zipfile.is_zipfile(ckpt_path):
+            raise SystemExit(unreadable)  # torch's unpickler fails on it with random errors
+        before = flat_settings(self.config[subcommand].get("model"))
+        try:
+            super()._parse_ckpt_path()
+        except SystemExit:
+            sys.stderr.write(
+                f"--ckpt_path {ckpt_path}: its saved hyperparameters do not fit the config's "
+                f"model ({before.get('class_path')}); was it trained with another config?\n"
+            )
+            raise
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            raise SystemExit(f"{unreadable}: {type(err).__name__}: {err}") from err
+        after = flat_settings(self.config[subcommand].get("model"))
+        changed = {k: v for k, v in after.items() if k in before and before[k] != v}
+        if changed:
+            lines = "".join(f"\n  model.{k}: {before[k]!r} -> {v!r}" for k, v in changed.items())
+            rank_zero_warn(f"--ckpt_path {ckpt_path} replaces model settings of the config{lines}")
+
+
+def flat_settings(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"init_args.lora.r": 8, ...}``: the leaves of a (jsonargparse) config node."""
+    if hasattr(node, "as_dict"):
+        node = node.as_dict()
+    if not isinstance(node, dict):
+        return {prefix: node} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flat_settings(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
 
 
 def config_paths(args: list[str]) -> list[str]:

@@ -114,6 +114,9 @@ class UpdateDiagnostics(Callback):
             ("snr_every_n_steps", snr_every_n_steps, 0),
             ("snr_fresh_batches", snr_fresh_batches, 0),
             ("probe_batch_size", probe_batch_size, 1),
+            ("dense_steps", dense_steps, 0),
+            ("snr_dense_steps", snr_dense_steps, 0),
+            ("max_tensors", 1 if max_tensors is None else max_tensors, 1),  # 0 logged zeros
         ):
             if value < low:
                 raise ValueError(f"{key} must be >= {low}, got {value}")

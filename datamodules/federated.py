@@ -22,7 +22,6 @@ from __future__ import annotations
 import random
 import string
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -174,6 +173,10 @@ class FederatedTextDataModule(L.LightningDataModule):
         super().__init__()
         if source == "files" and not client_files:
             raise ValueError("source='files' needs client_files: one local file per client")
+        for key, value in {"num_rounds": num_rounds, "batch_size": batch_size,
+                           "max_length": max_length}.items():  # fmt: skip
+            if value < 1:
+                raise ValueError(f"FederatedTextDataModule {key} must be >= 1, got {value}")
         self.num_rounds, self.source, self.client_files = num_rounds, source, client_files
         self.text_field = text_field
         self.client_sizes_arg = client_sizes or [800, 1000, 1200]
@@ -208,18 +211,13 @@ class FederatedTextDataModule(L.LightningDataModule):
 
     def _client_texts(self) -> tuple[list[list[str]], list[list[tuple[str, str]]]]:
         if self.source == "files":
-            from datasets import load_dataset
+            # the text data module's loader: suffix, encoding and record checks name file and line
+            from datamodules.text import load_documents
 
-            texts = []
-            for path in self.client_files or []:
-                p = Path(path)
-                if not p.exists():
-                    raise FileNotFoundError(f"client file {path!r} does not exist")
-                kind = {"jsonl": "json", "json": "json", "txt": "text"}.get(p.suffix[1:], "text")
-                ds = load_dataset(kind, data_files=str(p), split="train")
-                if self.text_field not in ds.column_names:
-                    raise KeyError(f"{path}: no field {self.text_field!r} in {ds.column_names}")
-                texts.append([t for t in ds[self.text_field] if t])
+            texts = [
+                load_documents(path, None, None, self.text_field)[self.text_field]
+                for path in self.client_files or []
+            ]
             return texts, [[] for _ in texts]
         entities = entity_table(self.num_entities, self.seed)
         return synthetic_client_examples(

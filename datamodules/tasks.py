@@ -81,13 +81,14 @@ class EpisodicTasks(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in [
-            ("meta_batch_size", meta_batch_size),
-            ("episodes_per_epoch", episodes_per_epoch),
-            ("eval_batch_size", eval_batch_size),
-        ]:
-            if value < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be >= 1, got {value}")
+        self.require_at_least(
+            1,
+            meta_batch_size=meta_batch_size,
+            episodes_per_epoch=episodes_per_epoch,
+            eval_batch_size=eval_batch_size,
+        )
+        # 0 evaluation tasks: an empty loader (no validation / test); a negative count ran silently
+        self.require_at_least(0, num_val_tasks=num_val_tasks, num_test_tasks=num_test_tasks)
         self.meta_batch_size = meta_batch_size
         self.episodes_per_epoch = episodes_per_epoch
         self.num_val_tasks = num_val_tasks
@@ -96,6 +97,12 @@ class EpisodicTasks(L.LightningDataModule):
         self.seed = seed
         self.next_episode = 0
         self._eval: dict[str, list[Task]] = {}
+
+    def require_at_least(self, low: int, **sizes: int) -> None:
+        """Raise naming the first size below ``low`` (e.g. 0 support examples ran silently)."""
+        for name, value in sizes.items():
+            if value < low:
+                raise ValueError(f"{type(self).__name__}: {name} must be >= {low}, got {value}")
 
     # -- subclasses implement -------------------------------------------------------------
     def sample_task(self, gen: torch.Generator, split: str) -> Task:
@@ -192,6 +199,7 @@ class LinearRegressionTasks(EpisodicTasks):
             eval_batch_size=min(num_tasks, 50),
             seed=seed,
         )
+        self.require_at_least(1, dim=dim, n_support=n_support, n_query=n_query)
         self.full_batch = full_batch
         gen = torch.Generator().manual_seed(seed)
         sx, sy, qx, qy, _ = sample_linear_tasks(
@@ -248,6 +256,7 @@ class SinusoidTasks(EpisodicTasks):
         super().__init__(
             meta_batch_size, episodes_per_epoch, num_val_tasks, num_test_tasks, 25, seed
         )
+        self.require_at_least(1, k_support=k_support, k_query=k_query)
         self.amp_range, self.phase_range, self.x_range = amp_range, phase_range, x_range
         self.k_support, self.k_query = k_support, k_query
 
@@ -322,6 +331,7 @@ class MNIST1DFewShot(EpisodicTasks):
             meta_batch_size, episodes_per_epoch, num_val_tasks, num_test_tasks, eval_batch_size,
             task_seed,
         )  # fmt: skip
+        self.require_at_least(1, k_shot=k_shot, k_query=k_query)
         self.n_way, self.k_shot, self.k_query = n_way, k_shot, k_query
         self.dataset_seed = dataset_seed
         self._splits: dict[str, tuple[Tensor, list[Tensor]]] = {}

@@ -9,17 +9,18 @@ tokenized (cached by ``datasets``), joined with EOS and cut into ``block_size`` 
 from __future__ import annotations
 
 import glob
-import json
 import os
 from pathlib import Path
 
 import datasets
 import lightning as L
+import pyarrow
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from datamodules.even_eval_sampler import EvenEvalSampler, PaddedBlocks
+from datamodules.file_checks import count_json_records, count_text_lines
 from datamodules.resumable_sampler import ResumableSampler
 from ops.goldfish import IGNORE_INDEX
 
@@ -30,31 +31,6 @@ _BUILDERS = {
     ".txt": "text",
     ".md": "text",
 }
-
-
-def validate_jsonl(path: Path, text_field: str) -> int:
-    """Parse every line of a JSON-lines file; raise naming ``path:line`` on the first bad one.
-
-    Returns the number of records. ``datasets`` would fail later with an error that names
-    neither the file nor the line.
-    """
-    n_records = 0
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: malformed JSON line ({err.msg})") from err
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise KeyError(
-                    f"{path}:{line_number}: record has no text field {text_field!r} (found {keys}); "
-                    "set data.text_field"
-                )
-            n_records += 1
-    return n_records
 
 
 def resolve_data_files(data_files: str | list[str]) -> list[Path]:
@@ -92,11 +68,19 @@ def load_documents(
     if data_files is not None:
         paths = resolve_data_files(data_files)
         builder = _BUILDERS[paths[0].suffix]
-        if builder == "json":
-            for path in paths:
-                if validate_jsonl(path, text_field) == 0:
-                    raise ValueError(f"{path}: the corpus is empty (no records)")
-        ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train")
+        for path in paths:
+            if builder == "json" and count_json_records(path, text_field) == 0:
+                raise ValueError(f"{path}: the corpus is empty (no records)")
+            if builder == "text" and count_text_lines(path) == 0:
+                raise ValueError(f"{path}: the corpus is empty (no non-blank lines)")
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train")
+        except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as err:
+            # e.g. a corrupt parquet file: datasets' own message names no file
+            raise ValueError(
+                f"could not read data_files {[str(p) for p in paths]} with the {builder!r} "
+                f"builder: {err.__cause__ or err}"
+            ) from err
     elif dataset_dir is not None:
         if not Path(dataset_dir).is_dir():
             raise FileNotFoundError(f"dataset_dir not found: {dataset_dir!r}")

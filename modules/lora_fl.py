@@ -130,6 +130,15 @@ class FederatedLoRAModule(L.LightningModule):
             raise ValueError(f"finetune_mode must be 'lora' or 'full', got {finetune_mode!r}")
         if lora_aggregation not in ("merged_delta_mean", "factor_mean"):
             raise ValueError(f"lora_aggregation={lora_aggregation!r} is not a known mode")
+        counts = {"clients_per_round": clients_per_round, "local_epochs": local_epochs,
+                  "local_steps": local_steps}  # fmt: skip
+        for key, value in counts.items():
+            if (
+                value is not None and value < 1
+            ):  # local_steps=0 fell back to epochs, < 0 trained nothing
+                raise ValueError(f"{key} must be >= 1 (or null where allowed), got {value}")
+        if local_warmup_steps < 0:
+            raise ValueError(f"local_warmup_steps must be >= 0, got {local_warmup_steps}")
         self.save_hyperparameters(ignore=["local_optimizer", "server_optimizer"])
         self.automatic_optimization = False
         self.lora = lora or LoraFLSettings()
@@ -213,8 +222,11 @@ class FederatedLoRAModule(L.LightningModule):
                 f"local_lr_per_client has {len(lrs)} entries for {num_clients} clients"
             )
         k = self.hparams.clients_per_round
-        if k is not None and k < 1:
-            raise ValueError(f"clients_per_round must be >= 1 or null (all), got {k}")
+        if k is not None and k > num_clients:
+            raise ValueError(
+                f"clients_per_round={k} exceeds the {num_clients} clients of the data "
+                "(null = all of them)"
+            )
         empty = [c for c, n in enumerate(sizes) if n == 0]
         if empty:
             raise ValueError(

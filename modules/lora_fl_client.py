@@ -39,9 +39,9 @@ class ClientTrainer:
     def dp_schedule(module: FederatedLoRAModule, num_samples: int) -> tuple[float, int]:
         """``(sample rate q = B / n_c, local steps per round)`` of a client."""
         batch = module.trainer.datamodule.batch_size
-        steps = module.hparams.local_steps or module.hparams.local_epochs * math.ceil(
-            num_samples / batch
-        )
+        steps = module.hparams.local_steps
+        if steps is None:
+            steps = module.hparams.local_epochs * math.ceil(num_samples / batch)
         return min(1.0, batch / num_samples), steps
 
     def resolve_dp_sigma(self) -> float:

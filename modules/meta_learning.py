@@ -212,6 +212,13 @@ class MetaLearningModule(L.LightningModule):
                 f"MetaLearningModule: trainer.precision={precision!r} is not supported with "
                 f"method={self.method!r}; use one of {allowed}"
             )
+        data_way = getattr(self.trainer.datamodule, "n_way", None)
+        net_way = getattr(self.net, "n_way", None)
+        if isinstance(data_way, int) and isinstance(net_way, int) and data_way != net_way:
+            raise ValueError(
+                f"MetaLearningModule: the net has {net_way} outputs (model.init_args.net."
+                f"init_args.n_way) but the tasks have {data_way} classes (data.init_args.n_way)"
+            )
 
     @property
     def proximal(self) -> bool:

@@ -59,6 +59,7 @@ class Conv1dNet(nn.Module):
 
     def __init__(self, channels: int = 32, n_way: int = 5, length: int = 40) -> None:
         super().__init__()
+        self.n_way = n_way  # checked against the data's n_way at setup
         self.features = nn.Sequential(
             nn.Conv1d(1, channels, 5, stride=1, padding=2),
             nn.ReLU(),

@@ -130,6 +130,14 @@ class LoRAClassifier(ScoredEvalMetrics, L.LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.init_eval_metrics()
 
+    def setup(self, stage: str) -> None:
+        features = getattr(self.trainer.datamodule, "input_dim", None)
+        if isinstance(features, int) and features != self.hparams.in_features:
+            raise ValueError(
+                f"LoRAClassifier in_features={self.hparams.in_features} but the data has "
+                f"{features} input features (data.init_args.d_in; 64 for source: digits)"
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 

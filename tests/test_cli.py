@@ -210,3 +210,31 @@ def test_tokenizer_larger_than_pretrained_embedding(tmp_path):
     build_causal_lm("micro-llama", vocab_size=100).save_pretrained(small)
     with pytest.raises(ValueError, match="embeds only 100"):
         _fit(tmp_path, "--trainer.max_steps=1", f"--model.init_args.model={small}")
+
+
+def test_a_checkpoint_that_changes_the_configured_model_says_so(tmp_path):
+    _fit(tmp_path, "--trainer.max_steps=2", "--trainer.val_check_interval=2")
+    ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    common = ["validate", *FAST, f"--ckpt_path={ckpt}", "--trainer.limit_val_batches=1",
+              f"--trainer.logger.init_args.save_dir={tmp_path}"]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"(?s)replaces model settings.*"
+                      r"model\.init_args\.model: 'tiny-llama' -> 'micro-llama'"):  # fmt: skip
+        cli = main([*common, "--model.init_args.model=tiny-llama"])
+    assert cli.model.model.config.num_hidden_layers == 2  # micro-llama's, as the note says
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*replaces model settings")
+        main(common)  # the same config: no note
+
+
+@pytest.mark.parametrize("content", ["truncated", "text"])
+def test_an_unreadable_checkpoint_is_named(tmp_path, content):
+    path = tmp_path / "broken.ckpt"
+    if content == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        path.write_text("this is not a checkpoint\n")
+    with pytest.raises(SystemExit, match=r"--ckpt_path .*broken\.ckpt: not a readable PyTorch"):
+        main(["validate", *FAST, f"--ckpt_path={path}"])

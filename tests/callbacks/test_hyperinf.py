@@ -234,6 +234,13 @@ def test_bad_inputs_fail_before_training(tmp_path, kw, error, match) -> None:
     assert trainer.global_step == 0 and cb.result is None
 
 
+def test_model_and_data_input_sizes_must_agree_before_training(tmp_path) -> None:
+    trainer = _trainer(tmp_path, _callback(tmp_path / "inf", methods=["grad_dot"]))
+    with pytest.raises(ValueError, match="in_features=8 but the data has 16 input features"):
+        trainer.fit(_model(), NoisyLabelDataModule(d_in=16, n_train=N_TRAIN, n_val=N_VAL))
+    assert trainer.global_step == 0
+
+
 def test_an_empty_validation_set_fails_before_training(tmp_path) -> None:
     cb = _callback(tmp_path / "inf", methods=["grad_dot"])
     trainer = _trainer(tmp_path, cb)

@@ -383,6 +383,16 @@ def test_odd_batches_scale_the_noise_by_the_samples_the_halves_hold(tmp_path, mo
     assert sizes == [4, 4]  # two halves of 2 samples; one of the 5 is left out
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_tensors", 0), ("max_tensors", -1), ("dense_steps", -1), ("log_every_n_steps", 0)],
+)
+def test_out_of_range_settings_are_refused(key: str, value: int) -> None:
+    # max_tensors=0 ran and logged a global update norm of 0 at every step
+    with pytest.raises(ValueError, match=f"{key} must be >= "):
+        UpdateDiagnostics(**{key: value})
+
+
 def test_rrc_layers_matching_nothing_is_an_error(tmp_path: Path) -> None:
     cb = UpdateDiagnostics(rrc_layers=["*.q_proj"])
     trainer = _trainer(tmp_path, 1, [cb])

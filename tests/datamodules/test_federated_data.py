@@ -169,6 +169,10 @@ def test_clients_from_local_files_with_hf_tokenizer(tmp_path, tokenizer_dir):
         FederatedTextDataModule(
             source="files", client_files=[str(tmp_path / "missing.jsonl")]
         ).setup()
+    unsupported = tmp_path / "client.csv"  # was silently read as plain text
+    unsupported.write_text("text\nhello\n")
+    with pytest.raises(ValueError, match=r"unsupported data file type\(s\) \['\.csv'\]"):
+        FederatedTextDataModule(source="files", client_files=[str(unsupported)]).setup()
 
 
 def test_dirichlet_repartition_keeps_every_example():
@@ -254,6 +258,12 @@ def test_held_out_labels_cover_exactly_the_answer_with_a_bpe_tokenizer(tokenizer
             dm.vocab.encode(question)
         )
     assert merged > 0  # the case that counting the prompt's own tokens got wrong
+
+
+@pytest.mark.parametrize("key", ["num_rounds", "batch_size", "max_length"])
+def test_sizes_below_one_are_refused(key):
+    with pytest.raises(ValueError, match=f"{key} must be >= 1, got 0"):
+        FederatedTextDataModule(**{key: 0})
 
 
 def test_code_faithful_canary_split_needs_a_validation_fraction():

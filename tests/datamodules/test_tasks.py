@@ -105,6 +105,10 @@ def test_mnist1d_task_structure():
     assert val["support_x"].shape == (4, 25, 40)
     with pytest.raises(ValueError, match="n_way"):
         MNIST1DFewShot(n_way=11)
+    # zero support examples or zero tasks used to run silently (no adaptation, no metrics)
+    for key, bad, low in [("k_shot", 0, 1), ("k_query", 0, 1), ("num_test_tasks", -3, 0)]:
+        with pytest.raises(ValueError, match=f"MNIST1DFewShot: {key} must be >= {low}, got {bad}"):
+            MNIST1DFewShot(**{key: bad})
 
 
 def test_eval_loaders_score_every_task_once_on_every_world_size():

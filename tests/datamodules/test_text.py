@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from datamodules.text import TextDataModule, pack_blocks, validate_jsonl
+from datamodules.file_checks import count_json_records
+from datamodules.text import TextDataModule, pack_blocks
 
 
 def _write_jsonl(path, texts):
@@ -143,7 +144,7 @@ def test_malformed_jsonl_reports_line_number(tmp_path, tokenizer_dir):
     lines[6] = '{"text": "unterminated'
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"corpus\.jsonl:7: malformed JSON"):
-        validate_jsonl(path, "text")
+        count_json_records(path, "text")
     dm = TextDataModule(data_files=str(path), tokenizer=str(tokenizer_dir))
     with pytest.raises(ValueError, match=":7:"):
         dm.setup("fit")
@@ -161,6 +162,53 @@ def test_missing_text_field_and_empty_corpus(tmp_path, tokenizer_dir):
     blank = _write_jsonl(tmp_path / "blank.jsonl", ["   ", ""])
     with pytest.raises(ValueError, match="empty"):
         TextDataModule(data_files=str(blank), tokenizer=str(tokenizer_dir)).setup("fit")
+
+
+def test_a_json_array_file_loads_like_json_lines(tmp_path, tokenizer_dir):
+    docs = [f"Array document {i} about dictionaries and sets. " * 6 for i in range(40)]
+    array = tmp_path / "corpus.json"
+    array.write_text(json.dumps([{"text": t} for t in docs], indent=2))
+    assert count_json_records(array, "text") == 40
+    from_array = TextDataModule(data_files=str(array), tokenizer=str(tokenizer_dir), block_size=32)
+    from_lines = TextDataModule(
+        data_files=str(_write_jsonl(tmp_path / "corpus.jsonl", docs)),
+        tokenizer=str(tokenizer_dir), block_size=32,
+    )  # fmt: skip
+    from_array.setup("fit")
+    from_lines.setup("fit")
+    assert all(torch.equal(from_array.splits[k], from_lines.splits[k]) for k in from_lines.splits)
+    array.write_text('[{"text": "a"},\n {"body": "b"}]')
+    with pytest.raises(KeyError, match=r"corpus\.json: record 1: record has no text field 'text'"):
+        count_json_records(array, "text")
+    array.write_text('[{"text": "a"},\n {"text": }]')
+    with pytest.raises(ValueError, match=r"corpus\.json:2: malformed JSON array"):
+        count_json_records(array, "text")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path, tokenizer_dir, suffix):
+    path = tmp_path / f"bad{suffix}"
+    good = json.dumps({"text": "fine"}) if suffix == ".jsonl" else "fine"
+    path.write_bytes(f"{good}\n{good}\n".encode() + b"\xff\xfe" + f"{good}\n".encode())
+    dm = TextDataModule(data_files=str(path), tokenizer=str(tokenizer_dir))
+    with pytest.raises(
+        ValueError, match=rf"bad\{suffix}:3: not UTF-8 text \(byte 0xff at column 1\)"
+    ):
+        dm.setup("fit")
+
+
+def test_an_empty_text_file_is_named(tmp_path, tokenizer_dir):
+    path = tmp_path / "notes.txt"
+    path.write_text("\n   \n")
+    with pytest.raises(ValueError, match=r"notes\.txt: the corpus is empty"):
+        TextDataModule(data_files=str(path), tokenizer=str(tokenizer_dir)).setup("fit")
+
+
+def test_a_corrupt_parquet_file_is_named(tmp_path, tokenizer_dir):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(ValueError, match=r"could not read data_files .*broken\.parquet"):
+        TextDataModule(data_files=str(path), tokenizer=str(tokenizer_dir)).setup("fit")
 
 
 def test_invalid_arguments(tokenizer_dir):

@@ -427,8 +427,13 @@ def test_bad_noise_and_client_settings_are_named():
         NoiseSettings(mode="dp-sgd")
     with pytest.raises(ValueError, match="local_lr_per_client has 2 entries for 3 clients"):
         _trainer(1).fit(_module(local_lr_per_client=[0.1, 0.1], memorization=NO_MEM), _dm())
-    with pytest.raises(ValueError, match="clients_per_round"):
-        _trainer(1).fit(_module(clients_per_round=0, memorization=NO_MEM), _dm())
+    with pytest.raises(ValueError, match="clients_per_round=4 exceeds the 3 clients"):
+        _trainer(1).fit(_module(clients_per_round=4, memorization=NO_MEM), _dm())
+    # each used to run: 0 fell back to epochs (local_steps) or sampled nothing, < 0 trained nothing
+    for key in ("clients_per_round", "local_steps", "local_epochs"):
+        for bad in (0, -3):
+            with pytest.raises(ValueError, match=f"{key} must be >= 1 .*got {bad}"):
+                _module(**{key: bad})
 
 
 def test_memorization_refuses_settings_that_skip_every_canary():

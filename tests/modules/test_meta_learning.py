@@ -226,6 +226,14 @@ def test_float64_data_into_float32_net_gets_a_clear_error(tmp_path):
         _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(_linear_module(), dm)
 
 
+def test_net_outputs_must_match_the_task_classes(tmp_path):
+    module = MetaLearningModule(Conv1dNet(channels=4, n_way=3), method="fomaml")
+    trainer = _trainer(tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match=r"net has 3 outputs .* tasks have 5 classes"):
+        trainer.fit(module, MNIST1DFewShot(n_way=5, episodes_per_epoch=1))
+    assert trainer.global_step == 0
+
+
 @pytest.mark.parametrize("method", ["fo_b_maml_forward", "fo_b_maml_symmetric"])
 def test_vectorized_and_per_task_paths_agree_with_warm_start(method):
     """Same estimate from the vmapped and the looped path, warm start included (float64)."""

@@ -1,0 +1,67 @@
+"""Checks of local corpus files before ``datasets`` reads them.
+
+``datasets`` reports a bad byte, a malformed record or an empty file with a long traceback that
+names neither the file nor the line; these checks name both and count the documents.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of every line; a byte that is not UTF-8 names ``path:line``."""
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                yield line_number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{line_number}: not UTF-8 text (byte {raw[err.start]:#04x} at "
+                    f"column {err.start + 1}); re-encode the file as UTF-8"
+                ) from err
+
+
+def _check_record(record: object, text_field: str, where: str) -> None:
+    if not isinstance(record, dict) or text_field not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise KeyError(
+            f"{where}: record has no text field {text_field!r} (found {keys}); set data.text_field"
+        )
+
+
+def count_json_records(path: Path, text_field: str) -> int:
+    """Records of a JSON-lines file, or of a ``.json`` file holding one array of objects.
+
+    Raises naming ``path:line`` (JSON lines) or ``path: record i`` (array) on the first bad one.
+    """
+    lines = list(_decoded_lines(path))
+    first = next((text.lstrip()[:1] for _, text in lines if text.strip()), "")
+    if path.suffix == ".json" and first == "[":
+        try:
+            records = json.loads("".join(text for _, text in lines))
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}:{err.lineno}: malformed JSON array ({err.msg}, column {err.colno})"
+            ) from err
+        for i, record in enumerate(records):
+            _check_record(record, text_field, f"{path}: record {i}")
+        return len(records)
+    n_records = 0
+    for line_number, text in lines:
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_number}: malformed JSON line ({err.msg})") from err
+        _check_record(record, text_field, f"{path}:{line_number}")
+        n_records += 1
+    return n_records
+
+
+def count_text_lines(path: Path) -> int:
+    """Non-blank lines of a plain-text file (one document each, as ``datasets``' text builder)."""
+    return sum(1 for _, text in _decoded_lines(path) if text.strip())
