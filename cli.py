@@ -25,7 +25,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import strategies  # noqa: F401  (registers the project's strategies by name)
 from callbacks.metrics_file import MetricsFile
@@ -45,6 +47,15 @@ class MloCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Always-on callback, configurable as ``metrics_file.filename``.
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Lightning loads --ckpt_path into the model before the precision plugin casts it, so
+        # under 64-true the float64 checkpoint went through the float32 model first and lost
+        # its low bits: cast the model first (the plugin's own later cast is then a no-op).
+        if isinstance(self.trainer.strategy.precision_plugin, DoublePrecision):
+            self.model.double()
+        check_subcommand_is_supported(subcommand, self.model)
+        super()._run_subcommand(subcommand)
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's, plus errors and a note that name the checkpoint.
@@ -80,6 +91,27 @@ class MloCLI(LightningCLI):
         if changed:
             lines = "".join(f"\n  model.{k}: {before[k]!r} -> {v!r}" for k, v in changed.items())
             rank_zero_warn(f"--ckpt_path {ckpt_path} replaces model settings of the config{lines}")
+
+
+#: The step a module must define for each evaluation subcommand (``predict`` also accepts
+#: ``forward``: Lightning's default ``predict_step`` calls the module).
+STEP_OF_SUBCOMMAND = {"validate": "validation_step", "test": "test_step", "predict": "predict_step"}
+
+
+def check_subcommand_is_supported(subcommand: str, model: L.LightningModule) -> None:
+    """Exit naming the module and the missing step, before any data is loaded or model moved
+    (Lightning raises deep inside the run, and for ``predict`` blames a missing ``forward``)."""
+    step = STEP_OF_SUBCOMMAND.get(subcommand)
+    if step is None or is_overridden(step, model):
+        return
+    if subcommand == "predict" and is_overridden("forward", model):
+        return
+    name = type(model).__name__
+    supported = [s for s, method in STEP_OF_SUBCOMMAND.items() if is_overridden(method, model)]
+    raise SystemExit(
+        f"error: mlo {subcommand}: {name} defines no {step}(), so it has nothing to "
+        f"{subcommand}; {name} supports: {', '.join(['fit', *supported])}"
+    )
 
 
 def flat_settings(node: Any, prefix: str = "") -> dict[str, Any]:

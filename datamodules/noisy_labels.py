@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from datamodules.even_eval_sampler import even_eval_loader
+from datamodules.resumable_sampler import resumable_train_loader
 
 
 class LabeledDataset(Dataset):
@@ -139,12 +140,8 @@ class NoisyLabelDataModule(L.LightningDataModule):
         self.val_dataset = LabeledDataset(x[va].float(), y[va], va)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        # order from (seed, epoch) only, so a resumed run continues with the same batches
+        return resumable_train_loader(self, self.train_dataset, self.batch_size, self.seed, False)
 
     def val_dataloader(self) -> DataLoader:
         batch_size = self.val_batch_size or max(self.n_val, 1)

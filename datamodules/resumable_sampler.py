@@ -10,8 +10,9 @@ skips the samples this rank already consumed in the current epoch.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from typing import Any
 
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class ResumableSampler(DistributedSampler):
@@ -50,3 +51,39 @@ class ResumableSampler(DistributedSampler):
         indices = list(super().__iter__())
         skip, self._skip_samples = self._skip_samples, 0
         return iter(indices[skip:])
+
+
+def skip_consumed_batches(sampler: ResumableSampler, trainer: Any, batch_size: int) -> None:
+    """On resume, make ``sampler`` skip the batches this epoch already consumed.
+
+    Counted by Lightning's restored loop state: deriving them from ``global_step`` breaks under
+    ``limit_train_batches`` and under gradient accumulation with an epoch-end step on a partial
+    accumulation. ``processed``, not ``completed``: a checkpoint written in
+    ``on_train_batch_end`` (e.g. ``every_n_train_steps``) has processed the batch but not
+    completed it. A checkpoint from the epoch's last batch resumes in the next epoch, which
+    skips nothing.
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    done_in_epoch = progress.current.processed
+    if done_in_epoch > 0 and not progress.is_last_batch:
+        sampler.set_epoch(trainer.current_epoch)
+        sampler.skip_batches(done_in_epoch, batch_size)
+
+
+def resumable_train_loader(
+    datamodule: Any, dataset: Sized, batch_size: int, seed: int, drop_last: bool, **loader_kwargs
+) -> DataLoader:
+    """A shuffled training loader whose order depends on ``(seed, epoch)`` only and that resumes
+    mid-epoch: an interrupted and resumed run sees exactly the batches of an uninterrupted one.
+
+    Under DDP every rank reads its own ``1/world`` of each permutation (the sampler is a
+    ``DistributedSampler``, so Lightning does not wrap it again).
+    """
+    trainer = datamodule.trainer
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=drop_last)
+    if trainer is not None and trainer.fit_loop.restarting:
+        skip_consumed_batches(sampler, trainer, batch_size)
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=batch_size, drop_last=drop_last, **loader_kwargs
+    )

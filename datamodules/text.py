@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from datamodules.even_eval_sampler import EvenEvalSampler, PaddedBlocks
 from datamodules.file_checks import count_json_records, count_text_lines
-from datamodules.resumable_sampler import ResumableSampler
+from datamodules.resumable_sampler import resumable_train_loader
 from ops.goldfish import IGNORE_INDEX
 
 _BUILDERS = {
@@ -228,25 +228,9 @@ class TextDataModule(L.LightningDataModule):
             # Every block exactly once over the ranks, the same batch count on every rank.
             sampler = EvenEvalSampler(dataset, world, rank) if world > 1 else None
             return DataLoader(dataset, sampler=sampler, **kwargs)
-        sampler = ResumableSampler(
-            dataset, world, rank, shuffle=True, seed=self.hparams.shuffle_seed
+        return resumable_train_loader(
+            self, dataset, seed=self.hparams.shuffle_seed, drop_last=True, **kwargs
         )
-        if trainer is not None and trainer.fit_loop.restarting:
-            self._skip_consumed(sampler, trainer)
-        return DataLoader(dataset, sampler=sampler, drop_last=True, **kwargs)
-
-    def _skip_consumed(self, sampler: ResumableSampler, trainer: L.Trainer) -> None:
-        # On resume, skip the batches this epoch already consumed, as counted by Lightning's
-        # restored loop state: deriving them from global_step breaks under limit_train_batches
-        # and under gradient accumulation with an epoch-end step on a partial accumulation.
-        # ``processed``, not ``completed``: a checkpoint written in on_train_batch_end (e.g.
-        # every_n_train_steps) has processed the batch but not completed it. A checkpoint from
-        # the epoch's last batch resumes in the next epoch, which skips nothing.
-        progress = trainer.fit_loop.epoch_loop.batch_progress
-        done_in_epoch = progress.current.processed
-        if done_in_epoch > 0 and not progress.is_last_batch:
-            sampler.set_epoch(trainer.current_epoch)
-            sampler.skip_batches(done_in_epoch, self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

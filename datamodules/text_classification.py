@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from datamodules.even_eval_sampler import even_eval_loader
+from datamodules.resumable_sampler import resumable_train_loader
 
 SUBJECTS = (
     "The hotel room", "The pasta", "This laptop", "The train journey", "The new phone",
@@ -161,7 +162,10 @@ class SentimentNoisyDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset, batch_size=self.hparams.batch_size, shuffle=True)
+        # order from (seed, epoch) only (it used the global RNG), so a resumed run continues with
+        # the same batches
+        hp = self.hparams
+        return resumable_train_loader(self, self.train_dataset, hp.batch_size, hp.seed, False)
 
     def val_dataloader(self) -> DataLoader:
         return even_eval_loader(self, self.val_dataset, self.hparams.batch_size, default_collate)

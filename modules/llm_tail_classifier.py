@@ -110,6 +110,7 @@ class LoRATailClassifier(ScoredEvalMetrics, L.LightningModule):
         self.norm, self.rotary = net.model.norm, net.model.rotary_emb
         self.norm.requires_grad_(False)
         del net
+        self.train()  # from_pretrained returns eval mode (Lightning warned at every fit)
         self.init_eval_metrics()
 
     def forward(self, hidden: torch.Tensor, length: torch.Tensor) -> torch.Tensor:

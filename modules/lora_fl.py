@@ -237,6 +237,7 @@ class FederatedLoRAModule(L.LightningModule):
     def build_model(self, vocab_size: int | None) -> None:
         """Build the network (and adapters); done in ``__init__`` when the vocab size is known."""
         self.net = build_causal_lm(self.hparams.model, vocab_size=vocab_size, dtype="float32")
+        self.net.train()  # from_pretrained returns eval mode (Lightning warned at every fit)
         if self.hparams.finetune_mode == "lora":
             self.net.requires_grad_(False)
             self.adapter = LoraAdapter(

@@ -238,3 +238,57 @@ def test_an_unreadable_checkpoint_is_named(tmp_path, content):
         path.write_text("this is not a checkpoint\n")
     with pytest.raises(SystemExit, match=r"--ckpt_path .*broken\.ckpt: not a readable PyTorch"):
         main(["validate", *FAST, f"--ckpt_path={path}"])
+
+
+def _every_step_checkpoints(directory) -> list[str]:
+    return [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={directory}", "--trainer.callbacks.every_n_train_steps=1",
+        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step}",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [
+        # 64-true: the checkpoint used to pass through the float32 model (8.5e-10 off)
+        ("configs/fo_maml/linear_regression.yaml", ["--model.init_args.inner_steps=5"]),
+        # mini-batches resumed mid-epoch: the loader used to replay epoch 0's order
+        (
+            "configs/hyperinf/mislabel_digits.yaml",
+            ["--data.init_args.batch_size=100", "--trainer.callbacks.init_args.methods=[grad_dot]"],
+        ),
+    ],
+)
+def test_resume_through_the_cli_is_bit_identical(tmp_path, config, extra):
+    common = ["--config", config, *extra, "--trainer.max_steps=4",
+              "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+              f"--trainer.logger.init_args.save_dir={tmp_path}"]  # fmt: skip
+    main(["fit", *common, *_every_step_checkpoints(tmp_path / "straight")])
+    main(["fit", *common, *_every_step_checkpoints(tmp_path / "resumed"),
+          f"--ckpt_path={tmp_path / 'straight' / 'step=2.ckpt'}"])  # fmt: skip
+    straight = torch.load(tmp_path / "straight" / "step=4.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "step=4.ckpt", weights_only=False)
+    for key, value in straight["state_dict"].items():
+        assert value.dtype == resumed["state_dict"][key].dtype
+        assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "config", "message"),
+    [
+        (
+            "test",
+            "configs/cubic_newton/saddle.yaml",
+            r"mlo test: CubicNewtonModule defines no test_step\(\).*supports: fit, validate$",
+        ),
+        (
+            "predict",
+            "configs/lora_fl/smoke.yaml",
+            r"mlo predict: FederatedLoRAModule defines no predict_step\(\)",
+        ),
+    ],
+)
+def test_a_subcommand_the_module_does_not_support_is_named(tmp_path, subcommand, config, message):
+    with pytest.raises(SystemExit, match=message):
+        main([subcommand, "--config", config, f"--trainer.logger.init_args.save_dir={tmp_path}"])

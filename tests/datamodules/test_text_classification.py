@@ -67,3 +67,16 @@ def test_seed_determines_the_draw(tokenizer_dir):
     assert not torch.equal(
         a.train_dataset.tensors["sample_id"], c.train_dataset.tensors["sample_id"]
     )
+
+
+def test_training_order_depends_on_seed_and_epoch_only(tokenizer_dir):
+    # it came from the global RNG, which a checkpoint does not restore: a resumed run trained
+    # on other batches than an uninterrupted one
+    def first_epoch_ids(seed):
+        dm = _dm(tokenizer_dir, seed=0)
+        torch.manual_seed(seed)  # the global RNG must not matter
+        return torch.cat([b["sample_id"] for b in dm.train_dataloader()])
+
+    order = first_epoch_ids(1)
+    assert torch.equal(order, first_epoch_ids(2))
+    assert sorted(order.tolist()) != order.tolist()  # still shuffled

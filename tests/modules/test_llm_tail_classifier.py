@@ -48,6 +48,7 @@ def test_tail_on_prefix_states_equals_whole_model(tiny_llama_dir, data):
 def test_only_lora_and_head_train_and_vmap_grads_match_loop(tiny_llama_dir, data):
     tensors, _ = data
     clf = LoRATailClassifier(model=str(tiny_llama_dir), tail_layers=2, init_seed=0)
+    assert all(m.training for m in clf.modules())  # from_pretrained's eval mode is undone
     trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n == "head.weight" for n in trainable)
     assert sum("lora_A" in n for n in trainable) == 4  # q_proj, v_proj x 2 layers

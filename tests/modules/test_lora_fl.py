@@ -453,6 +453,9 @@ def test_save_pretrained_writes_the_merged_global_model(tmp_path):
     with torch.no_grad():
         expected = m.merged_model().eval()(input_ids=ids).logits
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+    # a module on a pretrained base starts in train mode (from_pretrained returns eval mode)
+    on_base = FederatedLoRAModule(model=str(out), memorization=NO_MEM)
+    assert all(module.training for module in on_base.net.modules())
 
 
 @pytest.mark.parametrize("finetune_mode", ["lora", "full"])
