@@ -33,11 +33,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """``global_step`` saved in a local checkpoint file (memory-mapped: no tensor is read)."""
+    if not Path(path).is_file():
+        return None  # a sharded directory or a remote URL
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    step = checkpoint.get("global_step")
+    return int(step) if step is not None else None
+
+
 class MetricsFile(L.Callback):
     """At the end of fit / validate / test, write ``metrics.json`` with every logged metric.
 
     The file is rewritten after each stage, so it always holds the latest values together
-    with the stage that produced them and the global step.
+    with the stage that produced them and the global step; after ``--ckpt_path`` also the
+    checkpoint and the step it was saved at.
 
     Args:
         filename: name of the file inside the log directory.
@@ -51,11 +61,15 @@ class MetricsFile(L.Callback):
         path = log_dir_of(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
         metrics = {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())}
-        record = {
+        record: dict[str, Any] = {
             "stage": stage,
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
         }
+        if trainer.ckpt_path:
+            # validate/test restore the weights only (global_step stays 0): name what was scored
+            record["ckpt_path"] = str(trainer.ckpt_path)
+            record["ckpt_global_step"] = checkpoint_step(trainer.ckpt_path)
         path.write_text(json.dumps({**record, "metrics": metrics}, indent=2) + "\n")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -52,3 +52,20 @@ def test_metrics_json_after_each_stage(tmp_path):
     tested = json.loads(path.read_text())
     assert tested == _expected(trainer, "test")
     assert tested["metrics"]["test/nan_metric"] == "nan" and "test/loss" in tested["metrics"]
+
+
+def test_a_checkpoint_evaluation_names_the_checkpoint_and_its_step(tmp_path):
+    fit = L.Trainer(
+        accelerator="cpu", max_steps=3, limit_val_batches=1, default_root_dir=tmp_path,
+        enable_progress_bar=False, enable_model_summary=False, logger=False,
+    )  # fmt: skip
+    fit.fit(LoggingBoringModel())
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    trainer = L.Trainer(
+        accelerator="cpu", limit_val_batches=1, default_root_dir=tmp_path / "eval",
+        callbacks=[MetricsFile()], enable_progress_bar=False, logger=False,
+    )  # fmt: skip
+    trainer.validate(LoggingBoringModel(), ckpt_path=str(ckpt), verbose=False)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["global_step"] == 0  # validate restores the weights only
+    assert written["ckpt_path"] == str(ckpt) and written["ckpt_global_step"] == 3
