@@ -197,17 +197,17 @@ def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path, tokenizer_dir, su
         dm.setup("fit")
 
 
-def test_an_empty_text_file_is_named(tmp_path, tokenizer_dir):
-    path = tmp_path / "notes.txt"
-    path.write_text("\n   \n")
-    with pytest.raises(ValueError, match=r"notes\.txt: the corpus is empty"):
-        TextDataModule(data_files=str(path), tokenizer=str(tokenizer_dir)).setup("fit")
-
-
-def test_a_corrupt_parquet_file_is_named(tmp_path, tokenizer_dir):
-    path = tmp_path / "broken.parquet"
-    path.write_bytes(b"PAR1 this is not a parquet file")
-    with pytest.raises(ValueError, match=r"could not read data_files .*broken\.parquet"):
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("notes.txt", b"\n   \n", r"notes\.txt: the corpus is empty"),
+        ("broken.parquet", b"PAR1 not parquet", r"could not read data_files .*broken\.parquet"),
+    ],
+)
+def test_an_empty_or_unreadable_file_is_named(tmp_path, tokenizer_dir, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
         TextDataModule(data_files=str(path), tokenizer=str(tokenizer_dir)).setup("fit")
 
 
