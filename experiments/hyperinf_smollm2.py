@@ -9,7 +9,7 @@ English sentiment sentences from ``datamodules.text_classification`` (200 train 
 50 clean validation), trained by a Lightning ``Trainer`` with ``HyperINFCallback`` scoring every
 method side by side on the LoRA + head gradients.
 
-    python experiments/hyperinf_smollm2.py            # 3 seeds (14 min on a heavily shared CPU)
+    python experiments/hyperinf_smollm2.py --seeds 10  # the committed results (~6 min)
     python experiments/hyperinf_smollm2.py --quick    # 1 seed, fewer epochs
 
 Writes ``docs/results/hyperinf_smollm2/summary.json``, PNG plots there, and the measured section
