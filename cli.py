@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-import zipfile
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -69,27 +68,29 @@ class MloCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path:
             return super()._parse_ckpt_path()
-        unreadable = (
-            f"error: --ckpt_path {ckpt_path}: not a readable PyTorch checkpoint (truncated or "
-            "another kind of file)"
-        )
-        if Path(ckpt_path).is_file() and not zipfile.is_zipfile(ckpt_path):
-            raise SystemExit(unreadable)  # torch's unpickler fails on it with random errors
-        before = flat_settings(self.config[subcommand].get("model"))
+        before = plain_settings(self.config[subcommand].get("model"))
         try:
             super()._parse_ckpt_path()
         except SystemExit:
+            model = before.get("class_path") if isinstance(before, dict) else before
             sys.stderr.write(
                 f"--ckpt_path {ckpt_path}: its saved hyperparameters do not fit the config's "
-                f"model ({before.get('class_path')}); was it trained with another config?\n"
+                f"model ({model}); was it trained with another config?\n"
             )
             raise
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-            raise SystemExit(f"{unreadable}: {type(err).__name__}: {err}") from err
-        after = flat_settings(self.config[subcommand].get("model"))
-        changed = {k: v for k, v in after.items() if k in before and before[k] != v}
-        if changed:
-            lines = "".join(f"\n  model.{k}: {before[k]!r} -> {v!r}" for k, v in changed.items())
+        except pickle.UnpicklingError as err:
+            # weights-only loading refuses objects it does not know (custom hparam types) and
+            # fails on garbage: torch's message says which
+            raise SystemExit(f"error: --ckpt_path {ckpt_path}: torch.load failed: {err}") from err
+        except Exception as err:  # a truncated or foreign file fails anywhere in the unpickler
+            raise SystemExit(
+                f"error: --ckpt_path {ckpt_path}: not a readable PyTorch checkpoint (truncated or "
+                f"another kind of file?): {type(err).__name__}: {err}"
+            ) from err
+        after = plain_settings(self.config[subcommand].get("model"))
+        changes = changed_settings(before, after)
+        if changes:
+            lines = "".join(f"\n  model.{key}: {old!r} -> {new!r}" for key, old, new in changes)
             rank_zero_warn(f"--ckpt_path {ckpt_path} replaces model settings of the config{lines}")
 
 
@@ -114,16 +115,25 @@ def check_subcommand_is_supported(subcommand: str, model: L.LightningModule) -> 
     )
 
 
-def flat_settings(node: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"init_args.lora.r": 8, ...}``: the leaves of a (jsonargparse) config node."""
-    if hasattr(node, "as_dict"):
-        node = node.as_dict()
-    if not isinstance(node, dict):
-        return {prefix: node} if prefix else {}
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        flat.update(flat_settings(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
+def plain_settings(node: Any) -> Any:
+    """A (jsonargparse) config node as plain dicts and lists."""
+    return node.as_dict() if hasattr(node, "as_dict") else node
+
+
+def changed_settings(before: Any, after: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, before, after)`` of every configured setting that ``after`` changes.
+
+    Dicts are compared key by key; anything else (``None`` becoming a dict included) as a whole.
+    Keys the configuration did not have are not reported.
+    """
+    if isinstance(before, dict) and isinstance(after, dict):
+        changes = []
+        for key, value in before.items():
+            if key in after:
+                path = f"{prefix}.{key}" if prefix else str(key)
+                changes += changed_settings(value, after[key], path)
+        return changes
+    return [] if before == after else [(prefix, before, after)]
 
 
 def config_paths(args: list[str]) -> list[str]:

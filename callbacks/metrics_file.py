@@ -37,7 +37,10 @@ def checkpoint_step(path: str | Path) -> int | None:
     """``global_step`` saved in a local checkpoint file (memory-mapped: no tensor is read)."""
     if not Path(path).is_file():
         return None  # a sharded directory or a remote URL
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # legacy (non-zip) format or custom objects: a missing step, not a crash
+        return None
     step = checkpoint.get("global_step")
     return int(step) if step is not None else None
 

@@ -32,16 +32,25 @@ def _check_record(record: object, text_field: str, where: str) -> None:
         )
 
 
+def _starts_with_array(path: Path) -> bool:
+    """Whether the first non-blank character of the file is ``[``."""
+    with path.open("rb") as f:
+        while chunk := f.read(4096):
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped.startswith(b"[")
+    return False
+
+
 def count_json_records(path: Path, text_field: str) -> int:
     """Records of a JSON-lines file, or of a ``.json`` file holding one array of objects.
 
     Raises naming ``path:line`` (JSON lines) or ``path: record i`` (array) on the first bad one.
     """
-    lines = list(_decoded_lines(path))
-    first = next((text.lstrip()[:1] for _, text in lines if text.strip()), "")
-    if path.suffix == ".json" and first == "[":
+    if path.suffix == ".json" and _starts_with_array(path):
+        text = "".join(line for _, line in _decoded_lines(path))
         try:
-            records = json.loads("".join(text for _, text in lines))
+            records = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(
                 f"{path}:{err.lineno}: malformed JSON array ({err.msg}, column {err.colno})"
@@ -50,7 +59,7 @@ def count_json_records(path: Path, text_field: str) -> int:
             _check_record(record, text_field, f"{path}: record {i}")
         return len(records)
     n_records = 0
-    for line_number, text in lines:
+    for line_number, text in _decoded_lines(path):  # streamed: corpora can be large
         if not text.strip():
             continue
         try:

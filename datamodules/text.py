@@ -93,7 +93,8 @@ def load_documents(
         raise KeyError(f"no text column {text_field!r} in the data (columns: {ds.column_names})")
     ds = ds.filter(lambda r: bool(r[text_field] and r[text_field].strip()))
     if len(ds) == 0:
-        raise ValueError("the corpus is empty: no non-blank documents in the data")
+        source = data_files if data_files is not None else dataset_dir or hub_dataset
+        raise ValueError(f"{source}: the corpus is empty (no non-blank {text_field!r} documents)")
     return ds
 
 

@@ -226,17 +226,44 @@ def test_a_checkpoint_that_changes_the_configured_model_says_so(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*replaces model settings")
         main(common)  # the same config: no note
+    # a whole group that the config leaves null (LoRA) is reported too
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["hyper_parameters"]["lora"] = {"r": 4, "alpha": 8}
+    with_lora = tmp_path / "with_lora.ckpt"
+    torch.save(checkpoint, with_lora)
+    note = pytest.warns(UserWarning, match=r"model\.init_args\.lora: None -> \{'r': 4")
+    with note, pytest.raises(RuntimeError):  # the weights have no adapters: they do not load
+        main(["validate", *FAST, f"--ckpt_path={with_lora}", "--trainer.limit_val_batches=1",
+              f"--trainer.logger.init_args.save_dir={tmp_path}"])  # fmt: skip
+    # the legacy (non-zip) serialization is a valid checkpoint
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(torch.load(ckpt, weights_only=False), legacy, _use_new_zipfile_serialization=False)
+    legacy_run = main(["validate", *FAST, f"--ckpt_path={legacy}", "--trainer.limit_val_batches=1",
+                       f"--trainer.logger.init_args.save_dir={tmp_path}"])  # fmt: skip
+    assert "val/loss" in legacy_run.trainer.callback_metrics
 
 
-@pytest.mark.parametrize("content", ["truncated", "text"])
-def test_an_unreadable_checkpoint_is_named(tmp_path, content):
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("truncated", "not a readable PyTorch checkpoint"),
+        ("text", "not a readable PyTorch checkpoint"),
+        # intact, but holding an object weights-only loading does not allow: not "truncated"
+        ("custom object", "torch.load failed: Weights only load failed"),
+    ],
+)
+def test_an_unreadable_checkpoint_is_named(tmp_path, content, message):
+    from fractions import Fraction
+
     path = tmp_path / "broken.ckpt"
     if content == "truncated":
         torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
         path.write_bytes(path.read_bytes()[:2000])
-    else:
+    elif content == "text":
         path.write_text("this is not a checkpoint\n")
-    with pytest.raises(SystemExit, match=r"--ckpt_path .*broken\.ckpt: not a readable PyTorch"):
+    else:
+        torch.save({"state_dict": {}, "hyper_parameters": {"ratio": Fraction(1, 3)}}, path)
+    with pytest.raises(SystemExit, match=rf"--ckpt_path .*broken\.ckpt: {message}"):
         main(["validate", *FAST, f"--ckpt_path={path}"])
 
 

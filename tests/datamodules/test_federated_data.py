@@ -169,6 +169,10 @@ def test_clients_from_local_files_with_hf_tokenizer(tmp_path, tokenizer_dir):
         FederatedTextDataModule(
             source="files", client_files=[str(tmp_path / "missing.jsonl")]
         ).setup()
+    blank = tmp_path / "blank_client.jsonl"
+    blank.write_text('{"text": "  "}\n')
+    with pytest.raises(ValueError, match=r"blank_client\.jsonl: the corpus is empty"):
+        FederatedTextDataModule(source="files", client_files=[files[0], str(blank)]).setup()
     unsupported = tmp_path / "client.csv"  # was silently read as plain text
     unsupported.write_text("text\nhello\n")
     with pytest.raises(ValueError, match=r"unsupported data file type\(s\) \['\.csv'\]"):

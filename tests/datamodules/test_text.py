@@ -160,7 +160,7 @@ def test_missing_text_field_and_empty_corpus(tmp_path, tokenizer_dir):
     with pytest.raises(ValueError, match="empty"):
         TextDataModule(data_files=str(empty), tokenizer=str(tokenizer_dir)).setup("fit")
     blank = _write_jsonl(tmp_path / "blank.jsonl", ["   ", ""])
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"blank\.jsonl: the corpus is empty"):
         TextDataModule(data_files=str(blank), tokenizer=str(tokenizer_dir)).setup("fit")
 
 
