@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from lightning.fabric.plugins.environments.lightning import find_free_network_port  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from ops.layer_parallel import LayerParallelPlan, count_allreduces, rms_normalize  # noqa: E402
@@ -227,7 +228,8 @@ def tp_check(args) -> dict:
         raise ValueError(f"TP needs heads ({args.heads}) and kv_heads ({args.kv_heads}) divisible "
                          f"by world={world}, and an even world")  # fmt: skip
     out_file = tempfile.mktemp(suffix=".pt")
-    port = 29500 + os.getpid() % 1000
+    # a port the OS reports free (a pid-derived one could collide with a concurrent DDP run)
+    port = find_free_network_port()
     torch.multiprocessing.spawn(tp_worker, args=(world, args, port, out_file), nprocs=world)
     res = torch.load(out_file)
     os.remove(out_file)
