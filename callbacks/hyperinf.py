@@ -6,7 +6,8 @@ validation loss (``ops.influence``; ``> 0`` = harmful) with the trainable parame
 It writes ``influence.csv`` (or ``.parquet``) and ``influence_summary.json`` to
 ``<log_dir>/influence``, logs score statistics, a histogram per method and the top/bottom examples
 to the logger, and, if the flipped labels are known (datamodule ``noisy_mask`` or
-``noise_index_path``), the detection ROC-AUC and recall at 10%/20% inspected.
+``noise_index_path``), the detection ROC-AUC, recall at 10%/20% inspected and an image of the
+detection curves.
 
 DDP: every rank scores its own shard (``rank::world_size``, no padding), the curvature statistics
 are all-reduced, and the scores are gathered on rank 0, which writes the files.

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from ops.influence_metrics import detection_rate, roc_auc
+from ops.influence_metrics import detection_curve, detection_rate, roc_auc
 
 
 def write_table(table: dict[str, torch.Tensor], out_dir: Path, fmt: str) -> Path:
@@ -35,6 +35,24 @@ def noise_metrics(table: dict[str, torch.Tensor], methods: list[str]) -> dict[st
         metrics[f"influence/{m}/detect_at_10"] = detection_rate(s, mask, 0.1)
         metrics[f"influence/{m}/detect_at_20"] = detection_rate(s, mask, 0.2)
     return metrics
+
+
+def detection_curve_figure(table: dict[str, torch.Tensor], methods: list[str]):
+    """Matplotlib figure: fraction of flipped labels found vs fraction of examples inspected
+    (highest score first), one curve per method, with the random-inspection diagonal."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
+    mask = table["is_noisy"]
+    inspected = torch.arange(1, mask.numel() + 1, dtype=torch.float64) / mask.numel()
+    fig = Figure(figsize=(5.0, 4.0))
+    ax = fig.add_subplot()
+    for m in methods:
+        ax.plot(inspected, detection_curve(table[f"score_{m}"], mask), label=m)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random")
+    ax.set(xlabel="fraction of training set inspected", ylabel="fraction of flipped labels found")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _top_bottom_markdown(table: dict[str, torch.Tensor], method: str, k: int) -> str:
@@ -83,4 +101,8 @@ def log_influence(
             experiment.add_text(
                 "influence/top_bottom", _top_bottom_markdown(table, methods[0], top_k), step
             )
+        has_both = "is_noisy" in table and 0 < int(table["is_noisy"].sum()) < len(table["is_noisy"])
+        if has_both and hasattr(experiment, "add_figure"):
+            figure = detection_curve_figure(table, methods)
+            experiment.add_figure("influence/detection_curve", figure, step)
         logger.save()

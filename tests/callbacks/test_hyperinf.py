@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from callbacks.hyperinf import HyperINFCallback, merge_parts
+from callbacks.hyperinf_report import detection_curve_figure
 from datamodules.noisy_labels import NoisyLabelDataModule
 from modules.sequence_classifier import LoRAClassifier
 from ops.influence_config import GradConfig
@@ -102,11 +103,22 @@ def test_parquet_and_tensorboard_histograms(tmp_path) -> None:
     trainer = _trainer(tmp_path, cb, logger=TensorBoardLogger(tmp_path, name="tb"))
     trainer.fit(_model(), _data())
     assert len(pd.read_parquet(tmp_path / "inf" / "influence.parquet")) == N_TRAIN
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0, "tensors": 0})
+    sizes = {"histograms": 0, "tensors": 0, "images": 0}
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance=sizes)
     acc.Reload()
     assert "influence/hyperinf/scores" in acc.Tags()["histograms"]
     assert "influence/hyperinf/auc" in acc.Tags()["scalars"]
     assert any("top_bottom" in t for t in acc.Tags()["tensors"])
+    assert acc.Tags()["images"] == ["influence/detection_curve"]
+
+
+def test_detection_curve_figure_plots_each_method_and_the_diagonal() -> None:
+    scores = torch.tensor([0.9, 0.1, 0.8, 0.3])
+    table = {"score_a": scores, "score_b": -scores, "is_noisy": torch.tensor([1, 0, 0, 1]).bool()}
+    lines = detection_curve_figure(table, ["a", "b"]).axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["a", "b", "random"]
+    assert lines[0].get_xydata().tolist() == [[0.25, 0.5], [0.5, 0.5], [0.75, 1.0], [1.0, 1.0]]
+    assert lines[1].get_ydata().tolist() == [0.0, 0.5, 0.5, 1.0]
 
 
 def test_standalone_validate_computes_with_noise_file(tmp_path) -> None:
