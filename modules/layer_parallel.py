@@ -81,6 +81,13 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     return float(torch.tensor(total / count).exp())
 
 
+#: Constructor arguments that are evaluation choices, not part of the trained model.
+RUN_TIME_SETTINGS = (
+    "mode", "compare_sequential", "decode_new_tokens", "decode_prompt_len", "decode_batch_size",
+    "decode_repeats", "generation",
+)  # fmt: skip
+
+
 class LayerParallelModule(L.LightningModule):
     """Evaluate / generate with / fine-tune a Hugging Face Llama-family model under layer parallelism.
 
@@ -141,9 +148,14 @@ class LayerParallelModule(L.LightningModule):
         for key, (value, low) in decode.items():
             if value < low:
                 raise ValueError(f"LayerParallelModule {key}={value} must be >= {low}")
-        # Decoding settings are run-time choices: kept out of the checkpoint, whose hyperparameters
-        # LightningCLI would otherwise let override the predict config.
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "generation"])
+        # Evaluation choices (LP implementation, baseline, decode measurement, decoding) are
+        # run-time settings, kept out of the checkpoint: LightningCLI applies a checkpoint's
+        # hyperparameters over the config, so a model fine-tuned with `mode: reference` was
+        # tested in reference mode whatever `mlo test` asked for. The weights are the same in
+        # both modes.
+        self.mode, self.compare_sequential = mode, compare_sequential
+        self.decode_settings = {key: value for key, (value, _) in decode.items()}
+        self.save_hyperparameters(ignore=[*RUN_TIME_SETTINGS, "optimizer", "lr_scheduler"])
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.generation = generation or GenerationSettings()
         self.tokenizer = load_tokenizer(tokenizer)
@@ -194,32 +206,32 @@ class LayerParallelModule(L.LightningModule):
     def _check_decode_fits_the_test_data(self) -> None:
         """Refuse a decode prompt the test blocks cannot supply now, not after the test pass."""
         data = getattr(self.trainer, "datamodule", None)
-        if self.hparams.decode_new_tokens <= 0 or data is None:
+        if self.decode_settings["decode_new_tokens"] <= 0 or data is None:
             return
         for key, data_key in [
             ("decode_prompt_len", "block_size"),
             ("decode_batch_size", "batch_size"),
         ]:
             have = getattr(data, data_key, None)
-            if isinstance(have, int) and self.hparams[key] > have:
+            if isinstance(have, int) and self.decode_settings[key] > have:
                 raise ValueError(
-                    f"model.{key}={self.hparams[key]} exceeds data.{data_key}={have}: the decode "
+                    f"model.{key}={self.decode_settings[key]} exceeds data.{data_key}={have}: the decode "
                     "measurement takes its prompts from one test batch (lower it, or set "
                     "model.decode_new_tokens: 0 to skip the measurement)"
                 )
 
     def on_validation_start(self) -> None:
-        self.use_mode(self.hparams.mode)
+        self.use_mode(self.mode)
 
     def on_validation_end(self) -> None:
         if self.trainer.state.fn == "fit":
             self.use_mode("reference")
 
     def on_test_start(self) -> None:
-        self.use_mode(self.hparams.mode)
+        self.use_mode(self.mode)
 
     def on_predict_start(self) -> None:
-        self.use_mode(self.hparams.mode)
+        self.use_mode(self.mode)
 
     # ----------------------------------------------------------------- steps
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
@@ -237,13 +249,13 @@ class LayerParallelModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         ids, labels = batch["input_ids"], batch["labels"]
         self.metrics[f"{stage}_lp"].update(self.model(input_ids=ids).logits, labels)
-        if self.hparams.compare_sequential:
+        if self.compare_sequential:
             with sequential_layers(self.model):
                 self.metrics[f"{stage}_seq"].update(self.model(input_ids=ids).logits, labels)
         if stage == "test" and self._decode_prompt is None:
-            n = self.hparams.decode_prompt_len
-            rows = ids[: self.hparams.decode_batch_size, :n]
-            if rows.shape[0] == self.hparams.decode_batch_size and rows.shape[1] == n:
+            n = self.decode_settings["decode_prompt_len"]
+            rows = ids[: self.decode_settings["decode_batch_size"], :n]
+            if rows.shape[0] == self.decode_settings["decode_batch_size"] and rows.shape[1] == n:
                 self._decode_prompt = rows.clone()
 
     def _reset_metrics(self, stage: str) -> None:
@@ -255,7 +267,7 @@ class LayerParallelModule(L.LightningModule):
         # value; sync_dist averages identical numbers (and spares DDP users Lightning's warning).
         ppl = self.metrics[f"{stage}_lp"].compute()
         self.log(f"{stage}/ppl", ppl, prog_bar=True, sync_dist=True)
-        if self.hparams.compare_sequential:
+        if self.compare_sequential:
             seq = self.metrics[f"{stage}_seq"].compute()
             self.log(f"{stage}/ppl_seq", seq, sync_dist=True)
             self.log(f"{stage}/ppl_ratio", ppl / seq, prog_bar=True, sync_dist=True)
@@ -280,16 +292,16 @@ class LayerParallelModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_ppl("test")
-        n_new = self.hparams.decode_new_tokens
+        n_new = self.decode_settings["decode_new_tokens"]
         if n_new <= 0:
             return
         if self._decode_prompt is None:
             raise ValueError(
                 f"decode measurement needs a test batch of >= decode_batch_size="
-                f"{self.hparams.decode_batch_size} rows of >= decode_prompt_len="
-                f"{self.hparams.decode_prompt_len} tokens (set decode_new_tokens: 0 to skip it)"
+                f"{self.decode_settings['decode_batch_size']} rows of >= decode_prompt_len="
+                f"{self.decode_settings['decode_prompt_len']} tokens (set decode_new_tokens: 0 to skip it)"
             )
-        prompt, repeats = self._decode_prompt, self.hparams.decode_repeats
+        prompt, repeats = self._decode_prompt, self.decode_settings["decode_repeats"]
         lp = decode_tokens_per_s(self.model, prompt, n_new, repeats=repeats)
         with sequential_layers(self.model):
             seq = decode_tokens_per_s(self.model, prompt, n_new, repeats=repeats)

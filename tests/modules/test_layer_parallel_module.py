@@ -282,3 +282,16 @@ def test_cli_test_refuses_a_decode_prompt_longer_than_a_block_before_testing(
              "--model.init_args.decode_prompt_len", "33"]
         )  # fmt: skip
     assert tested == []
+
+
+def test_evaluation_choices_stay_out_of_the_checkpoint_hyperparameters(hf_dir):
+    # LightningCLI applies checkpoint hyperparameters over the config: a model fine-tuned in
+    # reference mode was then tested in reference mode whatever `mlo test` asked for
+    from modules.layer_parallel import RUN_TIME_SETTINGS
+
+    module = LayerParallelModule(
+        model=str(hf_dir), plan={"start": 2, "end": 6}, mode="reference", decode_repeats=2
+    )
+    assert not set(RUN_TIME_SETTINGS) & set(module.hparams)
+    assert {"model", "plan", "post_norm_mode", "train_with_lp"} <= set(module.hparams)
+    assert module.mode == "reference" and module.decode_settings["decode_repeats"] == 2
