@@ -28,7 +28,7 @@ class SampleGenerations(L.Callback):
 
     Works with any LightningModule that has a Hugging Face causal LM as ``model`` and its
     ``tokenizer`` (``CausalLMModule``, ``LayerParallelModule``). Rank 0 decodes alone, with the
-    module in eval mode; under multi-process FSDP the weights are sharded, so it is skipped.
+    module in eval mode; under FSDP (sharded, flattened parameters) it is skipped.
 
     Args:
         prompts: texts to complete.
@@ -74,8 +74,10 @@ class SampleGenerations(L.Callback):
         self._validations += 1
         if self._validations % self.every_n_validations:
             return
-        if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
-            rank_zero_warn("SampleGenerations skipped: the weights are sharded under FSDP")
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # FSDP units are meant to run inside the root's forward (sharded or flattened
+            # parameters); decoding through the inner model would bypass it, even on one device
+            rank_zero_warn("SampleGenerations skipped under FSDP: generate from the checkpoint")
             return
         if trainer.global_rank != 0:
             return  # the unwrapped model runs no collective, so rank 0 decodes alone

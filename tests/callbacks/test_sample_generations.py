@@ -55,3 +55,19 @@ def test_bad_settings_and_modules_without_a_language_model_are_refused():
 
         trainer.fit(BoringModel())
     assert trainer.global_step == 0
+
+
+def test_fsdp_is_skipped_with_a_warning():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    # A real FSDPStrategy object (never set up: that needs CUDA); only its type is read.
+    trainer = SimpleNamespace(
+        strategy=FSDPStrategy.__new__(FSDPStrategy), sanity_checking=False, world_size=1,
+        state=SimpleNamespace(fn=TrainerFn.FITTING), global_rank=0, loggers=[],
+    )  # fmt: skip
+    module = SimpleNamespace(model=None, tokenizer=None)  # decoding would fail on these
+    with pytest.warns(UserWarning, match="SampleGenerations skipped under FSDP"):
+        SampleGenerations().on_validation_end(trainer, module)
