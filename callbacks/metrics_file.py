@@ -50,7 +50,7 @@ class MetricsFile(L.Callback):
 
     The file is rewritten after each stage, so it always holds the latest values together
     with the stage that produced them and the global step; after ``--ckpt_path`` also the
-    checkpoint and the step it was saved at.
+    checkpoint it loaded and that checkpoint's step.
 
     Args:
         filename: name of the file inside the log directory.

@@ -173,8 +173,8 @@ class FederatedTextDataModule(L.LightningDataModule):
         super().__init__()
         if source == "files" and not client_files:
             raise ValueError("source='files' needs client_files: one local file per client")
-        for key, value in {"num_rounds": num_rounds, "batch_size": batch_size,
-                           "max_length": max_length}.items():  # fmt: skip
+        sizes = {"num_rounds": num_rounds, "batch_size": batch_size, "max_length": max_length}
+        for key, value in sizes.items():
             if value < 1:
                 raise ValueError(f"FederatedTextDataModule {key} must be >= 1, got {value}")
         self.num_rounds, self.source, self.client_files = num_rounds, source, client_files

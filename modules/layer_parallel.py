@@ -154,7 +154,8 @@ class LayerParallelModule(L.LightningModule):
         # tested in reference mode whatever `mlo test` asked for. The weights are the same in
         # both modes.
         self.mode, self.compare_sequential = mode, compare_sequential
-        self.decode_settings = {key: value for key, (value, _) in decode.items()}
+        self.decode_new_tokens, self.decode_prompt_len = decode_new_tokens, decode_prompt_len
+        self.decode_batch_size, self.decode_repeats = decode_batch_size, decode_repeats
         self.save_hyperparameters(ignore=[*RUN_TIME_SETTINGS, "optimizer", "lr_scheduler"])
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.generation = generation or GenerationSettings()
@@ -206,17 +207,17 @@ class LayerParallelModule(L.LightningModule):
     def _check_decode_fits_the_test_data(self) -> None:
         """Refuse a decode prompt the test blocks cannot supply now, not after the test pass."""
         data = getattr(self.trainer, "datamodule", None)
-        if self.decode_settings["decode_new_tokens"] <= 0 or data is None:
+        if self.decode_new_tokens <= 0 or data is None:
             return
         for key, data_key in [
             ("decode_prompt_len", "block_size"),
             ("decode_batch_size", "batch_size"),
         ]:
-            have = getattr(data, data_key, None)
-            if isinstance(have, int) and self.decode_settings[key] > have:
+            want, have = getattr(self, key), getattr(data, data_key, None)
+            if isinstance(have, int) and want > have:
                 raise ValueError(
-                    f"model.{key}={self.decode_settings[key]} exceeds data.{data_key}={have}: the decode "
-                    "measurement takes its prompts from one test batch (lower it, or set "
+                    f"model.{key}={want} exceeds data.{data_key}={have}: the decode measurement "
+                    "takes its prompts from one test batch (lower it, or set "
                     "model.decode_new_tokens: 0 to skip the measurement)"
                 )
 
@@ -253,9 +254,9 @@ class LayerParallelModule(L.LightningModule):
             with sequential_layers(self.model):
                 self.metrics[f"{stage}_seq"].update(self.model(input_ids=ids).logits, labels)
         if stage == "test" and self._decode_prompt is None:
-            n = self.decode_settings["decode_prompt_len"]
-            rows = ids[: self.decode_settings["decode_batch_size"], :n]
-            if rows.shape[0] == self.decode_settings["decode_batch_size"] and rows.shape[1] == n:
+            n = self.decode_prompt_len
+            rows = ids[: self.decode_batch_size, :n]
+            if rows.shape[0] == self.decode_batch_size and rows.shape[1] == n:
                 self._decode_prompt = rows.clone()
 
     def _reset_metrics(self, stage: str) -> None:
@@ -292,16 +293,16 @@ class LayerParallelModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_ppl("test")
-        n_new = self.decode_settings["decode_new_tokens"]
+        n_new = self.decode_new_tokens
         if n_new <= 0:
             return
         if self._decode_prompt is None:
             raise ValueError(
                 f"decode measurement needs a test batch of >= decode_batch_size="
-                f"{self.decode_settings['decode_batch_size']} rows of >= decode_prompt_len="
-                f"{self.decode_settings['decode_prompt_len']} tokens (set decode_new_tokens: 0 to skip it)"
+                f"{self.decode_batch_size} rows of >= decode_prompt_len="
+                f"{self.decode_prompt_len} tokens (set decode_new_tokens: 0 to skip it)"
             )
-        prompt, repeats = self._decode_prompt, self.decode_settings["decode_repeats"]
+        prompt, repeats = self._decode_prompt, self.decode_repeats
         lp = decode_tokens_per_s(self.model, prompt, n_new, repeats=repeats)
         with sequential_layers(self.model):
             seq = decode_tokens_per_s(self.model, prompt, n_new, repeats=repeats)

@@ -130,12 +130,14 @@ class FederatedLoRAModule(L.LightningModule):
             raise ValueError(f"finetune_mode must be 'lora' or 'full', got {finetune_mode!r}")
         if lora_aggregation not in ("merged_delta_mean", "factor_mean"):
             raise ValueError(f"lora_aggregation={lora_aggregation!r} is not a known mode")
-        counts = {"clients_per_round": clients_per_round, "local_epochs": local_epochs,
-                  "local_steps": local_steps}  # fmt: skip
+        # 0 or less ran silently: local_steps=0 fell back to epochs, < 0 trained nothing
+        counts = {
+            "clients_per_round": clients_per_round,
+            "local_epochs": local_epochs,
+            "local_steps": local_steps,
+        }
         for key, value in counts.items():
-            if (
-                value is not None and value < 1
-            ):  # local_steps=0 fell back to epochs, < 0 trained nothing
+            if value is not None and value < 1:
                 raise ValueError(f"{key} must be >= 1 (or null where allowed), got {value}")
         if local_warmup_steps < 0:
             raise ValueError(f"local_warmup_steps must be >= 0, got {local_warmup_steps}")

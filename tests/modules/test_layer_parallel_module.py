@@ -294,4 +294,4 @@ def test_evaluation_choices_stay_out_of_the_checkpoint_hyperparameters(hf_dir):
     )
     assert not set(RUN_TIME_SETTINGS) & set(module.hparams)
     assert {"model", "plan", "post_norm_mode", "train_with_lp"} <= set(module.hparams)
-    assert module.mode == "reference" and module.decode_settings["decode_repeats"] == 2
+    assert module.mode == "reference" and module.decode_repeats == 2
