@@ -74,6 +74,10 @@ class MetaLearningModule(L.LightningModule):
         loss: ``cross_entropy`` (classification, accuracy is logged), ``mse`` or ``half_mse``
             (0.5 MSE; the linear-regression closed forms assume it).
         method: ``fo_b_maml_forward``, ``fo_b_maml_symmetric``, ``maml``, ``fomaml`` or ``reptile``.
+        objective: FO-B-MAML's inner problem. Only ``proximal`` (argmin of g + ‖y − x‖²/(2α),
+            spec §3.1) is implemented; it is **reconstructed**: the paper may instead view K-step
+            GD as an approximate argmin. The K-step objective is second-order MAML's
+            (``method: maml``).
         nu: finite-difference perturbation nu of FO-B-MAML (keep >= 1e-2 in float32).
         alpha: proximal strength 1/alpha of the FO-B-MAML inner problem.
         inner_steps: inner GD steps K during meta-training.
@@ -101,6 +105,7 @@ class MetaLearningModule(L.LightningModule):
         net: nn.Module,
         loss: str = "cross_entropy",
         method: str = "fo_b_maml_symmetric",
+        objective: str = "proximal",
         nu: float = 1e-2,
         alpha: float = 1.0,
         inner_steps: int = 5,
@@ -118,6 +123,12 @@ class MetaLearningModule(L.LightningModule):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"MetaLearningModule: method must be one of {METHODS}, got {method!r}")
+        if objective != "proximal":
+            raise ValueError(
+                f"MetaLearningModule: objective must be 'proximal' (the only FO-B-MAML inner "
+                f"problem implemented), got {objective!r}; the K-step GD objective is "
+                "second-order MAML's: method: maml"
+            )
         if loss not in LOSSES:
             raise ValueError(
                 f"MetaLearningModule: loss must be one of {list(LOSSES)}, got {loss!r}"

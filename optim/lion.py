@@ -299,18 +299,23 @@ class LionAR(Lion):
                 "Lion); use DDP, or rotational: none"
             )
         groups = []
+        selected, excluded_by_zero_decay = False, False
         for g in named_groups:
             if "rotational" in g:
                 groups.append(g)
                 continue
+            selected = True
             split: dict[str, list] = {"rot": [], "mat": [], "vec": []}
             # A group's own weight_decay (e.g. a "no decay" group of a LightningModule) wins;
             # only tensors with λ > 0 can rotate (REQ: every ≥2-D tensor with λ > 0).
             group_wd = g.get("weight_decay", weight_decay)
             for name, p in g["params"]:
                 kind = "vec" if p.dim() < 2 else "mat"
-                if kind == "mat" and group_wd > 0 and _is_rotational(name, rotational):
-                    kind = "rot"
+                if kind == "mat" and _is_rotational(name, rotational):
+                    if group_wd > 0:
+                        kind = "rot"
+                    else:
+                        excluded_by_zero_decay = True
                 split[kind].append((name, p))
             base = {k: v for k, v in g.items() if k != "params"}
             if split["rot"]:
@@ -321,6 +326,19 @@ class LionAR(Lion):
                         {"weight_decay": wd, **base, "params": split[kind]}
                         | {"rotational": False, "lr": lr_other}
                     )
+        if selected and rotational != "none" and not any(g.get("rotational") for g in groups):
+            # Spec §4.4: λ = 0 gives η_r = 0. Without this check every tensor would quietly
+            # train as plain Lion at lr_other and the user's lr would be ignored.
+            reason = (
+                f"the tensors it selects have weight_decay=0, so η_r ∝ √(ηλ) would be 0"
+                if excluded_by_zero_decay
+                else "it matched no ≥2-D parameter"
+            )
+            raise ValueError(
+                f"LionAR rotational={rotational!r} rotates nothing: {reason}; every tensor would "
+                f"train as plain Lion at lr_other={lr_other} and lr={lr} would be ignored. Set "
+                "weight_decay > 0, change rotational, or use Lion/LionA"
+            )
         named = [p for g in groups for p in g["params"]]
         if all(n is not None for n, _ in named):
             for g in groups:

@@ -37,7 +37,7 @@ def trapezoidal_factor(
     step: int,
     warmup_steps: int,
     total_steps: int,
-    cooldown_fraction: float = 0.2,
+    cooldown_fraction: float = 0.5,
     min_lr_ratio: float = 0.0,
 ) -> float:
     """LR multiplier of the trapezoidal (warmup-stable-decay) schedule: linear warmup, constant 1,
@@ -105,8 +105,12 @@ class Trapezoidal(LambdaLR):
         warmup_steps: steps of linear warmup from 0 to the base LR.
         total_steps: length of the schedule; ``None`` uses the trainer's
             ``estimated_stepping_batches``.
-        cooldown_fraction: fraction of ``total_steps`` spent in the final linear cooldown.
+        cooldown_fraction: fraction of ``total_steps`` spent in the final linear cooldown
+            (default 0.5, the warmup paper's f_c).
         min_lr_ratio: LR at the end of the cooldown as a fraction of the base LR.
+
+    The endpoints are reconstructed (warmup spec §2): the warmup starts at 1/W rather than 0, so
+    the first step trains, and with ``min_lr_ratio=0`` the last step runs at 1/D of the LR.
     """
 
     def __init__(
@@ -114,7 +118,7 @@ class Trapezoidal(LambdaLR):
         optimizer: Optimizer,
         warmup_steps: int = 0,
         total_steps: int | None = None,
-        cooldown_fraction: float = 0.2,
+        cooldown_fraction: float = 0.5,
         min_lr_ratio: float = 0.0,
         last_epoch: int = -1,
     ) -> None:

@@ -180,6 +180,8 @@ def test_inference_mode_gets_a_clear_error(tmp_path):
 def test_bad_configuration_raises():
     with pytest.raises(ValueError, match="method"):
         MetaLearningModule(LinearRegressor(3), method="imaml2")
+    with pytest.raises(ValueError, match="K-step GD objective is second-order MAML's"):
+        MetaLearningModule(LinearRegressor(3), objective="k_step")
     with pytest.raises(ValueError, match="BatchNorm"):
         MetaLearningModule(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
     with pytest.warns(UserWarning, match="linearly"):

@@ -152,10 +152,18 @@ def test_lionar_step_is_tangent_before_projection() -> None:
 def test_lionar_rejects_zero_weight_decay_and_zero_rows() -> None:
     with pytest.raises(ValueError, match="weight_decay=0"):
         LionAR([{"params": [_rot_param()], "rotational": True, "weight_decay": 0.0}])
-    # without an explicit "rotational" key, λ = 0 tensors simply stay on Lion
-    assert not LionAR([_rot_param()], weight_decay=0.0, rotational=ALL).param_groups[0][
-        "rotational"
-    ]
+    # spec §4.4: λ = 0 everywhere would quietly train every tensor as plain Lion at lr_other
+    with pytest.raises(ValueError, match="weight_decay=0, so η_r"):
+        LionAR([_rot_param()], weight_decay=0.0, rotational=ALL)
+    with pytest.raises(ValueError, match="matched no"):
+        LionAR([("head.weight", _rot_param())], weight_decay=0.1, rotational=["blocks.*"])
+    # a "no decay" group beside a decayed one keeps its tensors on Lion
+    opt = LionAR(
+        [{"params": [_rot_param()]}, {"params": [_rot_param()], "weight_decay": 0.0}],
+        weight_decay=0.1,
+        rotational=ALL,
+    )
+    assert [g["rotational"] for g in opt.param_groups] == [True, False]
     dead = torch.nn.Parameter(torch.zeros(4, 8))
     with pytest.raises(ValueError, match="zero-norm neuron"):
         LionAR([("lora_B.weight", dead)], weight_decay=0.1, rotational=ALL)

@@ -44,6 +44,14 @@ def test_trapezoidal_shape():
     assert trapezoidal_factor(10, 2, 10, 0.3, min_lr_ratio=0.5) == pytest.approx(0.5)
 
 
+def test_trapezoidal_without_warmup_and_default_cooldown():
+    # W = 0: full LR from the first step; the default f_c = 0.5 (warmup paper) gives
+    # D = 5 of T = 10 steps, s(t) = (T - t) / D over the last five.
+    lrs, *_ = _lrs(Trapezoidal, 10, warmup_steps=0, total_steps=10)
+    assert lrs == pytest.approx([2.0] * 5 + [2.0, 1.6, 1.2, 0.8, 0.4])
+    assert [trapezoidal_factor(t, 0, 10) for t in (0, 4, 9)] == pytest.approx([1.0, 1.0, 0.2])
+
+
 def test_schedule_state_resumes_exactly():
     _, optimizer, scheduler = _lrs(WarmupCosine, 7, warmup_steps=3, total_steps=15)
     state = scheduler.state_dict()
