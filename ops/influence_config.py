@@ -43,6 +43,9 @@ class SchulzConfig:
         tol: residual ``||I - AX||_F/sqrt(d)`` at which to stop.
         accept_tol: residual under which a solve counts as converged (warning otherwise).
         early_stop: use the ``tol`` and stagnation stops (``False``: exactly ``max_iter`` updates).
+        symmetrize: replace ``X`` by ``(X + X^T)/2`` after each update (reconstructed, not in the
+            official code; exact iterates are polynomials in ``A``, so only rounding changes).
+            The code-faithful presets keep this setting.
     """
 
     init: Literal["frobenius", "trace", "legacy"] = "frobenius"
@@ -50,6 +53,7 @@ class SchulzConfig:
     tol: float = 1e-6
     accept_tol: float = 1e-3
     early_stop: bool = True
+    symmetrize: bool = True
 
     def __post_init__(self) -> None:
         _check("schulz", max_iter=(self.max_iter, 0), tol=(self.tol, 0.0))
@@ -89,7 +93,9 @@ class GradConfig:
         cache_limit_bytes: cache budget for ``auto``.
         dtype: accumulation and Schulz dtype (``float32``; ``float64`` for tests).
         fim_max_dim: largest flattened tensor size ``r*d`` for which ``lissa``/``exact_fim``
-            may build the dense ``rd x rd`` Fisher.
+            may build the dense ``rd x rd`` Fisher. Above it ``exact_fim`` (without ``lissa``)
+            solves by Woodbury on the ``n x rd`` training-gradient matrix, gathered from all
+            ranks, which must fit the same ``fim_max_dim**2`` values (so ``n < rd``).
     """
 
     mode: Literal["vmap", "loop"] = "vmap"

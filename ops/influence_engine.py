@@ -4,9 +4,11 @@ Passes over the data (no Lightning involved; ``reduce_sum`` makes it data-parall
 
 1. validation: ``v_l = (1/m) sum_j g_jl``;
 2. training: ``G_l = (1/n) sum_i g_il^T g_il``, ``S_l = sum_i mean(g_il^2)``, ``n`` (plus the dense
-   flattened Fisher only if ``lissa``/``exact_fim`` are requested, and the Hessian blocks of the
-   mean training loss only if ``exact_hessian``/``lissa_hessian`` are); oriented gradients are
-   cached on CPU while they fit the budget;
+   flattened Fisher only if ``lissa``/``exact_fim`` are requested, or for ``exact_fim`` alone on
+   a tensor with ``r d > grads.fim_max_dim`` the gathered ``n x r d`` gradient matrix of its
+   Woodbury solve, and the Hessian blocks of the mean training loss only if
+   ``exact_hessian``/``lissa_hessian`` are); oriented gradients are cached on CPU while they fit
+   the budget;
 3. (``datainf`` only) training again for ``sum_i (v - c_i g_i)``, which needs ``lambda_l`` first;
 4. scores ``IF_i = - sum_l <h_l, g_il>`` from the cache, or from recomputed gradients (streaming).
 
@@ -67,6 +69,9 @@ class InfluenceStats:
     m: int
     F: dict[str, torch.Tensor] = field(default_factory=dict)
     H: dict[str, torch.Tensor] = field(default_factory=dict)
+    # ``exact_fim`` tensors too large for a dense Fisher: the (n, r d) training-gradient matrix,
+    # rows in dataset order, gathered from all ranks (solved by Woodbury, spec 3.5).
+    grad_rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -223,21 +228,34 @@ class InfluenceEngine:
         v = {n: self.reduce_sum(t) / m_total for n, t in v_sum.items()}
 
         # pass 2: curvature statistics (+ gradient cache)
-        need_F = any(x in self.methods for x in ("lissa", "lissa_code_faithful", "exact_fim"))
+        need_lissa_F = any(x in self.methods for x in ("lissa", "lissa_code_faithful"))
+        need_F = need_lissa_F or "exact_fim" in self.methods
         need_H = any(x in self.methods for x in ("lissa_hessian", "exact_hessian"))
+        # exact_fim alone on a tensor too large for a dense Fisher keeps its gradient rows
+        # instead and solves by Woodbury; that needs n < r d, enforced by the same budget.
+        # (a list in parameter order: every rank must reduce the tensors in the same order, and a
+        # set's string order differs between processes)
+        woodbury = [
+            n
+            for n, z in zeros.items()
+            if need_F and not need_lissa_F and z.numel() > self.grads.fim_max_dim
+        ]
         G_sum = {n: z.new_zeros(z.shape[1], z.shape[1]) for n, z in zeros.items()}
         S_sum = {n: z.new_zeros(()) for n, z in zeros.items()}
         F_sum: dict[str, torch.Tensor] = {}
         H_sum: dict[str, torch.Tensor] = {}
+        rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in woodbury}
         for flag, acc in ((need_F, F_sum), (need_H, H_sum)):
             if not flag:
                 continue
             for n, z in zeros.items():
+                if acc is F_sum and n in woodbury:
+                    continue
                 if z.numel() > self.grads.fim_max_dim:
                     raise ValueError(
                         f"tensor {n!r}: flattened size {z.numel()} > grads.fim_max_dim="
-                        f"{self.grads.fim_max_dim}; lissa/exact_fim (and their _hessian "
-                        "variants) need a dense (r d) x (r d) curvature"
+                        f"{self.grads.fim_max_dim}; lissa (and the _hessian methods) need a "
+                        "dense (r d) x (r d) curvature"
                     )
                 acc[n] = z.new_zeros(z.numel(), z.numel())
         cache: list | None = [] if self.grads.cache in ("auto", "always") else None
@@ -248,7 +266,10 @@ class InfluenceEngine:
             for n, t in g.items():
                 G_sum[n] += torch.einsum("bri,brj->ij", t, t)
                 S_sum[n] += t.pow(2).flatten(1).mean(1).sum()
-                if need_F:
+                if n in rows:
+                    rows[n].append((index, t.flatten(1).cpu()))
+                    self._check_woodbury_budget(n, rows[n])
+                elif need_F:
                     flat = t.flatten(1)
                     F_sum[n] += flat.T @ flat
                 if need_H:
@@ -273,7 +294,12 @@ class InfluenceEngine:
             }
         else:
             lambdas = {n: float(self.damping.value) for n in G}
-        stats = InfluenceStats(v=v, G=G, lambdas=lambdas, n=n_total, m=m_total, F=F, H=H)
+        grad_rows = {
+            n: self._gather_rows(n, r, n_total, zeros[n]).to(device) for n, r in rows.items()
+        }
+        stats = InfluenceStats(
+            v=v, G=G, lambdas=lambdas, n=n_total, m=m_total, F=F, H=H, grad_rows=grad_rows
+        )
         t_shared = time.perf_counter() - t0
 
         def train_grads() -> Iterable:
@@ -298,6 +324,7 @@ class InfluenceEngine:
             m=m_total,
             F={n: t for n, t in F.items() if n not in dead},
             H={n: t for n, t in H.items() if n not in dead},
+            grad_rows={n: t for n, t in grad_rows.items() if n not in dead},
         )
         for method in self.methods:
             t1 = time.perf_counter()
@@ -326,6 +353,39 @@ class InfluenceEngine:
             cached=cache is not None,
             stats=stats,
         )
+
+    def _check_woodbury_budget(self, name: str, rows: list) -> None:
+        n_rows = sum(index.numel() for index, _ in rows)
+        width = rows[0][1].shape[1]
+        if n_rows * width > self.grads.fim_max_dim**2:
+            raise ValueError(
+                f"tensor {name!r}: exact_fim's Woodbury form needs the ({n_rows}+, {width}) "
+                f"training-gradient matrix, more than the grads.fim_max_dim**2 = "
+                f"{self.grads.fim_max_dim**2} values a dense Fisher may use; raise "
+                "grads.fim_max_dim or restrict the tensors (include/exclude)"
+            )
+
+    def _gather_rows(self, name: str, rows: list, n_total: int, zero: torch.Tensor) -> torch.Tensor:
+        """All ranks' gradient rows of one tensor, row i = dataset index i, via ``reduce_sum``
+        (each rank fills its own rows of a zero matrix; shards are disjoint)."""
+        width = zero.numel()
+        full = zero.new_zeros(n_total, width)
+        count = zero.new_zeros(n_total)
+        for index, flat in rows:
+            if index.numel() and int(index.max()) >= n_total:
+                raise ValueError(
+                    f"tensor {name!r}: exact_fim's Woodbury form places gradient rows by dataset "
+                    f"index, which must lie in [0, n={n_total}); got {int(index.max())}"
+                )
+            full[index.to(full.device)] = flat.to(full)
+            count[index.to(full.device)] += 1
+        full, count = self.reduce_sum(full), self.reduce_sum(count)
+        if not bool((count == 1).all()):
+            raise ValueError(
+                f"tensor {name!r}: exact_fim's Woodbury form needs every dataset index in "
+                f"[0, {n_total}) exactly once across ranks"
+            )
+        return full
 
     # -- methods ---------------------------------------------------------------------------
     def extra_damping(self) -> float:
@@ -373,7 +433,12 @@ class InfluenceEngine:
                 for n in v
             }, {}
         if method == "exact_fim":
-            return {n: precondition_exact_fim(v[n], lam[n], F=stats.F[n]) for n in v}, {}
+            return {
+                n: precondition_exact_fim(v[n], lam[n], F=stats.F[n])
+                if n in stats.F
+                else precondition_exact_fim(v[n], lam[n], grads=stats.grad_rows[n])
+                for n in v
+            }, {}
         if method == "exact_hessian":
             return {n: precondition_exact_hessian(v[n], stats.H[n], lam[n]) for n in v}, {}
         if method == "lissa_hessian":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pandas as pd
@@ -308,9 +309,12 @@ def _nonzero_lora_b(model: LoRAClassifier) -> LoRAClassifier:
     return model
 
 
-def _ddp_scores(tmp_path, devices: int, strategy: str, run_on: str = "validate") -> pd.DataFrame:
+def _ddp_scores(
+    tmp_path, devices: int, strategy: str, run_on: str = "validate", cb=None, data=None
+) -> pd.DataFrame:
     out = tmp_path / f"inf_{devices}_{run_on}"
-    cb = _callback(out, run_on=run_on)
+    cb = cb or _callback(out, run_on=run_on)
+    out = Path(cb.output_dir)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -328,7 +332,7 @@ def _ddp_scores(tmp_path, devices: int, strategy: str, run_on: str = "validate")
         # (computed at the end of fit, before teardown) equal one process's validate scores
         trainer.fit(_nonzero_lora_b(_model(lr=0.0)), _data())
     else:
-        trainer.validate(_nonzero_lora_b(_model()), _data())
+        trainer.validate(_nonzero_lora_b(_model()), data or _data())
     return pd.read_csv(out / "influence.csv")
 
 
@@ -348,6 +352,31 @@ def test_ddp_sharded_scores_equal_single_process(tmp_path, run_on: str) -> None:
             rtol=1e-4,
             atol=1e-6,
         )
+
+
+@pytest.mark.distributed
+def test_ddp_exact_fim_woodbury_gathers_rows_from_both_ranks(tmp_path) -> None:
+    # 21 examples < r d = 32 for lora_B and head.weight: with fim_max_dim = 26 (21 x 32 <= 26**2)
+    # exact_fim solves those by Woodbury on the rows gathered from both ranks. In the default run
+    # because it caught ranks reducing the two equally wide tensors in different (set) orders.
+    def scores(devices: int, strategy: str) -> pd.DataFrame:
+        cb = HyperINFCallback(
+            methods=["exact_fim"],
+            grads=GradConfig(batch_size=4, fim_max_dim=26),
+            include=INCLUDE,
+            run_on="validate",
+            output_dir=str(tmp_path / f"woodbury_{devices}"),
+        )
+        return _ddp_scores(tmp_path, devices, strategy, cb=cb, data=_data(n_train=21))
+
+    single, ddp = scores(1, "auto"), scores(2, "ddp_spawn")
+    assert ddp["index"].tolist() == list(range(21))
+    torch.testing.assert_close(
+        torch.tensor(ddp["score_exact_fim"].values),
+        torch.tensor(single["score_exact_fim"].values),
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
 
 def test_causal_lm_module_via_dataloader_fallback(tmp_path, tokenizer_dir, corpus_file) -> None:

@@ -189,10 +189,36 @@ def test_engine_rejects_bad_configuration() -> None:
     with pytest.raises(ValueError, match="code_faithful_preset"):
         InfluenceEngine(code_faithful_preset="fast")
     model, train, val = _setup()
-    engine = InfluenceEngine(methods=["exact_fim"], grads=GradConfig(fim_max_dim=10))
     params = select_params(model, INCLUDE)
-    with pytest.raises(ValueError, match="fim_max_dim"):
+    engine = InfluenceEngine(methods=["lissa"], grads=GradConfig(fim_max_dim=10))
+    with pytest.raises(ValueError, match="lissa .* need a dense"):
         engine.run(model, params, model.per_sample_loss, _batches(train, 8), _batches(val, 8))
+    # exact_fim falls back to Woodbury only while n (40) x r d fits fim_max_dim**2
+    engine = InfluenceEngine(methods=["exact_fim"], grads=GradConfig(fim_max_dim=10))
+    with pytest.raises(ValueError, match=r"Woodbury form needs the \(\d+\+, 20\)"):
+        engine.run(model, params, model.per_sample_loss, _batches(train, 8), _batches(val, 8))
+
+
+def test_exact_fim_woodbury_path_equals_dense_fisher() -> None:
+    # n = 12 < r d for lora_B (20) and head.weight (30): with fim_max_dim = 19 those two are
+    # solved by Woodbury on the gathered gradient rows (12 x 30 <= 19**2), lora_A (12) densely.
+    model, train, val = _setup(n=12)
+    params = select_params(model, INCLUDE)
+
+    def run(fim_max_dim: int):
+        engine = InfluenceEngine(
+            methods=["exact_fim"], grads=GradConfig(dtype="float64", fim_max_dim=fim_max_dim)
+        )
+        return engine.run(
+            model, params, model.per_sample_loss, _batches(train, 5), _batches(val, 4)
+        )
+
+    dense, woodbury = run(8192), run(19)
+    lora_a, lora_b = (next(n for n in params if key in n) for key in ("lora_A", "lora_B"))
+    assert set(woodbury.stats.grad_rows) == {lora_b, "head.weight"}
+    assert set(woodbury.stats.F) == {lora_a}
+    assert woodbury.stats.grad_rows["head.weight"].shape == (12, 30)
+    torch.testing.assert_close(woodbury.scores["exact_fim"], dense.scores["exact_fim"])
 
 
 @pytest.mark.parametrize(
@@ -306,3 +332,21 @@ def test_causal_lm_loss_without_labels_ignores_padding() -> None:
     # explicit labels still win
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     torch.testing.assert_close(causal_lm_per_sample_loss(lm, {**batch, "labels": labels}), padded)
+
+
+@pytest.mark.parametrize("symmetrize", [True, False])
+def test_schulz_symmetrize_setting_reaches_the_solver(monkeypatch, symmetrize: bool) -> None:
+    import ops.influence as influence
+
+    seen, solve = [], influence.schulz_inverse
+
+    def recording_solve(A, **kwargs):
+        seen.append(kwargs["symmetrize"])
+        return solve(A, **kwargs)
+
+    monkeypatch.setattr(influence, "schulz_inverse", recording_solve)
+    model, train, val = _setup(n=12)
+    engine = InfluenceEngine(methods=["hyperinf"], schulz=SchulzConfig(symmetrize=symmetrize))
+    params = select_params(model, INCLUDE)
+    engine.run(model, params, model.per_sample_loss, _batches(train, 6), _batches(val, 6))
+    assert seen == [symmetrize] * len(params)
