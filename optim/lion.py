@@ -330,7 +330,7 @@ class LionAR(Lion):
             # Spec §4.4: λ = 0 gives η_r = 0. Without this check every tensor would quietly
             # train as plain Lion at lr_other and the user's lr would be ignored.
             reason = (
-                f"the tensors it selects have weight_decay=0, so η_r ∝ √(ηλ) would be 0"
+                "the tensors it selects have weight_decay=0, so η_r ∝ √(ηλ) would be 0"
                 if excluded_by_zero_decay
                 else "it matched no ≥2-D parameter"
             )
