@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--delta", type=int, default=8)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256, help="spec default (paper: 4096)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096)

@@ -60,8 +60,11 @@ class LayerParallelPlan:
             raise ValueError(f"LP range start={start!r}, end={end!r} must be integers")
         if start < 0:
             raise ValueError(f"LP range start={start} must be >= 0")
-        if start > end:
-            raise ValueError(f"LP range start={start} must not exceed end={end} (end is exclusive)")
+        if start >= end:
+            raise ValueError(
+                f"LP range [{start}, {end}) is empty: start must be < end (end is exclusive); "
+                "the sequential model is plan: null"
+            )
         if (end - start) % 2:
             raise ValueError(
                 f"LP range [{start}, {end}) has odd length Delta={end - start}; layers are paired, "

@@ -158,9 +158,14 @@ def tp_forward(model, steps, ids, pos, cache: dict, comm: Comm) -> torch.Tensor:
             pk, pv = cache[s["cache_idx"]]
             k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
         cache[s["cache_idx"]] = (k, v)
-        # Prefill: square causal mask; decode (t == 1): the single query sees every key.
+        # Causal mask aligned bottom-right: query i of this chunk sits at key position
+        # past + i, so it sees keys 0..past + i (is_causal=True would align it top-left, wrong
+        # for a chunk after a prefill: layer-parallel spec quirk 3). One query sees every key.
+        past = k.shape[2] - t
+        mask = None if t == 1 else torch.ones(t, past + t, dtype=torch.bool, device=x.device)
+        mask = None if mask is None else mask.tril(past)
         att = F.scaled_dot_product_attention(
-            q, k, v, is_causal=t > 1, enable_gqa=s["hq"] != s["hkv"]
+            q, k, v, attn_mask=mask, enable_gqa=s["hq"] != s["hkv"]
         )
         h = x + comm(F.linear(att.transpose(1, 2).reshape(b, t, -1), s["o"]))
         u2 = rms_normalize(h, s["eps2"])
@@ -169,6 +174,17 @@ def tp_forward(model, steps, ids, pos, cache: dict, comm: Comm) -> torch.Tensor:
         )
         x = h + comm(part)
     return model.lm_head(model.model.norm(x))
+
+
+# (report name, plan (None: the run's plan), post-attention norm of the pairs); spec quirk 1's two
+# code-faithful variants beside the exact per-member norms.
+VARIANTS = (
+    ("sequential", LayerParallelPlan(), "per_member"),
+    ("lp_per_member", None, "per_member"),
+    ("lp_rank_mixed", None, "rank_mixed"),
+    ("lp_averaged", None, "averaged"),
+)
+CHUNK = 3  # tokens of the cached multi-token chunk
 
 
 def tp_worker(rank: int, world: int, args, port: int, out_file: str) -> None:
@@ -182,12 +198,17 @@ def tp_worker(rank: int, world: int, args, port: int, out_file: str) -> None:
     L = args.layers
     ids = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     result: dict = {"backend": "nccl" if use_nccl else "gloo", "world": world}
-    for name, p, post in (("sequential", LayerParallelPlan(), "per_member"),
-                          ("lp_per_member", plan, "per_member"), ("lp_rank_mixed", plan, "rank_mixed")):  # fmt: skip
+    for name, p, post in VARIANTS:
+        p = p or plan
         steps = shard(model, p, rank, world, post, device)
         model_d = model.to(device)
         comm, cache = Comm(), {}
         pos = torch.arange(args.prompt, device=device)[None]
+        # The last CHUNK prompt tokens as one chunk after a prefill of the rest: checks the
+        # cached multi-token mask against the same positions of the one-pass logits.
+        chunk_cache = {}
+        tp_forward(model_d, steps, ids[:, :-CHUNK].to(device), pos[:, :-CHUNK], chunk_cache, comm)
+        chunk = tp_forward(model_d, steps, ids[:, -CHUNK:].to(device), pos[:, -CHUNK:], chunk_cache, comm)  # fmt: skip
         logits = tp_forward(model_d, steps, ids.to(device), pos, cache, comm)
         comm.count = 0
         token = logits[:, -1:].argmax(-1)
@@ -206,6 +227,7 @@ def tp_worker(rank: int, world: int, args, port: int, out_file: str) -> None:
             times.append(time.perf_counter() - t0)
         entry["ms_per_token"] = 1e3 * statistics.median(times)
         entry["prefill_logits"] = logits.float().cpu()
+        entry["chunk_logits"] = chunk.float().cpu()
         result[name] = entry
         model = model_d.cpu()
     if rank == 0:
@@ -236,17 +258,26 @@ def tp_check(args) -> dict:
     ids = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     refs = {}
     with torch.no_grad():
-        refs["sequential"] = build(args)(ids).logits
-        for name, post in (("lp_per_member", "per_member"), ("lp_rank_mixed", "rank_mixed")):
-            ref = apply_layer_parallelism(build(args), args.plan, "reference", post)
-            refs[name] = ref(ids).logits
+        for name, plan, post in VARIANTS:
+            model = build(args)
+            if plan is None:
+                model = apply_layer_parallelism(model, args.plan, "reference", post)
+            refs[name] = model(ids).logits
     report = {"backend": res["backend"], "world": world, "plan": args.plan}
     for name, ref in refs.items():
         e = res[name]
         diff = (e.pop("prefill_logits") - ref).abs().max().item()
-        report[name] = {**e, "max_abs_diff_vs_single_process": diff}
-    pm, rm = refs["lp_per_member"], refs["lp_rank_mixed"]
-    report["rank_mixed_vs_per_member_max_diff"] = (pm - rm).abs().max().item()
+        chunk_diff = (e.pop("chunk_logits") - ref[:, -CHUNK:]).abs().max().item()
+        report[name] = {
+            **e,
+            "max_abs_diff_vs_single_process": diff,
+            "cached_chunk_max_abs_diff": chunk_diff,
+        }
+    pm = refs["lp_per_member"]
+    for variant in ("rank_mixed", "averaged"):
+        report[f"{variant}_vs_per_member_max_diff"] = (
+            (pm - refs[f"lp_{variant}"]).abs().max().item()
+        )
     report["checks"] = {
         "allreduce_counts": all(
             report[n]["allreduces_per_step"] == report[n]["expected"] for n in refs
@@ -254,7 +285,11 @@ def tp_check(args) -> dict:
         "tp_matches_single_process": all(
             report[n]["max_abs_diff_vs_single_process"] <= args.tol for n in refs
         ),
+        "cached_chunk_matches_single_process": all(
+            report[n]["cached_chunk_max_abs_diff"] <= args.tol for n in refs
+        ),
         "rank_mixed_differs": report["rank_mixed_vs_per_member_max_diff"] > args.tol,
+        "averaged_differs": report["averaged_vs_per_member_max_diff"] > args.tol,
     }
     return report
 

@@ -23,4 +23,9 @@ def test_tp_emulation_counts_allreduces_and_matches_single_process(repo_root, tm
     assert tp["lp_per_member"]["max_abs_diff_vs_single_process"] <= 1e-5
     assert tp["sequential"]["max_abs_diff_vs_single_process"] <= 1e-5
     assert tp["lp_rank_mixed"]["max_abs_diff_vs_single_process"] <= 1e-5  # vs its own reference
+    assert tp["lp_averaged"]["max_abs_diff_vs_single_process"] <= 1e-5
     assert tp["rank_mixed_vs_per_member_max_diff"] > 1e-4  # differs since N2_i != N2_j
+    assert tp["averaged_vs_per_member_max_diff"] > 1e-4
+    # a 3-token chunk after a cached prefill: the bottom-right causal mask (spec quirk 3)
+    for name in ("sequential", "lp_per_member", "lp_rank_mixed", "lp_averaged"):
+        assert tp[name]["cached_chunk_max_abs_diff"] <= 1e-5, name
