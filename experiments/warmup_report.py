@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 from statistics import fmean as mean
@@ -105,7 +107,9 @@ def evaluate(a0, a5, r0, n0, lion, by_seed, lr_star, r_star, args) -> dict[str, 
         "b_noise_by_step": b_mean,
     }
 
-    lionar_runs = [*r0.values(), *n0.values(), *by_seed["R0"], *by_seed["R5"]]
+    # The seed-0 run at LionAR's LR* is in the sweep and in by_seed["R0"]: count it once.
+    candidates = [*r0.values(), *n0.values(), *by_seed["R0"], *by_seed["R5"]]
+    lionar_runs = list({json.dumps(r, sort_keys=True): r for r in candidates}.values())
     err = max(lionar_angle_error(r, args.steps) for r in lionar_runs)
     checks["5_lionar_hits_target_angle"] = {
         "max_rel_error": err,
