@@ -85,9 +85,10 @@ from lora_fl_round import (  # noqa: E402
 )
 
 from datamodules.federated import FederatedTextDataModule  # noqa: E402
-from modules.lora_fl import FederatedLoRAModule, derive_seed  # noqa: E402
+from modules.lora_fl import FederatedLoRAModule  # noqa: E402
 from modules.lora_fl_client import ClientTrainer  # noqa: E402
 from ops.federated import flatten_tensors, normalize_weights, unflatten_like  # noqa: E402
+from ops.seeding import derive_seed  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- ours

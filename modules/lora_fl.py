@@ -21,7 +21,6 @@ the target weights, updated by the merged deltas ``s B_c A_c`` of fresh per-roun
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -58,6 +57,7 @@ from ops.federated import (
 )
 from ops.federated_lora import LoraAdapter, find_lora_targets
 from ops.memorization import memorization_counts, memorization_summary, sample_split_indices
+from ops.seeding import derive_seed
 from strategies.client_parallel import ClientParallelStrategy  # also registers the name
 
 
@@ -67,12 +67,6 @@ def _adamw(params) -> torch.optim.Optimizer:
 
 def _fedavg(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=1.0)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes and Python versions)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class FederatedLoRAModule(L.LightningModule):

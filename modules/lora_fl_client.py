@@ -33,6 +33,13 @@ class ClientTrainer:
         self.m, self.dm, self.round_index, self.sizes = module, datamodule, round_index, sizes
         if module.noise.mode == "dp_sgd" and module.dp_sigma is None:
             module.dp_sigma = self.resolve_dp_sigma()
+        # Every client's noise level on every rank, so a bad value fails on all ranks at once
+        # (a rank without a sampled client would otherwise wait in the round's all-reduce).
+        self.output_sigmas = (
+            [self.output_perturbation_sigma(c) for c in range(len(sizes))]
+            if module.noise.mode == "output_perturbation"
+            else []
+        )
 
     # ------------------------------------------------------------------ schedules
     @staticmethod
@@ -49,8 +56,6 @@ class ClientTrainer:
         noise = self.m.noise
         if noise.sigma is not None:
             return float(noise.sigma)
-        if noise.target_epsilon is None:
-            raise ValueError("noise.mode='dp_sgd' needs noise.sigma or noise.target_epsilon")
         rounds = self.m.planned_rounds()
         sigmas = []
         for n in self.sizes:
@@ -148,7 +153,7 @@ class ClientTrainer:
             else:
                 losses = self._loop(client, trainable, opt, sched, total, data_gen)
             if m.noise.mode == "output_perturbation":
-                sigma = self.output_perturbation_sigma(client)
+                sigma = self.output_sigmas[client]
                 dp.add_output_perturbation(trainable, lr, sigma, m.noise.clip_norm, noise_gen)
             delta = finish()
         return delta, float(sum(losses) / max(len(losses), 1))
@@ -157,8 +162,6 @@ class ClientTrainer:
         noise = self.m.noise
         if noise.sigma is not None:
             return float(noise.sigma)
-        if noise.target_epsilon is None:
-            raise ValueError("noise.mode='output_perturbation' needs noise.sigma or target_epsilon")
         q, steps = self.dp_schedule(self.m, self.sizes[client])
         total = steps * self.m.planned_rounds()
         return dp.output_perturbation_sigma(noise.target_epsilon, noise.delta, q, total, noise.c2)

@@ -89,6 +89,11 @@ class NoiseSettings:
                 "noise.mode='weight_noise' needs noise.sigma (the std of the factor noise) and "
                 "no noise.target_epsilon: it is a post-hoc perturbation without a privacy guarantee"
             )
+        needs_noise_level = self.mode in ("output_perturbation", "dp_sgd")
+        if needs_noise_level and self.sigma is None and self.target_epsilon is None:
+            # Checked here, not when a client first adds noise: that happens only on the ranks
+            # running a client, while the others already wait in the round's all-reduce.
+            raise ValueError(f"noise.mode={self.mode!r} needs noise.sigma or noise.target_epsilon")
         if self.sigma is not None and self.sigma < 0:
             raise ValueError(f"noise.sigma must be >= 0, got {self.sigma}")
         if self.clip_norm <= 0:

@@ -46,6 +46,7 @@ from ops.meta_gradients_batched import (
     batched_reptile_grads,
 )
 from ops.meta_tasks_closed_form import LinearTasks, exact_meta_grad, exact_meta_grads
+from ops.seeding import derive_seed
 from optim.sngdm import SNGDM
 
 METHODS = ("fo_b_maml_forward", "fo_b_maml_symmetric", "maml", "fomaml", "reptile")
@@ -297,6 +298,9 @@ class MetaLearningModule(L.LightningModule):
             g, None, x, nu=0.0, alpha=alpha, steps=self.eval_inner_steps, lr=self.eval_inner_lr
         )
 
+    def _rng_devices(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
     def _local_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         keys = ("support_x", "support_y", "query_x", "query_y")
         rank, world = self.global_rank, self.trainer.world_size if self._trainer else 1
@@ -440,8 +444,15 @@ class MetaLearningModule(L.LightningModule):
             )
             return grad_sum, stats
         grad_sum = torch.zeros(numel, dtype=torch.float64, device=self.device)
+        world = self.trainer.world_size if self._trainer else 1
         for i, task in enumerate(self._local_tasks(batch)):
-            est = self.estimate(task, x, seed=self.global_step * 4099 + self.global_rank * 257 + i)
+            # Keyed by the task's index in the whole meta-batch (rank + world * i), not by the
+            # rank: its mini-batches and dropout masks are then the same with 1 or N processes,
+            # and different tasks never share them.
+            seed = derive_seed(self.global_step, self.global_rank + world * i)
+            with torch.random.fork_rng(devices=self._rng_devices()):
+                torch.manual_seed(seed)
+                est = self.estimate(task, x, seed=seed)
             grad_sum += torch.cat([est.grad[n].flatten() for n in names]).double()
             loss, acc = self._score(est.adapted, task["query_x"], task["query_y"])
             stats += torch.tensor(

@@ -245,6 +245,7 @@ class InfluenceEngine:
         F_sum: dict[str, torch.Tensor] = {}
         H_sum: dict[str, torch.Tensor] = {}
         rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in woodbury}
+        over_budget: set[str] = set()
         for flag, acc in ((need_F, F_sum), (need_H, H_sum)):
             if not flag:
                 continue
@@ -267,8 +268,12 @@ class InfluenceEngine:
                 G_sum[n] += torch.einsum("bri,brj->ij", t, t)
                 S_sum[n] += t.pow(2).flatten(1).mean(1).sum()
                 if n in rows:
-                    rows[n].append((index, t.flatten(1).cpu()))
-                    self._check_woodbury_budget(n, rows[n])
+                    # Past the budget on this rank means past it overall: stop keeping rows,
+                    # but raise only after the reduce below, on every rank at once.
+                    if n not in over_budget:
+                        rows[n].append((index, t.flatten(1).cpu()))
+                        if self._rows_over_budget(rows[n]):
+                            over_budget.add(n)
                 elif need_F:
                     flat = t.flatten(1)
                     F_sum[n] += flat.T @ flat
@@ -294,6 +299,8 @@ class InfluenceEngine:
             }
         else:
             lambdas = {n: float(self.damping.value) for n in G}
+        for n in woodbury:  # the same decision on every rank: it depends on n_total only
+            self._check_woodbury_budget(n, n_total, zeros[n].numel())
         grad_rows = {
             n: self._gather_rows(n, r, n_total, zeros[n]).to(device) for n, r in rows.items()
         }
@@ -354,12 +361,14 @@ class InfluenceEngine:
             stats=stats,
         )
 
-    def _check_woodbury_budget(self, name: str, rows: list) -> None:
+    def _rows_over_budget(self, rows: list) -> bool:
         n_rows = sum(index.numel() for index, _ in rows)
-        width = rows[0][1].shape[1]
-        if n_rows * width > self.grads.fim_max_dim**2:
+        return n_rows * rows[0][1].shape[1] > self.grads.fim_max_dim**2
+
+    def _check_woodbury_budget(self, name: str, n_total: int, width: int) -> None:
+        if n_total * width > self.grads.fim_max_dim**2:
             raise ValueError(
-                f"tensor {name!r}: exact_fim's Woodbury form needs the ({n_rows}+, {width}) "
+                f"tensor {name!r}: exact_fim's Woodbury form needs the ({n_total}, {width}) "
                 f"training-gradient matrix, more than the grads.fim_max_dim**2 = "
                 f"{self.grads.fim_max_dim**2} values a dense Fisher may use; raise "
                 "grads.fim_max_dim or restrict the tensors (include/exclude)"

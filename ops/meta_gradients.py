@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ops.seeding import derive_seed
+
 Params = dict[str, Tensor]
 Objective = Callable[[Params, int], Tensor]
 
@@ -321,7 +323,7 @@ def task_objectives(
     def g(params: Params, step: int) -> Tensor:
         idx = None
         if inner_batch_size is not None and inner_batch_size < n:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            gen = torch.Generator().manual_seed(derive_seed(seed, step))
             idx = torch.randperm(n, generator=gen)[:inner_batch_size].to(sx.device)
         if data_hook is not None:
             data_hook("support", step, idx)

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.federated import CharVocab, FederatedTextDataModule
 from modules.hf_models import build_causal_lm
-from modules.lora_fl import FederatedLoRAModule, derive_seed
+from modules.lora_fl import FederatedLoRAModule
 from modules.lora_fl_client import ClientTrainer
 from modules.lora_fl_settings import (
     GoldfishSettings,
@@ -23,6 +23,7 @@ from modules.lora_fl_settings import (
 from ops.federated_lora import find_lora_targets
 from ops.goldfish import goldfish_drop_mask
 from ops.memorization import greedy_continue
+from ops.seeding import derive_seed
 
 VOCAB = len(CharVocab())
 TINY = {
@@ -425,6 +426,11 @@ def test_target_epsilon_with_epoch_bounded_runs_uses_the_planned_rounds():
 def test_bad_noise_and_client_settings_are_named():
     with pytest.raises(ValueError, match=r"noise\.mode='dp-sgd'"):
         NoiseSettings(mode="dp-sgd")
+    # at construction: a client's first noise draw came after the other ranks entered the
+    # round's all-reduce (2 processes, 1 client per round: one rank raised, the other waited)
+    for mode in ("output_perturbation", "dp_sgd"):
+        with pytest.raises(ValueError, match=f"'{mode}' needs noise.sigma or noise.target_eps"):
+            NoiseSettings(mode=mode)
     with pytest.raises(ValueError, match="local_lr_per_client has 2 entries for 3 clients"):
         _trainer(1).fit(_module(local_lr_per_client=[0.1, 0.1], memorization=NO_MEM), _dm())
     with pytest.raises(ValueError, match="clients_per_round=4 exceeds the 3 clients"):

@@ -12,6 +12,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from torch import nn
 
 from datamodules.tasks import LinearRegressionTasks
 from modules.meta_learning import MetaLearningModule
@@ -37,15 +38,29 @@ class SaveWeights(L.Callback):
             )
 
 
-def _run(tmp_path, devices: int, method: str) -> dict[str, torch.Tensor]:
+class DropoutRegressor(nn.Module):
+    """A linear-regression net with dropout (module level: ddp_spawn pickles it)."""
+
+    def __init__(self, dim: int = 6) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 16), nn.Dropout(0.3), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def _run(
+    tmp_path, devices: int, method: str, net: type[nn.Module] | None = None, **kw
+) -> dict[str, torch.Tensor]:
     L.seed_everything(0)
     dm = LinearRegressionTasks(dim=6, num_tasks=20, meta_batch_size=4, episodes_per_epoch=3)
+    torch.manual_seed(1)
     module = MetaLearningModule(
-        LinearRegressor(6, init_std=0.1), loss="half_mse", method=method, alpha=0.5,
+        net() if net else LinearRegressor(6, init_std=0.1), loss="half_mse", method=method, alpha=0.5,
         inner_steps=30, inner_lr=0.12, baselines_use_proximal=True,
-        optimizer=partial(SNGDM, lr=0.05),
+        optimizer=partial(SNGDM, lr=0.05), **kw,
     )  # fmt: skip
-    path = str(tmp_path / f"weights_{devices}_{method}.pt")
+    path = str(tmp_path / f"weights_{devices}_{method}_{sorted(kw)}.pt")
     trainer = L.Trainer(
         accelerator="cpu", devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
@@ -71,6 +86,27 @@ def test_ddp_two_ranks_match_single_process(tmp_path, method):
     assert local_ddp == [[2, 2, 2], [2, 2, 2]]
     assert not torch.equal(single["net.weight"], torch.zeros(6, dtype=torch.float64))
     torch.testing.assert_close(ddp["net.weight"], single["net.weight"], atol=1e-10, rtol=0)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("net", "kw"),
+    [
+        (None, {"inner_batch_size": 3}),  # per-step support mini-batches
+        (DropoutRegressor, {"vectorize_tasks": False}),  # dropout masks
+    ],
+    ids=["mini_batches", "dropout"],
+)
+def test_ddp_task_randomness_does_not_depend_on_the_rank(tmp_path, net, kw):
+    """A task's mini-batches and dropout masks come from (step, index in the meta-batch): two
+    ranks give one process's result. They used to be seeded by (step, rank, local index), and
+    dropout drew from the global RNG, which Lightning seeds alike on every rank (so rank 0's and
+    rank 1's i-th tasks shared their masks); both cases failed this test."""
+    single, _ = _run(tmp_path, 1, "fomaml", net=net, **kw)
+    ddp, _ = _run(tmp_path, 2, "fomaml", net=net, **kw)
+    assert single.keys() == ddp.keys()
+    for name, value in single.items():
+        torch.testing.assert_close(ddp[name], value, atol=1e-10, rtol=0)
 
 
 class RecordEvalBatches(L.Callback):
