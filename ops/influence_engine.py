@@ -377,22 +377,19 @@ class InfluenceEngine:
     def _gather_rows(self, name: str, rows: list, n_total: int, zero: torch.Tensor) -> torch.Tensor:
         """All ranks' gradient rows of one tensor, row i = dataset index i, via ``reduce_sum``
         (each rank fills its own rows of a zero matrix; shards are disjoint)."""
-        width = zero.numel()
-        full = zero.new_zeros(n_total, width)
+        full = zero.new_zeros(n_total, zero.numel())
         count = zero.new_zeros(n_total)
         for index, flat in rows:
-            if index.numel() and int(index.max()) >= n_total:
-                raise ValueError(
-                    f"tensor {name!r}: exact_fim's Woodbury form places gradient rows by dataset "
-                    f"index, which must lie in [0, n={n_total}); got {int(index.max())}"
-                )
-            full[index.to(full.device)] = flat.to(full)
-            count[index.to(full.device)] += 1
+            index = index.to(full.device)
+            inside = (index >= 0) & (index < n_total)  # the rest shows as missing rows below
+            full[index[inside]] = flat[inside.cpu()].to(full)
+            count.index_add_(0, index[inside], torch.ones_like(count[: int(inside.sum())]))
         full, count = self.reduce_sum(full), self.reduce_sum(count)
-        if not bool((count == 1).all()):
+        if not bool((count == 1).all()):  # decided after the reduce: every rank raises alike
             raise ValueError(
-                f"tensor {name!r}: exact_fim's Woodbury form needs every dataset index in "
-                f"[0, {n_total}) exactly once across ranks"
+                f"tensor {name!r}: exact_fim's Woodbury form places the training-gradient rows "
+                f"by dataset index, and needs every index in [0, {n_total}) exactly once across "
+                "ranks"
             )
         return full
 

@@ -219,6 +219,11 @@ def test_exact_fim_woodbury_path_equals_dense_fisher() -> None:
     assert set(woodbury.stats.F) == {lora_a}
     assert woodbury.stats.grad_rows["head.weight"].shape == (12, 30)
     torch.testing.assert_close(woodbury.scores["exact_fim"], dense.scores["exact_fim"])
+    # rows are placed by dataset index, so indices must be 0..n-1, each once
+    shifted = lambda: ((index + 5, batch) for index, batch in _batches(train, 5)())  # noqa: E731
+    engine = InfluenceEngine(methods=["exact_fim"], grads=GradConfig(fim_max_dim=19))
+    with pytest.raises(ValueError, match=r"every index in \[0, 12\) exactly once"):
+        engine.run(model, params, model.per_sample_loss, shifted, _batches(val, 4))
 
 
 @pytest.mark.parametrize(
