@@ -170,7 +170,7 @@ def saddle_oracles(x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     xi = noise.mean(0)
     value = 0.25 * x[0] ** 4 - 0.5 * x[0] ** 2 + 0.5 * x[1] ** 2 + xi @ x
     grad = torch.stack([x[0] ** 3 - x[0], x[1]]) + xi
-    hess = torch.diag(torch.stack([3.0 * x[0] ** 2 - 1.0, torch.ones((), dtype=x.dtype)]))
+    hess = torch.diag(torch.stack([3.0 * x[0] ** 2 - 1.0, torch.ones_like(x[0])]))
     return value, grad, hess
 
 

@@ -134,8 +134,9 @@ class EpisodicTasks(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Record consumption here, not when the stream yields: Lightning prefetches one batch.
+        # Before the transfer, so reading the episode does not sync the GPU.
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training and "episode" in batch:
             self.next_episode = int(batch["episode"]) + 1

@@ -155,6 +155,16 @@ class CubicNewtonModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError("CubicNewtonModule does not support FSDP (it needs the full flat x)")
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        if precision not in ("32-true", "32", "64-true"):
+            # 16-mixed: the step is written by hand, so the GradScaler never saw a scaled loss
+            # and asserts; bf16 autocast would compute the gradient and Hessian of a float32
+            # model in bf16, too coarse for a second-order step (float64 models are unaffected,
+            # but nothing is gained either).
+            raise ValueError(
+                f"CubicNewtonModule: trainer.precision={precision!r} is not supported; use "
+                "'32-true' (the default) or '64-true'"
+            )
         data = getattr(self._trainer, "datamodule", None)
         features, inputs = getattr(data, "dim", None), getattr(self.model, "in_features", None)
         if isinstance(features, int) and isinstance(inputs, int) and features != inputs:

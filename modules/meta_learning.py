@@ -357,7 +357,12 @@ class MetaLearningModule(L.LightningModule):
             return None
         if not self.proximal or list(self._params()) != ["weight"]:
             return None
-        return pool
+        # The datamodule builds the pool on the CPU; the closed forms meet the weight's device
+        # (one copy per pool and device, not one per step).
+        key = (id(pool), self.device)
+        if getattr(self, "_pool_on_device", (None, None))[0] != key:
+            self._pool_on_device = (key, LinearTasks(*(t.to(self.device) for t in pool)))
+        return self._pool_on_device[1]
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -191,8 +191,15 @@ def solve_cubic_exact(
     return finish(-(m_hat / (base + 0.5 * M * s_)), iters, False)
 
 
+def _randn(d: int, dtype, device, generator: torch.Generator | None) -> Tensor:
+    """N(0, I) drawn on the generator's own device, then moved: a CPU generator (the optimizer's,
+    checkpointed) also serves CUDA parameters, with the same numbers on either device."""
+    draw_on = generator.device if generator is not None else device
+    return torch.randn(d, dtype=dtype, device=draw_on, generator=generator).to(device)
+
+
 def _power_norm(hvp: HVP, d: int, iters: int, dtype, device, generator) -> float:
-    v = torch.randn(d, dtype=dtype, device=device, generator=generator)
+    v = _randn(d, dtype, device, generator)
     v = v / torch.linalg.vector_norm(v)
     est = 0.0
     for _ in range(iters):
@@ -247,7 +254,7 @@ def solve_cubic_hvp(
     g_norm = float(torch.linalg.vector_norm(g64))
     if L is None:
         L = _power_norm(H, d, power_iters, torch.float64, device, generator)
-    q = torch.randn(d, dtype=torch.float64, device=device, generator=generator)
+    q = _randn(d, torch.float64, device, generator)
     sigma = perturb * g_norm if g_norm > 0 else perturb
     g_t = g64 + sigma * q / torch.linalg.vector_norm(q)
     gt_norm = torch.linalg.vector_norm(g_t)

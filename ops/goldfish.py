@@ -42,6 +42,12 @@ def goldfish_table(size: int = TABLE_SIZE, seed: int = TABLE_SEED) -> Tensor:
     return torch.rand(size, generator=torch.Generator().manual_seed(seed))
 
 
+@lru_cache(maxsize=4)
+def _table_on(device: torch.device) -> Tensor:
+    """The reference table copied once to ``device`` (a per-step CPU lookup would sync the GPU)."""
+    return goldfish_table().to(device)
+
+
 def _window_keys(ids: Tensor, h: int, hash_mode: GoldfishHash, size: int) -> Tensor:
     """Hash keys of the windows ``ids[..., t-h+1 : t+1]`` for ``t >= h-1``; shape ``[..., T-h+1]``."""
     windows = ids.to(torch.int64).unfold(-1, h, 1)
@@ -109,9 +115,9 @@ def goldfish_drop_mask(
     mask[..., : h - 1] = incomplete_window == "drop"
     if ids.shape[-1] < h:
         return mask
-    table = goldfish_table() if table is None else table
+    table = _table_on(ids.device) if table is None else table.to(ids.device)
     keys = _window_keys(ids, h, hash_mode, table.numel())
-    drop = table[keys.cpu()].to(ids.device) < 1.0 / k
+    drop = table[keys] < 1.0 / k  # the same CPU-drawn values on every device
     mask[..., h - 1 :] = drop
     return mask
 

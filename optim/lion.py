@@ -197,9 +197,9 @@ class LionA(Lion):
         )
 
     def _direction(self, p: Tensor, sign: Tensor, group: dict[str, Any]) -> Tensor:
-        norm = sign.norm()
-        if norm == 0:
-            return sign
+        # A nonzero sign vector has norm >= 1, so the clamp changes nothing but the all-zero case
+        # (which stays 0) and avoids a `norm == 0` test that would sync the GPU per tensor.
+        norm = sign.norm().clamp_min(1.0)
         return sign.mul_(group["update_norm_scale"] * math.sqrt(sign.numel()) / norm)
 
 

@@ -222,6 +222,15 @@ def test_model_and_data_feature_counts_must_agree_before_the_first_step():
     assert trainer.global_step == 0
 
 
+def test_half_precision_is_refused_before_the_first_step():
+    # 16-mixed (GPU) made Lightning's GradScaler assert on the hand-written step; bf16 autocast
+    # would differentiate a float32 model in bf16
+    trainer = _trainer(1, precision="bf16-mixed")
+    with pytest.raises(ValueError, match=r"precision='bf16-mixed' is not supported"):
+        trainer.fit(CubicNewtonModule(LinearModel(30), LogisticLoss()), LogisticToyDataModule(n=50))
+    assert trainer.global_step == 0
+
+
 def test_hvp_mode_warns_that_hessian_corrected_uses_the_sample_and_evaluates_at_x():
     from optim.cubic_solvers import StochasticCubicNewton
 
