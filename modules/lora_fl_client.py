@@ -156,7 +156,10 @@ class ClientTrainer:
                 sigma = self.output_sigmas[client]
                 dp.add_output_perturbation(trainable, lr, sigma, m.noise.clip_norm, noise_gen)
             delta = finish()
-        return delta, float(sum(losses) / max(len(losses), 1))
+        # Losses stay on the device during the loop (a float() per step would sync the GPU);
+        # the Python sum of their float64 values is the same number as before.
+        values = torch.stack(losses).double().cpu().tolist() if losses else []
+        return delta, float(sum(values) / max(len(values), 1))
 
     def output_perturbation_sigma(self, client: int) -> float:
         noise = self.m.noise
@@ -175,7 +178,7 @@ class ClientTrainer:
                 yield {k: v.to(self.m.device) for k, v in batch.items()}
                 done += 1
 
-    def _loop(self, client, trainable, opt, sched, total, data_gen) -> list[float]:
+    def _loop(self, client, trainable, opt, sched, total, data_gen) -> list[Tensor]:
         max_norm = self.m.hparams.local_max_grad_norm
         losses = []
         for batch in self._batches(client, total, data_gen):
@@ -186,11 +189,11 @@ class ClientTrainer:
                 torch.nn.utils.clip_grad_norm_(trainable, max_norm)
             opt.step()
             sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
         opt.zero_grad(set_to_none=True)
         return losses
 
-    def _dp_loop(self, client, trainable, opt, sched, total, data_gen, noise_gen) -> list[float]:
+    def _dp_loop(self, client, trainable, opt, sched, total, data_gen, noise_gen) -> list[Tensor]:
         """DP-SGD: Poisson batches, per-sample clipping, Gaussian noise (Abadi et al. 2016)."""
         m, rows = self.m, self.dm.client_rows[client]
         q, _ = self.dp_schedule(m, len(rows))
@@ -205,7 +208,7 @@ class ClientTrainer:
                 def sample_loss(i: int, batch=batch) -> Tensor:
                     b = batch[i]
                     loss = self.loss(b["input_ids"].to(m.device), b["labels"].to(m.device))
-                    losses.append(float(loss.detach()))
+                    losses.append(loss.detach())
                     return loss
 
                 per = dp.per_sample_gradients(sample_loss, trainable, len(idx))
