@@ -441,12 +441,10 @@ class MetaLearningModule(L.LightningModule):
             grads, adapted, gaps = self.batched_estimate(b, x)
             loss, acc = self._batched_score(adapted, b["query_x"], b["query_y"])
             grad_sum = torch.cat([grads[n].sum(0).flatten() for n in names]).double()
-            gap = float(gaps.sum()) if gaps is not None else 0.0
-            stats += torch.tensor(
-                [len(loss), float(loss.sum()), float(acc.sum()), gap],
-                dtype=torch.float64,
-                device=self.device,
-            )
+            # Summed on the device (float() here would sync the GPU every step).
+            gap = gaps.sum() if gaps is not None else loss.new_zeros(())
+            stats[0] += len(loss)
+            stats[1:] += torch.stack([loss.sum().double(), acc.sum().double(), gap.double()])
             return grad_sum, stats
         grad_sum = torch.zeros(numel, dtype=torch.float64, device=self.device)
         world = self.trainer.world_size if self._trainer else 1
@@ -460,11 +458,9 @@ class MetaLearningModule(L.LightningModule):
                 est = self.estimate(task, x, seed=seed)
             grad_sum += torch.cat([est.grad[n].flatten() for n in names]).double()
             loss, acc = self._score(est.adapted, task["query_x"], task["query_y"])
-            stats += torch.tensor(
-                [1.0, float(loss), float(acc), est.solve_gap or 0.0],
-                dtype=torch.float64,
-                device=self.device,
-            )
+            stats[0] += 1
+            stats[1:3] += torch.stack([loss.double(), acc.double()])
+            stats[3] += est.solve_gap or 0.0
         return grad_sum, stats
 
     def _closed_form_logs(self, batch, x: Params, meta_grad: Tensor) -> dict[str, Tensor]:
