@@ -275,8 +275,9 @@ class CausalLMModule(L.LightningModule):
         ppl, loss = getattr(self, f"{stage}_ppl"), getattr(self, f"{stage}_loss")
         ppl.update(out.logits, batch["labels"])
         tokens = (targets != -100).sum()
-        if tokens > 0:  # a batch of padding blocks only (sharded eval) has a NaN mean loss
-            loss.update(out.loss.detach(), weight=tokens)
+        # A batch of padding blocks only (sharded eval) has a NaN mean loss: it enters with
+        # weight 0 as a 0 (torch.where, not an `if`, which would sync the GPU every batch).
+        loss.update(torch.where(tokens > 0, out.loss.detach(), 0.0), weight=tokens)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
         self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
 

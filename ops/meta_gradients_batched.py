@@ -59,8 +59,8 @@ def batched_inner_solve(
     # rounding of nu by the exact nu in the estimator's scale.
     dtype = next(iter(x.values())).dtype
     nus = torch.as_tensor(nu, dtype=dtype if dtype.is_floating_point else torch.float32)
+    use_query = bool((nus != 0).any())  # before the move: no GPU sync for a host-side nu
     nus = nus.to(sx.device).expand(count)
-    use_query = bool((nus != 0).any())
     if use_query and query is None:
         raise ValueError("batched_inner_solve: nu != 0 needs the query data")
 
