@@ -291,6 +291,9 @@ class HyperINFCallback(L.Callback):
                     if "sample_id" in item:
                         ids.update(zip(index.tolist(), item["sample_id"].tolist(), strict=True))
                     item = {k: t for k, t in item.items() if isinstance(t, torch.Tensor)}
+                # As for training batches: under *-true precision the float inputs take the
+                # weights' dtype (a float32 batch into a bf16 model failed at the end of fit).
+                item = trainer.precision_plugin.convert_input(item)
                 yield index, move_data_to_device(item, pl_module.device)
 
         return iterate

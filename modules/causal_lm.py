@@ -29,6 +29,7 @@ from modules.hf_models import (
     own_tokenizer_dir,
     special_token_ids,
 )
+from modules.precision import refuse_fp16_training
 from modules.token_perplexity import TokenPerplexity
 from optim.schedules import fill_total_steps
 
@@ -238,6 +239,7 @@ class CausalLMModule(L.LightningModule):
 
     # ----------------------------------------------------------------- set-up checks
     def setup(self, stage: str) -> None:
+        refuse_fp16_training(self.trainer, type(self).__name__, stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         block_size = getattr(datamodule, "block_size", None)
         limit = max_positions(self.model.config)

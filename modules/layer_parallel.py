@@ -34,6 +34,7 @@ from modules.layer_parallel_model import (
     sequential_layers,
     undo_layer_parallelism,
 )
+from modules.precision import refuse_fp16_training
 from modules.token_perplexity import TokenPerplexity, next_token_nll
 from ops.layer_parallel import LayerParallelPlan, ideal_speedup
 from optim.schedules import fill_total_steps
@@ -194,6 +195,7 @@ class LayerParallelModule(L.LightningModule):
             apply_layer_parallelism(self.model, self.plan, mode, self.hparams.post_norm_mode)
 
     def setup(self, stage: str) -> None:
+        refuse_fp16_training(self.trainer, "LayerParallelModule", stage)
         if stage == "test":
             self._check_decode_fits_the_test_data()
         if stage == "fit":

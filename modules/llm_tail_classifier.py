@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.precision import refuse_fp16_training
 from modules.sequence_classifier import ScoredEvalMetrics
 
 
@@ -153,6 +154,9 @@ class LoRATailClassifier(ScoredEvalMetrics, L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.log_eval(self(batch["hidden"], batch["length"]), batch, "test")
+
+    def setup(self, stage: str) -> None:
+        refuse_fp16_training(self.trainer, "LoRATailClassifier", stage)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -421,6 +422,17 @@ class MetaLearningModule(L.LightningModule):
         self._step_schedulers("epoch")
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._check_input_dtype(batch)
+
+    def on_validation_batch_start(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._check_input_dtype(batch)  # the sanity check validates before any training batch
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_input_dtype(batch)
+
+    def _check_input_dtype(self, batch: dict[str, Tensor]) -> None:
         inputs, dtype = batch["support_x"], next(self.net.parameters()).dtype
         if inputs.is_floating_point() and inputs.dtype != dtype:
             raise TypeError(

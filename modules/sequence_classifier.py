@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modules.precision import refuse_fp16_training
 from modules.weighted_mean import update_weighted, weighted_mean
 
 
@@ -131,6 +132,7 @@ class LoRAClassifier(ScoredEvalMetrics, L.LightningModule):
         self.init_eval_metrics()
 
     def setup(self, stage: str) -> None:
+        refuse_fp16_training(self.trainer, "LoRAClassifier", stage)
         features = getattr(self.trainer.datamodule, "input_dim", None)
         if isinstance(features, int) and features != self.hparams.in_features:
             raise ValueError(

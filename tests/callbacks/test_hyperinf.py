@@ -224,6 +224,16 @@ def _write_json(path, values) -> str:
     return str(path)
 
 
+def test_bf16_true_scores_with_the_inputs_in_the_weights_dtype(tmp_path) -> None:
+    # The callback's own batches bypass Lightning's input conversion: a float32 batch met the
+    # bf16 weights after training and the run crashed at the end of fit.
+    cb = _callback(tmp_path / "inf", methods=["grad_dot"])
+    trainer = _trainer(tmp_path, cb, precision="bf16-true", max_epochs=1)
+    trainer.fit(_model(), _data())
+    table = pd.read_csv(tmp_path / "inf" / "influence.csv")
+    assert len(table) == N_TRAIN and table["score_grad_dot"].notna().all()
+
+
 @pytest.mark.parametrize(
     ("kw", "error", "match"),
     [

@@ -169,6 +169,17 @@ def test_training_lowers_validation_perplexity(tmp_path, tokenizer_dir, datamodu
     assert after < 0.5 * before, (before, after)
 
 
+def test_fp16_true_training_is_refused_but_evaluation_runs(tmp_path, tokenizer_dir, datamodule):
+    # fp16 AdamW states: eps=1e-8 is 0 in fp16, and the loss was NaN from step 2 on (exit 0)
+    module = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir))
+    trainer = _trainer(tmp_path, 3, precision="16-true")
+    with pytest.raises(ValueError, match=r"precision='16-true' trains fp16 weights .*bf16-mixed"):
+        trainer.fit(module, datamodule)
+    assert trainer.global_step == 0
+    (metrics,) = _trainer(tmp_path, 1, precision="16-true").validate(module, datamodule)
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
 def test_lora_on_pretrained_weights_checkpoints_only_the_adapter(tmp_path, tokenizer_dir):
     pretrained = tmp_path / "pretrained"
     source = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir)).eval()

@@ -177,6 +177,15 @@ def test_inference_mode_gets_a_clear_error(tmp_path):
         _trainer(tmp_path, inference_mode=True).validate(_linear_module(), dm)
 
 
+def test_float64_tasks_with_a_float32_net_are_named_at_the_sanity_check(tmp_path):
+    # the sanity validation runs before any training batch: it used to fail inside the net
+    # ("expected scalar type Double but found Float") before the module's own check ran
+    dm = LinearRegressionTasks(dim=6, num_tasks=10, episodes_per_epoch=1)  # float64 tasks
+    trainer = _trainer(tmp_path, max_steps=1, num_sanity_val_steps=1)
+    with pytest.raises(TypeError, match=r"task inputs are torch.float64 .* 64-true"):
+        trainer.fit(_linear_module(), dm)
+
+
 def test_bad_configuration_raises():
     with pytest.raises(ValueError, match="method"):
         MetaLearningModule(LinearRegressor(3), method="imaml2")

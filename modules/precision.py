@@ -1,0 +1,21 @@
+"""Precision settings a module cannot train under, refused before the first step."""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+def refuse_fp16_training(trainer: L.Trainer, owner: str, stage: str) -> None:
+    """Refuse ``precision: 16-true`` for training: fp16 weights *and* optimizer states.
+
+    Adam's default ``eps=1e-8`` is 0 in fp16 and small squared gradients underflow too, so the
+    update divides by zero after the first step and every later loss is NaN (the run used to end
+    with exit code 0 and NaN metrics). Evaluation in fp16 (validate/test/predict) stays allowed.
+    """
+    if stage != "fit" or str(trainer.precision) != "16-true":
+        return
+    raise ValueError(
+        f"{owner}: trainer.precision='16-true' trains fp16 weights and optimizer states, where "
+        "AdamW's eps=1e-8 rounds to 0 and the loss turns NaN after the first step; use "
+        "'16-mixed' (GPU), 'bf16-mixed' or 'bf16-true' (16-true is fine for validate/test/predict)"
+    )
