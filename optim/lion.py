@@ -106,14 +106,21 @@ class Lion(Optimizer):
         """σ_t (inverse bias correction) times ρ_t (RRC correction)."""
         mult = 1.0 - group["betas"][1] ** step if group["inverse_bias_correction"] else 1.0
         if group["rrc_correction"] == "derived":
-            if group["snr_phi"] < 0 or group["snr_batch_size"] < 1:
+            mult *= rrc_lr_factor(group["snr_phi"], group["snr_batch_size"])
+        return mult
+
+    def _require_gradient_snr(self) -> None:
+        """Raise before any state changes (a step that failed halfway left its momentum and
+        step count advanced) when the RRC correction has no SNR for this step."""
+        for group in self.param_groups:
+            if group["rrc_correction"] == "derived" and (
+                group["snr_phi"] < 0 or group["snr_batch_size"] < 1
+            ):
                 raise RuntimeError(
                     "rrc_correction='derived' needs the gradient SNR every step: add "
                     "callbacks.warmup_diagnostics.UpdateDiagnostics to trainer.callbacks "
                     "(or call optimizer.set_gradient_snr(phi, batch_size) before step())"
                 )
-            mult *= rrc_lr_factor(group["snr_phi"], group["snr_batch_size"])
-        return mult
 
     def _sign_direction(self, p: Tensor, group: dict[str, Any]) -> tuple[Tensor, int]:
         """Advance the momentum of ``p`` and return (sign(c), step count t ≥ 1)."""
@@ -141,6 +148,7 @@ class Lion(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._require_gradient_snr()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -428,6 +436,7 @@ class LionAR(Lion):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._require_gradient_snr()
         if any(g["rotational"] and g["zero_mean"] for g in self.param_groups):
             self.center_rotational_weights()  # no-op after the first step
         for group in self.param_groups:

@@ -232,7 +232,8 @@ def test_a_checkpoint_that_changes_the_configured_model_says_so(tmp_path):
     with_lora = tmp_path / "with_lora.ckpt"
     torch.save(checkpoint, with_lora)
     note = pytest.warns(UserWarning, match=r"model\.init_args\.lora: None -> \{'r': 4")
-    with note, pytest.raises(RuntimeError):  # the weights have no adapters: they do not load
+    # the weights have no adapters: they do not load
+    with note, pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict.*lora_A"):
         main(["validate", *FAST, f"--ckpt_path={with_lora}", "--trainer.limit_val_batches=1",
               f"--trainer.logger.init_args.save_dir={tmp_path}"])  # fmt: skip
     # the legacy (non-zip) serialization is a valid checkpoint

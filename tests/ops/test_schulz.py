@@ -23,7 +23,13 @@ def test_closed_form_on_diagonal(k: int, init: str) -> None:
     a = torch.tensor([3.0, 1.0, 0.25, 1e-2], dtype=torch.float64)
     A = torch.diag(a)
     X, info = schulz_inverse(A, init=init, max_iter=k, early_stop=False, accept_tol=math.inf)
-    alpha = schulz_alpha(A, init)
+    # the starts by hand: 1/||A||_F, 1/trace(A), the official fixed 5e-5
+    alpha = {
+        "frobenius": 1 / math.sqrt(9 + 1 + 0.0625 + 1e-4),
+        "trace": 1 / 4.26,
+        "legacy": 5e-5,
+    }[init]
+    assert schulz_alpha(A, init) == pytest.approx(alpha, rel=1e-15)
     # 1 - (1 - x)^N without cancellation: -expm1(N log1p(-x))
     expected = -torch.expm1(2**k * torch.log1p(-alpha * a)) / a
     assert info.iters == k
@@ -31,14 +37,17 @@ def test_closed_form_on_diagonal(k: int, init: str) -> None:
     torch.testing.assert_close(X - torch.diag(torch.diagonal(X)), torch.zeros_like(X))
 
 
-def test_random_spd_frobenius_converges_within_bound() -> None:
+@pytest.mark.parametrize("init", ["frobenius", "trace"])
+def test_random_spd_converges_within_bound(init: str) -> None:
     A = _random_spd(64, 40, seed=0)
-    X, info = schulz_inverse(A, init="frobenius", max_iter=200, tol=1e-13)
+    X, info = schulz_inverse(A, init=init, max_iter=200, tol=1e-13)
     inv = torch.linalg.inv(A)
     rel = torch.linalg.matrix_norm(X - inv) / torch.linalg.matrix_norm(inv)
     assert rel <= 1e-10
     mu_min = float(torch.linalg.eigvalsh(A)[0])
-    bound = math.ceil(math.log2(float(torch.linalg.matrix_norm(A)) / mu_min)) + 7
+    # k* ~ log2(1 / (alpha mu_min)) + log2(ln(1 / tol)), with 1/alpha = ||A||_F or trace(A)
+    scale = float(torch.trace(A)) if init == "trace" else float(torch.linalg.matrix_norm(A))
+    bound = math.ceil(math.log2(scale / mu_min)) + 7
     assert info.iters <= bound
     assert info.converged
     # monotone up to the step that may have triggered the stagnation stop at the float64 floor

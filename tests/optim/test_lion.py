@@ -41,16 +41,17 @@ def test_lion_matches_reference_update() -> None:
     torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-14)
 
 
-def test_nesterov_equals_lion_with_squared_beta() -> None:
-    beta = 0.98
+def test_nesterov_equals_lion_with_product_beta() -> None:
+    # Unequal betas: with beta1 = beta2 a swap of the two inside the Nesterov form would pass.
+    b1, b2 = 0.9, 0.99
     grads = _grads([(16, 8), (8,)], 30, seed=1, dtype=torch.float64)
     a = [
         torch.nn.Parameter(torch.ones(16, 8, dtype=torch.float64)),
         torch.nn.Parameter(torch.ones(8, dtype=torch.float64)),
     ]
     b = [torch.nn.Parameter(t.detach().clone()) for t in a]
-    _run(Lion, a, grads, lr=1e-3, betas=(beta, beta), nesterov=True, weight_decay=0.1)
-    _run(Lion, b, grads, lr=1e-3, betas=(beta**2, beta), weight_decay=0.1)
+    _run(Lion, a, grads, lr=1e-3, betas=(b1, b2), nesterov=True, weight_decay=0.1)
+    _run(Lion, b, grads, lr=1e-3, betas=(b1 * b2, b2), weight_decay=0.1)
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x.detach(), y.detach(), rtol=0, atol=1e-7)
 
@@ -67,6 +68,9 @@ def test_liona_update_norm_is_exact_even_with_zero_signs() -> None:
     u = (before - p.detach()) / lr
     assert float(u.norm()) == pytest.approx(kappa * math.sqrt(p.numel()), rel=1e-12)
     assert u[:10].eq(0).all()
+    # the direction too (a flipped step has the same norm): u = κ√C sign(g)/‖sign(g)‖
+    expected = kappa * math.sqrt(p.numel()) * g.sign() / g.sign().norm()
+    torch.testing.assert_close(u, expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="update_norm_scale"):
         LionA([p], update_norm_scale=0.0)
 
@@ -97,6 +101,9 @@ def test_lionar_keeps_neuron_norms_and_means_and_hits_target_angle() -> None:
         if step == 0:
             n0 = opt.state[p]["n0"].squeeze(1)
             torch.testing.assert_close(n0, w_init.norm(dim=1), rtol=1e-6, atol=0)
+            # every neuron moves against sign(g) (m = 0, so d = sign(g) before the projections;
+            # an uphill step has the same angle, norm and chord)
+            assert ((p.detach() - before) * p.grad.sign()).sum(1).lt(0).all()
         angles = angular_update(before, p.detach(), per_neuron=True)
         torch.testing.assert_close(angles, torch.full_like(angles, target), rtol=1e-3, atol=0)
     norms = p.detach().double().norm(dim=1)
@@ -209,7 +216,8 @@ def test_lionar_skips_params_without_grad() -> None:
 
 
 def test_inverse_bias_correction_and_rrc_correction_scale_the_angle() -> None:
-    lr, wd, betas = 0.1, 0.1, (0.98, 0.98)
+    # unequal betas: the correction is 1 - beta2^t, which beta1 would also give if they were equal
+    lr, wd, betas = 0.1, 0.1, (0.9, 0.98)
     eta_r = lionar_target_angle(lr, wd, betas)
     p = _rot_param(seed=4)
     opt = LionAR(
@@ -228,6 +236,7 @@ def test_inverse_bias_correction_and_rrc_correction_scale_the_angle() -> None:
     p.grad = torch.randn(p.shape)
     with pytest.raises(RuntimeError, match="UpdateDiagnostics"):
         opt.step()
+    assert "step" not in opt.state[p]  # the failed step changed no state
     opt.set_gradient_snr(phi=0.5, batch_size=32)
     assert opt.wants_gradient_snr
     before = p.detach().clone()
@@ -236,14 +245,14 @@ def test_inverse_bias_correction_and_rrc_correction_scale_the_angle() -> None:
     assert float(angular_update(before, p.detach())) == pytest.approx(
         math.atan(rho * eta_r), rel=1e-3
     )
-    # Nesterov's target angle uses the effective betas (β², β)
+    # Nesterov's target angle uses the effective betas (β₁β₂, β₂)
     q = _rot_param(seed=6)
     opt = LionAR([q], lr=lr, weight_decay=wd, betas=betas, nesterov=True, rotational=ALL)
     opt.center_rotational_weights()
     before = q.detach().clone()
     q.grad = torch.randn(q.shape)
     opt.step()
-    expected = math.atan(lionar_target_angle(lr, wd, (0.98**2, 0.98)))
+    expected = math.atan(lionar_target_angle(lr, wd, (0.9 * 0.98, 0.98)))
     assert float(angular_update(before, q.detach())) == pytest.approx(expected, rel=1e-3)
 
 

@@ -78,12 +78,16 @@ def test_total_steps_filled_from_trainer():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"warmup_steps": -1}, {"warmup_steps": 10, "total_steps": 5}, {"min_lr_ratio": 1.5}],
+    ("kwargs", "match"),
+    [
+        ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+        ({"warmup_steps": 10, "total_steps": 5}, "total_steps=5 must be >= max"),
+        ({"min_lr_ratio": 1.5}, "min_lr_ratio must lie in"),
+    ],
 )
-def test_bad_arguments_raise(kwargs):
+def test_bad_arguments_raise(kwargs, match):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         WarmupCosine(optimizer, **kwargs)
 
 
