@@ -92,6 +92,7 @@ def log_influence(
         s = table[f"score_{m}"].double()
         scalars[f"influence/{m}/score_mean"] = float(s.mean())
         scalars[f"influence/{m}/score_std"] = float(s.std()) if s.numel() > 1 else 0.0
+    has_both = "is_noisy" in table and 0 < int(table["is_noisy"].sum()) < len(table["is_noisy"])
     for logger in trainer.loggers:
         logger.log_metrics(scalars, step=step)
         experiment = getattr(logger, "experiment", None)
@@ -101,7 +102,6 @@ def log_influence(
             experiment.add_text(
                 "influence/top_bottom", _top_bottom_markdown(table, methods[0], top_k), step
             )
-        has_both = "is_noisy" in table and 0 < int(table["is_noisy"].sum()) < len(table["is_noisy"])
         if has_both and hasattr(experiment, "add_figure"):
             figure = detection_curve_figure(table, methods)
             experiment.add_figure("influence/detection_curve", figure, step)

@@ -195,7 +195,7 @@ class LayerParallelModule(L.LightningModule):
             apply_layer_parallelism(self.model, self.plan, mode, self.hparams.post_norm_mode)
 
     def setup(self, stage: str) -> None:
-        refuse_fp16_training(self.trainer, "LayerParallelModule", stage)
+        refuse_fp16_training(self.trainer, type(self).__name__, stage)
         if stage == "test":
             self._check_decode_fits_the_test_data()
         if stage == "fit":

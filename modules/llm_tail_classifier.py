@@ -156,7 +156,7 @@ class LoRATailClassifier(ScoredEvalMetrics, L.LightningModule):
         self.log_eval(self(batch["hidden"], batch["length"]), batch, "test")
 
     def setup(self, stage: str) -> None:
-        refuse_fp16_training(self.trainer, "LoRATailClassifier", stage)
+        refuse_fp16_training(self.trainer, type(self).__name__, stage)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

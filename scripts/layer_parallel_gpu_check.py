@@ -161,9 +161,9 @@ def tp_forward(model, steps, ids, pos, cache: dict, comm: Comm) -> torch.Tensor:
         # Causal mask aligned bottom-right: query i of this chunk sits at key position
         # past + i, so it sees keys 0..past + i (is_causal=True would align it top-left, wrong
         # for a chunk after a prefill: layer-parallel spec quirk 3). One query sees every key.
-        past = k.shape[2] - t
-        mask = None if t == 1 else torch.ones(t, past + t, dtype=torch.bool, device=x.device)
-        mask = None if mask is None else mask.tril(past)
+        past, mask = k.shape[2] - t, None
+        if t > 1:
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=s["hq"] != s["hkv"]
         )

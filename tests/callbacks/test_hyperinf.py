@@ -322,8 +322,7 @@ def _nonzero_lora_b(model: LoRAClassifier) -> LoRAClassifier:
 def _ddp_scores(
     tmp_path, devices: int, strategy: str, run_on: str = "validate", cb=None, data=None
 ) -> pd.DataFrame:
-    out = tmp_path / f"inf_{devices}_{run_on}"
-    cb = cb or _callback(out, run_on=run_on)
+    cb = cb or _callback(tmp_path / f"inf_{devices}_{run_on}", run_on=run_on)
     out = Path(cb.output_dir)
     trainer = L.Trainer(
         accelerator="cpu",
