@@ -6,8 +6,9 @@
 
 Models and data are chosen by ``class_path`` (subclass mode), so any LightningModule or
 LightningDataModule, of this project or of the user's own package, plugs in. TensorBoard is the
-default logger, the resolved config is saved next to the logs, ``seed_everything`` is on, and
-``metrics.json`` is written at the end of every fit/validate/test.
+default logger, the resolved config is saved next to the logs, ``seed_everything`` is on,
+``metrics.json`` is written at the end of every fit/validate/test, and under SLURM the requeue
+signal is answered with a checkpoint at the next step boundary (``callbacks/slurm_requeue.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import strategies  # noqa: F401  (registers the project's strategies by name)
 from callbacks.metrics_file import MetricsFile
+from callbacks.slurm_requeue import SlurmRequeue
 
 DEFAULT_SEED = 1234
 TRAINER_DEFAULTS = {
@@ -44,8 +46,10 @@ class MloCLI(LightningCLI):
     """LightningCLI with the project's defaults (see the module docstring)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        # Always-on callback, configurable as ``metrics_file.filename``.
+        # Always-on callbacks, configurable as ``metrics_file.filename`` and
+        # ``slurm_requeue.check_every_n_steps`` (inert outside SLURM).
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
+        parser.add_lightning_class_args(SlurmRequeue, "slurm_requeue")
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Lightning loads --ckpt_path into the model before the precision plugin casts it, so

@@ -1,0 +1,194 @@
+"""SlurmRequeue: the preemption checkpoint is taken at a step boundary and resumes exactly.
+
+The job runs under a faked SLURM environment (the variables ``srun`` sets for one task) with a
+fake ``scontrol`` on PATH that records its arguments. The signal is raised in the middle of a
+federated full fine-tuning round, where the module's weights hold a client's local training.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks.slurm_requeue import SlurmRequeue
+from datamodules.federated import CharVocab, FederatedTextDataModule
+from modules.lora_fl import FederatedLoRAModule
+from modules.lora_fl_client import ClientTrainer
+from modules.lora_fl_settings import MemorizationSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}  # fmt: skip
+LOCAL_STEPS, CLIENTS = 2, 3
+
+
+def _module() -> FederatedLoRAModule:
+    torch.manual_seed(0)
+    return FederatedLoRAModule(
+        model=TINY, vocab_size=len(CharVocab()), finetune_mode="full", local_steps=LOCAL_STEPS,
+        local_warmup_steps=0, memorization=MemorizationSettings(enabled=False),
+    )  # fmt: skip
+
+
+def _dm() -> FederatedTextDataModule:
+    return FederatedTextDataModule(
+        client_sizes=[24, 30, 36], num_entities=20, val_questions_per_client=4, num_canaries=10,
+        batch_size=8,
+    )  # fmt: skip
+
+
+def _fit(module: FederatedLoRAModule, root, rounds: int, callbacks: list) -> None:
+    L.Trainer(
+        max_steps=rounds, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, default_root_dir=root, callbacks=callbacks,
+    ).fit(module, _dm())  # fmt: skip
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """One SLURM task, job 4242; ``scontrol`` writes its arguments to ``scontrol.log``."""
+    for key, value in {
+        "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "mlo-test", "SLURM_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def _signal_during_local_step(monkeypatch, call: int) -> None:
+    """Send SIGUSR1 to this process from inside the ``call``-th local loss evaluation."""
+    original, calls = ClientTrainer.loss, [0]
+
+    def loss(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClientTrainer, "loss", loss)
+
+
+def test_signal_mid_round_saves_after_the_round_and_the_requeued_job_resumes_exactly(
+    tmp_path, monkeypatch, fake_slurm
+):
+    reference_dir = tmp_path / "reference"
+    every_round = ModelCheckpoint(dirpath=reference_dir, every_n_train_steps=1, save_top_k=-1)
+    reference = _module()
+    _fit(reference, reference_dir, rounds=3, callbacks=[every_round])
+
+    job_dir = tmp_path / "job"
+    # Round 2, second client, second local step: the weights are that client's, not global.
+    _signal_during_local_step(monkeypatch, call=CLIENTS * LOCAL_STEPS + LOCAL_STEPS + 2)
+    preempted = _module()
+    _fit(preempted, job_dir, rounds=3, callbacks=[SlurmRequeue()])
+    assert fake_slurm.read_text().split() == ["requeue", "4242"]
+    (hpc,) = job_dir.glob("hpc_ckpt_*.ckpt")
+    saved = torch.load(hpc, weights_only=False)
+    assert saved["global_step"] == 2  # after round 2, not inside it
+    (after_round_2,) = reference_dir.glob("*step=2.ckpt")
+    expected = torch.load(after_round_2, weights_only=False)["state_dict"]
+    for name, tensor in expected.items():
+        assert torch.equal(saved["state_dict"][name], tensor), name
+
+
+def test_requeued_job_resumes_from_the_checkpoint_bit_identically(
+    tmp_path, monkeypatch, fake_slurm
+):
+    uninterrupted = _module()
+    _fit(uninterrupted, tmp_path / "reference", rounds=4, callbacks=[])
+
+    job_dir = tmp_path / "job"
+    with monkeypatch.context() as patch:
+        _signal_during_local_step(patch, call=LOCAL_STEPS + 2)  # round 1, second client, step 2
+        # A real requeue kills this job soon after the save: its later rounds are lost.
+        _fit(_module(), job_dir, rounds=2, callbacks=[SlurmRequeue()])
+    assert [p.name for p in job_dir.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"]
+    # The requeued job: same command, same directory; Lightning finds the hpc checkpoint itself.
+    resumed = _module()
+    _fit(resumed, job_dir, rounds=4, callbacks=[SlurmRequeue()])
+    assert torch.equal(resumed.flat_server_state(), uninterrupted.flat_server_state())
+
+
+def test_outside_slurm_the_signal_is_left_alone(tmp_path, monkeypatch):
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    callback = SlurmRequeue()
+    before = signal.getsignal(signal.SIGUSR1)
+    _fit(_module(), tmp_path, rounds=1, callbacks=[callback])
+    assert signal.getsignal(signal.SIGUSR1) == before
+    assert not list(tmp_path.glob("hpc_ckpt_*.ckpt"))
+
+
+def test_handler_is_restored_after_fit(tmp_path, fake_slurm):
+    before = signal.getsignal(signal.SIGUSR1)
+    _fit(_module(), tmp_path, rounds=1, callbacks=[SlurmRequeue()])
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_check_interval_must_be_positive():
+    with pytest.raises(ValueError, match="check_every_n_steps must be >= 1, got 0"):
+        SlurmRequeue(check_every_n_steps=0)
+
+
+class _ArmedWithoutSlurm(SlurmRequeue):
+    """Answers SIGUSR1 without a SLURM environment: ddp_spawn cannot fake one per rank."""
+
+    def requeue_signal(self, trainer: L.Trainer) -> int:
+        return signal.SIGUSR1
+
+
+class _SignalRankOne(L.LightningModule):
+    """A linear regression; rank 1 alone receives the signal inside its third step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+        return torch.utils.data.DataLoader(data, batch_size=4)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.distributed
+def test_ranks_agree_on_a_signal_only_one_of_them_received(tmp_path, fake_slurm, monkeypatch):
+    """Every rank saves at the same step (a rank saving alone would wait in its barrier)."""
+    monkeypatch.delenv("SLURM_NTASKS")  # SLURM detection off; the job id stays for scontrol
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=6, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[_ArmedWithoutSlurm()],
+    )  # fmt: skip
+    trainer.fit(_SignalRankOne())
+    (hpc,) = tmp_path.glob("hpc_ckpt_*.ckpt")
+    assert torch.load(hpc, weights_only=False)["global_step"] == 3
+    assert fake_slurm.read_text().split() == ["requeue", "4242"]  # once, by rank 0
