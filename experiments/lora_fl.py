@@ -148,7 +148,7 @@ def run_arm(name: str, seed: int, base: Path | str, args: argparse.Namespace) ->
         local_epochs=args.local_epochs, local_warmup_steps=10, local_max_grad_norm=1.0,
         local_optimizer=lambda p, lr=lr: torch.optim.AdamW(p, lr=lr, weight_decay=0.0),
         goldfish=GoldfishSettings(
-            enabled=bool(spec.get("goldfish")), k=4, h=13,
+            enabled=bool(spec.get("goldfish")), k=4, h=args.goldfish_h,
             # Packed rows start mid-record: keep the row-start targets out of the loss, or every
             # x10 canary replica cut by a row boundary is trained unmasked there (ops/goldfish.py).
             incomplete_window="drop" if args.pack else "keep",
@@ -187,6 +187,7 @@ def run_arm(name: str, seed: int, base: Path | str, args: argparse.Namespace) ->
         "rounds": module.history, "wall_s": wall,
         "bytes_per_client_round": module.history[-1]["round/bytes_per_client"],
         "epsilon": module.epsilon() if spec.get("dp") else None,
+        "goldfish_h": args.goldfish_h if spec.get("goldfish") else None,
     }  # fmt: skip
 
 
@@ -207,6 +208,10 @@ def main() -> None:
     parser.add_argument("--val-questions", type=int, default=50)
     parser.add_argument("--canaries", type=int, default=60)
     parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument(
+        "--goldfish-h", type=int, default=13,
+        help="Goldfish hash context in tokens (spec: 13; tokens are characters here)",
+    )  # fmt: skip
     parser.add_argument(
         "--base-dir", type=Path, default=ROOT / "runs" / "lora_fl" / "base_d128_packed"
     )

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.set_defaults(
         num_entities=100, val_questions=20, lora_rank=16, lora_alpha=8.0,
-        prefix_lengths=[8, 16, 24], suffix_len=16, batch_size=4, pack=128,
+        prefix_lengths=[8, 16, 24], suffix_len=16, batch_size=4, pack=128, goldfish_h=13,
     )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
