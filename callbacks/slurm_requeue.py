@@ -1,10 +1,11 @@
 """SLURM preemption: checkpoint at the next step boundary, then requeue the job.
 
 Lightning's own auto-requeue saves ``hpc_ckpt_<n>.ckpt`` from inside the SIGUSR1 handler, that
-is wherever the signal lands. A step that changes the weights in place and restores them (a
-federated round trains each client on the module's own weights) is then saved half-done, and
-the requeued job resumes from weights that no round produced; an automatic-optimization step
-caught between ``optimizer.step()`` and the loop's counters is applied twice after the resume.
+is wherever the signal lands. An automatic-optimization step caught between ``optimizer.step()``
+and the loop's counters is saved with the new weights and the old step count, and the resumed
+run applies that batch twice. A step that changes the weights in place and restores them is
+saved half-done (the federated module guards its full fine-tuning rounds itself, see
+``FederatedLoRAModule.on_save_checkpoint``; a user's module may not).
 
 This callback takes the signal first (Lightning installs no handler of its own on a signal that
 already has one), only records it, and writes the same file at the end of the next training

@@ -152,6 +152,8 @@ class FederatedLoRAModule(L.LightningModule):
         self.last_memorization: dict[str, float] = {}
         self.last_round_stats: dict[str, float] = {}
         self.history: list[dict[str, float]] = []  # per-round stats of this process (diagnostics)
+        # theta_r by parameter id while a full fine-tuning client trains the module's weights.
+        self.round_start_weights: dict[int, Tensor] | None = None
         self.val_loss = weighted_mean()  # mean over answer tokens, not over batches
         if vocab_size is not None or is_pretrained_name(model):
             self.build_model(vocab_size)
@@ -494,6 +496,14 @@ class FederatedLoRAModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.round_start_weights is not None:
+            # Saved from inside a round (a signal handler, an exception): store the round's
+            # global weights, not the client's half-trained ones; the resumed run redoes the
+            # round. By identity, so tied weights (two keys, one tensor) are both replaced.
+            for key, tensor in self.state_dict(keep_vars=True).items():
+                start = self.round_start_weights.get(id(tensor))
+                if start is not None:
+                    checkpoint["state_dict"][key] = start.clone()
         # Client randomness is derived from (seed, round, client): nothing else to save.
         checkpoint["lora_fl"] = {
             "accountant_history": {int(c): list(h) for c, h in self.accountant_history.items()},

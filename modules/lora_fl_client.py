@@ -92,18 +92,26 @@ class ClientTrainer:
         """Trainable tensors of this client and the function returning its flat update."""
         m, net = self.m, self.m.net
         if m.hparams.finetune_mode == "full":
+            # The client trains the module's own weights. theta_r is restored when the client's
+            # context closes, also on an exception (an on-exception checkpoint then holds
+            # theta_r), and a checkpoint saved meanwhile stores theta_r (on_save_checkpoint).
             params = list(net.parameters())
             snapshot = [p.detach().clone() for p in params]
+            m.round_start_weights = dict(zip(map(id, params), snapshot, strict=True))
 
-            def finish_full() -> Tensor:
-                delta = flatten_tensors(
-                    p.detach() - s for p, s in zip(params, snapshot, strict=True)
-                )
+            def restore_global_weights() -> None:
                 with torch.no_grad():  # the next client starts from theta_r again
                     for p, s in zip(params, snapshot, strict=True):
                         p.copy_(s)
                         p.grad = None
-                return delta
+                m.round_start_weights = None
+
+            stack.callback(restore_global_weights)
+
+            def finish_full() -> Tensor:
+                return flatten_tensors(
+                    p.detach() - s for p, s in zip(params, snapshot, strict=True)
+                )
 
             return params, finish_full
         adapter = m.adapter

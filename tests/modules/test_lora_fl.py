@@ -530,3 +530,55 @@ def test_weight_noise_is_merged_at_the_end_of_a_run_stopped_early():
         states.append(m.flat_server_state())
     assert m.weight_noise_round == 0
     assert not torch.equal(states[0], states[1])  # the exported model carries the noise
+
+
+def _full_ft_after_one_round(tmp_path) -> dict[str, torch.Tensor]:
+    """State dict of a full fine-tuning module after round 1 (the round-2 start weights)."""
+    every_round = ModelCheckpoint(dirpath=tmp_path / "ref", every_n_train_steps=1, save_top_k=-1)
+    _trainer(1, callbacks=[every_round], enable_checkpointing=True).fit(
+        _module(finetune_mode="full", local_steps=2, memorization=MemorizationSettings(False)),
+        _dm(),
+    )
+    (path,) = (tmp_path / "ref").glob("*step=1.ckpt")
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def _during_round_two(monkeypatch, action) -> None:
+    """Run ``action(client_trainer)`` at round 2's second client, after its first local step."""
+    original, calls = ClientTrainer.loss, [0]
+
+    def loss(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3 * 2 + 2 + 2:  # 3 clients x 2 local steps, then client 2, step 2
+            action(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClientTrainer, "loss", loss)
+
+
+def test_full_ft_checkpoint_saved_mid_round_holds_the_round_start_weights(tmp_path, monkeypatch):
+    expected = _full_ft_after_one_round(tmp_path)
+    mid_round = tmp_path / "mid_round.ckpt"
+    _during_round_two(monkeypatch, lambda ct: ct.m.trainer.save_checkpoint(mid_round))
+    module = _module(finetune_mode="full", local_steps=2, memorization=MemorizationSettings(False))
+    _trainer(2).fit(module, _dm())
+    saved = torch.load(mid_round, weights_only=False)
+    assert saved["global_step"] == 1
+    assert saved["state_dict"].keys() == expected.keys()
+    for key, tensor in expected.items():  # tied embedding and head included
+        assert torch.equal(saved["state_dict"][key], tensor), key
+
+
+def test_full_ft_exception_mid_client_leaves_the_round_start_weights(tmp_path, monkeypatch):
+    expected = _full_ft_after_one_round(tmp_path)
+
+    def fail(_):
+        raise RuntimeError("interrupted mid-client")
+
+    _during_round_two(monkeypatch, fail)
+    module = _module(finetune_mode="full", local_steps=2, memorization=MemorizationSettings(False))
+    with pytest.raises(RuntimeError, match="interrupted mid-client"):
+        _trainer(2).fit(module, _dm())
+    for key, tensor in module.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
+    assert module.round_start_weights is None
