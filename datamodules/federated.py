@@ -35,6 +35,7 @@ from datamodules.federated_data import (
     proportional_counts,
     synthetic_client_examples,
 )
+from datamodules.resumable_sampler import LoopResumedDataLoader
 from datamodules.synthetic_corpus import canary_records, entity_table
 
 IGNORE_INDEX = -100
@@ -316,7 +317,7 @@ class FederatedTextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Round driver: the module reads the round from ``global_step`` (resume-safe).
-        return DataLoader(torch.arange(self.num_rounds), batch_size=1, shuffle=False)
+        return LoopResumedDataLoader(torch.arange(self.num_rounds), batch_size=1, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         self.build()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -70,6 +71,29 @@ def skip_consumed_batches(sampler: ResumableSampler, trainer: Any, batch_size: i
         sampler.skip_batches(done_in_epoch, batch_size)
 
 
+class LoopResumedDataLoader(DataLoader):
+    """A ``DataLoader`` whose mid-epoch position comes back from Lightning's restored loop state.
+
+    The position itself is restored elsewhere (``skip_consumed_batches``, or a module that reads
+    its data position from ``global_step``). ``state_dict`` makes Lightning treat the loader as
+    resumable, so a resumed run no longer warns that it "can cause unreliable results" (the
+    warning is for loaders that restart their epoch). The state is the sampler's seed: resuming
+    with another one gets a warning, since that epoch's order then differs from the interrupted
+    run's.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": getattr(self.sampler, "seed", None)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved, current = state_dict.get("seed"), getattr(self.sampler, "seed", None)
+        if saved != current:
+            rank_zero_warn(
+                f"resumed with data seed {current}, the checkpoint's run used {saved}: the rest "
+                "of this epoch is drawn from another order, so some samples repeat or are skipped"
+            )
+
+
 def resumable_train_loader(
     datamodule: Any, dataset: Sized, batch_size: int, seed: int, drop_last: bool, **loader_kwargs
 ) -> DataLoader:
@@ -84,6 +108,6 @@ def resumable_train_loader(
     sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=drop_last)
     if trainer is not None and trainer.fit_loop.restarting:
         skip_consumed_batches(sampler, trainer, batch_size)
-    return DataLoader(
+    return LoopResumedDataLoader(
         dataset, sampler=sampler, batch_size=batch_size, drop_last=drop_last, **loader_kwargs
     )
