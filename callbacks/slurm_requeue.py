@@ -61,8 +61,9 @@ class SlurmRequeue(L.Callback):
 
     Args:
         check_every_n_steps: ranks agree on whether the signal arrived (one all-reduce of a
-            flag) only at steps divisible by this; raise it when steps are much shorter than
-            the warning time of ``#SBATCH --signal`` (90 s in ``configs/slurm``).
+            flag) only at steps divisible by this, to spare that sync when steps are very
+            short. N steps must take well under the warning time of ``#SBATCH --signal``
+            (90 s in ``configs/slurm``).
     """
 
     def __init__(self, check_every_n_steps: int = 1) -> None:
