@@ -65,7 +65,51 @@ def _check(warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> N
         raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
 
 
-class WarmupCosine(LambdaLR):
+class _FollowsThisRunOnResume(LambdaLR):
+    """On resume, keep this run's schedule settings rather than the checkpoint's.
+
+    ``LambdaLR.load_state_dict`` restores every attribute, so a run resumed with a larger
+    ``trainer.max_steps`` (or another world size under ``max_epochs``) would keep the old length:
+    a cosine sits at its minimum and a Trapezoidal cooldown at 0 for every added step. When the
+    settings differ, this run's win from the resumed step on, with a warning naming them. A
+    schedule whose length is not yet known (``total_steps=None``, outside a trainer) takes the
+    checkpoint's, as plain ``LambdaLR`` does.
+    """
+
+    SETTINGS: tuple[str, ...] = ()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        current = {name: getattr(self, name) for name in self.SETTINGS}
+        super().load_state_dict(state_dict)
+        if current["total_steps"] is None:
+            return
+        changed = {
+            name: (getattr(self, name), value)
+            for name, value in current.items()
+            if getattr(self, name) != value
+        }
+        if not changed:
+            return
+        step = self.last_epoch
+        old_factor = self._factor(step)
+        for name, (_, value) in changed.items():
+            setattr(self, name, value)
+        new_factor = self._factor(step)
+        # The optimizer's restored LR is the old schedule's: move it onto this run's curve.
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * new_factor
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        settings = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
+        warnings.warn(
+            f"{type(self).__name__} resumed at step {step} with other settings than the "
+            f"checkpoint's ({settings}; total_steps follows trainer.max_steps / max_epochs when "
+            f"null): the LR follows this run's schedule, factor {old_factor:.4g} -> "
+            f"{new_factor:.4g} at this step",
+            stacklevel=2,
+        )
+
+
+class WarmupCosine(_FollowsThisRunOnResume):
     """Linear warmup then cosine decay, stepped per optimizer step.
 
     Args:
@@ -92,12 +136,14 @@ class WarmupCosine(LambdaLR):
         )
         super().__init__(optimizer, self._factor, last_epoch)
 
+    SETTINGS = ("warmup_steps", "total_steps", "min_lr_ratio")
+
     def _factor(self, step: int) -> float:
         total = self.total_steps if self.total_steps is not None else max(1, self.warmup_steps)
         return warmup_cosine_factor(step, self.warmup_steps, total, self.min_lr_ratio)
 
 
-class Trapezoidal(LambdaLR):
+class Trapezoidal(_FollowsThisRunOnResume):
     """Linear warmup, constant LR, linear cooldown over the final fraction of training.
 
     Args:
@@ -128,6 +174,8 @@ class Trapezoidal(LambdaLR):
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
         self.cooldown_fraction, self.min_lr_ratio = cooldown_fraction, min_lr_ratio
         super().__init__(optimizer, self._factor, last_epoch)
+
+    SETTINGS = ("warmup_steps", "total_steps", "cooldown_fraction", "min_lr_ratio")
 
     def _factor(self, step: int) -> float:
         if self.total_steps is None:  # before the trainer filled it in: warmup only

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -66,6 +67,59 @@ def test_schedule_state_resumes_exactly():
         resumed.step()
         assert resumed.get_last_lr() == scheduler.get_last_lr()
     assert resumed.total_steps == 15 and resumed.warmup_steps == 3
+
+
+def _resume(scheduler_cls, state: dict, optimizer_state: dict, **kwargs):
+    """Lightning's order: the optimizer's state first, then the schedule's."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    scheduler = scheduler_cls(optimizer, **kwargs)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(state)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs, scheduler
+
+
+def test_a_longer_resumed_run_follows_its_own_cosine_and_says_so():
+    """A run of 8 steps resumed at step 4 with trainer.max_steps = 16: the checkpoint's
+    total_steps = 8 kept the LR at its minimum from step 8 on."""
+    _, optimizer, scheduler = _lrs(WarmupCosine, 4, warmup_steps=2, total_steps=8, min_lr_ratio=0.1)
+    # Step 4 of warmup 2: cosine progress 2/6 -> 0.1 + 0.9 * (1 + cos(pi/3)) / 2 = 0.775;
+    # of 16 steps, progress 2/14 -> 0.1 + 0.9 * (1 + cos(pi/7)) / 2 = 0.9554.
+    with pytest.warns(UserWarning, match=r"total_steps 8 -> 16.*factor 0\.775 -> 0\.9554"):
+        lrs, resumed = _resume(
+            WarmupCosine, scheduler.state_dict(), optimizer.state_dict(),
+            warmup_steps=2, total_steps=16, min_lr_ratio=0.1,
+        )  # fmt: skip
+    assert resumed.total_steps == 16
+    expected = [2.0 * warmup_cosine_factor(t, 2, 16, 0.1) for t in range(4, 10)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_a_longer_resumed_trapezoidal_run_does_not_train_at_lr_zero():
+    _, optimizer, scheduler = _lrs(Trapezoidal, 8, warmup_steps=2, total_steps=8)
+    with pytest.warns(UserWarning, match="total_steps 8 -> 16"):
+        lrs, _ = _resume(
+            Trapezoidal, scheduler.state_dict(), optimizer.state_dict(),
+            warmup_steps=2, total_steps=16,
+        )  # fmt: skip
+    # Steps 8-13 of 16 with D = 8: constant until the cooldown starts at 8, then (16 - t) / 8.
+    assert lrs == pytest.approx([2.0 * (16 - t) / 8 for t in range(8, 14)])
+
+
+def test_an_unchanged_resume_is_silent():
+    _, optimizer, scheduler = _lrs(WarmupCosine, 4, warmup_steps=2, total_steps=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lrs, _ = _resume(
+            WarmupCosine, scheduler.state_dict(), optimizer.state_dict(),
+            warmup_steps=2, total_steps=8,
+        )  # fmt: skip
+    assert lrs[:4] == pytest.approx([2.0 * warmup_cosine_factor(t, 2, 8) for t in range(4, 8)])
 
 
 def test_total_steps_filled_from_trainer():
