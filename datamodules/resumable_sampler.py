@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -48,6 +48,35 @@ class ResumableSampler(DistributedSampler):
             raise ValueError(f"num_batches must be >= 0, got {num_batches}")
         self._skip_samples = num_batches * batch_size
 
+    def rescale_skip(
+        self, saved_world: int, saved_batch_size: int, batch_size: int
+    ) -> tuple[str, int] | None:
+        """Re-aim a pending skip set for this run's layout at a checkpoint of another one.
+
+        ``skip_batches`` counted this epoch's batches per rank, which is right only for the
+        checkpoint's world size and batch size. The ranks of the interrupted run consumed a
+        prefix of the epoch's shared permutation, ``batches * saved_batch_size * saved_world``
+        positions long (rank r read positions r, r + world, ...); each rank of this run skips its
+        share of that prefix. Returns a note for the log and the number of samples trained
+        again (the prefix split unevenly), or ``None`` when nothing changed.
+        """
+        if not self._skip_samples or (saved_world, saved_batch_size) == (
+            self.num_replicas,
+            batch_size,
+        ):
+            return None
+        batches = self._skip_samples // batch_size
+        consumed = batches * saved_batch_size * saved_world
+        self._skip_samples, repeated = divmod(consumed, self.num_replicas)
+        note = (
+            f"resumed with {self.num_replicas} process(es) x batch size {batch_size}, the "
+            f"checkpoint's run used {saved_world} x {saved_batch_size}: continuing after the "
+            f"{consumed} samples it consumed this epoch"
+        )
+        if repeated:
+            note += f"; {repeated} of them are trained again ({consumed} does not divide evenly)"
+        return note, repeated
+
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
         skip, self._skip_samples = self._skip_samples, 0
@@ -77,13 +106,18 @@ class LoopResumedDataLoader(DataLoader):
     The position itself is restored elsewhere (``skip_consumed_batches``, or a module that reads
     its data position from ``global_step``). ``state_dict`` makes Lightning treat the loader as
     resumable, so a resumed run no longer warns that it "can cause unreliable results" (the
-    warning is for loaders that restart their epoch). The state is the sampler's seed: resuming
-    with another one gets a warning, since that epoch's order then differs from the interrupted
-    run's.
+    warning is for loaders that restart their epoch). The state is the sampler's seed (resuming
+    with another one gets a warning: that epoch's order then differs from the interrupted run's)
+    and the world size and batch size, so that a run resumed on another number of processes or
+    with another batch size still skips exactly the samples the interrupted run consumed.
     """
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": getattr(self.sampler, "seed", None)}
+        return {
+            "seed": getattr(self.sampler, "seed", None),
+            "world_size": getattr(self.sampler, "num_replicas", 1),
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved, current = state_dict.get("seed"), getattr(self.sampler, "seed", None)
@@ -92,6 +126,14 @@ class LoopResumedDataLoader(DataLoader):
                 f"resumed with data seed {current}, the checkpoint's run used {saved}: the rest "
                 "of this epoch is drawn from another order, so some samples repeat or are skipped"
             )
+        if isinstance(self.sampler, ResumableSampler) and "world_size" in state_dict:
+            # Lightning calls this after train_dataloader() set the skip and before iterating.
+            rescaled = self.sampler.rescale_skip(
+                state_dict["world_size"], state_dict["batch_size"], self.batch_size
+            )
+            if rescaled is not None:
+                note, repeated = rescaled
+                (rank_zero_warn if repeated else rank_zero_info)(note)
 
 
 def resumable_train_loader(
