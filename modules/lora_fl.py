@@ -149,6 +149,7 @@ class FederatedLoRAModule(L.LightningModule):
         self.accountant_history: dict[int, list] = {}
         self.dp_sigma: float | None = None
         self.weight_noise_round: int | None = None  # the round after which it was merged
+        self._checkpoint_noise_plan: dict[str, Any] | None = None  # see on_train_start
         self.last_memorization: dict[str, float] = {}
         self.last_round_stats: dict[str, float] = {}
         self.history: list[dict[str, float]] = []  # per-round stats of this process (diagnostics)
@@ -509,15 +510,73 @@ class FederatedLoRAModule(L.LightningModule):
             "accountant_history": {int(c): list(h) for c, h in self.accountant_history.items()},
             "dp_sigma": self.dp_sigma,
             "weight_noise_round": self.weight_noise_round,
+            "noise_plan": self.noise_plan(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_checkpoint_vocabulary(checkpoint)
         state = checkpoint.get("lora_fl", {})
         self.accountant_history = {
             int(c): [tuple(x) for x in h] for c, h in state.get("accountant_history", {}).items()
         }
         self.dp_sigma = state.get("dp_sigma")
+        given = self.noise.sigma
+        if self.noise.mode == "dp_sgd" and given is not None and self.dp_sigma != float(given):
+            # The accountant records each round's sigma, so epsilon stays right across the change.
+            if self.dp_sigma is not None:
+                rank_zero_warn(
+                    f"noise.sigma {self.dp_sigma:.4g} -> {float(given):.4g} from the resumed "
+                    "round on (epsilon accounts for both)"
+                )
+            self.dp_sigma = float(given)
         self.weight_noise_round = state.get("weight_noise_round")
+        self._checkpoint_noise_plan = state.get("noise_plan")
+
+    def _check_checkpoint_vocabulary(self, checkpoint: dict[str, Any]) -> None:
+        """Name the data setting before Lightning's state-dict size mismatch does not: the
+        vocabulary comes from the datamodule (its tokenizer), not from a model setting."""
+        saved = checkpoint.get("state_dict", {}).get("net.model.embed_tokens.weight")
+        if saved is None or self.net is None:
+            return
+        current = self.net.get_input_embeddings().weight.shape[0]
+        if saved.shape[0] != current:
+            raise ValueError(
+                f"the checkpoint's model has a vocabulary of {saved.shape[0]} tokens, this run's "
+                f"data gives {current}: resume with the data.tokenizer (and model) of the "
+                "checkpoint's run"
+            )
+
+    def noise_plan(self) -> dict[str, Any] | None:
+        """What a noise level solved from ``noise.target_epsilon`` depends on (``None`` when the
+        noise is given as ``noise.sigma`` or is off)."""
+        solved = self.noise.mode in ("dp_sgd", "output_perturbation") and self.noise.sigma is None
+        if not solved:
+            return None
+        return {
+            "target_epsilon": self.noise.target_epsilon,
+            "delta": self.noise.delta,
+            "planned_rounds": self.planned_rounds(),
+        }
+
+    def on_train_start(self) -> None:
+        # A resumed run whose noise level was solved for another plan would end above (or
+        # below) its target epsilon without a word: refuse it with the settings named.
+        saved, current = self._checkpoint_noise_plan, self.noise_plan()
+        if saved is None or current is None or saved == current:
+            return
+        changes = ", ".join(
+            f"{key} {saved.get(key)} -> {current[key]}"
+            for key in current
+            if saved.get(key) != current[key]
+        )
+        keep = f" (noise.sigma={self.dp_sigma:.4g} keeps the checkpoint's)" if self.dp_sigma else ""
+        raise ValueError(
+            f"the checkpoint's noise level was solved for noise.target_epsilon over its planned "
+            f"rounds, and this run changes them ({changes}; planned_rounds follows "
+            "trainer.max_steps / max_epochs): the run would not end at its target epsilon. "
+            "Resume with the checkpoint's settings, or give the noise level as noise.sigma"
+            f"{keep}"
+        )
 
     def global_model(self) -> AbstractContextManager:
         """Within the block ``self.net`` computes the global model: with persistent adapters

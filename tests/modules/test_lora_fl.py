@@ -587,3 +587,51 @@ def test_full_ft_exception_mid_client_leaves_the_round_start_weights(tmp_path, m
     for key, tensor in module.state_dict().items():
         assert torch.equal(tensor, expected[key]), key
     assert module.round_start_weights is None
+
+
+def _dp_checkpoint(tmp_path, rounds: int = 2) -> str:
+    every_round = ModelCheckpoint(dirpath=tmp_path / "dp", every_n_train_steps=1, save_top_k=-1)
+    noise = NoiseSettings(mode="dp_sgd", target_epsilon=8.0, delta=1e-3)
+    _trainer(rounds, callbacks=[every_round], enable_checkpointing=True).fit(
+        _module(local_steps=1, noise=noise, memorization=NO_MEM), _dm()
+    )
+    (path,) = (tmp_path / "dp").glob("*step=1.ckpt")
+    return str(path)
+
+
+def test_resume_refuses_a_target_epsilon_plan_the_restored_sigma_was_not_solved_for(tmp_path):
+    """Resumed with more rounds, the restored sigma (solved for 2) ended at epsilon 10.3 for a
+    target of 8 without a word."""
+    path = _dp_checkpoint(tmp_path)
+    noise = NoiseSettings(mode="dp_sgd", target_epsilon=8.0, delta=1e-3)
+    module = _module(local_steps=1, noise=noise, memorization=NO_MEM)
+    with pytest.raises(ValueError, match=r"planned_rounds 2 -> 4.*noise.sigma=0\.\d+ keeps"):
+        _trainer(4).fit(module, _dm(), ckpt_path=path)
+    same_plan = _module(local_steps=1, noise=noise, memorization=NO_MEM)
+    _trainer(2).fit(same_plan, _dm(), ckpt_path=path)
+    assert same_plan.epsilon() == pytest.approx(8.0, rel=0.01)
+
+
+def test_resume_with_an_explicit_sigma_uses_it_and_accounts_for_both(tmp_path):
+    path = _dp_checkpoint(tmp_path)
+    solved = torch.load(path, weights_only=False)["lora_fl"]["dp_sigma"]
+    noise = NoiseSettings(mode="dp_sgd", sigma=2 * solved, delta=1e-3)
+    module = _module(local_steps=1, noise=noise, memorization=NO_MEM)
+    with pytest.warns(UserWarning, match=rf"noise.sigma {solved:.4g} -> {2 * solved:.4g}"):
+        _trainer(4).fit(module, _dm(), ckpt_path=path)
+    sigmas = {sigma for history in module.accountant_history.values() for sigma, *_ in history}
+    assert sigmas == {solved, 2 * solved}
+
+
+def test_resume_with_another_vocabulary_names_the_tokenizer(tmp_path, tokenizer_dir):
+    every_round = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    char_level = FederatedLoRAModule(model=TINY, local_steps=1, memorization=NO_MEM)
+    _trainer(1, callbacks=[every_round], enable_checkpointing=True).fit(char_level, _dm())
+    (path,) = tmp_path.glob("*step=1.ckpt")
+    bpe_data = FederatedTextDataModule(
+        client_sizes=[24, 30, 36], num_entities=20, val_questions_per_client=4,
+        num_canaries=10, batch_size=8, tokenizer=str(tokenizer_dir),
+    )  # fmt: skip
+    bpe = FederatedLoRAModule(model=TINY, local_steps=1, memorization=NO_MEM)
+    with pytest.raises(ValueError, match=r"vocabulary of 98 tokens, this run's data gives \d+"):
+        _trainer(2).fit(bpe, bpe_data, ckpt_path=str(path))
