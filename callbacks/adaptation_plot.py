@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from callbacks.direct_logging import lightning_log_step
+
 
 def adaptation_figure(
     task: dict[str, Tensor], grid: Tensor, before: Tensor, after: Tensor, title: str = ""
@@ -92,4 +94,4 @@ class AdaptationPlot(L.Callback):
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_figure"):
-                experiment.add_figure("meta/adaptation", figure, trainer.global_step)
+                experiment.add_figure("meta/adaptation", figure, lightning_log_step(trainer))

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from callbacks.direct_logging import lightning_log_step, log_scalars
 from ops.influence_metrics import detection_curve, detection_rate, roc_auc
 
 
@@ -86,15 +87,15 @@ def log_influence(
     top_k: int,
 ) -> None:
     """Log score statistics + ``metrics`` as scalars; histograms and top/bottom text if supported."""
-    step = trainer.global_step
+    step = lightning_log_step(trainer)  # the last validation's step: the same weights
     scalars = dict(metrics)
     for m in methods:
         s = table[f"score_{m}"].double()
         scalars[f"influence/{m}/score_mean"] = float(s.mean())
         scalars[f"influence/{m}/score_std"] = float(s.std()) if s.numel() > 1 else 0.0
     has_both = "is_noisy" in table and 0 < int(table["is_noisy"].sum()) < len(table["is_noisy"])
+    log_scalars(trainer, scalars, step)
     for logger in trainer.loggers:
-        logger.log_metrics(scalars, step=step)
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_histogram"):
             for m in methods:

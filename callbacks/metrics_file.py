@@ -46,7 +46,8 @@ def checkpoint_step(path: str | Path) -> int | None:
 
 
 class MetricsFile(L.Callback):
-    """At the end of fit / validate / test, write ``metrics.json`` with every logged metric.
+    """At the end of fit / validate / test, write ``metrics.json`` with every logged metric
+    (``self.log`` in modules, ``callbacks.direct_logging.log_scalars`` in callbacks).
 
     The file is rewritten after each stage, so it always holds the latest values together
     with the stage that produced them and the global step; after ``--ckpt_path`` also the
@@ -75,12 +76,9 @@ class MetricsFile(L.Callback):
             record["ckpt_global_step"] = checkpoint_step(trainer.ckpt_path)
         path.write_text(json.dumps({**record, "metrics": metrics}, indent=2) + "\n")
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer, "fit")
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "validate":
-            self._write(trainer, "validate")
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer, "test")
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # After every callback's end-of-stage hooks, whatever their order: scalars that other
+        # callbacks compute there (influence scores, warmup diagnostics) are in the file too.
+        # Not after a failed run: Lightning calls no teardown hook then.
+        if stage in ("fit", "validate", "test"):
+            self._write(trainer, stage)

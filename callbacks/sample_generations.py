@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from callbacks.direct_logging import lightning_log_step
 from modules.causal_lm import GenerationSettings, generate_completion
 from modules.eval_mode import eval_mode
 
@@ -90,4 +91,4 @@ class SampleGenerations(L.Callback):
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
-                experiment.add_text("samples/generations", text, trainer.global_step)
+                experiment.add_text("samples/generations", text, lightning_log_step(trainer))

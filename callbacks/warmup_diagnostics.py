@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from callbacks.direct_logging import log_scalars
 from modules.eval_mode import eval_mode
 from ops.warmup import (
     angle_from_sums,
@@ -514,8 +515,8 @@ class UpdateDiagnostics(Callback):
         if not trainer.is_global_zero:
             return
         scalars = {k: v for k, v in record.items() if k != "step" and math.isfinite(v)}
+        log_scalars(trainer, scalars, step)
         for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
             experiment = getattr(logger, "experiment", None)
             if self._hist is not None and hasattr(experiment, "add_histogram"):
                 experiment.add_histogram("warmup/angle_per_neuron", self._hist, global_step=step)

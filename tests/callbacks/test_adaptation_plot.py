@@ -35,9 +35,11 @@ def _module(net) -> MetaLearningModule:
 def test_one_image_per_validation_of_fit(tmp_path):
     trainer = _trainer(tmp_path, AdaptationPlot(task_index=1))
     trainer.fit(_module(MLPRegressor(hidden=8, depth=2)), SinusoidTasks(meta_batch_size=4))
-    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
-    assert [e.step for e in events.Images("meta/adaptation")] == [1, 2]  # not the sanity check
+    # Not the sanity check; at the steps of the same validations' scalars.
+    val_steps = [e.step for e in events.Scalars("val/query_loss")]
+    assert [e.step for e in events.Images("meta/adaptation")] == val_steps == [0, 1]
 
 
 def test_the_figure_draws_the_module_adaptation_of_the_task():

@@ -94,6 +94,9 @@ def test_fit_end_writes_aligned_table_and_metrics(tmp_path) -> None:
     logged = pd.read_csv(trainer.logger.log_dir + "/metrics.csv")
     assert "influence/hyperinf/auc" in logged.columns
     assert "influence/datainf/score_mean" in logged.columns
+    # Also where callbacks read metrics (metrics.json, checkpoint monitors).
+    auc = summary["metrics"]["influence/hyperinf/auc"]
+    assert float(trainer.callback_metrics["influence/hyperinf/auc"]) == pytest.approx(auc)
     assert trainer.lightning_module.training  # train/eval flag restored
 
 

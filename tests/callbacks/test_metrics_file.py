@@ -5,6 +5,7 @@ import lightning as L
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+from callbacks.direct_logging import lightning_log_step, log_scalars
 from callbacks.metrics_file import MetricsFile
 
 
@@ -69,3 +70,30 @@ def test_a_checkpoint_evaluation_names_the_checkpoint_and_its_step(tmp_path):
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert written["global_step"] == 0  # validate restores the weights only
     assert written["ckpt_path"] == str(ckpt) and written["ckpt_global_step"] == 3
+
+
+class _EndOfStageScores(L.Callback):
+    """Scores computed after training / validation and sent straight to the loggers, like the
+    influence scores of HyperINF and the warmup diagnostics."""
+
+    def on_train_end(self, trainer, pl_module):
+        log_scalars(trainer, {"scores/after_fit": 1.5}, lightning_log_step(trainer))
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "validate":
+            log_scalars(trainer, {"scores/after_validate": 2.5}, lightning_log_step(trainer))
+
+
+def test_scalars_callbacks_log_themselves_reach_the_file_whatever_the_callback_order(tmp_path):
+    # MetricsFile first: it used to write in its own end hooks, before these scores existed.
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, limit_val_batches=1, default_root_dir=tmp_path,
+        callbacks=[MetricsFile(), _EndOfStageScores()], enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    model = LoggingBoringModel()
+    trainer.fit(model)
+    path = tmp_path / "lightning_logs" / "version_0" / "metrics.json"
+    assert json.loads(path.read_text())["metrics"]["scores/after_fit"] == 1.5
+    trainer.validate(model, verbose=False)
+    assert json.loads(path.read_text())["metrics"]["scores/after_validate"] == 2.5

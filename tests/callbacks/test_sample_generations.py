@@ -28,10 +28,12 @@ def test_completions_of_the_trained_model_are_logged_after_every_second_validati
         logger=TensorBoardLogger(tmp_path, name="tb"), callbacks=[callback],
     )  # fmt: skip
     trainer.fit(module, _loader(), _loader())
-    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"tensors": 0})
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"tensors": 0, "scalars": 0})
     events.Reload()
     logged = events.Tensors("samples/generations/text_summary")  # add_text appends /text_summary
-    assert [e.step for e in logged] == [2, 4]  # validations 2 and 4 of 4, not the sanity check
+    # Validations 2 and 4 of 4 (not the sanity check), at the steps of their own val/loss.
+    val_steps = [e.step for e in events.Scalars("val/loss")]
+    assert [e.step for e in logged] == val_steps[1::2] == [1, 3]
     module.eval()
     expected = [
         (p, generate_completion(module.model, module.tokenizer, p, GenerationSettings(4)))
