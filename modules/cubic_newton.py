@@ -15,6 +15,7 @@ period in steps.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any
 
@@ -84,8 +85,11 @@ class CubicNewtonModule(L.LightningModule):
         if self.dim == 0:
             raise ValueError("CubicNewtonModule: the model has no trainable parameters")
         self._val_sums: dict[str, Tensor] = {}
-        # Build the optimizer once now so bad hyperparameters fail at construction, not at fit time.
-        self._make_optimizer()
+        # Build the optimizer once now so bad hyperparameters fail at construction, not at fit
+        # time; its warnings come when configure_optimizers builds it again (not twice).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._make_optimizer()
 
     # ---------------------------------------------------------------- objective of the flat vector
     def _unflatten(self, x: Tensor) -> dict[str, Tensor]:
@@ -228,7 +232,9 @@ class CubicNewtonModule(L.LightningModule):
             logs["train/lambda_min_H"] = sol.lambda_min
         if self.hparams.momentum_type == "extrapolated":
             logs["train/extrapolation_norm"] = inner.last_extrapolation_norm
+        loss_value = logs.pop("train/loss")
         self.log_dict(logs, on_step=True, on_epoch=False)
+        self.log("train/loss", loss_value, on_step=True, on_epoch=False, prog_bar=True)
 
     # ---------------------------------------------------------------- full-batch evaluation
     def on_validation_epoch_start(self) -> None:

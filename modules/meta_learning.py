@@ -399,7 +399,9 @@ class MetaLearningModule(L.LightningModule):
         if self.method.startswith("fo_b_maml"):
             logs["train/solve_gap"] = gap_sum / count
         logs.update(closed_form)
+        loss_value = logs.pop(f"{name}_loss")
         self.log_dict({k: v.float() for k, v in logs.items()}, prog_bar=False)
+        self.log(f"{name}_loss", loss_value.float(), prog_bar=True)
 
     @property
     def _adapts_on_query(self) -> bool:
@@ -535,7 +537,9 @@ class MetaLearningModule(L.LightningModule):
         for key in keys:
             metric = self.eval_metrics[f"{prefix}_{key}"]
             update_weighted(metric, vals[_EVAL_KEYS.index(key)], n)
-            self.log(f"{prefix}/{key}", metric, prog_bar=key == "query_acc")
+            # The bar shows the query accuracy, or the query loss where there is none.
+            main = "query_acc" if "query_acc" in keys else "query_loss"
+            self.log(f"{prefix}/{key}", metric, prog_bar=key == main)
 
     @staticmethod
     def _scored_tasks(batch: dict[str, Tensor]) -> dict[str, Tensor]:
