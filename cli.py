@@ -13,6 +13,7 @@ signal is answered with a checkpoint at the next step boundary (``callbacks/slur
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.precision import DoublePrecision
@@ -96,6 +98,13 @@ class MloCLI(LightningCLI):
         if changes:
             lines = "".join(f"\n  model.{key}: {old!r} -> {new!r}" for key, old, new in changes)
             rank_zero_warn(f"--ckpt_path {ckpt_path} replaces model settings of the config{lines}")
+        if subcommand == "fit":
+            try:  # memory-mapped: only the optimizer's param groups are read
+                checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # a legacy (non-zip) file: Lightning reports it itself
+                return
+            for note in unused_learning_rates(after, checkpoint):
+                rank_zero_warn(f"--ckpt_path {ckpt_path}: {note}")
 
 
 #: The step a module must define for each evaluation subcommand (``predict`` also accepts
@@ -138,6 +147,34 @@ def changed_settings(before: Any, after: Any, prefix: str = "") -> list[tuple[st
                 changes += changed_settings(value, after[key], path)
         return changes
     return [] if before == after else [(prefix, before, after)]
+
+
+def unused_learning_rates(model_config: Any, checkpoint: dict[str, Any]) -> list[str]:
+    """Notes on a config learning rate that resuming ``checkpoint`` will not use.
+
+    Lightning restores the optimizer's param groups (and an LR schedule's base LRs), so a
+    changed ``optimizer.init_args.lr`` has no effect on a resumed run. Checked when the model
+    has exactly one optimizer setting and the checkpoint one optimizer state (a federated
+    module's local optimizers are rebuilt every round and take their settings from the config).
+    """
+    init_args = model_config.get("init_args", {}) if isinstance(model_config, dict) else {}
+    optimizers = {
+        key: value["init_args"]["lr"]
+        for key, value in init_args.items()
+        if isinstance(value, dict) and "lr" in (value.get("init_args") or {})
+    }
+    states = checkpoint.get("optimizer_states") or []
+    if len(optimizers) != 1 or len(states) != 1:
+        return []
+    (key, lr), groups = next(iter(optimizers.items())), states[0].get("param_groups", [])
+    restored = sorted({float(g.get("initial_lr", g.get("lr"))) for g in groups})
+    if not restored or any(math.isclose(float(lr), r, rel_tol=1e-9) for r in restored):
+        return []
+    shown = ", ".join(f"{r:g}" for r in restored)
+    return [
+        f"model.init_args.{key}.init_args.lr is {float(lr):g} in the config, but the resumed "
+        f"optimizer keeps the checkpoint's {shown} (Lightning restores its param groups)"
+    ]
 
 
 def config_paths(args: list[str]) -> list[str]:

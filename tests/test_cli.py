@@ -321,3 +321,28 @@ def test_resume_through_the_cli_is_bit_identical(tmp_path, config, extra):
 def test_a_subcommand_the_module_does_not_support_is_named(tmp_path, subcommand, config, message):
     with pytest.raises(SystemExit, match=message):
         main([subcommand, "--config", config, f"--trainer.logger.init_args.save_dir={tmp_path}"])
+
+
+def test_a_learning_rate_changed_on_resume_is_named(tmp_path):
+    _fit(tmp_path, "--trainer.max_steps=2", "--trainer.val_check_interval=2", name="part")
+    ckpt = tmp_path / "part" / "version_0" / "checkpoints" / "last.ckpt"
+    changed = "--model.init_args.optimizer.init_args.lr=0.01"
+    with pytest.warns(UserWarning, match=r"optimizer.init_args.lr is 0.01 in the config, but the "
+                      r"resumed optimizer keeps the checkpoint's 0.003"):  # fmt: skip
+        _fit(tmp_path, "--trainer.max_steps=3", changed, f"--ckpt_path={ckpt}", name="resumed")
+
+
+def test_unused_learning_rates_needs_one_optimizer_setting_and_one_state():
+    from cli import unused_learning_rates
+
+    def model(**optimizers):
+        return {"init_args": {k: {"init_args": {"lr": lr}} for k, lr in optimizers.items()}}
+
+    groups = [{"initial_lr": 3e-3, "lr": 1e-3}, {"initial_lr": 1e-2, "lr": 5e-3}]
+    ckpt = {"optimizer_states": [{"param_groups": groups}]}
+    assert unused_learning_rates(model(optimizer=1e-2), ckpt) == []  # one group's base LR
+    (note,) = unused_learning_rates(model(optimizer=5e-3), ckpt)  # the current LR is no base
+    assert note.endswith("keeps the checkpoint's 0.003, 0.01 (Lightning restores its param groups)")
+    two = model(local_optimizer=1.0, server_optimizer=1.0)  # rebuilt per round: not restored
+    assert unused_learning_rates(two, ckpt) == []
+    assert unused_learning_rates(model(optimizer=5e-3), {"optimizer_states": []}) == []
