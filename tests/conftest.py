@@ -55,3 +55,16 @@ def _same_global_rng_state_for_every_test():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fake_scontrol(tmp_path) -> tuple[Path, Path]:
+    """``(bin directory, log)``: an ``scontrol`` for PATH that appends its arguments to the log
+    (the SLURM requeue tests; the machine has no SLURM)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    scontrol.chmod(0o755)
+    return bin_dir, log

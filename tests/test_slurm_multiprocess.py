@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import subprocess
 import sys
 
@@ -55,13 +54,10 @@ def _final_weights(root) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=False, map_location="cpu")["state_dict"]
 
 
-def test_a_signalled_two_task_job_is_requeued_and_resumes_exactly(tmp_path, repo_root):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "scontrol.log"
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
-    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+def test_a_signalled_two_task_job_is_requeued_and_resumes_exactly(
+    tmp_path, repo_root, fake_scontrol
+):
+    bin_dir, log = fake_scontrol
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(
         PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",

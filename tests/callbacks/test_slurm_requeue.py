@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 
 import lightning as L
 import pytest
@@ -59,7 +58,7 @@ def _fit(module: FederatedLoRAModule, root, rounds: int, callbacks: list) -> Non
 
 
 @pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
+def fake_slurm(fake_scontrol, monkeypatch):
     """One SLURM task, job 4242; ``scontrol`` writes its arguments to ``scontrol.log``."""
     for key, value in {
         "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0",
@@ -68,12 +67,7 @@ def fake_slurm(tmp_path, monkeypatch):
     }.items():  # fmt: skip
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "scontrol.log"
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
-    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    bin_dir, log = fake_scontrol
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return log
 
