@@ -319,9 +319,14 @@ def main(argv=None) -> dict:
     p.add_argument("--lam", type=float, default=1e-2)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--parts", nargs="+", default=["A", "B", "C", "S"], help="A B C S(tretch)")
-    p.add_argument("--quick", action="store_true", help="smoke run: T=400, one seed, no docs")
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument(
+        "--quick", action="store_true",
+        help="smoke run: T=400, one seed, no docs, plots in /tmp/cubic_newton_quick",
+    )  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help=f"default {OUT.relative_to(ROOT)}")
     args = p.parse_args(argv)
+    if args.out is None:  # a smoke run must not overwrite the committed plots
+        args.out = Path("/tmp/cubic_newton_quick") if args.quick else OUT
     if args.quick:
         args.steps, args.seeds, args.points = 400, args.seeds[:1], 10
     torch.set_num_threads(1)

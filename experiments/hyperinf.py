@@ -281,11 +281,16 @@ def main() -> None:
     parser.add_argument("--v2-seeds", type=int, default=5)
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--quick", action="store_true", help="smoke version: small sizes, 2 seeds")
-    parser.add_argument("--out", default=str(ROOT / "docs/results/hyperinf"))
+    parser.add_argument(
+        "--out", default=None,
+        help="default docs/results/hyperinf; with --quick /tmp/hyperinf_quick (the committed "
+        "full-run results stay as they are)",
+    )  # fmt: skip
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/hyperinf.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    out = Path(args.out)
+    default_out = Path("/tmp/hyperinf_quick") if args.quick else ROOT / "docs/results/hyperinf"
+    out = Path(args.out) if args.out else default_out
     out.mkdir(parents=True, exist_ok=True)
     sizes = V1_SIZES[:2] if args.quick else V1_SIZES
     n1, n2 = (2, 2) if args.quick else (args.v1_seeds, args.v2_seeds)
