@@ -533,8 +533,9 @@ class FederatedLoRAModule(L.LightningModule):
         self._checkpoint_noise_plan = state.get("noise_plan")
 
     def _check_checkpoint_vocabulary(self, checkpoint: dict[str, Any]) -> None:
-        """Name the data setting before Lightning's state-dict size mismatch does not: the
-        vocabulary comes from the datamodule (its tokenizer), not from a model setting."""
+        """Refuse another vocabulary naming the data setting (Lightning's state-dict size
+        mismatch names neither): it comes from the datamodule's tokenizer, not from a model
+        setting the CLI could compare."""
         saved = checkpoint.get("state_dict", {}).get("net.model.embed_tokens.weight")
         if saved is None or self.net is None:
             return

@@ -71,9 +71,9 @@ class _FollowsThisRunOnResume(LambdaLR):
     ``LambdaLR.load_state_dict`` restores every attribute, so a run resumed with a larger
     ``trainer.max_steps`` (or another world size under ``max_epochs``) would keep the old length:
     a cosine sits at its minimum and a Trapezoidal cooldown at 0 for every added step. When the
-    settings differ, this run's win from the resumed step on, with a warning naming them. A
-    schedule whose length is not yet known (``total_steps=None``, outside a trainer) takes the
-    checkpoint's, as plain ``LambdaLR`` does.
+    settings differ, this run's settings apply from the resumed step on, with a warning naming
+    them. A schedule whose length is not yet known (``total_steps=None``, outside a trainer)
+    takes the checkpoint's, as plain ``LambdaLR`` does.
     """
 
     SETTINGS: tuple[str, ...] = ()
