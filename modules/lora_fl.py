@@ -33,6 +33,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from modules import lora_fl_resume as resume
 from modules.eval_mode import eval_mode
 from modules.hf_models import build_causal_lm, is_pretrained_name
 from modules.lora_fl_client import ClientTrainer
@@ -497,87 +498,32 @@ class FederatedLoRAModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.round_start_weights is not None:
-            # Saved from inside a round (a signal handler, an exception): store the round's
-            # global weights, not the client's half-trained ones; the resumed run redoes the
-            # round. By identity, so tied weights (two keys, one tensor) are both replaced.
-            for key, tensor in self.state_dict(keep_vars=True).items():
-                start = self.round_start_weights.get(id(tensor))
-                if start is not None:
-                    checkpoint["state_dict"][key] = start.clone()
+        if self.round_start_weights is not None:  # saved from inside a round
+            live = self.state_dict(keep_vars=True)
+            resume.store_round_start_weights(
+                live, self.round_start_weights, checkpoint["state_dict"]
+            )
         # Client randomness is derived from (seed, round, client): nothing else to save.
         checkpoint["lora_fl"] = {
             "accountant_history": {int(c): list(h) for c, h in self.accountant_history.items()},
             "dp_sigma": self.dp_sigma,
             "weight_noise_round": self.weight_noise_round,
-            "noise_plan": self.noise_plan(),
+            "noise_plan": resume.noise_plan(self.noise, self.planned_rounds),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_checkpoint_vocabulary(checkpoint)
+        resume.check_vocabulary(checkpoint.get("state_dict", {}), self.net)
         state = checkpoint.get("lora_fl", {})
         self.accountant_history = {
             int(c): [tuple(x) for x in h] for c, h in state.get("accountant_history", {}).items()
         }
-        self.dp_sigma = state.get("dp_sigma")
-        given = self.noise.sigma
-        if self.noise.mode == "dp_sgd" and given is not None and self.dp_sigma != float(given):
-            # The accountant records each round's sigma, so epsilon stays right across the change.
-            if self.dp_sigma is not None:
-                rank_zero_warn(
-                    f"noise.sigma {self.dp_sigma:.4g} -> {float(given):.4g} from the resumed "
-                    "round on (epsilon accounts for both)"
-                )
-            self.dp_sigma = float(given)
+        self.dp_sigma = resume.resumed_dp_sigma(self.noise, state.get("dp_sigma"))
         self.weight_noise_round = state.get("weight_noise_round")
         self._checkpoint_noise_plan = state.get("noise_plan")
 
-    def _check_checkpoint_vocabulary(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse another vocabulary naming the data setting (Lightning's state-dict size
-        mismatch names neither): it comes from the datamodule's tokenizer, not from a model
-        setting the CLI could compare."""
-        saved = checkpoint.get("state_dict", {}).get("net.model.embed_tokens.weight")
-        if saved is None or self.net is None:
-            return
-        current = self.net.get_input_embeddings().weight.shape[0]
-        if saved.shape[0] != current:
-            raise ValueError(
-                f"the checkpoint's model has a vocabulary of {saved.shape[0]} tokens, this run's "
-                f"data gives {current}: resume with the data.tokenizer (and model) of the "
-                "checkpoint's run"
-            )
-
-    def noise_plan(self) -> dict[str, Any] | None:
-        """What a noise level solved from ``noise.target_epsilon`` depends on (``None`` when the
-        noise is given as ``noise.sigma`` or is off)."""
-        solved = self.noise.mode in ("dp_sgd", "output_perturbation") and self.noise.sigma is None
-        if not solved:
-            return None
-        return {
-            "target_epsilon": self.noise.target_epsilon,
-            "delta": self.noise.delta,
-            "planned_rounds": self.planned_rounds(),
-        }
-
     def on_train_start(self) -> None:
-        # A resumed run whose noise level was solved for another plan would end above (or
-        # below) its target epsilon without a word: refuse it with the settings named.
-        saved, current = self._checkpoint_noise_plan, self.noise_plan()
-        if saved is None or current is None or saved == current:
-            return
-        changes = ", ".join(
-            f"{key} {saved.get(key)} -> {current[key]}"
-            for key in current
-            if saved.get(key) != current[key]
-        )
-        keep = f" (noise.sigma={self.dp_sigma:.4g} keeps the checkpoint's)" if self.dp_sigma else ""
-        raise ValueError(
-            f"the checkpoint's noise level was solved for noise.target_epsilon over its planned "
-            f"rounds, and this run changes them ({changes}; planned_rounds follows "
-            "trainer.max_steps / max_epochs): the run would not end at its target epsilon. "
-            "Resume with the checkpoint's settings, or give the noise level as noise.sigma"
-            f"{keep}"
-        )
+        current = resume.noise_plan(self.noise, self.planned_rounds)
+        resume.check_noise_plan(self._checkpoint_noise_plan, current, self.dp_sigma)
 
     def global_model(self) -> AbstractContextManager:
         """Within the block ``self.net`` computes the global model: with persistent adapters

@@ -17,44 +17,25 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.slurm_requeue import SlurmRequeue
-from datamodules.federated import CharVocab, FederatedTextDataModule
 from datamodules.resumable_sampler import resumable_train_loader
 from modules.lora_fl import FederatedLoRAModule
 from modules.lora_fl_client import ClientTrainer
-from modules.lora_fl_settings import MemorizationSettings
+from tests.federated_testkit import NO_MEM, tiny_dm, tiny_module, tiny_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "tie_word_embeddings": True,
-}  # fmt: skip
 LOCAL_STEPS, CLIENTS = 2, 3
 
 
 def _module() -> FederatedLoRAModule:
-    torch.manual_seed(0)
-    return FederatedLoRAModule(
-        model=TINY, vocab_size=len(CharVocab()), finetune_mode="full", local_steps=LOCAL_STEPS,
-        local_warmup_steps=0, memorization=MemorizationSettings(enabled=False),
-    )  # fmt: skip
-
-
-def _dm() -> FederatedTextDataModule:
-    return FederatedTextDataModule(
-        client_sizes=[24, 30, 36], num_entities=20, val_questions_per_client=4, num_canaries=10,
-        batch_size=8,
-    )  # fmt: skip
+    return tiny_module(finetune_mode="full", local_steps=LOCAL_STEPS, memorization=NO_MEM)
 
 
 def _fit(module: FederatedLoRAModule, root, rounds: int, callbacks: list) -> None:
-    L.Trainer(
-        max_steps=rounds, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, default_root_dir=root, callbacks=callbacks,
-    ).fit(module, _dm())  # fmt: skip
+    checkpoints = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    tiny_trainer(
+        rounds, default_root_dir=root, callbacks=callbacks, enable_checkpointing=checkpoints
+    ).fit(module, tiny_dm())
 
 
 @pytest.fixture

@@ -1,16 +1,15 @@
-"""FederatedLoRAModule: FedAvg equals SGD, client isolation, SecAgg, resume (spec section 7)."""
+"""FederatedLoRAModule: FedAvg equals SGD, client isolation, SecAgg, DP, memorization (spec
+section 7); checkpoints and resume are in test_lora_fl_resume.py."""
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules.federated import CharVocab, FederatedTextDataModule
+from datamodules.federated import FederatedTextDataModule
 from modules.hf_models import build_causal_lm
 from modules.lora_fl import FederatedLoRAModule
 from modules.lora_fl_client import ClientTrainer
@@ -25,60 +24,22 @@ from ops.federated_lora import find_lora_targets
 from ops.goldfish import goldfish_drop_mask
 from ops.memorization import greedy_continue
 from ops.seeding import derive_seed
-
-VOCAB = len(CharVocab())
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": True,
-}
-
+from tests.federated_testkit import NO_MEM, TINY, VOCAB, tiny_dm, tiny_module, tiny_trainer
 
 # One intra-op thread (tests/conftest.py): threads oversubscribe a shared 2-core machine.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-MEM = MemorizationSettings(prefix_lengths=[16, 32], suffix_len=16, frequency_penalty=0.0)
-
-
-def _dm(sizes=(24, 30, 36), canaries: int = 10, batch: int = 8) -> FederatedTextDataModule:
-    return FederatedTextDataModule(
-        client_sizes=list(sizes), num_entities=20, val_questions_per_client=4,
-        num_canaries=canaries, batch_size=batch,
-    )  # fmt: skip
-
-
-def _trainer(rounds: int, **kw) -> L.Trainer:
-    kw.setdefault("logger", False)
-    kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        max_steps=rounds, accelerator="cpu", devices=1, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **kw,
-    )  # fmt: skip
-
-
-def _module(**kw) -> FederatedLoRAModule:
-    torch.manual_seed(0)
-    kw.setdefault("lora", LoraFLSettings(rank=4, alpha=2.0, dropout=0.0))
-    kw.setdefault("memorization", MEM)
-    return FederatedLoRAModule(model=TINY, vocab_size=VOCAB, local_warmup_steps=0, **kw)
-
-
 def test_one_client_one_step_fedavg_equals_centralized_sgd():
-    dm = _dm(sizes=(16,), canaries=0, batch=16)  # one client, one batch = its whole data
-    m = _module(
+    dm = tiny_dm(sizes=(16,), canaries=0, batch=16)  # one client, one batch = its whole data
+    m = tiny_module(
         finetune_mode="full", local_steps=1, local_max_grad_norm=None,
         local_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
         memorization=MemorizationSettings(enabled=False),
     )  # fmt: skip
     reference = build_causal_lm(TINY, vocab_size=VOCAB, dtype="float32")
     reference.load_state_dict(m.net.state_dict())
-    _trainer(1).fit(m, dm)
+    tiny_trainer(1).fit(m, dm)
     batch = dm.collate(dm.client_rows[0])
     logits = reference(input_ids=batch["input_ids"]).logits[:, :-1]
     loss = torch.nn.functional.cross_entropy(
@@ -91,9 +52,9 @@ def test_one_client_one_step_fedavg_equals_centralized_sgd():
 
 
 def test_full_finetuning_clients_start_from_global_weights():
-    dm = _dm()
-    m = _module(finetune_mode="full", local_steps=2)
-    trainer = _trainer(0)
+    dm = tiny_dm()
+    m = tiny_module(finetune_mode="full", local_steps=2)
+    trainer = tiny_trainer(0)
     trainer.fit(m, dm)  # attaches trainer/datamodule, runs no round
     run = ClientTrainer(m, dm, 0, dm.client_num_samples)
     theta = m.flat_server_state().clone()
@@ -109,8 +70,8 @@ def test_client_loss_applies_the_goldfish_settings(incomplete_window):
     """The local loss is CE over the targets that ``goldfish_drop_mask`` keeps, with the
     module's k, h and ``incomplete_window`` (``drop``: the row's first h-1 targets leave too)."""
     gf = GoldfishSettings(enabled=True, k=3, h=5, incomplete_window=incomplete_window)
-    m = _module(goldfish=gf, memorization=MemorizationSettings(enabled=False))
-    dm = _dm(canaries=0)
+    m = tiny_module(goldfish=gf, memorization=MemorizationSettings(enabled=False))
+    dm = tiny_dm(canaries=0)
     dm.build()
     batch = dm.collate(dm.client_rows[0][:4])
     ids, labels = batch["input_ids"], batch["labels"]
@@ -126,25 +87,25 @@ def test_client_loss_applies_the_goldfish_settings(incomplete_window):
 
 
 def test_lora_round_changes_only_targets_and_fresh_adapter_is_identity():
-    dm = _dm()
-    m = _module(local_steps=2)
+    dm = tiny_dm()
+    m = tiny_module(local_steps=2)
     ids = torch.randint(2, VOCAB, (2, 20))
     before = m.net(input_ids=ids).logits
     with m.adapter.attached(m.adapter.fresh_factors()):
         assert torch.equal(m.net(input_ids=ids).logits, before)
     state = {k: v.clone() for k, v in m.net.state_dict().items()}
-    _trainer(1).fit(m, dm)
+    tiny_trainer(1).fit(m, dm)
     changed = {k for k, v in m.net.state_dict().items() if not torch.equal(v, state[k])}
     assert changed and all(k.rsplit(".", 2)[-2] in m.lora.target_modules for k in changed)
     assert m.last_memorization["n_x10"] == 3.0  # evaluated after the last round
 
 
 def test_secure_aggregation_matches_plain_within_the_round_to_nearest_bound():
-    dm = _dm()
-    plain = _module(local_steps=2)
-    _trainer(2).fit(plain, dm)
-    secure = _module(local_steps=2, secure_aggregation=SecureAggregationSettings(enabled=True))
-    trainer = _trainer(2)
+    dm = tiny_dm()
+    plain = tiny_module(local_steps=2)
+    tiny_trainer(2).fit(plain, dm)
+    secure = tiny_module(local_steps=2, secure_aggregation=SecureAggregationSettings(enabled=True))
+    trainer = tiny_trainer(2)
     trainer.fit(secure, dm)
     # Spec 3.4c, defaults f = 24, R = 1, round-to-nearest: each of the 3 clients' |u_c| << R is
     # off by at most half a grid step 2^-(f+1), so |secure - plain| <= 3 * 2^-25 per coordinate
@@ -172,30 +133,6 @@ def test_greedy_with_kv_cache_equals_recomputation():
             counts[torch.arange(3), tok] += 1
             seq = torch.cat([seq, tok[:, None]], 1)
     assert torch.equal(fast, seq[:, 12:])
-
-
-@pytest.mark.parametrize("aggregation", ["merged_delta_mean", "factor_mean"])
-def test_resume_from_mid_training_checkpoint_is_bit_identical(tmp_path, aggregation):
-    def make():
-        return _module(
-            local_steps=2, lora_aggregation=aggregation,
-            server_optimizer=lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.9, 0.99), eps=1e-3),
-            memorization=MemorizationSettings(enabled=False),
-        )  # fmt: skip
-
-    full = make()
-    _trainer(4).fit(full, _dm())
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    first = make()
-    _trainer(2, callbacks=[ckpt], enable_checkpointing=True).fit(first, _dm())
-    path = next(tmp_path.glob("*step=2.ckpt"))
-    resumed = make()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _trainer(4).fit(resumed, _dm(), ckpt_path=str(path))
-    assert torch.equal(resumed.flat_server_state(), full.flat_server_state())
-    # The round driver resumes through global_step, and tells Lightning so.
-    assert not [w for w in caught if "dataloader is not resumable" in str(w.message)]
 
 
 def test_smoke_config_runs_through_the_cli(tmp_path, repo_root):
@@ -231,13 +168,13 @@ class _NextTokenOracle(torch.nn.Module):
 
 
 def test_validation_logs_utility_per_client_and_first_answer_token():
-    dm = _dm()
+    dm = tiny_dm()
     dm.build()
     rows = [dm.val_rows[0], dm.val_rows[1], dm.val_rows[4], dm.val_rows[8]]  # clients 0, 0, 1, 2
     assert [r["client"] for r in rows] == [0, 0, 1, 2]
     batch = dm.collate(rows)
     first_answer_target = int((batch["labels"][0, 1:] != -100).int().argmax())
-    m = _module(finetune_mode="lora", memorization=MemorizationSettings(enabled=False))
+    m = tiny_module(finetune_mode="lora", memorization=MemorizationSettings(enabled=False))
     m.net = _NextTokenOracle(VOCAB, spoil=(0, first_answer_target + 1))
     logged = {}
 
@@ -255,13 +192,13 @@ def test_validation_logs_utility_per_client_and_first_answer_token():
 
 
 def test_factor_mean_is_evaluated_with_its_trained_adapter():
-    m = _module(
+    m = tiny_module(
         local_steps=2, lora_aggregation="factor_mean",
         memorization=MemorizationSettings(enabled=False),
         local_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
     )  # fmt: skip
-    dm = _dm()
-    _trainer(2).fit(m, dm)
+    dm = tiny_dm()
+    tiny_trainer(2).fit(m, dm)
     ids = torch.randint(2, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     m.net.eval()
     with torch.no_grad():
@@ -286,11 +223,11 @@ def test_factor_mean_is_evaluated_with_its_trained_adapter():
 
 
 def test_val_loss_is_the_mean_over_all_answer_tokens_not_over_batches():
-    dm = _dm()
+    dm = tiny_dm()
     dm.build()
     rows = sorted(dm.val_rows, key=lambda r: sum(x != -100 for x in r["labels"]))
     batches = [dm.collate(rows[:1]), dm.collate(rows[-3:])]  # few vs many answer tokens
-    m = _module(memorization=MemorizationSettings(enabled=False))
+    m = tiny_module(memorization=MemorizationSettings(enabled=False))
     m.log = lambda *args, **kw: None
     token_losses = []
     m.net.eval()
@@ -310,20 +247,20 @@ def test_val_loss_is_the_mean_over_all_answer_tokens_not_over_batches():
 
 def test_setup_refuses_a_wrapping_secagg_modulus_and_half_precision_weights():
     wrapping = SecureAggregationSettings(enabled=True, frac_bits=24, modulus_bits=26)
-    m = _module(secure_aggregation=wrapping, memorization=MemorizationSettings(enabled=False))
+    m = tiny_module(secure_aggregation=wrapping, memorization=MemorizationSettings(enabled=False))
     with pytest.raises(ValueError, match="overflow"):  # 3 clients * 1.0 * 2^24 >= 2^25
-        _trainer(1).fit(m, _dm())
-    m = _module(memorization=MemorizationSettings(enabled=False))
+        tiny_trainer(1).fit(m, tiny_dm())
+    m = tiny_module(memorization=MemorizationSettings(enabled=False))
     with pytest.raises(ValueError, match="bf16-true"):
-        _trainer(1, precision="bf16-true").fit(m, _dm())
+        tiny_trainer(1, precision="bf16-true").fit(m, tiny_dm())
 
 
 def test_dp_sgd_through_the_module_reaches_the_target_epsilon():
     dp = NoiseSettings(mode="dp_sgd", target_epsilon=8.0, delta=1e-3)
-    m = _module(local_steps=2, noise=dp, memorization=MemorizationSettings(enabled=False))
-    plain = _module(local_steps=2, memorization=MemorizationSettings(enabled=False))
+    m = tiny_module(local_steps=2, noise=dp, memorization=MemorizationSettings(enabled=False))
+    plain = tiny_module(local_steps=2, memorization=MemorizationSettings(enabled=False))
     for module in (m, plain):
-        _trainer(2).fit(module, _dm(sizes=(12, 16, 20), canaries=0, batch=4))
+        tiny_trainer(2).fit(module, tiny_dm(sizes=(12, 16, 20), canaries=0, batch=4))
     assert m.dp_sigma is not None and m.dp_sigma > 0
     assert m.epsilon() == pytest.approx(8.0, rel=0.01)  # sigma was solved for the whole run
     assert len(m.accountant_history) == 3  # one accountant per client
@@ -340,7 +277,7 @@ def _one_epoch(module: FederatedLoRAModule, dm: FederatedTextDataModule) -> None
 
 
 def test_final_memorization_runs_when_epochs_bound_the_run():
-    m = _module(local_steps=1)
+    m = tiny_module(local_steps=1)
     dm = FederatedTextDataModule(
         num_rounds=2, client_sizes=[24, 30, 36], num_entities=20, val_questions_per_client=4,
         num_canaries=10, batch_size=8,
@@ -349,25 +286,22 @@ def test_final_memorization_runs_when_epochs_bound_the_run():
     assert m.global_step == 2 and "exact_x10" in m.last_memorization
 
 
-NO_MEM = MemorizationSettings(enabled=False)
-
-
 def test_fedavg_weights_client_updates_by_their_training_sequences():
     kw = {
         "finetune_mode": "full", "local_steps": 1, "local_max_grad_norm": None,
         "local_optimizer": lambda p: torch.optim.SGD(p, lr=0.1), "memorization": NO_MEM,
     }  # fmt: skip
     sizes = (8, 16, 24)
-    probe, dm = _module(**kw), _dm(sizes=sizes, canaries=0, batch=8)
-    _trainer(0).fit(probe, dm)  # attaches trainer and datamodule, runs no round
+    probe, dm = tiny_module(**kw), tiny_dm(sizes=sizes, canaries=0, batch=8)
+    tiny_trainer(0).fit(probe, dm)  # attaches trainer and datamodule, runs no round
     run = ClientTrainer(probe, dm, 0, dm.client_num_samples)
     deltas = [run.run(c, derive_seed(0, 0, c))[0] for c in range(3)]
     n = torch.tensor(dm.client_num_samples, dtype=torch.float32)
     expected = sum(w * d for w, d in zip(n / n.sum(), deltas, strict=True))
     assert not torch.allclose(expected, sum(deltas) / 3, atol=1e-6)  # the weighting matters
-    m = _module(**kw)
+    m = tiny_module(**kw)
     theta0 = m.flat_server_state().clone()
-    _trainer(1).fit(m, _dm(sizes=sizes, canaries=0, batch=8))
+    tiny_trainer(1).fit(m, tiny_dm(sizes=sizes, canaries=0, batch=8))
     torch.testing.assert_close(m.flat_server_state() - theta0, expected, atol=1e-6, rtol=0)
 
 
@@ -377,13 +311,13 @@ def test_dp_sgd_noise_reaches_the_update():
     states = []
     for sigma in (0.0, 1.0):
         noise = NoiseSettings(mode="dp_sgd", sigma=sigma)
-        m = _module(local_steps=2, noise=noise, memorization=NO_MEM)
-        _trainer(1).fit(m, _dm(sizes=(12, 16, 20), canaries=0, batch=4))
+        m = tiny_module(local_steps=2, noise=noise, memorization=NO_MEM)
+        tiny_trainer(1).fit(m, tiny_dm(sizes=(12, 16, 20), canaries=0, batch=4))
         states.append(m.flat_server_state())
-    again = _module(
+    again = tiny_module(
         local_steps=2, noise=NoiseSettings(mode="dp_sgd", sigma=0.0), memorization=NO_MEM
     )
-    _trainer(1).fit(again, _dm(sizes=(12, 16, 20), canaries=0, batch=4))
+    tiny_trainer(1).fit(again, tiny_dm(sizes=(12, 16, 20), canaries=0, batch=4))
     assert torch.equal(again.flat_server_state(), states[0])  # deterministic without noise
     assert not torch.allclose(states[0], states[1], atol=1e-6)
 
@@ -398,13 +332,13 @@ def test_dp_sgd_update_noise_has_std_lr_sigma_c_over_b():
     lr, sigma, clip, batch, sizes = 0.05, 2.0, 0.5, 4, (12, 16, 20)
     states = []
     for s in (0.0, sigma):
-        m = _module(
+        m = tiny_module(
             finetune_mode="full", local_steps=1, memorization=NO_MEM,
             local_optimizer=lambda p: torch.optim.SGD(p, lr=lr),
             noise=NoiseSettings(mode="dp_sgd", sigma=s, clip_norm=clip),
         )  # fmt: skip
-        dm = _dm(sizes=sizes, canaries=0, batch=batch)
-        _trainer(1).fit(m, dm)
+        dm = tiny_dm(sizes=sizes, canaries=0, batch=batch)
+        tiny_trainer(1).fit(m, dm)
         assert list(dm.client_num_samples) == list(sizes)  # FedAvg weights n_c / sum n
         states.append(m.flat_server_state().double())
     diff = states[1] - states[0]
@@ -418,7 +352,7 @@ def test_dp_sgd_update_noise_has_std_lr_sigma_c_over_b():
 
 def test_target_epsilon_with_epoch_bounded_runs_uses_the_planned_rounds():
     noise = NoiseSettings(mode="dp_sgd", target_epsilon=8.0, delta=1e-3)
-    m = _module(local_steps=1, noise=noise, memorization=NO_MEM)
+    m = tiny_module(local_steps=1, noise=noise, memorization=NO_MEM)
     dm = FederatedTextDataModule(
         num_rounds=2, client_sizes=[12, 16, 20], num_entities=20, val_questions_per_client=4,
         num_canaries=0, batch_size=4,
@@ -437,27 +371,29 @@ def test_bad_noise_and_client_settings_are_named():
         with pytest.raises(ValueError, match=f"'{mode}' needs noise.sigma or noise.target_eps"):
             NoiseSettings(mode=mode)
     with pytest.raises(ValueError, match="local_lr_per_client has 2 entries for 3 clients"):
-        _trainer(1).fit(_module(local_lr_per_client=[0.1, 0.1], memorization=NO_MEM), _dm())
+        tiny_trainer(1).fit(
+            tiny_module(local_lr_per_client=[0.1, 0.1], memorization=NO_MEM), tiny_dm()
+        )
     with pytest.raises(ValueError, match="clients_per_round=4 exceeds the 3 clients"):
-        _trainer(1).fit(_module(clients_per_round=4, memorization=NO_MEM), _dm())
+        tiny_trainer(1).fit(tiny_module(clients_per_round=4, memorization=NO_MEM), tiny_dm())
     # each used to run: 0 fell back to epochs (local_steps) or sampled nothing, < 0 trained nothing
     for key in ("clients_per_round", "local_steps", "local_epochs"):
         for bad in (0, -3):
             with pytest.raises(ValueError, match=f"{key} must be >= 1 .*got {bad}"):
-                _module(**{key: bad})
+                tiny_module(**{key: bad})
 
 
 def test_memorization_refuses_settings_that_skip_every_canary():
     long = MemorizationSettings(prefix_lengths=[500], suffix_len=50)
     with pytest.raises(ValueError, match="no canary is longer than"):
-        _trainer(1).fit(_module(local_steps=1, memorization=long), _dm())
+        tiny_trainer(1).fit(tiny_module(local_steps=1, memorization=long), tiny_dm())
 
 
 def test_save_pretrained_writes_the_merged_global_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    m = _module(local_steps=1, memorization=NO_MEM)
-    _trainer(1).fit(m, _dm())
+    m = tiny_module(local_steps=1, memorization=NO_MEM)
+    tiny_trainer(1).fit(m, tiny_dm())
     out = m.save_pretrained(tmp_path / "hf")
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, VOCAB, (1, 12))
@@ -476,7 +412,7 @@ def test_weight_noise_merges_a_noised_fresh_adapter_once_before_the_final_memori
     rank, alpha, sigma = 2, 4.0, 0.05
     states, seen_at_memorization = [], []
     for noise in (NoiseSettings(), NoiseSettings(mode="weight_noise", sigma=sigma)):
-        m = _module(
+        m = tiny_module(
             finetune_mode=finetune_mode, local_steps=1, noise=noise,
             lora=LoraFLSettings(rank=rank, alpha=alpha, dropout=0.0),
         )  # fmt: skip
@@ -484,8 +420,8 @@ def test_weight_noise_merges_a_noised_fresh_adapter_once_before_the_final_memori
         m.evaluate_memorization = lambda m=m, evaluate=evaluate: (
             seen_at_memorization.append(m.weight_noise_round is not None) or evaluate()
         )
-        trainer = _trainer(2)
-        trainer.fit(m, _dm())
+        trainer = tiny_trainer(2)
+        trainer.fit(m, tiny_dm())
         states.append({k: v.detach().clone() for k, v in m.net.named_parameters()})
     assert seen_at_memorization == [False, True]  # plain run; noised run noised before it
     targets = m.lora.target_modules
@@ -524,114 +460,14 @@ class _StopAfterFirstRound(L.Callback):
 def test_weight_noise_is_merged_at_the_end_of_a_run_stopped_early():
     states = []
     for noise in (NoiseSettings(), NoiseSettings(mode="weight_noise", sigma=0.05)):
-        m = _module(local_steps=1, noise=noise, memorization=NO_MEM)
-        trainer = _trainer(3, callbacks=[_StopAfterFirstRound()])
+        m = tiny_module(local_steps=1, noise=noise, memorization=NO_MEM)
+        trainer = tiny_trainer(3, callbacks=[_StopAfterFirstRound()])
         if noise.mode == "weight_noise":
             with pytest.warns(UserWarning, match="stopped after round 1"):
-                trainer.fit(m, _dm())
+                trainer.fit(m, tiny_dm())
         else:
-            trainer.fit(m, _dm())
+            trainer.fit(m, tiny_dm())
         assert m.global_step == 1
         states.append(m.flat_server_state())
     assert m.weight_noise_round == 0
     assert not torch.equal(states[0], states[1])  # the exported model carries the noise
-
-
-def _full_ft_after_one_round(tmp_path) -> dict[str, torch.Tensor]:
-    """State dict of a full fine-tuning module after round 1 (the round-2 start weights)."""
-    every_round = ModelCheckpoint(dirpath=tmp_path / "ref", every_n_train_steps=1, save_top_k=-1)
-    _trainer(1, callbacks=[every_round], enable_checkpointing=True).fit(
-        _module(finetune_mode="full", local_steps=2, memorization=MemorizationSettings(False)),
-        _dm(),
-    )
-    (path,) = (tmp_path / "ref").glob("*step=1.ckpt")
-    return torch.load(path, weights_only=False)["state_dict"]
-
-
-def _during_round_two(monkeypatch, action) -> None:
-    """Run ``action(client_trainer)`` at round 2's second client, after its first local step."""
-    original, calls = ClientTrainer.loss, [0]
-
-    def loss(self, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 3 * 2 + 2 + 2:  # 3 clients x 2 local steps, then client 2, step 2
-            action(self)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(ClientTrainer, "loss", loss)
-
-
-def test_full_ft_checkpoint_saved_mid_round_holds_the_round_start_weights(tmp_path, monkeypatch):
-    expected = _full_ft_after_one_round(tmp_path)
-    mid_round = tmp_path / "mid_round.ckpt"
-    _during_round_two(monkeypatch, lambda ct: ct.m.trainer.save_checkpoint(mid_round))
-    module = _module(finetune_mode="full", local_steps=2, memorization=MemorizationSettings(False))
-    _trainer(2).fit(module, _dm())
-    saved = torch.load(mid_round, weights_only=False)
-    assert saved["global_step"] == 1
-    assert saved["state_dict"].keys() == expected.keys()
-    for key, tensor in expected.items():  # tied embedding and head included
-        assert torch.equal(saved["state_dict"][key], tensor), key
-
-
-def test_full_ft_exception_mid_client_leaves_the_round_start_weights(tmp_path, monkeypatch):
-    expected = _full_ft_after_one_round(tmp_path)
-
-    def fail(_):
-        raise RuntimeError("interrupted mid-client")
-
-    _during_round_two(monkeypatch, fail)
-    module = _module(finetune_mode="full", local_steps=2, memorization=MemorizationSettings(False))
-    with pytest.raises(RuntimeError, match="interrupted mid-client"):
-        _trainer(2).fit(module, _dm())
-    for key, tensor in module.state_dict().items():
-        assert torch.equal(tensor, expected[key]), key
-    assert module.round_start_weights is None
-
-
-def _dp_checkpoint(tmp_path, rounds: int = 2) -> str:
-    every_round = ModelCheckpoint(dirpath=tmp_path / "dp", every_n_train_steps=1, save_top_k=-1)
-    noise = NoiseSettings(mode="dp_sgd", target_epsilon=8.0, delta=1e-3)
-    _trainer(rounds, callbacks=[every_round], enable_checkpointing=True).fit(
-        _module(local_steps=1, noise=noise, memorization=NO_MEM), _dm()
-    )
-    (path,) = (tmp_path / "dp").glob("*step=1.ckpt")
-    return str(path)
-
-
-def test_resume_refuses_a_target_epsilon_plan_the_restored_sigma_was_not_solved_for(tmp_path):
-    """Resumed with more rounds, the restored sigma (solved for 2) ended at epsilon 10.3 for a
-    target of 8 without a word."""
-    path = _dp_checkpoint(tmp_path)
-    noise = NoiseSettings(mode="dp_sgd", target_epsilon=8.0, delta=1e-3)
-    module = _module(local_steps=1, noise=noise, memorization=NO_MEM)
-    with pytest.raises(ValueError, match=r"planned_rounds 2 -> 4.*noise.sigma=0\.\d+ keeps"):
-        _trainer(4).fit(module, _dm(), ckpt_path=path)
-    same_plan = _module(local_steps=1, noise=noise, memorization=NO_MEM)
-    _trainer(2).fit(same_plan, _dm(), ckpt_path=path)
-    assert same_plan.epsilon() == pytest.approx(8.0, rel=0.01)
-
-
-def test_resume_with_an_explicit_sigma_uses_it_and_accounts_for_both(tmp_path):
-    path = _dp_checkpoint(tmp_path)
-    solved = torch.load(path, weights_only=False)["lora_fl"]["dp_sigma"]
-    noise = NoiseSettings(mode="dp_sgd", sigma=2 * solved, delta=1e-3)
-    module = _module(local_steps=1, noise=noise, memorization=NO_MEM)
-    with pytest.warns(UserWarning, match=rf"noise.sigma {solved:.4g} -> {2 * solved:.4g}"):
-        _trainer(4).fit(module, _dm(), ckpt_path=path)
-    sigmas = {sigma for history in module.accountant_history.values() for sigma, *_ in history}
-    assert sigmas == {solved, 2 * solved}
-
-
-def test_resume_with_another_vocabulary_names_the_tokenizer(tmp_path, tokenizer_dir):
-    every_round = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
-    char_level = FederatedLoRAModule(model=TINY, local_steps=1, memorization=NO_MEM)
-    _trainer(1, callbacks=[every_round], enable_checkpointing=True).fit(char_level, _dm())
-    (path,) = tmp_path.glob("*step=1.ckpt")
-    bpe_data = FederatedTextDataModule(
-        client_sizes=[24, 30, 36], num_entities=20, val_questions_per_client=4,
-        num_canaries=10, batch_size=8, tokenizer=str(tokenizer_dir),
-    )  # fmt: skip
-    bpe = FederatedLoRAModule(model=TINY, local_steps=1, memorization=NO_MEM)
-    with pytest.raises(ValueError, match=r"vocabulary of 98 tokens, this run's data gives \d+"):
-        _trainer(2).fit(bpe, bpe_data, ckpt_path=str(path))
