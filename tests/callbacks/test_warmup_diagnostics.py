@@ -1,5 +1,5 @@
 """UpdateDiagnostics in real Trainer runs: cadence, accumulation, RNG neutrality, TensorBoard,
-LoRA, the LionAR RRC correction, resume and DDP."""
+LoRA, LionAR and Lion steps, resume and DDP (the gradient-noise probe: test_warmup_snr.py)."""
 
 from __future__ import annotations
 
@@ -11,50 +11,11 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from callbacks.warmup_diagnostics import UpdateDiagnostics
 from ops.warmup import angular_update, lionar_target_angle
-from optim.lion import Lion, LionAR
-
-
-def _data(n: int = 320, seed: int = 0) -> TensorDataset:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=gen)
-    return TensorDataset(x, x[:, :2].sum(1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=gen))
-
-
-class TinyRegressor(L.LightningModule):
-    """Two linear layers with dropout; ``compute_loss`` is the callback's loss protocol."""
-
-    def __init__(self, optimizer: str = "adamw", lr: float = 1e-2, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 32)
-        self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(32, 1)
-        self.opt_name, self.lr = optimizer, lr
-
-    def compute_loss(self, batch) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.mse_loss(self.out(self.drop(torch.relu(self.fc(x)))), y)
-
-    def training_step(self, batch, batch_idx):
-        return self.compute_loss(batch)
-
-    def configure_optimizers(self):
-        if self.opt_name == "lionar_plain":  # constant target angle atan(η_r) at every step
-            return LionAR(self.named_parameters(), lr=self.lr, weight_decay=0.1,
-                          rotational="all_matrices")  # fmt: skip
-        if self.opt_name == "lion_ibc":  # the step is σ_t·η·(sign(c) + λw), σ_t = 1 − β₂ᵗ
-            return Lion(self.parameters(), lr=self.lr, betas=(0.98, 0.98), weight_decay=0.1,
-                        inverse_bias_correction=True)  # fmt: skip
-        if self.opt_name == "lionar":
-            return LionAR(
-                self.named_parameters(), lr=self.lr, weight_decay=0.1, rrc_correction="derived",
-                rotational="all_matrices",  # no transformer blocks here: fc and out rotate
-            )  # fmt: skip
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
-
+from tests.warmup_testkit import TinyRegressor, diagnostics_trainer, records, regression_data
 
 Snapshot = dict[str, torch.Tensor]
 
@@ -125,24 +86,6 @@ def _concatenated_angle(before: Snapshot, after: Snapshot) -> float:
     return float(2 * torch.atan2((a - b).norm(), (a + b).norm()))
 
 
-def _trainer(tmp_path: Path, max_steps: int, callbacks, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        callbacks=callbacks,
-        logger=kw.pop("logger", False),
-        enable_checkpointing=kw.pop("enable_checkpointing", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kw,
-    )
-
-
-def _records(cb: UpdateDiagnostics, key: str) -> dict[int, float]:
-    return {r["step"]: r[key] for r in cb.history if key in r}
-
-
 def test_cadence_metrics_and_sign_like_first_step(tmp_path: Path) -> None:
     L.seed_everything(0)
     cb = UpdateDiagnostics(
@@ -154,27 +97,29 @@ def test_cadence_metrics_and_sign_like_first_step(tmp_path: Path) -> None:
         rrc_layers=["fc", "out"],
     )
     ref = WeightRecorder()
-    _trainer(tmp_path, 13, [cb, ref]).fit(TinyRegressor(), DataLoader(_data(), batch_size=32))
-    angles = _records(cb, "warmup/angle/fc.weight")
+    diagnostics_trainer(tmp_path, 13, [cb, ref]).fit(
+        TinyRegressor(), DataLoader(regression_data(), batch_size=32)
+    )
+    angles = records(cb, "warmup/angle/fc.weight")
     assert sorted(angles) == [0, 1, 2, 3, 4, 8, 12]
     for step, angle in angles.items():  # agrees with an independent measurement
         assert angle == pytest.approx(
             float(angular_update(ref.before[step], ref.after[step])), rel=1e-9
         )
     # AdamW's first step is sign(g): its RMS is √(fraction of nonzero gradients) (dead ReLUs)
-    first = _records(cb, "warmup/direction_rms/fc.weight")
+    first = records(cb, "warmup/direction_rms/fc.weight")
     nonzero = float(ref.first_grad.ne(0).float().mean())
     assert nonzero > 0.5
     assert first[0] == pytest.approx(math.sqrt(nonzero), rel=1e-4)
     assert first[12] < 0.9
-    assert sorted(_records(cb, "warmup/snr/b_noise")) == [0, 1, 2, 4, 8, 12]
+    assert sorted(records(cb, "warmup/snr/b_noise")) == [0, 1, 2, 4, 8, 12]
     for layer in ("fc", "out"):
-        rrc = _records(cb, f"warmup/rrc/{layer}")
+        rrc = records(cb, f"warmup/rrc/{layer}")
         assert sorted(rrc) == [0, 1, 2, 3, 4, 8, 12] and all(v > 0 for v in rrc.values())
-    assert set(_records(cb, "warmup/momentum/cos_global")) == {1, 2, 3, 4, 8, 12}  # m_0 = 0
+    assert set(records(cb, "warmup/momentum/cos_global")) == {1, 2, 3, 4, 8, 12}  # m_0 = 0
     # D2 global: the angle of fc.weight and out.weight concatenated (biases are not matrices),
     # from the recorded weights, not a combination of per-tensor angles.
-    global_angles = _records(cb, "warmup/global/angle")
+    global_angles = records(cb, "warmup/global/angle")
     assert sorted(global_angles) == [0, 1, 2, 3, 4, 8, 12]
     for step, angle in global_angles.items():
         assert set(ref.mats_before[step]) == {"fc.weight", "out.weight"}
@@ -192,9 +137,11 @@ def test_momentum_alignment_and_ratio_are_the_recorded_cosines(tmp_path: Path) -
     L.seed_everything(0)
     cb = UpdateDiagnostics(keep_history=True, dense_steps=100, snr_every_n_steps=0, rrc_layers=[])
     ref = WeightRecorder()
-    _trainer(tmp_path, 6, [cb, ref]).fit(TinyRegressor(), DataLoader(_data(), batch_size=32))
-    cosines = _records(cb, "warmup/momentum/cos_global")
-    ratios = _records(cb, "warmup/momentum/ratio_global")
+    diagnostics_trainer(tmp_path, 6, [cb, ref]).fit(
+        TinyRegressor(), DataLoader(regression_data(), batch_size=32)
+    )
+    cosines = records(cb, "warmup/momentum/cos_global")
+    ratios = records(cb, "warmup/momentum/ratio_global")
     # Both need the momentum buffer before the step, which AdamW creates in its first step.
     assert sorted(cosines) == sorted(ratios) == [1, 2, 3, 4, 5]
     for step, cos in cosines.items():
@@ -205,90 +152,11 @@ def test_momentum_alignment_and_ratio_are_the_recorded_cosines(tmp_path: Path) -
         for name in names:  # per tensor too
             g1, m1 = ref.grads[step][name].double(), ref.momenta_before[step][name].double()
             per = float((g1 * m1).sum() / (g1.norm() * m1.norm()))
-            assert _records(cb, f"warmup/momentum/cos/{name}")[step] == pytest.approx(per, rel=1e-9)
+            assert records(cb, f"warmup/momentum/cos/{name}")[step] == pytest.approx(per, rel=1e-9)
     for step, ratio in ratios.items():
         names = sorted(ref.momenta_after[step])
         g, m = _flat(ref.grads[step], names), _flat(ref.momenta_after[step], names)
         assert ratio == pytest.approx(float(m.norm() / g.norm()), rel=1e-9)
-
-
-class LinearRegressor(L.LightningModule):
-    """y = xwᵀ + b with the MSE loss: its half-batch gradients have a closed form."""
-
-    def __init__(self, optimizer: str = "adamw") -> None:
-        super().__init__()
-        self.lin = nn.Linear(8, 1)
-        self.opt_name = optimizer
-
-    def compute_loss(self, batch) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.mse_loss(self.lin(x), y)
-
-    def training_step(self, batch, batch_idx):
-        return self.compute_loss(batch)
-
-    def configure_optimizers(self):
-        if self.opt_name == "lionar":
-            return LionAR(self.named_parameters(), lr=0.1, weight_decay=0.1,
-                          rrc_correction="derived", rotational="all_matrices")  # fmt: skip
-        return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.1)
-
-
-class BatchRecorder(L.Callback):
-    """The batch and the weights w_t at the start of every step (what the SNR probe sees)."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, tuple[torch.Tensor, ...]] = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        x, y = batch
-        w, b = pl_module.lin.weight, pl_module.lin.bias
-        self.seen[trainer.global_step] = tuple(
-            t.detach().double().clone() for t in (x, y, w.reshape(-1), b)
-        )
-
-
-def _half_batch_gradient(x, y, w, b) -> torch.Tensor:
-    """∇ of mean((xw + b − y)²) over a half batch of n samples: with residuals r = xw + b − y,
-    ∂/∂w = (2/n)·xᵀr and ∂/∂b = (2/n)·Σr, concatenated."""
-    r = x @ w + b - y.reshape(-1)
-    n = x.shape[0]
-    return torch.cat([2 / n * (x.T @ r), (2 / n * r.sum()).reshape(1)])
-
-
-@pytest.mark.parametrize("optimizer", ["adamw", "lionar"])
-def test_snr_is_the_two_half_batch_estimator(tmp_path: Path, optimizer: str) -> None:
-    # Spec D4 on the current batch of B = 32: G₁, G₂ = mean gradients of samples 0-15 and 16-31,
-    # |G|² ≈ ⟨G₁, G₂⟩, trΣ ≈ (B/4)‖G₁ − G₂‖², each EMA-smoothed (decay 0.9, from 0) before
-    # B_noise = trΣ/|G|² and φ = 1/B_noise. G₁, G₂ come from the closed-form gradient above.
-    L.seed_everything(0)
-    cb = UpdateDiagnostics(keep_history=True, dense_steps=100, snr_every_n_steps=1,
-                           rrc_layers=[])  # fmt: skip
-    seen = BatchRecorder()
-    model = LinearRegressor(optimizer)
-    _trainer(tmp_path, 4, [cb, seen]).fit(model, DataLoader(_data(), batch_size=32))
-    ema_g2 = ema_tr = 0.0
-    for step in range(4):
-        x, y, w, b = seen.seen[step]
-        g1 = _half_batch_gradient(x[:16], y[:16], w, b)
-        g2 = _half_batch_gradient(x[16:], y[16:], w, b)
-        grad_sq, trace = float(g1 @ g2), 32 / 4 * float((g1 - g2).square().sum())
-        ema_g2, ema_tr = 0.9 * ema_g2 + 0.1 * grad_sq, 0.9 * ema_tr + 0.1 * trace
-        assert trace > 0 and grad_sq > 0
-        assert _records(cb, "warmup/snr/grad_sq")[step] == pytest.approx(grad_sq, rel=1e-4)
-        assert _records(cb, "warmup/snr/trace_sigma")[step] == pytest.approx(trace, rel=1e-4)
-        assert _records(cb, "warmup/snr/b_noise_raw")[step] == pytest.approx(
-            trace / grad_sq, rel=1e-4
-        )
-        assert _records(cb, "warmup/snr/b_noise")[step] == pytest.approx(ema_tr / ema_g2, rel=1e-4)
-        assert _records(cb, "warmup/snr/phi")[step] == pytest.approx(ema_g2 / ema_tr, rel=1e-4)
-    if optimizer == "lionar":
-        # LionAR's RRC correction got the last φ and applied ρ = √((1 + Bφ)/(1 + B²φ)) (§3.5).
-        opt = model.trainer.optimizers[0]
-        phi = ema_g2 / ema_tr
-        assert opt.param_groups[0]["snr_phi"] == pytest.approx(phi, rel=1e-4)
-        rho = math.sqrt((1 + 32 * phi) / (1 + 32**2 * phi))
-        assert opt.state[model.lin.weight]["lr_multiplier"] == pytest.approx(rho, rel=1e-4)
 
 
 def test_gradient_accumulation_keys_on_optimizer_steps(tmp_path: Path) -> None:
@@ -297,15 +165,15 @@ def test_gradient_accumulation_keys_on_optimizer_steps(tmp_path: Path) -> None:
         keep_history=True, dense_steps=100, snr_every_n_steps=2, snr_dense_steps=0
     )
     ref = WeightRecorder()
-    trainer = _trainer(tmp_path, 6, [cb, ref], accumulate_grad_batches=3)
-    trainer.fit(TinyRegressor(), DataLoader(_data(), batch_size=16))
-    angles = _records(cb, "warmup/angle/fc.weight")
+    trainer = diagnostics_trainer(tmp_path, 6, [cb, ref], accumulate_grad_batches=3)
+    trainer.fit(TinyRegressor(), DataLoader(regression_data(), batch_size=16))
+    angles = records(cb, "warmup/angle/fc.weight")
     assert sorted(angles) == list(range(6))  # one record per optimizer step, not per micro-batch
     for step, angle in angles.items():
         assert angle == pytest.approx(
             float(angular_update(ref.before[step], ref.after[step])), rel=1e-9
         )
-    assert sorted(_records(cb, "warmup/snr/b_noise")) == [0, 2, 4]
+    assert sorted(records(cb, "warmup/snr/b_noise")) == [0, 2, 4]
 
 
 class TinyBatchNormRegressor(TinyRegressor):
@@ -332,8 +200,8 @@ class TinyEvalDropoutRegressor(TinyRegressor):
 def _final_weights(tmp_path: Path, callbacks, model_class=TinyRegressor) -> list[torch.Tensor]:
     L.seed_everything(0)
     model = model_class()
-    loader = DataLoader(_data(), batch_size=32, shuffle=True)
-    _trainer(tmp_path, 8, callbacks).fit(model, loader)
+    loader = DataLoader(regression_data(), batch_size=32, shuffle=True)
+    diagnostics_trainer(tmp_path, 8, callbacks).fit(model, loader)
     return [t.detach().clone() for t in model.state_dict().values()]  # buffers included
 
 
@@ -344,7 +212,7 @@ def test_training_is_unchanged_by_the_callback(tmp_path: Path) -> None:
     with_cb = _final_weights(tmp_path, [cb])
     without = _final_weights(tmp_path, [])
     assert all(torch.equal(a, b) for a, b in zip(with_cb, without, strict=True))
-    assert len(_records(cb, "warmup/snr/b_noise_raw")) == 8
+    assert len(records(cb, "warmup/snr/b_noise_raw")) == 8
 
 
 def test_rrc_probe_restores_each_submodule_mode(tmp_path: Path) -> None:
@@ -356,7 +224,7 @@ def test_rrc_probe_restores_each_submodule_mode(tmp_path: Path) -> None:
     with_cb = _final_weights(tmp_path, [cb], TinyEvalDropoutRegressor)
     without = _final_weights(tmp_path, [], TinyEvalDropoutRegressor)
     assert all(torch.equal(a, b) for a, b in zip(with_cb, without, strict=True))
-    assert len(_records(cb, "warmup/rrc_median")) > 0  # the probe ran
+    assert len(records(cb, "warmup/rrc_median")) > 0  # the probe ran
 
 
 def test_snr_probe_leaves_batchnorm_statistics_alone(tmp_path: Path) -> None:
@@ -364,23 +232,6 @@ def test_snr_probe_leaves_batchnorm_statistics_alone(tmp_path: Path) -> None:
     with_cb = _final_weights(tmp_path, [cb], TinyBatchNormRegressor)
     without = _final_weights(tmp_path, [], TinyBatchNormRegressor)
     assert all(torch.equal(a, b) for a, b in zip(with_cb, without, strict=True))
-
-
-def test_odd_batches_scale_the_noise_by_the_samples_the_halves_hold(tmp_path, monkeypatch):
-    import callbacks.warmup_diagnostics as module
-
-    sizes: list[int] = []
-    real = module.noise_scale
-
-    def recording(g1, g2, batch):
-        sizes.append(batch)
-        return real(g1, g2, batch)
-
-    monkeypatch.setattr(module, "noise_scale", recording)
-    cb = UpdateDiagnostics(snr_every_n_steps=1, snr_fresh_batches=0, rrc_layers=[])
-    loader = DataLoader(_data(), batch_size=5)
-    _trainer(tmp_path, 2, [cb]).fit(TinyRegressor(), loader)
-    assert sizes == [4, 4]  # two halves of 2 samples; one of the 5 is left out
 
 
 @pytest.mark.parametrize(
@@ -395,9 +246,9 @@ def test_out_of_range_settings_are_refused(key: str, value: int) -> None:
 
 def test_rrc_layers_matching_nothing_is_an_error(tmp_path: Path) -> None:
     cb = UpdateDiagnostics(rrc_layers=["*.q_proj"])
-    trainer = _trainer(tmp_path, 1, [cb])
+    trainer = diagnostics_trainer(tmp_path, 1, [cb])
     with pytest.raises(ValueError, match=r"rrc_layers=\['\*\.q_proj'\] match no module"):
-        trainer.fit(TinyRegressor(), DataLoader(_data(), batch_size=32))
+        trainer.fit(TinyRegressor(), DataLoader(regression_data(), batch_size=32))
 
 
 def test_tensorboard_receives_the_scalars(tmp_path: Path) -> None:
@@ -408,8 +259,8 @@ def test_tensorboard_receives_the_scalars(tmp_path: Path) -> None:
     cb = UpdateDiagnostics(
         keep_history=True, dense_steps=3, log_every_n_steps=2, log_histograms=True
     )
-    _trainer(tmp_path, 5, [cb], logger=logger).fit(
-        TinyRegressor(), DataLoader(_data(), batch_size=32)
+    diagnostics_trainer(tmp_path, 5, [cb], logger=logger).fit(
+        TinyRegressor(), DataLoader(regression_data(), batch_size=32)
     )
     events = EventAccumulator(logger.log_dir)
     events.Reload()
@@ -419,40 +270,18 @@ def test_tensorboard_receives_the_scalars(tmp_path: Path) -> None:
     assert [e.step for e in events.Scalars("warmup/global/angle")] == [0, 1, 2, 4]
 
 
-def test_lionar_rrc_correction_gets_the_snr_every_step(tmp_path: Path) -> None:
-    L.seed_everything(0)
-    cb = UpdateDiagnostics(
-        keep_history=True, dense_steps=100, snr_every_n_steps=50, snr_dense_steps=0
-    )
-    model = TinyRegressor(optimizer="lionar", lr=0.1, dropout=0.0)  # the halves' only difference
-    _trainer(tmp_path, 5, [cb]).fit(model, DataLoader(_data(), batch_size=32))
-    assert sorted(_records(cb, "warmup/snr/phi")) == list(range(5))
-    group = model.trainer.optimizers[0].param_groups[0]
-    # The optimizer holds the φ logged at the last step; a finite, positive one (a probe that
-    # used one half twice would give trΣ = 0 and φ = ∞, i.e. ρ pinned at 1/√B).
-    last_phi = _records(cb, "warmup/snr/phi")[4]
-    assert 0 < last_phi < math.inf and group["snr_phi"] == pytest.approx(last_phi, rel=1e-12)
-    assert group["snr_batch_size"] == 32
-    # With accumulation ρ_t gets the batch of one optimizer step: 3 micro-batches of 16.
-    model = TinyRegressor(optimizer="lionar", lr=0.1)
-    _trainer(tmp_path, 2, [UpdateDiagnostics()], accumulate_grad_batches=3).fit(
-        model, DataLoader(_data(), batch_size=16)
-    )
-    assert model.trainer.optimizers[0].param_groups[0]["snr_batch_size"] == 48
-
-
 def test_lionar_step_zero_measures_the_step_not_the_centering(tmp_path: Path) -> None:
     L.seed_everything(0)
     cb = UpdateDiagnostics(keep_history=True, dense_steps=100, snr_every_n_steps=0)
     model = TinyRegressor(optimizer="lionar_plain", lr=0.1, dropout=0.0)
-    _trainer(tmp_path, 4, [cb]).fit(model, DataLoader(_data(), batch_size=32))
+    diagnostics_trainer(tmp_path, 4, [cb]).fit(model, DataLoader(regression_data(), batch_size=32))
     target = math.atan(lionar_target_angle(0.1, 0.1, (0.9, 0.99)))
-    largest = _records(cb, "warmup/angle_neuron_max/fc.weight")
+    largest = records(cb, "warmup/angle_neuron_max/fc.weight")
     assert sorted(largest) == [0, 1, 2, 3]
     for step, angle in largest.items():  # step 0 included: the centering is not an update
         assert angle == pytest.approx(target, rel=1e-3)
         # neurons without gradient yet (sign(c) = 0 at step 0) do not turn
-        assert _records(cb, "warmup/angle_neuron_mean/fc.weight")[step] <= angle
+        assert records(cb, "warmup/angle_neuron_mean/fc.weight")[step] <= angle
 
 
 def test_lion_direction_divides_by_the_lr_actually_applied(tmp_path: Path) -> None:
@@ -460,11 +289,13 @@ def test_lion_direction_divides_by_the_lr_actually_applied(tmp_path: Path) -> No
     cb = UpdateDiagnostics(keep_history=True, dense_steps=100, snr_every_n_steps=0)
     ref = WeightRecorder()
     model = TinyRegressor(optimizer="lion_ibc", lr=1e-3)
-    _trainer(tmp_path, 3, [cb, ref]).fit(model, DataLoader(_data(), batch_size=32))
+    diagnostics_trainer(tmp_path, 3, [cb, ref]).fit(
+        model, DataLoader(regression_data(), batch_size=32)
+    )
     # Lion's first direction is sign(g): RMS = √(fraction of nonzero gradients), although the
     # step was scaled by σ_1 = 1 − 0.98 = 0.02.
     nonzero = float(ref.first_grad.ne(0).float().mean())
-    first = _records(cb, "warmup/direction_rms/fc.weight")[0]
+    first = records(cb, "warmup/direction_rms/fc.weight")[0]
     assert first == pytest.approx(math.sqrt(nonzero), rel=1e-4)
 
 
@@ -473,8 +304,10 @@ def test_max_tensors_caps_snapshots_not_the_snr(tmp_path: Path) -> None:
     for cap in (None, 1):
         L.seed_everything(0)
         cb = UpdateDiagnostics(keep_history=True, snr_every_n_steps=1, max_tensors=cap)
-        _trainer(tmp_path, 3, [cb]).fit(TinyRegressor(), DataLoader(_data(), batch_size=32))
-        logs.append(_records(cb, "warmup/snr/b_noise_raw"))
+        diagnostics_trainer(tmp_path, 3, [cb]).fit(
+            TinyRegressor(), DataLoader(regression_data(), batch_size=32)
+        )
+        logs.append(records(cb, "warmup/snr/b_noise_raw"))
         tensors = {k for r in cb.history for k in r if k.startswith("warmup/angle/")}
         assert len(tensors) == (4 if cap is None else 1)
     assert logs[0] == logs[1]
@@ -516,8 +349,10 @@ def test_resume_is_bitwise(tmp_path: Path) -> None:
             rrc_layers=["fc", "out"],
         )  # fmt: skip
         cbs = [diag, ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=10)]
-        loader = DataLoader(_data(), batch_size=32)  # 10 batches per epoch
-        _trainer(root, max_steps, cbs, enable_checkpointing=True).fit(model, loader, ckpt_path=ckpt)
+        loader = DataLoader(regression_data(), batch_size=32)  # 10 batches per epoch
+        diagnostics_trainer(root, max_steps, cbs, enable_checkpointing=True).fit(
+            model, loader, ckpt_path=ckpt
+        )
         return model, {(r["step"], k): v for r in diag.history for k, v in r.items()}
 
     straight, straight_log = run(20, None, tmp_path / "a")
@@ -537,8 +372,8 @@ def test_resume_with_fewer_rrc_layers(tmp_path: Path) -> None:
     def run(max_steps: int, layers: list[str], ckpt: str | None, root: Path) -> set[str]:
         diag = UpdateDiagnostics(keep_history=True, dense_steps=100, rrc_layers=layers)
         cbs = [diag, ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=5)]
-        loader = DataLoader(_data(), batch_size=32)
-        trainer = _trainer(root, max_steps, cbs, enable_checkpointing=True)
+        loader = DataLoader(regression_data(), batch_size=32)
+        trainer = diagnostics_trainer(root, max_steps, cbs, enable_checkpointing=True)
         trainer.fit(TinyRegressor(dropout=0.0), loader, ckpt_path=ckpt)
         return {k for r in diag.history for k in r if k.startswith("warmup/rrc/")}
 
@@ -593,16 +428,16 @@ def test_lora_follows_only_trainable_tensors(tmp_path: Path) -> None:
         rrc_mode="network",
         probe_batch_size=4,
     )
-    _trainer(tmp_path, 3, [cb]).fit(LoraLM(), DataLoader(TokenDataset(), batch_size=8))
+    diagnostics_trainer(tmp_path, 3, [cb]).fit(LoraLM(), DataLoader(TokenDataset(), batch_size=8))
     keys = {k for r in cb.history for k in r if k.startswith("warmup/angle/")}
     assert keys and all("lora_" in k for k in keys)
-    rrc = _records(cb, "warmup/rrc_median")
+    rrc = records(cb, "warmup/rrc_median")
     # q_proj's output changes through the adapter alone (the base weight is frozen)
     assert sorted(rrc) == [0, 1, 2] and all(0 < v < 1 for v in rrc.values())
     # the two halves of each batch differ: trΣ > 0 (|G|² > 0 too in this deterministic run)
-    traces = _records(cb, "warmup/snr/trace_sigma")
+    traces = records(cb, "warmup/snr/trace_sigma")
     assert sorted(traces) == [0, 1, 2] and all(v > 0 for v in traces.values())
-    assert all(0 < v < math.inf for v in _records(cb, "warmup/snr/b_noise_raw").values())
+    assert all(0 < v < math.inf for v in records(cb, "warmup/snr/b_noise_raw").values())
 
 
 @pytest.mark.distributed
@@ -618,8 +453,8 @@ def test_ddp_spawn_two_processes(tmp_path: Path) -> None:
         snr_every_n_steps=2,
         snr_dense_steps=2,
     )
-    trainer = _trainer(tmp_path, 6, [cb], logger=logger, strategy="ddp_spawn", devices=2)
-    trainer.fit(TinyRegressor(), DataLoader(_data(), batch_size=16))
+    trainer = diagnostics_trainer(tmp_path, 6, [cb], logger=logger, strategy="ddp_spawn", devices=2)
+    trainer.fit(TinyRegressor(), DataLoader(regression_data(), batch_size=16))
     (event_file,) = (tmp_path / "ddp").rglob("events.out.tfevents*")  # written by rank 0 only
     events = EventAccumulator(str(event_file))
     events.Reload()
