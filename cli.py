@@ -6,7 +6,8 @@
 
 Models and data are chosen by ``class_path`` (subclass mode), so any LightningModule or
 LightningDataModule, of this project or of the user's own package, plugs in. TensorBoard is the
-default logger, the resolved config is saved next to the logs, ``seed_everything`` is on,
+default logger, the resolved config is saved next to the logs (and fills TensorBoard's HPARAMS
+tab with the final metrics), ``seed_everything`` is on,
 ``metrics.json`` is written at the end of every fit/validate/test, and under SLURM the requeue
 signal is answered with a checkpoint at the next step boundary (``callbacks/slurm_requeue.py``).
 """
@@ -32,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import strategies  # noqa: F401  (registers the project's strategies by name)
+from callbacks.hparams_summary import HParamsSummary
 from callbacks.metrics_file import MetricsFile
 from callbacks.slurm_requeue import SlurmRequeue
 
@@ -39,7 +41,8 @@ DEFAULT_SEED = 1234
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "default"},
+        # default_hp_metric: HParamsSummary fills the HPARAMS tab with the real final metrics
+        "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
     },
 }
 
@@ -52,6 +55,7 @@ class MloCLI(LightningCLI):
         # ``slurm_requeue.check_every_n_steps`` (inert outside SLURM).
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
         parser.add_lightning_class_args(SlurmRequeue, "slurm_requeue")
+        parser.add_lightning_class_args(HParamsSummary, "hparams_summary")
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Lightning loads --ckpt_path into the model before the precision plugin casts it, so

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from cli import main
+from tests.callbacks.test_hparams_summary import read_hparams_tab
 
 FAST = [
     "--config", "configs/quickstart.yaml",
@@ -92,6 +93,13 @@ def test_fit_writes_all_artifacts_and_predict_generates(tmp_path):
     events.Reload()
     assert {"train/loss", "val/loss", "val/ppl"} <= set(events.Tags()["scalars"])
     assert cli.trainer.global_step == 6
+    # HPARAMS tab: the whole resolved config (optimizer and trainer too), final metrics.
+    settings, tags, scalars = read_hparams_tab(log_dir)
+    assert settings["model.optimizer.lr"] == 3e-3 and settings["model.model"] == "micro-llama"
+    assert settings["trainer.max_steps"] == 6 and settings["data.block_size"] == 32
+    assert settings["seed_everything"] == 1234 and settings["config"] == "configs/quickstart.yaml"
+    assert "hparams/val/ppl" in tags
+    assert scalars["hparams/val/ppl"] == [(5, pytest.approx(metrics["metrics"]["val/ppl"]))]
 
     predict = main([
         "predict", *FAST, "--config", "configs/quickstart_predict.yaml",
