@@ -27,14 +27,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import strategies  # noqa: F401  (registers the project's strategies by name)
 from callbacks.hparams_summary import HParamsSummary
 from callbacks.metrics_file import MetricsFile
+from callbacks.progress_bar import RunProgressBar
 from callbacks.slurm_requeue import SlurmRequeue
 
 DEFAULT_SEED = 1234
@@ -56,6 +59,19 @@ class MloCLI(LightningCLI):
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
         parser.add_lightning_class_args(SlurmRequeue, "slurm_requeue")
         parser.add_lightning_class_args(HParamsSummary, "hparams_summary")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
+        # Lightning's default bar, with its display fixed for step-driven runs; a progress bar
+        # the config names, or ``enable_progress_bar: false``, wins.
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if (
+            _RICH_AVAILABLE
+            and config.get("enable_progress_bar") is not False
+            and not any(isinstance(c, ProgressBar) for c in [*configured, *callbacks])
+        ):
+            callbacks = [*callbacks, RunProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Lightning loads --ckpt_path into the model before the precision plugin casts it, so
