@@ -314,7 +314,8 @@ class CausalLMModule(L.LightningModule):
         """Trainable parameters, split so weight decay skips 1-D tensors and embeddings.
 
         Groups carry ``param_names`` (``torch.optim`` keeps them), which optimizers that select
-        tensors by name need, e.g. ``LionAR(rotational="blocks")``.
+        tensors by name need, e.g. ``LionAR(rotational="blocks")``, and a ``name`` that
+        ``LearningRateMonitor`` logs them by (``lr-AdamW/decay``, ``lr-AdamW/no_decay``).
         """
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if self.hparams.weight_decay_norms_and_biases:
@@ -322,7 +323,8 @@ class CausalLMModule(L.LightningModule):
         else:
             decay = [(n, p) for n, p in trainable if _takes_weight_decay(n, p)]
             no_decay = [(n, p) for n, p in trainable if not _takes_weight_decay(n, p)]
-            split = [(decay, {})] + ([(no_decay, {"weight_decay": 0.0})] if no_decay else [])
+            split = [(decay, {"name": "decay"})]
+            split += [(no_decay, {"name": "no_decay", "weight_decay": 0.0})] if no_decay else []
         return [
             {"params": [p for _, p in named], "param_names": [n for n, _ in named], **extra}
             for named, extra in split

@@ -30,6 +30,9 @@ RRCMode = Literal["none", "derived"]
 
 # Name patterns of the parameters inside transformer blocks (Llama/Mistral ``layers``, GPT-2 ``h``,
 # nanoGPT-style ``blocks``); used by ``LionAR(rotational="blocks")``.
+#: Names of the groups LionAR splits each param group into (rotational tensors, other
+#: matrices, vectors), which LearningRateMonitor logs their LRs by.
+SPLIT_GROUP_NAMES = {"rot": "rotational", "mat": "matrices", "vec": "vectors"}
 BLOCK_PATTERNS = ("*.layers.*", "*.h.*", "*.blocks.*", "layers.*", "h.*", "blocks.*")
 
 
@@ -308,11 +311,14 @@ class LionAR(Lion):
             )
         groups = []
         selected, excluded_by_zero_decay = False, False
-        for g in named_groups:
+        for index, g in enumerate(named_groups, start=1):
             if "rotational" in g:
                 groups.append(g)
                 continue
             selected = True
+            # Each split group is named for LearningRateMonitor (its LR differs by kind):
+            # "<group name>/rotational", ..., or just "rotational", ... for a single group.
+            prefix = g.get("name") or (f"pg{index}" if len(named_groups) > 1 else "")
             split: dict[str, list] = {"rot": [], "mat": [], "vec": []}
             # A group's own weight_decay (e.g. a "no decay" group of a LightningModule) wins;
             # only tensors with λ > 0 can rotate (REQ: every ≥2-D tensor with λ > 0).
@@ -326,13 +332,19 @@ class LionAR(Lion):
                         excluded_by_zero_decay = True
                 split[kind].append((name, p))
             base = {k: v for k, v in g.items() if k != "params"}
+            names = {
+                kind: f"{prefix}/{label}" if prefix else label
+                for kind, label in SPLIT_GROUP_NAMES.items()
+            }
             if split["rot"]:
-                groups.append({**base, "params": split["rot"], "rotational": True})
+                groups.append(
+                    {**base, "params": split["rot"], "rotational": True, "name": names["rot"]}
+                )
             for kind, wd in (("mat", wd_other), ("vec", vector_weight_decay)):
                 if split[kind]:
                     groups.append(
                         {"weight_decay": wd, **base, "params": split[kind]}
-                        | {"rotational": False, "lr": lr_other}
+                        | {"rotational": False, "lr": lr_other, "name": names[kind]}
                     )
         if selected and rotational != "none" and not any(g.get("rotational") for g in groups):
             # Spec §4.4: λ = 0 gives η_r = 0. Without this check every tensor would quietly

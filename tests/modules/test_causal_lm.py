@@ -63,6 +63,8 @@ def test_loss_is_token_mean_next_token_cross_entropy_of_the_labels(tokenizer_dir
 def test_weight_decay_groups(tokenizer_dir):
     module = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir))
     decay, no_decay = module.parameter_groups()
+    # named: LearningRateMonitor logs lr-AdamW/decay and lr-AdamW/no_decay, not pg1 and pg2
+    assert (decay["name"], no_decay["name"]) == ("decay", "no_decay")
     assert all(p.ndim >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0
     assert any(p is module.model.model.embed_tokens.weight for p in no_decay["params"])

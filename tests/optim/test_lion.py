@@ -199,6 +199,14 @@ def test_lionar_group_split_by_name() -> None:
     assert by_name["head.weight"] == (False, 3e-4, 0.1)
     assert by_name["layers.0.bias"] == (False, 3e-4, 0.0)
     assert by_name["layers.1.weight"] == (False, 3e-4, 0.0)
+    # Each split group has its own LR, so LearningRateMonitor needs names it can tell apart.
+    assert [g["name"] for g in opt.param_groups] == ["rotational", "matrices", "vectors"]
+    named_groups = [
+        {"params": [("layers.0.weight", model["layers"][0].weight)], "name": "decay"},
+        {"params": [("layers.0.bias", model["layers"][0].bias)], "weight_decay": 0.0},
+    ]
+    opt = LionAR(named_groups, weight_decay=0.1, rotational="blocks")
+    assert [g["name"] for g in opt.param_groups] == ["decay/rotational", "pg2/vectors"]
     # Explicit groups with a "rotational" key are kept as they are.
     explicit = LionAR([{"params": [model["head"].weight], "rotational": False, "lr": 1e-3}])
     assert explicit.param_groups[0]["lr"] == 1e-3 and not explicit.param_groups[0]["rotational"]
