@@ -123,7 +123,7 @@ class MloCLI(LightningCLI):
                 checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             except Exception:  # a legacy (non-zip) file: Lightning reports it itself
                 return
-            for note in unused_learning_rates(after, checkpoint):
+            for note in unused_optimizer_settings(after, checkpoint):
                 rank_zero_warn(f"--ckpt_path {ckpt_path}: {note}")
 
 
@@ -169,32 +169,68 @@ def changed_settings(before: Any, after: Any, prefix: str = "") -> list[tuple[st
     return [] if before == after else [(prefix, before, after)]
 
 
-def unused_learning_rates(model_config: Any, checkpoint: dict[str, Any]) -> list[str]:
-    """Notes on a config learning rate that resuming ``checkpoint`` will not use.
+def unused_optimizer_settings(model_config: Any, checkpoint: dict[str, Any]) -> list[str]:
+    """Notes on configured optimizer settings that resuming ``checkpoint`` will not use.
 
     Lightning restores the optimizer's param groups (and an LR schedule's base LRs), so a
-    changed ``optimizer.init_args.lr`` has no effect on a resumed run. Checked when the model
-    has exactly one optimizer setting and the checkpoint one optimizer state (a federated
-    module's local optimizers are rebuilt every round and take their settings from the config).
+    changed ``optimizer.init_args.lr`` (or ``weight_decay``, ``betas``, ...: every setting the
+    groups store) has no effect on a resumed run. A setting is named when no restored group
+    holds the configured value (a group's base LR for ``lr``). Checked when the model has
+    exactly one optimizer setting and the checkpoint one optimizer state (a federated module's
+    local optimizers are rebuilt every round and take their settings from the config).
     """
     init_args = model_config.get("init_args", {}) if isinstance(model_config, dict) else {}
     optimizers = {
-        key: value["init_args"]["lr"]
+        key: value["init_args"]
         for key, value in init_args.items()
         if isinstance(value, dict) and "lr" in (value.get("init_args") or {})
     }
     states = checkpoint.get("optimizer_states") or []
     if len(optimizers) != 1 or len(states) != 1:
         return []
-    (key, lr), groups = next(iter(optimizers.items())), states[0].get("param_groups", [])
-    restored = sorted({float(g.get("initial_lr", g.get("lr"))) for g in groups})
-    if not restored or any(math.isclose(float(lr), r, rel_tol=1e-9) for r in restored):
-        return []
-    shown = ", ".join(f"{r:g}" for r in restored)
-    return [
-        f"model.init_args.{key}.init_args.lr is {float(lr):g} in the config, but the resumed "
-        f"optimizer keeps the checkpoint's {shown} (Lightning restores its param groups)"
-    ]
+    (key, settings), groups = next(iter(optimizers.items())), states[0].get("param_groups", [])
+    notes = []
+    for name, configured in settings.items():
+        if configured is None or not groups or any(name not in g for g in groups):
+            continue
+        restored = []
+        for group in groups:
+            value = group.get("initial_lr", group["lr"]) if name == "lr" else group[name]
+            if not any(_same_setting(value, r) for r in restored):
+                restored.append(value)
+        if not all(_same_kind(configured, r) for r in restored):
+            continue  # stored as something else (LionAR's rotational="blocks" -> True/False)
+        if any(_same_setting(configured, r) for r in restored):
+            continue
+        shown = ", ".join(_shown(r) for r in sorted(restored, key=str))
+        notes.append(
+            f"model.init_args.{key}.init_args.{name} is {_shown(configured)} in the config, but "
+            f"the resumed optimizer keeps the checkpoint's {shown} (Lightning restores its "
+            "param groups)"
+        )
+    return notes
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    kinds = (bool, int | float, list | tuple, str)
+    kind_of = [next((k for k in kinds if isinstance(v, k)), None) for v in (a, b)]
+    return kind_of[0] is not None and kind_of[0] == kind_of[1]
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal as settings: numbers to float precision, lists and tuples item by item."""
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b, strict=True))
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool):
+        return not isinstance(b, bool) and math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "(" + ", ".join(_shown(v) for v in value) + ")"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def config_paths(args: list[str]) -> list[str]:

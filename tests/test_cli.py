@@ -341,16 +341,51 @@ def test_a_learning_rate_changed_on_resume_is_named(tmp_path):
 
 
 def test_unused_learning_rates_needs_one_optimizer_setting_and_one_state():
-    from cli import unused_learning_rates
+    from cli import unused_optimizer_settings
 
     def model(**optimizers):
         return {"init_args": {k: {"init_args": {"lr": lr}} for k, lr in optimizers.items()}}
 
     groups = [{"initial_lr": 3e-3, "lr": 1e-3}, {"initial_lr": 1e-2, "lr": 5e-3}]
     ckpt = {"optimizer_states": [{"param_groups": groups}]}
-    assert unused_learning_rates(model(optimizer=1e-2), ckpt) == []  # one group's base LR
-    (note,) = unused_learning_rates(model(optimizer=5e-3), ckpt)  # the current LR is no base
+    assert unused_optimizer_settings(model(optimizer=1e-2), ckpt) == []  # one group's base LR
+    (note,) = unused_optimizer_settings(model(optimizer=5e-3), ckpt)  # the current LR is no base
     assert note.endswith("keeps the checkpoint's 0.003, 0.01 (Lightning restores its param groups)")
     two = model(local_optimizer=1.0, server_optimizer=1.0)  # rebuilt per round: not restored
-    assert unused_learning_rates(two, ckpt) == []
-    assert unused_learning_rates(model(optimizer=5e-3), {"optimizer_states": []}) == []
+    assert unused_optimizer_settings(two, ckpt) == []
+    assert unused_optimizer_settings(model(optimizer=5e-3), {"optimizer_states": []}) == []
+
+
+def _resumed_groups(optimizer):
+    """The param groups a checkpoint of ``optimizer`` holds (what Lightning restores)."""
+    return {"optimizer_states": [optimizer.state_dict()]}
+
+
+def test_every_optimizer_setting_the_groups_store_is_checked(tokenizer_dir):
+    from functools import partial
+
+    from cli import unused_optimizer_settings
+    from modules.causal_lm import CausalLMModule
+    from optim.lion import LionAR
+
+    module = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir))
+    adamw = {"lr": 3e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "amsgrad": False,
+             "foreach": None}  # fmt: skip
+    ckpt = _resumed_groups(torch.optim.AdamW(module.parameter_groups(), **adamw))
+
+    def config(**changes):
+        return {"init_args": {"optimizer": {"init_args": {**adamw, **changes}}}}
+
+    assert unused_optimizer_settings(config(), ckpt) == []  # the no-decay group's 0 is no change
+    notes = unused_optimizer_settings(config(weight_decay=0.2, betas=[0.9, 0.99]), ckpt)
+    assert notes == [
+        "model.init_args.optimizer.init_args.weight_decay is 0.2 in the config, but the resumed "
+        "optimizer keeps the checkpoint's 0, 0.1 (Lightning restores its param groups)",
+        "model.init_args.optimizer.init_args.betas is (0.9, 0.99) in the config, but the resumed "
+        "optimizer keeps the checkpoint's (0.9, 0.95) (Lightning restores its param groups)",
+    ]
+    # LionAR stores rotational="blocks" as per-group True/False: another kind, not a change.
+    lionar = {"lr": 0.1, "weight_decay": 0.1, "rotational": "blocks", "lr_other": 3e-4}
+    lion = partial(LionAR, **lionar)(module.parameter_groups())
+    lionar_config = {"init_args": {"optimizer": {"init_args": lionar}}}
+    assert unused_optimizer_settings(lionar_config, _resumed_groups(lion)) == []
