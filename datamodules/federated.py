@@ -268,6 +268,15 @@ class FederatedTextDataModule(L.LightningDataModule):
             for q, a in pairs
         ]
         self.val_canary_rows = [self._row(r["text"], where="val canary") for r in canary.val_rows]
+        # Each client's own held-out rows (local early stopping): its QA questions and a share
+        # of the held-out canary rows, in proportion to client size like the training canaries.
+        val_shares = proportional_counts(len(self.val_canary_rows), [len(t) for t in texts] or [1])
+        self.client_val_rows: list[list[dict]] = []
+        offset = 0
+        for c in range(self.num_clients):
+            own = [r for r in self.val_rows if r["client"] == c]
+            self.client_val_rows.append(own + self.val_canary_rows[offset : offset + val_shares[c]])
+            offset += val_shares[c]
         self._built = True
 
     def _repartition(self, texts: list[list[str]]) -> list[list[str]]:
@@ -303,6 +312,17 @@ class FederatedTextDataModule(L.LightningDataModule):
             generator=generator,
             collate_fn=self.collate,
         )
+
+    def client_val_dataloader(self, client: int) -> DataLoader:
+        """The held-out rows of one client, in a fixed order (local early stopping)."""
+        self.build()
+        rows = self.client_val_rows[client]
+        if not rows:
+            raise ValueError(
+                f"client {client} has no held-out rows to early-stop on: set "
+                "data.val_questions_per_client (synthetic source) or data.canary_val_fraction"
+            )
+        return DataLoader(rows, batch_size=64, shuffle=False, collate_fn=self.collate)
 
     def memorization_set(self) -> dict:
         """Unique training canaries: ``ids`` (no special tokens), ``groups``, ``canary_ids``."""

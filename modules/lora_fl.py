@@ -39,6 +39,7 @@ from modules.hf_models import build_causal_lm, is_pretrained_name
 from modules.lora_fl_client import ClientTrainer
 from modules.lora_fl_settings import (
     GoldfishSettings,
+    LocalEarlyStoppingSettings,
     LoraFLSettings,
     MemorizationSettings,
     NoiseSettings,
@@ -89,6 +90,9 @@ class FederatedLoRAModule(L.LightningModule):
         local_lr_per_client: per-client learning rates overriding the optimizer's ``lr``.
         local_warmup_steps: linear warmup steps of the local cosine schedule (restarted per round).
         local_max_grad_norm: batch-level global-norm clipping of local steps (``None`` = off).
+        local_early_stopping: each client stops on its own held-out rows (official scripts:
+            every 50 steps, patience 3, threshold 1e-3, best weights); ``None`` = off (spec
+            default). Logged as ``round/local_steps`` (mean over the round's clients).
         goldfish: Goldfish loss settings.
         noise: gradient clipping / noise / DP settings.
         secure_aggregation: pairwise-masked fixed-point aggregation settings.
@@ -113,6 +117,7 @@ class FederatedLoRAModule(L.LightningModule):
         local_lr_per_client: list[float] | None = None,
         local_warmup_steps: int = 75,
         local_max_grad_norm: float | None = 1.0,
+        local_early_stopping: LocalEarlyStoppingSettings | None = None,
         goldfish: GoldfishSettings | None = None,
         noise: NoiseSettings | None = None,
         secure_aggregation: SecureAggregationSettings | None = None,
@@ -143,6 +148,12 @@ class FederatedLoRAModule(L.LightningModule):
         self.noise = noise or NoiseSettings()
         self.secagg = secure_aggregation or SecureAggregationSettings()
         self.mem = memorization or MemorizationSettings()
+        self.local_early_stopping = local_early_stopping
+        if local_early_stopping is not None and self.noise.mode == "dp_sgd":
+            raise ValueError(
+                "local_early_stopping picks each client's weights on its held-out rows, which "
+                "noise.mode='dp_sgd' does not account for: turn one of them off"
+            )
         self.local_optimizer, self.server_optimizer = local_optimizer, server_optimizer
         self.net: nn.Module | None = None
         self.adapter: LoraAdapter | None = None
@@ -292,9 +303,10 @@ class FederatedLoRAModule(L.LightningModule):
         numel = sum(p.numel() for p in server)
         trainer = ClientTrainer(self, dm, round_index, sizes)
 
-        # Flat fp32 buffer: sum_c w_c Delta_c, then loss sum, client count, and a checksum of
-        # theta_r (sum over ranks == world * local checksum iff the ranks agree).
-        plain = torch.zeros(numel + 3, dtype=torch.float32, device=self.device)
+        # Flat fp32 buffer: sum_c w_c Delta_c, then loss sum, client count, a checksum of
+        # theta_r (sum over ranks == world * local checksum iff the ranks agree) and the sum of
+        # the clients' local steps.
+        plain = torch.zeros(numel + 4, dtype=torch.float32, device=self.device)
         checksum = float(flatten_tensors(server).double().sum())
         plain[numel + 2] = checksum
         masked = torch.zeros(numel, dtype=torch.int64, device=self.device)
@@ -307,6 +319,7 @@ class FederatedLoRAModule(L.LightningModule):
             plain[:numel] += update
             plain[numel] += weights[c] * loss
             plain[numel + 1] += 1.0
+            plain[numel + 3] += trainer.local_steps[c]
             if self.secagg.enabled:
                 # On the CPU, like the masks' generators; the rounding noise comes from the
                 # client's own stream, not the global RNG (resume and rank layout stay exact).
@@ -358,6 +371,7 @@ class FederatedLoRAModule(L.LightningModule):
             "round/update_norm": float(aggregate.norm()),
             "round/bytes_per_client": float(upload * bits / 8),
             "round/clients": float(plain[numel + 1]),
+            "round/local_steps": float(plain[numel + 3] / plain[numel + 1].clamp(min=1)),
             "round/rank_desync": abs(
                 float(plain[numel + 2]) - world * float(torch.tensor(checksum, dtype=torch.float32))
             ),

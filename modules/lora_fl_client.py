@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from modules.eval_mode import eval_mode
+from modules.lora_fl_early_stopping import BestWeights, PatienceRule
+from modules.token_perplexity import next_token_nll
 from ops import dp
 from ops.federated import flatten_tensors
 from ops.goldfish import goldfish_cross_entropy, goldfish_drop_mask
@@ -31,6 +34,7 @@ class ClientTrainer:
 
     def __init__(self, module: FederatedLoRAModule, datamodule: Any, round_index: int, sizes):
         self.m, self.dm, self.round_index, self.sizes = module, datamodule, round_index, sizes
+        self.local_steps: dict[int, int] = {}  # optimizer steps each client took this round
         if module.noise.mode == "dp_sgd" and module.dp_sigma is None:
             module.dp_sigma = self.resolve_dp_sigma()
         # Every client's noise level on every rank, so a bad value fails on all ranks at once
@@ -186,8 +190,23 @@ class ClientTrainer:
                 yield {k: v.to(self.m.device) for k, v in batch.items()}
                 done += 1
 
+    @torch.no_grad()
+    def validation_loss(self, client: int) -> float:
+        """Mean next-token NLL over the scored tokens of the client's held-out rows (plain
+        cross-entropy, no Goldfish drops, dropout off), the early-stopping metric."""
+        total, count = 0.0, 0
+        with eval_mode(self.m.net):
+            for batch in self.dm.client_val_dataloader(client):
+                logits = self.m.net(input_ids=batch["input_ids"].to(self.m.device)).logits
+                nll, n = next_token_nll(logits, batch["labels"].to(self.m.device))
+                total, count = total + float(nll), count + int(n)
+        return total / max(count, 1)
+
     def _loop(self, client, trainable, opt, sched, total, data_gen) -> list[Tensor]:
         max_norm = self.m.hparams.local_max_grad_norm
+        stopping = self.m.local_early_stopping
+        rule = PatienceRule(stopping.patience, stopping.min_delta) if stopping else None
+        best = BestWeights(trainable) if stopping and stopping.load_best else None
         losses = []
         for batch in self._batches(client, total, data_gen):
             loss = self.loss(batch["input_ids"], batch["labels"])
@@ -198,7 +217,16 @@ class ClientTrainer:
             opt.step()
             sched.step()
             losses.append(loss.detach())
+            if rule is not None and len(losses) % stopping.every_n_steps == 0:
+                is_best, stop = rule.observe(self.validation_loss(client))
+                if best is not None and is_best:
+                    best.save()
+                if stop:
+                    break
         opt.zero_grad(set_to_none=True)
+        if best is not None:
+            best.restore()  # load_best_model_at_end: steps after the best evaluation are dropped
+        self.local_steps[client] = len(losses)
         return losses
 
     def _dp_loop(self, client, trainable, opt, sched, total, data_gen, noise_gen) -> list[Tensor]:
@@ -227,4 +255,5 @@ class ClientTrainer:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+        self.local_steps[client] = total
         return losses

@@ -126,6 +126,42 @@ class SecureAggregationSettings:
 
 
 @dataclass
+class LocalEarlyStoppingSettings:
+    """Early stopping of each client's local training (official scripts: Hugging Face
+    ``Trainer`` with ``EarlyStoppingCallback``, evaluation every 50 steps, patience 3, threshold
+    1e-3, ``load_best_model_at_end``). The spec's default is off (``local_early_stopping: null``).
+
+    The client evaluates its validation loss (next-token NLL over the answer and canary tokens
+    of its own held-out rows, ``FederatedTextDataModule.client_val_rows``, dropout off) every
+    ``every_n_steps`` local steps. As in ``EarlyStoppingCallback``, an evaluation resets the
+    patience count only if it beats the best so far by more than ``min_delta``; the best
+    weights are those of the lowest loss (any improvement).
+
+    Args:
+        every_n_steps: local steps between two evaluations of the client's validation loss.
+        patience: evaluations without an improvement larger than ``min_delta`` before the
+            client stops.
+        min_delta: improvement threshold of the patience count.
+        load_best: the client returns its best evaluated weights (as ``load_best_model_at_end``:
+            steps after the last evaluation are dropped), else its last weights.
+    """
+
+    every_n_steps: int = 50
+    patience: int = 3
+    min_delta: float = 1e-3
+    load_best: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("every_n_steps", "patience"):
+            if getattr(self, key) < 1:
+                raise ValueError(
+                    f"local_early_stopping.{key} must be >= 1, got {getattr(self, key)}"
+                )
+        if self.min_delta < 0:
+            raise ValueError(f"local_early_stopping.min_delta must be >= 0, got {self.min_delta}")
+
+
+@dataclass
 class MemorizationSettings:
     """Canary extraction metric (Carlini et al. 2023; spec section 3.2).
 
@@ -156,6 +192,7 @@ torch.serialization.add_safe_globals(
     [
         LoraFLSettings,
         GoldfishSettings,
+        LocalEarlyStoppingSettings,
         NoiseSettings,
         SecureAggregationSettings,
         MemorizationSettings,
