@@ -64,6 +64,10 @@ class CharVocab:
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i - 2] for i in ids if i >= 2)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as an inference engine tokenizes it: no BOS in this vocabulary."""
+        return self.encode(text)
+
     def prompt_tokens(self, prompt: str, text: str) -> int:
         """Tokens of ``encode(text)`` inside its first ``len(prompt)`` characters: one per char."""
         return len(prompt)
@@ -89,6 +93,11 @@ class _HFVocab:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([i for i in ids if i >= 0], skip_special_tokens=True)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as an inference engine (vLLM) tokenizes it: with the tokenizer's special
+        tokens, e.g. a BOS (``memorization.code_faithful_retokenize``)."""
+        return self.tok(text)["input_ids"]
 
     def prompt_tokens(self, prompt: str, text: str) -> int:
         """Tokens of ``encode(text)`` that end inside its first ``len(prompt)`` characters.

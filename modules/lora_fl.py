@@ -59,6 +59,11 @@ from ops.federated import (
 )
 from ops.federated_lora import LoraAdapter, find_lora_targets
 from ops.memorization import memorization_counts, memorization_summary, sample_split_indices
+from ops.memorization_faithful import (
+    TextCodec,
+    memorization_counts_code_faithful,
+    memorization_summary_code_faithful,
+)
 from ops.seeding import derive_seed
 from strategies.client_parallel import ClientParallelStrategy  # also registers the name
 
@@ -478,15 +483,27 @@ class FederatedLoRAModule(L.LightningModule):
                 "memorization.suffix_len"
             )
         rank, world = self.global_rank, self.trainer.world_size
+        common = (self.net, mem["ids"], splits, mem["groups"], mem["group_values"],
+                  self.mem.prefix_lengths, self.mem.suffix_len)  # fmt: skip
+        shard = range(rank, len(mem["ids"]), world)
+        faithful = self.mem.code_faithful_retokenize
         with eval_mode(self.net), self.global_model():
-            counts = memorization_counts(
-                self.net, mem["ids"], splits, mem["groups"], mem["group_values"],
-                self.mem.prefix_lengths, self.mem.suffix_len, dm.vocab.decode,
-                self.mem.frequency_penalty, self.mem.bleu_threshold, dm.vocab.eos_token_id,
-                self.mem.batch_size, subset=range(rank, len(mem["ids"]), world),
-            )  # fmt: skip
+            if faithful:
+                vocab = dm.vocab
+                codec = TextCodec(vocab.encode, vocab.encode_prompt, vocab.decode)
+                counts = memorization_counts_code_faithful(
+                    *common, codec, self.mem.frequency_penalty, self.mem.bleu_threshold,
+                    vocab.eos_token_id, batch_size=self.mem.batch_size, subset=shard,
+                )  # fmt: skip
+            else:
+                counts = memorization_counts(
+                    *common, dm.vocab.decode, self.mem.frequency_penalty,
+                    self.mem.bleu_threshold, dm.vocab.eos_token_id, self.mem.batch_size,
+                    subset=shard,
+                )  # fmt: skip
         counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
-        return memorization_summary(counts, mem["group_values"], self.mem.prefix_lengths)
+        summarize = memorization_summary_code_faithful if faithful else memorization_summary
+        return summarize(counts, mem["group_values"], self.mem.prefix_lengths)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         assert self.net is not None

@@ -174,6 +174,11 @@ class MemorizationSettings:
         every_n_rounds: also evaluate every n rounds (0 = only after the last round).
         seed: seed of the split-index generator (official 42).
         batch_size: prompts decoded together.
+        code_faithful_retokenize: score as the official script does, through text: prompts,
+            generations and answers decoded and re-tokenized (a BOS where the tokenizer adds
+            one), BLEU rounded to 2 decimals, ``>`` in ``approx_all``, the worst exact case of
+            the x1 group only (``ops.memorization_faithful``). Default: token ids compared
+            directly, ``>=`` everywhere, worst case per group.
     """
 
     enabled: bool = True
@@ -184,6 +189,7 @@ class MemorizationSettings:
     every_n_rounds: int = 0
     seed: int = 42
     batch_size: int = 64
+    code_faithful_retokenize: bool = False
 
 
 # Checkpoints store these settings in ``hyper_parameters``; Lightning loads checkpoints with

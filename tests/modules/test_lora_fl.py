@@ -286,6 +286,20 @@ def test_final_memorization_runs_when_epochs_bound_the_run():
     assert m.global_step == 2 and "exact_x10" in m.last_memorization
 
 
+def test_the_code_faithful_metric_is_wired_to_the_datamodules_vocabulary():
+    from dataclasses import replace
+
+    m, dm = tiny_module(local_steps=2), tiny_dm()
+    tiny_trainer(1).fit(m, dm)
+    default = m.last_memorization
+    m.mem = replace(m.mem, code_faithful_retokenize=True)
+    faithful = m.evaluate_memorization()
+    # Character ids survive the text round trip: exact memorization is the same number.
+    exact = [k for k in default if k.startswith("exact_")]
+    assert exact and {k: faithful[k] for k in exact} == {k: default[k] for k in exact}
+    assert "worst_approx_all" in faithful and "worst_exact_x10" not in faithful
+
+
 def test_fedavg_weights_client_updates_by_their_training_sequences():
     kw = {
         "finetune_mode": "full", "local_steps": 1, "local_max_grad_norm": None,
