@@ -37,6 +37,7 @@ from modules import lora_fl_resume as resume
 from modules.eval_mode import eval_mode
 from modules.hf_models import build_causal_lm, is_pretrained_name
 from modules.lora_fl_client import ClientTrainer
+from modules.lora_fl_memorization import canary_memorization
 from modules.lora_fl_settings import (
     GoldfishSettings,
     LocalEarlyStoppingSettings,
@@ -58,12 +59,6 @@ from ops.federated import (
     unflatten_like,
 )
 from ops.federated_lora import LoraAdapter, find_lora_targets
-from ops.memorization import memorization_counts, memorization_summary, sample_split_indices
-from ops.memorization_faithful import (
-    TextCodec,
-    memorization_counts_code_faithful,
-    memorization_summary_code_faithful,
-)
 from ops.seeding import derive_seed
 from strategies.client_parallel import ClientParallelStrategy  # also registers the name
 
@@ -465,45 +460,16 @@ class FederatedLoRAModule(L.LightningModule):
     def evaluate_memorization(self) -> dict[str, float]:
         """Canary extraction metric on the current global model, sharded over ranks."""
         assert self.net is not None
-        dm = self.trainer.datamodule
-        mem = dm.memorization_set()
-        if not mem["ids"]:
-            return {}
-        splits = sample_split_indices(
-            [len(x) for x in mem["ids"]], max(self.mem.prefix_lengths), self.mem.suffix_len,
-            self.mem.seed,
-        )  # fmt: skip
-        if all(split is None for split in splits):
-            # Every canary skipped: a 0.0 recall would read as "nothing memorized".
-            need = max(self.mem.prefix_lengths) + self.mem.suffix_len
-            longest = max(len(x) for x in mem["ids"])
-            raise ValueError(
-                f"memorization: no canary is longer than max(prefix_lengths) + suffix_len = {need} "
-                f"tokens (the longest has {longest}); lower memorization.prefix_lengths or "
-                "memorization.suffix_len"
-            )
-        rank, world = self.global_rank, self.trainer.world_size
-        common = (self.net, mem["ids"], splits, mem["groups"], mem["group_values"],
-                  self.mem.prefix_lengths, self.mem.suffix_len)  # fmt: skip
-        shard = range(rank, len(mem["ids"]), world)
-        faithful = self.mem.code_faithful_retokenize
+        strategy = self.trainer.strategy
+
+        def all_reduce_sum(counts: Tensor) -> Tensor:
+            return strategy.reduce(counts.to(self.device), reduce_op="sum")
+
         with eval_mode(self.net), self.global_model():
-            if faithful:
-                vocab = dm.vocab
-                codec = TextCodec(vocab.encode, vocab.encode_prompt, vocab.decode)
-                counts = memorization_counts_code_faithful(
-                    *common, codec, self.mem.frequency_penalty, self.mem.bleu_threshold,
-                    vocab.eos_token_id, batch_size=self.mem.batch_size, subset=shard,
-                )  # fmt: skip
-            else:
-                counts = memorization_counts(
-                    *common, dm.vocab.decode, self.mem.frequency_penalty,
-                    self.mem.bleu_threshold, dm.vocab.eos_token_id, self.mem.batch_size,
-                    subset=shard,
-                )  # fmt: skip
-        counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
-        summarize = memorization_summary_code_faithful if faithful else memorization_summary
-        return summarize(counts, mem["group_values"], self.mem.prefix_lengths)
+            return canary_memorization(
+                self.net, self.trainer.datamodule, self.mem, self.global_rank,
+                self.trainer.world_size, all_reduce_sum,
+            )  # fmt: skip
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         assert self.net is not None
