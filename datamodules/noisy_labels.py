@@ -94,7 +94,8 @@ class NoisyLabelDataModule(L.LightningDataModule):
         super().__init__()
         if source not in ("gaussian_mixture", "digits"):
             raise ValueError(f"source={source!r}: expected 'gaussian_mixture' or 'digits'")
-        self.save_hyperparameters()
+        # logger=False: see TextDataModule (datamodules/text.py)
+        self.save_hyperparameters(logger=False)
         self.source, self.n_train, self.n_val = source, n_train, n_val
         self.noise_rate, self.d_in, self.separation = noise_rate, d_in, separation
         self.batch_size, self.seed = batch_size, seed

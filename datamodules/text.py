@@ -157,7 +157,12 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(
                 f"need 0 <= val_fraction, test_fraction and their sum < 1, got {val_fraction}, {test_fraction}"
             )
-        self.save_hyperparameters()
+        # Saved (checkpoints, self.hparams) but not logged: Lightning refuses to log module and
+        # datamodule hparams that share a name with different values, and the module's
+        # tokenizer may rightly be None (the model's own) or spelled otherwise. The module
+        # checks the real consistency (vocabulary, tail layers) in its setup; mlo's HPARAMS
+        # tab shows the data settings from the config (callbacks/hparams_summary.py).
+        self.save_hyperparameters(logger=False)
         self.block_size, self.batch_size = block_size, batch_size
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.splits: dict[str, torch.Tensor] = {}

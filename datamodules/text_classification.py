@@ -118,7 +118,8 @@ class SentimentNoisyDataModule(L.LightningDataModule):
         tail_layers: int = 1,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # logger=False: see TextDataModule (datamodules/text.py)
+        self.save_hyperparameters(logger=False)
         self.train_dataset: TensorDictDataset | None = None
         self.val_dataset: TensorDictDataset | None = None
         self.noisy_mask: torch.Tensor | None = None
@@ -138,7 +139,9 @@ class SentimentNoisyDataModule(L.LightningDataModule):
         texts = [pool[i][0] for i in picked]
         labels = torch.tensor([pool[i][1] for i in picked])
         tokenizer = load_tokenizer(hp.tokenizer)
-        enc = tokenizer(texts, padding=True, return_tensors="pt")  # right padding
+        # Right padding whatever the tokenizer's own side (decoder-only models often ship
+        # "left"): the classifier pools the state at length - 1, the last real token.
+        enc = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
         ids, lengths = enc.input_ids, enc.attention_mask.sum(1)
         self.texts = texts
         gen = torch.Generator().manual_seed(hp.seed)

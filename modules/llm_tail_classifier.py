@@ -20,13 +20,31 @@ examples, exact under DDP (``modules.sequence_classifier.ScoredEvalMetrics``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from modules.precision import refuse_fp16_training
 from modules.sequence_classifier import ScoredEvalMetrics
+
+
+def llama_style_decoder(net: nn.Module, model: str) -> nn.Module:
+    """``net.model``, checked for what the tail runs: ``layers``, a final ``norm`` and the
+    shared ``rotary_emb`` (Llama, Mistral, Qwen2, Gemma, Phi-3 ... have them; GPT-2 has not)."""
+    decoder = getattr(net, "model", None)
+    missing = [a for a in ("layers", "norm", "rotary_emb") if not hasattr(decoder, a)]
+    if decoder is None or missing:
+        model_type = getattr(getattr(net, "config", None), "model_type", None)
+        raise ValueError(
+            f"{model!r} (model_type {model_type!r}) is not a Llama-style decoder: the tail "
+            f"classifier needs model.layers, model.norm and model.rotary_emb (missing: "
+            f"{', '.join(missing) or 'model'})"
+        )
+    return decoder
 
 
 @torch.no_grad()
@@ -41,14 +59,38 @@ def prefix_hidden_states(
     from modules.hf_models import build_causal_lm
 
     net = build_causal_lm(model, dtype="float32").eval()
+    decoder = llama_style_decoder(net, model)
     num_layers = net.config.num_hidden_layers
     if not 1 <= tail_layers <= num_layers:
         raise ValueError(f"tail_layers={tail_layers} must be in 1..{num_layers} for {model!r}")
     out = []
     for chunk in input_ids.split(batch_size):
-        states = net.model(input_ids=chunk, output_hidden_states=True).hidden_states
+        states = decoder(input_ids=chunk, output_hidden_states=True).hidden_states
         out.append(states[num_layers - tail_layers].float())
     return torch.cat(out)
+
+
+def check_prefix_matches_tail(model_hparams: Any, datamodule: Any) -> None:
+    """The data's precomputed hidden states must be the input of this module's tail.
+
+    A datamodule with a ``frozen_prefix_model`` ran that model's first ``n - tail_layers``
+    layers; a different ``tail_layers`` here would feed them to the wrong layers, silently.
+    A differently named prefix model may be the same one spelled otherwise: warned, not refused.
+    """
+    data = getattr(datamodule, "hparams", None) or {}
+    if data.get("frozen_prefix_model") is None:
+        return
+    if data.get("tail_layers") != model_hparams.tail_layers:
+        raise ValueError(
+            f"data.tail_layers={data.get('tail_layers')} but model.tail_layers="
+            f"{model_hparams.tail_layers}: the data holds the input of the last "
+            f"{data.get('tail_layers')} decoder layers; set both to the same value"
+        )
+    if str(data["frozen_prefix_model"]) != str(model_hparams.model):
+        rank_zero_warn(
+            f"data.frozen_prefix_model={data['frozen_prefix_model']!r} and model.model="
+            f"{model_hparams.model!r} differ: the tail must continue the same model's layers"
+        )
 
 
 class _Tail(nn.Module):
@@ -93,6 +135,7 @@ class LoRATailClassifier(ScoredEvalMetrics, L.LightningModule):
 
         self.save_hyperparameters()
         net = build_causal_lm(model, dtype="float32", attn_implementation="eager")
+        decoder = llama_style_decoder(net, model)
         if not 1 <= tail_layers <= net.config.num_hidden_layers:
             raise ValueError(f"tail_layers={tail_layers} out of range for {model!r}")
         if init_seed is not None:
@@ -104,11 +147,11 @@ class LoRATailClassifier(ScoredEvalMetrics, L.LightningModule):
             lora_dropout=0.0,
             target_modules=list(target_modules or ["q_proj", "v_proj"]),
         )
-        self.tail = get_peft_model(_Tail(list(net.model.layers[-tail_layers:])), config)
+        self.tail = get_peft_model(_Tail(list(decoder.layers[-tail_layers:])), config)
         self.head = nn.Linear(net.config.hidden_size, num_classes, bias=False)
         if init_seed is not None:
             torch.random.set_rng_state(state)
-        self.norm, self.rotary = net.model.norm, net.model.rotary_emb
+        self.norm, self.rotary = decoder.norm, decoder.rotary_emb
         self.norm.requires_grad_(False)
         del net
         self.train()  # from_pretrained returns eval mode (Lightning warned at every fit)
@@ -157,6 +200,7 @@ class LoRATailClassifier(ScoredEvalMetrics, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         refuse_fp16_training(self.trainer, type(self).__name__, stage)
+        check_prefix_matches_tail(self.hparams, getattr(self.trainer, "datamodule", None))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -207,6 +207,17 @@ def test_resume_from_a_checkpoint_written_at_batch_end(tmp_path):
     _resume_matches_straight_run(tmp_path, 8, 3, common, part_extra=batch_end, ckpt=ckpt)
 
 
+@pytest.mark.parametrize("tokenizer", ["null", "./data/tokenizer"])
+def test_a_model_tokenizer_left_unset_or_spelled_otherwise_trains_with_a_logger(
+    tmp_path, tokenizer
+):
+    # The data names data/tokenizer; Lightning used to refuse logging module and datamodule
+    # hparams of one name with different values ("Error while merging hparams").
+    cli = _fit(tmp_path, f"--model.init_args.tokenizer={tokenizer}", "--trainer.max_steps=1",
+               "--trainer.limit_val_batches=0")  # fmt: skip
+    assert cli.trainer.global_step == 1
+
+
 def test_block_size_beyond_model_positions(tmp_path):
     with pytest.raises(ValueError, match="exceeds the model's maximum positions"):
         _fit(tmp_path, "--trainer.max_steps=1", "--data.init_args.block_size=4096")

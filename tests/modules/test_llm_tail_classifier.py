@@ -63,3 +63,48 @@ def test_only_lora_and_head_train_and_vmap_grads_match_loop(tiny_llama_dir, data
     for name in params:
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6)
         assert fast[name].abs().sum() > 0
+
+
+def test_a_left_padding_tokenizer_still_gives_right_padded_rows(tmp_path, tokenizer_dir):
+    """Decoder-only tokenizers often ship ``padding_side: left``; the classifier pools the state
+    at ``length - 1``, which must be the last real token."""
+    import json
+    import shutil
+
+    left = tmp_path / "left_tokenizer"
+    shutil.copytree(tokenizer_dir, left)
+    config = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    rows = {}
+    for name, path in (("right", tokenizer_dir), ("left", left)):
+        dm = SentimentNoisyDataModule(tokenizer=str(path), n_train=12, n_val=4,
+                                      frozen_prefix_model=None)  # fmt: skip
+        dm.setup("fit")
+        rows[name] = dm.train_dataset.tensors
+    torch.testing.assert_close(rows["left"]["input_ids"], rows["right"]["input_ids"])
+    torch.testing.assert_close(rows["left"]["length"], rows["right"]["length"])
+
+
+def test_the_tail_must_continue_the_datas_prefix(tiny_llama_dir, tokenizer_dir):
+    from types import SimpleNamespace
+
+    from modules.llm_tail_classifier import check_prefix_matches_tail
+
+    data = SentimentNoisyDataModule(tokenizer=str(tokenizer_dir),
+                                    frozen_prefix_model=str(tiny_llama_dir), tail_layers=2)  # fmt: skip
+    module = SimpleNamespace(model=str(tiny_llama_dir), tail_layers=1)
+    with pytest.raises(ValueError, match=r"data.tail_layers=2 but model.tail_layers=1"):
+        check_prefix_matches_tail(module, data)
+    module.tail_layers = 2
+    check_prefix_matches_tail(module, data)  # consistent: no error
+    module.model = "another-model"
+    with pytest.warns(UserWarning, match="frozen_prefix_model=.* and model.model='another-model'"):
+        check_prefix_matches_tail(module, data)
+
+
+def test_a_model_without_llama_style_decoder_parts_is_named():
+    from modules.llm_tail_classifier import llama_style_decoder
+
+    gpt2 = build_causal_lm("tiny-gpt2", vocab_size=64)
+    with pytest.raises(ValueError, match=r"'tiny-gpt2' \(model_type 'gpt2'\) is not a Llama-style"):
+        llama_style_decoder(gpt2, "tiny-gpt2")
