@@ -46,7 +46,7 @@ from callbacks.metrics_file import log_dir_of
 from modules.eval_mode import eval_mode
 from ops.influence_config import DampingConfig, GradConfig, LissaConfig, SchulzConfig
 from ops.influence_engine import InfluenceEngine, InfluenceResult
-from ops.per_sample_grads import select_params
+from ops.per_sample_grads import per_sample_grads, select_params
 
 
 class _Indexed(Dataset):
@@ -215,7 +215,8 @@ class HyperINFCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_computed = False
         if self._on_fit():
-            self.check_inputs(trainer, pl_module)  # every rank, before any training step
+            # every rank, before any training step
+            self.check_gradient_mode(trainer, pl_module, *self.check_inputs(trainer, pl_module))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # before strategy.teardown() moves the model to the CPU (it runs before on_fit_end)
@@ -232,7 +233,7 @@ class HyperINFCallback(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._on_validate(trainer):
-            self.check_inputs(trainer, pl_module)
+            self.check_gradient_mode(trainer, pl_module, *self.check_inputs(trainer, pl_module))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._on_validate(trainer):
@@ -320,6 +321,34 @@ class HyperINFCallback(L.Callback):
             path = Path(self.noise_index_path)
             noise_mask_from_index(read_noise_index(path), len(train_src[0]), path)
         return loss_fn, params, train_src, val_src
+
+    def check_gradient_mode(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss_fn, params, train_src, _
+    ) -> None:
+        """Per-sample gradients of one training example with ``grads.mode: vmap``, now rather
+        than after training: ``torch.func.vmap`` refuses models with data-dependent control
+        flow (e.g. GPT-2's pad-token check when a batch has no attention mask)."""
+        if self.grads.mode != "vmap":
+            return
+        ds, collate = train_src
+        batch = collate([ds[0]])
+        if isinstance(batch, dict):
+            batch = {k: t for k, t in batch.items() if isinstance(t, torch.Tensor)}
+        batch = move_data_to_device(trainer.precision_plugin.convert_input(batch), pl_module.device)
+        with eval_mode(pl_module):
+            try:
+                per_sample_grads(pl_module, params, loss_fn, batch, mode="vmap")
+            except Exception as vmap_error:
+                try:  # a vmap limitation only if the one-example-at-a-time path works
+                    per_sample_grads(pl_module, params, loss_fn, batch, mode="loop")
+                except Exception:
+                    raise vmap_error from None
+                first_line = str(vmap_error).splitlines()[0] if str(vmap_error) else ""
+                raise RuntimeError(
+                    f"HyperINFCallback: torch.func.vmap cannot take per-sample gradients of "
+                    f"{type(pl_module).__name__} ({type(vmap_error).__name__}: {first_line[:200]}); "
+                    "set grads.mode: loop (the same gradients, one example at a time)"
+                ) from vmap_error
 
     def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> InfluenceResult:
         """Score the training set now; returns this rank's result (rank 0 also writes files)."""

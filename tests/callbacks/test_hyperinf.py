@@ -434,6 +434,34 @@ def test_causal_lm_module_via_dataloader_fallback(tmp_path, tokenizer_dir, corpu
     )
 
 
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_a_model_vmap_refuses_fails_at_fit_start_naming_the_loop_mode(tmp_path, tokenizer_dir,
+                                                                      corpus_file, mode) -> None:  # fmt: skip
+    # GPT-2 looks for pad tokens in input_ids when a batch has no attention mask: data-dependent
+    # control flow under vmap, which used to fail after training, when scoring.
+    from datamodules.text import TextDataModule
+    from modules.causal_lm import CausalLMModule, LoraSettings
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(corpus_file.read_text().splitlines()[:2]) + "\n")
+    dm = TextDataModule(data_files=str(small), tokenizer=str(tokenizer_dir), block_size=16,
+                        batch_size=4, val_fraction=0.3, test_fraction=0.0)  # fmt: skip
+    model = CausalLMModule(model="tiny-gpt2", tokenizer=str(tokenizer_dir),
+                           lora=LoraSettings(r=2, alpha=4.0, target_modules=["c_attn"]))  # fmt: skip
+    cb = HyperINFCallback(methods=["grad_dot"], include=["lora_A", "lora_B"],
+                          loss_fn="ops.per_sample_grads.causal_lm_per_sample_loss",
+                          grads=GradConfig(mode=mode), run_on="fit_end",
+                          output_dir=str(tmp_path / "inf"))  # fmt: skip
+    trainer = _trainer(tmp_path, cb, max_steps=1, limit_val_batches=0)
+    if mode == "vmap":
+        with pytest.raises(RuntimeError, match=r"vmap cannot take .*set grads.mode: loop"):
+            trainer.fit(model, dm)
+        assert trainer.global_step == 0  # before any training step
+    else:
+        trainer.fit(model, dm)
+        assert (tmp_path / "inf" / "influence.csv").is_file()
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_ddp_default_output_dir_is_the_log_dir(tmp_path) -> None:
