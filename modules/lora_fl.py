@@ -46,6 +46,7 @@ from modules.lora_fl_settings import (
     NoiseSettings,
     SecureAggregationSettings,
 )
+from modules.lora_fl_vocab import check_checkpoint_vocabulary, check_data_vocabulary
 from modules.token_perplexity import next_token_nll
 from modules.weighted_mean import update_weighted, weighted_mean
 from ops import dp
@@ -194,12 +195,13 @@ class FederatedLoRAModule(L.LightningModule):
                 f"precision={precision!r} is not supported by FederatedLoRAModule: use '32-true' "
                 "or 'bf16-mixed' (global weights must stay fp32)"
             )
+        dm = self.trainer.datamodule
         if self.net is None:
-            dm = self.trainer.datamodule
             if not hasattr(dm, "vocab"):
                 raise ValueError("vocab_size is None and the datamodule has no 'vocab' to size it")
             self.build_model(len(dm.vocab))
-        dm = self.trainer.datamodule
+        elif hasattr(dm, "vocab"):
+            check_data_vocabulary(self.hparams.model, self.net, dm.vocab)
         sizes = getattr(dm, "client_num_samples", None)
         if sizes is not None:
             self._check_client_settings(len(sizes), list(sizes))
@@ -509,7 +511,7 @@ class FederatedLoRAModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        resume.check_vocabulary(checkpoint.get("state_dict", {}), self.net)
+        check_checkpoint_vocabulary(checkpoint.get("state_dict", {}), self.net)
         state = checkpoint.get("lora_fl", {})
         self.accountant_history = {
             int(c): [tuple(x) for x in h] for c, h in state.get("accountant_history", {}).items()

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from modules.lora_fl_settings import NoiseSettings
 
@@ -25,22 +25,6 @@ def store_round_start_weights(
         start = round_start.get(id(tensor))
         if start is not None:
             saved[key] = start.clone()
-
-
-def check_vocabulary(saved: dict[str, Tensor], net: nn.Module | None) -> None:
-    """Refuse another vocabulary naming the data setting (Lightning's state-dict size mismatch
-    names neither): it comes from the datamodule's tokenizer, not from a model setting the CLI
-    could compare."""
-    embedding = saved.get("net.model.embed_tokens.weight")
-    if embedding is None or net is None:
-        return
-    current = net.get_input_embeddings().weight.shape[0]
-    if embedding.shape[0] != current:
-        raise ValueError(
-            f"the checkpoint's model has a vocabulary of {embedding.shape[0]} tokens, this run's "
-            f"data gives {current}: resume with the data.tokenizer (and model) of the "
-            "checkpoint's run"
-        )
 
 
 def noise_plan(noise: NoiseSettings, planned_rounds: Callable[[], int]) -> dict[str, Any] | None:

@@ -1,0 +1,74 @@
+"""Vocabulary guards of ``FederatedLoRAModule``: the data's token ids must be the ones the model
+embeds, at setup and when a checkpoint is resumed (Lightning-free)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from modules.hf_models import own_tokenizer_dir
+
+
+def _input_embedding_key(net: nn.Module) -> str | None:
+    """The state-dict key of the input embedding weight under ``net.`` (Llama
+    ``model.embed_tokens``, GPT-2 ``transformer.wte``, ...)."""
+    weight = net.get_input_embeddings().weight
+    return next((f"net.{name}" for name, p in net.named_parameters() if p is weight), None)
+
+
+def check_data_vocabulary(model: Any, net: nn.Module, vocab: Any) -> None:
+    """Refuse data ids from another vocabulary than the model's (they would train silently on
+    the wrong embedding rows, or index past them only when decoding canaries at the end).
+
+    A pretrained model that ships a tokenizer needs the data's tokenizer to have the same
+    vocabulary; otherwise the data's vocabulary must have the model's embedding size.
+    """
+    own = own_tokenizer_dir(model)
+    data_tokenizer = getattr(vocab, "tok", None)  # None: the character vocabulary
+    if own is not None:
+        from datamodules.text import load_tokenizer
+
+        same = data_tokenizer is not None and (
+            data_tokenizer.get_vocab() == load_tokenizer(str(own)).get_vocab()
+        )
+        if not same:
+            raise ValueError(
+                f"model={model!r} ships its own tokenizer ({own}), but the data's vocabulary "
+                f"({len(vocab)} tokens, {_vocab_name(vocab)}) is another: set data.tokenizer "
+                f"to {str(own)!r}"
+            )
+        return
+    rows = net.get_input_embeddings().weight.shape[0]
+    if len(vocab) != rows:
+        raise ValueError(
+            f"model={model!r} embeds {rows} tokens, but the data's vocabulary has {len(vocab)} "
+            f"({_vocab_name(vocab)}): set data.tokenizer to the tokenizer the model was trained "
+            "with"
+        )
+
+
+def _vocab_name(vocab: Any) -> str:
+    tokenizer = getattr(vocab, "tok", None)
+    if tokenizer is None:
+        return "the character vocabulary, data.tokenizer: null"
+    return f"data.tokenizer={tokenizer.name_or_path!r}"
+
+
+def check_checkpoint_vocabulary(saved: dict[str, Tensor], net: nn.Module | None) -> None:
+    """Refuse resuming with another vocabulary, naming the data setting (Lightning's
+    state-dict size mismatch names neither): it comes from the datamodule's tokenizer, not from
+    a model setting the CLI could compare."""
+    if net is None:
+        return
+    key = _input_embedding_key(net)
+    embedding = saved.get(key) if key is not None else None
+    if embedding is None:
+        return
+    current = net.get_input_embeddings().weight.shape[0]
+    if embedding.shape[0] != current:
+        raise ValueError(
+            f"the checkpoint's model has a vocabulary of {embedding.shape[0]} tokens, this run's "
+            f"data gives {current}: resume with the data.tokenizer (and model) of the "
+            "checkpoint's run"
+        )

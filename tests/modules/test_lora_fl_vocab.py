@@ -1,0 +1,63 @@
+"""FederatedLoRAModule refuses data ids of another vocabulary than the model's (at setup and
+on resume), whatever the architecture names its embedding."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from datamodules.federated import CharVocab, _HFVocab
+from modules.hf_models import build_causal_lm
+from modules.lora_fl import FederatedLoRAModule
+from modules.lora_fl_vocab import check_checkpoint_vocabulary, check_data_vocabulary
+from tests.federated_testkit import NO_MEM, tiny_dm, tiny_trainer
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tokenizer_dir):
+    """A tiny pretrained Llama on the project tokenizer's 4096 ids, saved without and with
+    that tokenizer."""
+    bare = tmp_path_factory.mktemp("bare_llama")
+    torch.manual_seed(0)
+    build_causal_lm("micro-llama", vocab_size=4096).save_pretrained(bare)
+    with_tokenizer = tmp_path_factory.mktemp("llama_with_tokenizer")
+    shutil.copytree(bare, with_tokenizer, dirs_exist_ok=True)
+    shutil.copytree(tokenizer_dir, with_tokenizer, dirs_exist_ok=True)
+    return bare, with_tokenizer
+
+
+def test_a_model_with_its_own_tokenizer_needs_the_same_vocabulary_in_the_data(model_dirs,
+                                                                              tokenizer_dir):  # fmt: skip
+    _, own = model_dirs
+    net = build_causal_lm(str(own))
+    with pytest.raises(ValueError, match=r"ships its own tokenizer .* character vocabulary.*"
+                                         r"set data.tokenizer"):  # fmt: skip
+        check_data_vocabulary(str(own), net, CharVocab())
+    check_data_vocabulary(str(own), net, _HFVocab(str(tokenizer_dir)))  # the same vocabulary
+
+
+def test_a_model_without_a_tokenizer_needs_its_embedding_size(model_dirs, tokenizer_dir):
+    bare, _ = model_dirs
+    net = build_causal_lm(str(bare))
+    with pytest.raises(ValueError, match=r"embeds 4096 tokens, but the data's vocabulary has 98"):
+        check_data_vocabulary(str(bare), net, CharVocab())
+    check_data_vocabulary(str(bare), net, _HFVocab(str(tokenizer_dir)))
+
+
+def test_setup_refuses_the_character_data_for_a_pretrained_model(model_dirs):
+    bare, _ = model_dirs
+    module = FederatedLoRAModule(model=str(bare), local_steps=1, memorization=NO_MEM)
+    with pytest.raises(ValueError, match=r"set data\.tokenizer"):
+        tiny_trainer(1).fit(module, tiny_dm())  # used to train, then fail decoding canaries
+
+
+@pytest.mark.parametrize(("preset", "key"), [("micro-llama", "net.model.embed_tokens.weight"),
+                                             ("tiny-gpt2", "net.transformer.wte.weight")])  # fmt: skip
+def test_resuming_with_another_vocabulary_is_named_for_every_architecture(preset, key):
+    net = build_causal_lm(preset, vocab_size=98)
+    width = net.get_input_embeddings().weight.shape[1]
+    with pytest.raises(ValueError, match=r"vocabulary of 4096 tokens, this run's data gives 98"):
+        check_checkpoint_vocabulary({key: torch.zeros(4096, width)}, net)
+    check_checkpoint_vocabulary({key: torch.zeros(98, width)}, net)  # the same size
