@@ -162,6 +162,19 @@ def resolve_tokenizer_name(model: str | dict[str, Any], tokenizer: str | None) -
     return tokenizer
 
 
+def check_data_tokenizer(datamodule: Any, tokenizer: Any) -> None:
+    """Refuse a datamodule whose tokenizer has another vocabulary than the model's: the model
+    would read ids of another vocabulary, silently."""
+    data_tokenizer = getattr(datamodule, "tokenizer", None)
+    if data_tokenizer is not None and data_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"data.tokenizer ({len(data_tokenizer)} tokens, {data_tokenizer.name_or_path!r}) "
+            f"differs from model.tokenizer ({len(tokenizer)} tokens, "
+            f"{tokenizer.name_or_path!r}): the model would read ids of another "
+            "vocabulary; use the same tokenizer for model and data"
+        )
+
+
 def _takes_weight_decay(name: str, param: torch.Tensor) -> bool:
     # Matrices decay; norm gains, biases and embeddings (Llama ``embed_tokens``, GPT-2 ``wte``/
     # ``wpe``) do not, as in GPT-2/Llama training recipes.
@@ -248,14 +261,7 @@ class CausalLMModule(L.LightningModule):
                 f"data.block_size={block_size} exceeds the model's maximum positions ({limit}): "
                 "lower data.block_size or raise the model's max_position_embeddings"
             )
-        data_tokenizer = getattr(datamodule, "tokenizer", None)
-        if data_tokenizer is not None and data_tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise ValueError(
-                f"data.tokenizer ({len(data_tokenizer)} tokens, {data_tokenizer.name_or_path!r}) "
-                f"differs from model.tokenizer ({len(self.tokenizer)} tokens, "
-                f"{self.tokenizer.name_or_path!r}): the model would read ids of another "
-                "vocabulary; use the same tokenizer for model and data"
-            )
+        check_data_tokenizer(datamodule, self.tokenizer)
 
     # ----------------------------------------------------------------- steps
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:

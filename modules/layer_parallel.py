@@ -24,7 +24,12 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from datamodules.text import load_tokenizer
-from modules.causal_lm import GenerationSettings, generate_completion
+from modules.causal_lm import (
+    GenerationSettings,
+    check_data_tokenizer,
+    generate_completion,
+    resolve_tokenizer_name,
+)
 from modules.hf_models import build_causal_lm, is_pretrained_name
 from modules.layer_parallel_model import (
     MODES,
@@ -95,7 +100,8 @@ class LayerParallelModule(L.LightningModule):
     Args:
         model: local Hugging Face directory (e.g. ``runs/quickstart/demo/hf_model``), hub id,
             preset name or config dict (random weights: for smoke tests only).
-        tokenizer: tokenizer directory or hub id.
+        tokenizer: tokenizer directory or hub id; ``None`` = the pretrained model's own (else
+            the project's ``data/tokenizer``). It must have the data's vocabulary (checked).
         plan: layers to pair: ``{start: 2, end: 6}`` (pairs (2,3),(4,5)), a list of pairs
             ``[[2, 3], [4, 5]]`` or ``null`` (no LP, sequential model).
         mode: LP implementation for validate/test/predict: ``fused`` (folded norms, one wide
@@ -122,7 +128,7 @@ class LayerParallelModule(L.LightningModule):
     def __init__(
         self,
         model: str | dict[str, Any],
-        tokenizer: str = "data/tokenizer",
+        tokenizer: str | None = None,
         plan: dict[str, int] | list[list[int]] | None = None,
         mode: str = "fused",
         post_norm_mode: str = "per_member",
@@ -160,7 +166,7 @@ class LayerParallelModule(L.LightningModule):
         self.save_hyperparameters(ignore=[*RUN_TIME_SETTINGS, "optimizer", "lr_scheduler"])
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.generation = generation or GenerationSettings()
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(resolve_tokenizer_name(model, tokenizer))
         vocab = None if is_pretrained_name(model) else len(self.tokenizer)
         self.model = build_causal_lm(model, vocab_size=vocab, dtype=dtype)
         self.plan = LayerParallelPlan.parse(plan)
@@ -196,6 +202,7 @@ class LayerParallelModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         refuse_fp16_training(self.trainer, type(self).__name__, stage)
+        check_data_tokenizer(getattr(self.trainer, "datamodule", None), self.tokenizer)
         if stage == "test":
             self._check_decode_fits_the_test_data()
         if stage == "fit":

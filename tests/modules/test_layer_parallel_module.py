@@ -6,6 +6,7 @@ import itertools
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from torch.nn import functional as F
@@ -295,3 +296,31 @@ def test_evaluation_choices_stay_out_of_the_checkpoint_hyperparameters(hf_dir):
     assert not set(RUN_TIME_SETTINGS) & set(module.hparams)
     assert {"model", "plan", "post_norm_mode", "train_with_lp"} <= set(module.hparams)
     assert module.mode == "reference" and module.decode_repeats == 2
+
+
+def test_a_model_with_its_own_tokenizer_uses_it_and_data_of_another_vocabulary_is_refused(
+    hf_dir, tmp_path
+):
+    """The model's own tokenizer is the default; the data's must have the same vocabulary
+    (a 600-token model tokenizer against the project's 4096-token data used to run silently)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from datamodules.text import TextDataModule
+
+    own = tmp_path / "model_with_own_tokenizer"
+    build_causal_lm("tiny-llama-8l", vocab_size=600).save_pretrained(own)
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel()
+    corpus = [f"line {i} of a tiny corpus for a tiny tokenizer" for i in range(50)]
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(own)
+    module = LayerParallelModule(model=str(own), plan={"start": 2, "end": 6})
+    assert len(module.tokenizer) == len(PreTrainedTokenizerFast.from_pretrained(own))
+    data_file = tmp_path / "tiny.jsonl"
+    data_file.write_text("".join(json.dumps({"text": line}) + "\n" for line in corpus))
+    data = TextDataModule(data_files=str(data_file), tokenizer="data/tokenizer", block_size=16,
+                          batch_size=2, val_fraction=0.2, test_fraction=0.2)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"data.tokenizer \(4096 tokens.*differs from model"):
+        trainer.validate(module, datamodule=data)
