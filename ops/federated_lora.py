@@ -12,6 +12,7 @@ update ``s B A`` (``ops.federated.lora_delta``) is read off directly.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -33,9 +34,37 @@ def find_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[s
         if name.rsplit(".", 1)[-1] in wanted and isinstance(module, nn.Linear)
     }
     if not targets:
+        present = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        conv1d = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if type(m).__name__ == "Conv1D" and n.rsplit(".", 1)[-1] in wanted
+            }
+        )
+        hint = (
+            f"; {conv1d} are GPT-2-style Conv1D layers (transposed weights), which this adapter "
+            "does not support: use finetune_mode: full or a Llama-style model"
+            if conv1d
+            else ""
+        )
         raise ValueError(
             f"lora target_modules={list(target_modules)} match no nn.Linear in the model; "
-            f"linear layers present: {sorted({n.rsplit('.', 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})}"
+            f"linear layers present: {present}{hint}"
+        )
+    unmatched = sorted(wanted - {name.rsplit(".", 1)[-1] for name in targets})
+    if unmatched:
+        # e.g. the Llama default names on Phi-3, whose q/k/v and gate/up projections are fused
+        # (qkv_proj, gate_up_proj): only o_proj and down_proj would be adapted, silently.
+        present = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        warnings.warn(
+            f"lora target_modules {unmatched} match no nn.Linear of the model and get no "
+            f"adapter; linear layers present: {present}",
+            stacklevel=2,
         )
     return targets
 

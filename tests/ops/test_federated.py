@@ -135,3 +135,19 @@ def test_lora_adapter_matches_peft():
 def test_lora_targets_error_names_available_layers():
     with pytest.raises(ValueError, match="down_proj"):
         LoraAdapter(_TwoLinear(), ["v_proj"])
+
+
+def test_lora_targets_name_conv1d_layers_and_warn_on_names_that_match_nothing():
+    import pytest
+
+    from modules.hf_models import build_causal_lm
+    from ops.federated_lora import find_lora_targets
+
+    gpt2 = build_causal_lm("tiny-gpt2", vocab_size=64)
+    with pytest.raises(ValueError, match=r"\['c_attn', 'c_proj'\] are GPT-2-style Conv1D"):
+        find_lora_targets(gpt2, ["c_attn", "c_proj"])
+    llama = build_causal_lm("micro-llama", vocab_size=64)
+    # Phi-3 style names next to Llama ones: the fused projections do not exist here
+    with pytest.warns(UserWarning, match=r"\['qkv_proj'\] match no nn.Linear"):
+        targets = find_lora_targets(llama, ["qkv_proj", "o_proj"])
+    assert targets and all(name.endswith("o_proj") for name in targets)
