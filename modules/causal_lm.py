@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
@@ -119,7 +120,25 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedMode
         use_rslora=settings.use_rslora,
         task_type="CAUSAL_LM",
     )
+    check_lora_targets(model, settings.target_modules)
     return get_peft_model(model, config)
+
+
+def check_lora_targets(model: nn.Module, target_modules: list[str] | str) -> None:
+    """Name the model's adaptable layers when a target matches none (peft's message lists only
+    the missing names, and the CLI buries it under a type-validation error)."""
+    if isinstance(target_modules, str):  # "all-linear" or a regex: peft resolves it
+        return
+    from transformers.pytorch_utils import Conv1D
+
+    names = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear | Conv1D)]
+    # peft's rule for a list: a module matches a target equal to its name or a suffix of it
+    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        raise ValueError(
+            f"lora.target_modules {missing} name no linear layer of this model; its layers: "
+            f"{sorted({n.rsplit('.', 1)[-1] for n in names})} (or use target_modules: all-linear)"
+        )
 
 
 def _reject_rotating_conv1d(model: torch.nn.Module, optimizer: Any) -> None:

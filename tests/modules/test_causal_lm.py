@@ -247,3 +247,14 @@ def test_older_adapter_only_checkpoint_of_a_random_base_loads_with_a_warning(
         restored = CausalLMModule.load_from_checkpoint(path, weights_only=False)
     for name in trainable:
         assert torch.equal(restored.get_parameter(name), module.get_parameter(name))
+
+
+def test_lora_targets_that_name_no_layer_list_the_models_layers():
+    from modules.causal_lm import check_lora_targets
+    from modules.hf_models import build_causal_lm
+
+    gpt2 = build_causal_lm("tiny-gpt2", vocab_size=64)
+    with pytest.raises(ValueError, match=r"\['q_proj'\] name no linear layer.*'c_attn'"):
+        check_lora_targets(gpt2, ["c_attn", "q_proj"])
+    check_lora_targets(gpt2, ["c_attn", "attn.c_proj"])  # peft also takes a dotted suffix
+    check_lora_targets(gpt2, "all-linear")
