@@ -205,6 +205,11 @@ class FederatedLoRAModule(L.LightningModule):
         sizes = getattr(dm, "client_num_samples", None)
         if sizes is not None:
             self._check_client_settings(len(sizes), list(sizes))
+            if self.local_early_stopping is not None:
+                # Every client's held-out rows, on every rank now: a client without them would
+                # fail inside a round, on its rank only, while the others wait in the all-reduce.
+                for client in range(len(sizes)):
+                    dm.client_val_dataloader(client)
         if self.secagg.enabled:  # refuse a modulus the sum of all clients could wrap
             num_clients = getattr(self.trainer.datamodule, "num_clients", None)
             if num_clients is not None:

@@ -139,6 +139,23 @@ def test_a_client_without_held_out_rows_is_named():
         dm.client_val_dataloader(0)
 
 
+def test_a_client_without_held_out_rows_fails_at_setup_on_every_rank(monkeypatch):
+    """Inside a round the error would stop only the rank running that client, while the
+    others wait in the round's all-reduce: it must come before any client trains."""
+    module = tiny_module(local_steps=2, memorization=NO_MEM,
+                         local_early_stopping=LocalEarlyStoppingSettings(every_n_steps=1))  # fmt: skip
+    dm = tiny_dm()
+    dm.val_questions = 0
+    clients_run = []
+    original = ClientTrainer.run
+    monkeypatch.setattr(
+        ClientTrainer, "run", lambda self, c, seed: clients_run.append(c) or original(self, c, seed)
+    )
+    with pytest.raises(ValueError, match="client 0 has no held-out rows"):
+        tiny_trainer(1).fit(module, dm)
+    assert clients_run == []
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         LocalEarlyStoppingSettings(every_n_steps=0)
