@@ -47,7 +47,7 @@ from ops.meta_gradients_batched import (
     batched_reptile_grads,
 )
 from ops.meta_tasks_closed_form import LinearTasks, exact_meta_grad, exact_meta_grads
-from ops.seeding import derive_seed
+from ops.seeding import derive_seed, run_seed
 from optim.sngdm import SNGDM
 
 METHODS = ("fo_b_maml_forward", "fo_b_maml_symmetric", "maml", "fomaml", "reptile")
@@ -465,8 +465,9 @@ class MetaLearningModule(L.LightningModule):
         for i, task in enumerate(self._local_tasks(batch)):
             # Keyed by the task's index in the whole meta-batch (rank + world * i), not by the
             # rank: its mini-batches and dropout masks are then the same with 1 or N processes,
-            # and different tasks never share them.
-            seed = derive_seed(self.global_step, self.global_rank + world * i)
+            # and different tasks never share them. The run's seed (seed_everything) enters
+            # too: runs with other seeds must not share this noise.
+            seed = derive_seed(run_seed(), self.global_step, self.global_rank + world * i)
             with torch.random.fork_rng(devices=self._rng_devices()):
                 torch.manual_seed(seed)
                 est = self.estimate(task, x, seed=seed)

@@ -341,3 +341,22 @@ def test_baselines_adapt_on_support_and_score_on_query(method, vectorize):
             g, _ = task_objectives(module.net, half_mse, both, query)
             expected += reptile_grad(g, x, **kw).grad["weight"]
     assert torch.allclose(got, expected, atol=1e-10, rtol=0)
+
+
+def test_inner_mini_batches_follow_the_runs_seed(monkeypatch):
+    """Per-task mini-batches are keyed by (run seed, step, task index): the same seed gives the
+    same meta-gradient, another seed_everything another one (runs of '3 seeds' used to share
+    this noise, keyed by step and task index alone)."""
+    dm = LinearRegressionTasks(dim=6, num_tasks=10, meta_batch_size=3, episodes_per_epoch=1)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+
+    def meta_gradient(seed: int) -> torch.Tensor:
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))  # what seed_everything exports
+        torch.manual_seed(1)
+        module = _linear_module("fomaml", inner_batch_size=3, vectorize_tasks=False).double()
+        x = module._params()
+        return module._local_sums(batch, x, list(x))[0]
+
+    torch.testing.assert_close(meta_gradient(0), meta_gradient(0), rtol=0, atol=0)
+    assert not torch.allclose(meta_gradient(0), meta_gradient(7))
