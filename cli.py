@@ -8,7 +8,8 @@ Models and data are chosen by ``class_path`` (subclass mode), so any LightningMo
 LightningDataModule, of this project or of the user's own package, plugs in. TensorBoard is the
 default logger, the resolved config is saved next to the logs (and fills TensorBoard's HPARAMS
 tab with the final metrics), ``seed_everything`` is on,
-``metrics.json`` is written at the end of every fit/validate/test, and under SLURM the requeue
+``metrics.json`` is written at the end of every fit/validate/test, validation leaves the
+training RNG stream alone and checkpoints carry it (``callbacks/training_rng.py``), and under SLURM the requeue
 signal is answered with a checkpoint at the next step boundary (``callbacks/slurm_requeue.py``).
 """
 
@@ -39,6 +40,7 @@ from callbacks.hparams_summary import HParamsSummary
 from callbacks.metrics_file import MetricsFile
 from callbacks.progress_bar import RunProgressBar
 from callbacks.slurm_requeue import SlurmRequeue
+from callbacks.training_rng import TrainingRng
 
 DEFAULT_SEED = 1234
 TRAINER_DEFAULTS = {
@@ -59,6 +61,7 @@ class MloCLI(LightningCLI):
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
         parser.add_lightning_class_args(SlurmRequeue, "slurm_requeue")
         parser.add_lightning_class_args(HParamsSummary, "hparams_summary")
+        parser.add_lightning_class_args(TrainingRng, "training_rng")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> L.Trainer:
         # Lightning's default bar, with its display fixed for step-driven runs; a progress bar

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -112,6 +113,14 @@ class LoopResumedDataLoader(DataLoader):
     with another batch size still skips exactly the samples the interrupted run consumed.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Its own generator: every new iterator draws a worker base seed, from the loader's
+        # generator if it has one, else from the global RNG, which shifted the training
+        # stream (dropout masks) at every epoch start, and after a resume at an epoch boundary
+        # differently from the uninterrupted run.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+        super().__init__(*args, **kwargs)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "seed": getattr(self.sampler, "seed", None),
@@ -151,5 +160,6 @@ def resumable_train_loader(
     if trainer is not None and trainer.fit_loop.restarting:
         skip_consumed_batches(sampler, trainer, batch_size)
     return LoopResumedDataLoader(
-        dataset, sampler=sampler, batch_size=batch_size, drop_last=drop_last, **loader_kwargs
-    )
+        dataset, sampler=sampler, batch_size=batch_size, drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed), **loader_kwargs,
+    )  # fmt: skip

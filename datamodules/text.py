@@ -233,7 +233,10 @@ class TextDataModule(L.LightningDataModule):
         if not shuffle:
             # Every block exactly once over the ranks, the same batch count on every rank.
             sampler = EvenEvalSampler(dataset, world, rank) if world > 1 else None
-            return DataLoader(dataset, sampler=sampler, **kwargs)
+            # A generator of its own: a new iterator draws its worker base seed from it, not
+            # from the global RNG (a validation inside fit shifted the training dropout masks).
+            generator = torch.Generator().manual_seed(0)
+            return DataLoader(dataset, sampler=sampler, generator=generator, **kwargs)
         return resumable_train_loader(
             self, dataset, seed=self.hparams.shuffle_seed, drop_last=True, **kwargs
         )

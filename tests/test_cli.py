@@ -306,6 +306,9 @@ def _every_step_checkpoints(directory) -> list[str]:
             "configs/hyperinf/mislabel_digits.yaml",
             ["--data.init_args.batch_size=100", "--trainer.callbacks.init_args.methods=[grad_dot]"],
         ),
+        # dropout: the checkpoint used to hold no RNG state, so the resumed steps replayed the
+        # masks drawn right after seeding
+        ("configs/quickstart.yaml", [*FAST[2:], "--model.init_args.model=tiny-gpt2"]),
     ],
 )
 def test_resume_through_the_cli_is_bit_identical(tmp_path, config, extra):
@@ -320,6 +323,18 @@ def test_resume_through_the_cli_is_bit_identical(tmp_path, config, extra):
     for key, value in straight["state_dict"].items():
         assert value.dtype == resumed["state_dict"][key].dtype
         assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def test_validation_inside_fit_leaves_a_dropout_models_training_unchanged(tmp_path):
+    # Each validation's DataLoader iterator drew a seed from the global RNG, so a fit with
+    # validation trained other weights than one without (GPT-2 has dropout).
+    weights = []
+    for name, val in (("validated", ["--trainer.val_check_interval=2"]),
+                      ("not_validated", ["--trainer.limit_val_batches=0"])):  # fmt: skip
+        cli = _fit(tmp_path, "--model.init_args.model=tiny-gpt2", "--trainer.max_steps=6", *val,
+                   name=name)  # fmt: skip
+        weights.append({k: v.clone() for k, v in cli.model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,102 @@
+import io
+import random
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from callbacks.training_rng import (
+    TrainingRng,
+    from_checkpoint,
+    rng_states,
+    set_rng_states,
+    to_checkpoint,
+)
+
+
+def test_states_survive_a_weights_only_checkpoint():
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    np.random.normal()  # a cached Gaussian is part of NumPy's state
+    buffer = io.BytesIO()
+    torch.save(to_checkpoint(rng_states()), buffer)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    buffer.seek(0)
+    set_rng_states(from_checkpoint(torch.load(buffer, weights_only=True)))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(again[0], expected[0]) and np.array_equal(again[1], expected[1])
+    assert again[2] == expected[2]
+
+
+class DropoutModel(BoringModel):
+    """BoringModel whose training draws from the global RNG (dropout), as a dropout LM does.
+    Its data are fixed tensors (BoringModel's own loaders draw new random data when built)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(0.5)
+        self.data = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+
+    def forward(self, x):
+        return self.layer(self.dropout(x))
+
+    def train_dataloader(self):
+        # A generator of its own, as the project's loaders have: an iterator of a loader
+        # without one draws a seed from the global RNG at every epoch start.
+        generator = torch.Generator().manual_seed(0)
+        return torch.utils.data.DataLoader(self.data, batch_size=2, generator=generator)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.data[:8], batch_size=2)
+
+
+def _fit(tmp_path, callbacks, ckpt_path=None, **kw):
+    L.seed_everything(0)
+    model = DropoutModel()
+    settings = {"accelerator": "cpu", "max_steps": 12, "limit_train_batches": 8,
+                "limit_val_batches": 2, "logger": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "num_sanity_val_steps": 0}  # fmt: skip
+    trainer = L.Trainer(**{**settings, **kw}, default_root_dir=tmp_path, callbacks=callbacks)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return model.layer.weight.detach().clone()
+
+
+@pytest.mark.parametrize("with_callback", [True, False])
+def test_validation_inside_fit_leaves_the_training_stream_alone(tmp_path, with_callback):
+    # Each validation creates a DataLoader iterator, which draws a seed from the global RNG.
+    extra = [TrainingRng()] if with_callback else []
+    validated = _fit(tmp_path / "a", list(extra), val_check_interval=3)
+    not_validated = _fit(tmp_path / "b", [TrainingRng()] if with_callback else [],
+                         limit_val_batches=0)  # fmt: skip
+    assert torch.equal(validated, not_validated) == with_callback
+
+
+def test_a_resumed_run_continues_the_dropout_stream_from_an_epoch_boundary(tmp_path):
+    # 6 batches an epoch: the step-6 checkpoint is an epoch's end (a plain DataLoader cannot
+    # resume mid-epoch; the mid-epoch case is tested through mlo in tests/test_cli.py).
+    every_6 = {"every_n_train_steps": 6, "save_top_k": -1, "filename": "{step}"}
+    kw = {"limit_val_batches": 0, "limit_train_batches": 6}
+    full = _fit(tmp_path / "full", [TrainingRng(), ModelCheckpoint(**every_6)], **kw)
+    (step_6,) = (tmp_path / "full").rglob("step=6.ckpt")
+    resumed = _fit(tmp_path / "resumed", [TrainingRng()], ckpt_path=step_6, **kw)
+    assert torch.equal(resumed, full)
+    # Without the stored stream the resumed steps replay the masks drawn after seeding.
+    replayed = _fit(tmp_path / "replayed", [], ckpt_path=step_6, **kw)
+    assert not torch.equal(replayed, full)
+
+
+def test_the_projects_loaders_leave_the_global_stream_alone(tmp_path, corpus_file):
+    from datamodules.resumable_sampler import LoopResumedDataLoader
+    from datamodules.text import TextDataModule
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(corpus_file.read_text().splitlines()[:3]) + "\n")
+    dm = TextDataModule(data_files=str(small), block_size=16, batch_size=2)
+    dm.setup("fit")
+    loaders = [LoopResumedDataLoader(torch.arange(4)), dm.train_dataloader(), dm.val_dataloader()]
+    for loader in loaders:
+        before = torch.get_rng_state()
+        next(iter(loader))
+        assert torch.equal(torch.get_rng_state(), before), type(loader).__name__
