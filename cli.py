@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.utilities import rank_zero_warn
@@ -43,6 +43,8 @@ from callbacks.slurm_requeue import SlurmRequeue
 from callbacks.training_rng import TrainingRng
 
 DEFAULT_SEED = 1234
+#: The checkpoint of configs that name no ModelCheckpoint: only ``last.ckpt``.
+DEFAULT_CHECKPOINT = {"save_top_k": 0, "save_last": True, "save_on_exception": True}
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -74,6 +76,14 @@ class MloCLI(LightningCLI):
             and not any(isinstance(c, ProgressBar) for c in [*configured, *callbacks])
         ):
             callbacks = [*callbacks, RunProgressBar()]
+        # Lightning's default checkpoint is written at validation or epoch ends only: a
+        # step-bounded run without validation ended with no checkpoint at all. This one keeps
+        # checkpoints/last.ckpt (at every validation end and when training ends) and one on an
+        # exception, as the configs that name a ModelCheckpoint do.
+        if config.get("enable_checkpointing") is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in [*configured, *callbacks]
+        ):
+            callbacks = [*callbacks, ModelCheckpoint(**DEFAULT_CHECKPOINT)]
         return super()._instantiate_trainer(config, callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:

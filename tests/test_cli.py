@@ -325,6 +325,24 @@ def test_resume_through_the_cli_is_bit_identical(tmp_path, config, extra):
         assert torch.equal(value, resumed["state_dict"][key]), key
 
 
+def test_a_run_without_validation_still_ends_with_a_checkpoint(tmp_path):
+    # Lightning's default checkpoint is written at validation or epoch ends only; a
+    # step-bounded run with validation off used to leave none.
+    cli = main(["fit", "--config", "configs/cubic_newton/saddle.yaml", "--trainer.max_steps=5",
+                "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+                f"--trainer.logger.init_args.save_dir={tmp_path}"])  # fmt: skip
+    (last,) = tmp_path.rglob("checkpoints/*.ckpt")
+    assert last.name == "last.ckpt" and torch.load(last, weights_only=True)["global_step"] == 5
+    assert cli.trainer.checkpoint_callback.save_on_exception
+    # A config's own ModelCheckpoint is the only one; enable_checkpointing: false means none.
+    own = _fit(tmp_path, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", name="own")
+    (checkpoint,) = own.trainer.checkpoint_callbacks
+    assert checkpoint.monitor == "val/loss"
+    off = _fit(tmp_path, "--trainer.max_steps=1", "--trainer.enable_checkpointing=false",
+               "--trainer.callbacks=[]", name="off")  # fmt: skip
+    assert off.trainer.checkpoint_callbacks == []
+
+
 def test_validation_inside_fit_leaves_a_dropout_models_training_unchanged(tmp_path):
     # Each validation's DataLoader iterator drew a seed from the global RNG, so a fit with
     # validation trained other weights than one without (GPT-2 has dropout).
