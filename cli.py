@@ -5,12 +5,16 @@
     python cli.py test --config configs/quickstart.yaml --ckpt_path runs/.../last.ckpt
 
 Models and data are chosen by ``class_path`` (subclass mode), so any LightningModule or
-LightningDataModule, of this project or of the user's own package, plugs in. TensorBoard is the
-default logger, the resolved config is saved next to the logs (and fills TensorBoard's HPARAMS
-tab with the final metrics), ``seed_everything`` is on,
-``metrics.json`` is written at the end of every fit/validate/test, validation leaves the
-training RNG stream alone and checkpoints carry it (``callbacks/training_rng.py``), and under SLURM the requeue
-signal is answered with a checkpoint at the next step boundary (``callbacks/slurm_requeue.py``).
+LightningDataModule, of this project or of the user's own package, plugs in. Defaults:
+
+- TensorBoard logger; the resolved config saved next to the logs and shown, with the final
+  metrics, in TensorBoard's HPARAMS tab (``callbacks/hparams_summary.py``);
+- ``seed_everything`` on; validation inside ``fit`` leaves the training RNG stream alone and
+  checkpoints carry it (``callbacks/training_rng.py``);
+- ``metrics.json`` at the end of every fit/validate/test (``callbacks/metrics_file.py``);
+- ``checkpoints/last.ckpt`` for configs that name no ModelCheckpoint, also without validation;
+- under SLURM, the requeue signal answered with a checkpoint at the next step boundary
+  (``callbacks/slurm_requeue.py``).
 """
 
 from __future__ import annotations
