@@ -35,6 +35,7 @@ from datamodules.federated_data import (
     proportional_counts,
     synthetic_client_examples,
 )
+from datamodules.private_seed_loader import PrivateSeedDataLoader
 from datamodules.resumable_sampler import LoopResumedDataLoader
 from datamodules.synthetic_corpus import canary_records, entity_table
 
@@ -331,7 +332,9 @@ class FederatedTextDataModule(L.LightningDataModule):
                 f"client {client} has no held-out rows to early-stop on: set "
                 "data.val_questions_per_client (synthetic source) or data.canary_val_fraction"
             )
-        return DataLoader(rows, batch_size=64, shuffle=False, collate_fn=self.collate)
+        # Evaluated inside a client's local loop: its iterators must not shift the client's
+        # random stream (LoRA dropout), or evaluating would change the training.
+        return PrivateSeedDataLoader(rows, batch_size=64, shuffle=False, collate_fn=self.collate)
 
     def memorization_set(self) -> dict:
         """Unique training canaries: ``ids`` (no special tokens), ``groups``, ``canary_ids``."""

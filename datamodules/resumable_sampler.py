@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 from typing import Any
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
+
+from datamodules.private_seed_loader import PrivateSeedDataLoader
 
 
 class ResumableSampler(DistributedSampler):
@@ -101,7 +102,7 @@ def skip_consumed_batches(sampler: ResumableSampler, trainer: Any, batch_size: i
         sampler.skip_batches(done_in_epoch, batch_size)
 
 
-class LoopResumedDataLoader(DataLoader):
+class LoopResumedDataLoader(PrivateSeedDataLoader):
     """A ``DataLoader`` whose mid-epoch position comes back from Lightning's restored loop state.
 
     The position itself is restored elsewhere (``skip_consumed_batches``, or a module that reads
@@ -112,14 +113,6 @@ class LoopResumedDataLoader(DataLoader):
     and the world size and batch size, so that a run resumed on another number of processes or
     with another batch size still skips exactly the samples the interrupted run consumed.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Its own generator: every new iterator draws a worker base seed, from the loader's
-        # generator if it has one, else from the global RNG, which shifted the training
-        # stream (dropout masks) at every epoch start, and after a resume at an epoch boundary
-        # differently from the uninterrupted run.
-        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
-        super().__init__(*args, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -147,7 +140,7 @@ class LoopResumedDataLoader(DataLoader):
 
 def resumable_train_loader(
     datamodule: Any, dataset: Sized, batch_size: int, seed: int, drop_last: bool, **loader_kwargs
-) -> DataLoader:
+) -> LoopResumedDataLoader:
     """A shuffled training loader whose order depends on ``(seed, epoch)`` only and that resumes
     mid-epoch: an interrupted and resumed run sees exactly the batches of an uninterrupted one.
 
@@ -160,6 +153,6 @@ def resumable_train_loader(
     if trainer is not None and trainer.fit_loop.restarting:
         skip_consumed_batches(sampler, trainer, batch_size)
     return LoopResumedDataLoader(
-        dataset, sampler=sampler, batch_size=batch_size, drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed), **loader_kwargs,
+        dataset, sampler=sampler, batch_size=batch_size, drop_last=drop_last, seed=seed,
+        **loader_kwargs,
     )  # fmt: skip

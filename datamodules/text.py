@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from datamodules.even_eval_sampler import EvenEvalSampler, PaddedBlocks
 from datamodules.file_checks import count_json_records, count_text_lines
+from datamodules.private_seed_loader import PrivateSeedDataLoader
 from datamodules.resumable_sampler import resumable_train_loader
 from ops.goldfish import IGNORE_INDEX
 
@@ -233,10 +234,9 @@ class TextDataModule(L.LightningDataModule):
         if not shuffle:
             # Every block exactly once over the ranks, the same batch count on every rank.
             sampler = EvenEvalSampler(dataset, world, rank) if world > 1 else None
-            # A generator of its own: a new iterator draws its worker base seed from it, not
-            # from the global RNG (a validation inside fit shifted the training dropout masks).
-            generator = torch.Generator().manual_seed(0)
-            return DataLoader(dataset, sampler=sampler, generator=generator, **kwargs)
+            # Its iterators do not draw from the global RNG (a validation inside fit shifted
+            # the training dropout masks).
+            return PrivateSeedDataLoader(dataset, sampler=sampler, **kwargs)
         return resumable_train_loader(
             self, dataset, seed=self.hparams.shuffle_seed, drop_last=True, **kwargs
         )

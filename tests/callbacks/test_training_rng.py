@@ -100,3 +100,6 @@ def test_the_projects_loaders_leave_the_global_stream_alone(tmp_path, corpus_fil
         before = torch.get_rng_state()
         next(iter(loader))
         assert torch.equal(torch.get_rng_state(), before), type(loader).__name__
+        # No torch.Generator kept in the loader: ddp_spawn pickles datamodules holding loaders,
+        # and torch.multiprocessing could not rebuild a generator's state in the workers.
+        assert loader.generator is None

@@ -11,7 +11,7 @@ from transformers import EarlyStoppingCallback
 
 from modules.lora_fl_client import ClientTrainer
 from modules.lora_fl_early_stopping import PatienceRule
-from modules.lora_fl_settings import LocalEarlyStoppingSettings, NoiseSettings
+from modules.lora_fl_settings import LocalEarlyStoppingSettings, LoraFLSettings, NoiseSettings
 from modules.token_perplexity import next_token_nll
 from ops.federated import flatten_tensors
 from tests.federated_testkit import NO_MEM, tiny_dm, tiny_module, tiny_trainer
@@ -58,11 +58,12 @@ def test_gains_below_the_threshold_count_against_the_patience():
     assert decisions == [(True, False), (True, False), (True, False), (True, True)]
 
 
-def _client_run(monkeypatch, stopping, scripted=None, steps=8):
+def _client_run(monkeypatch, stopping, scripted=None, steps=8, **module_kw):
     """Full fine-tuning client 0 for ``steps`` local steps; with ``scripted`` validation
     losses, also the client's update at every evaluation (the weights minus theta_r)."""
-    m = tiny_module(finetune_mode="full", local_steps=steps, memorization=NO_MEM,
-                    local_early_stopping=stopping)  # fmt: skip
+    module_kw.setdefault("finetune_mode", "full")
+    m = tiny_module(local_steps=steps, memorization=NO_MEM, local_early_stopping=stopping,
+                    **module_kw)  # fmt: skip
     dm = tiny_dm()
     tiny_trainer(0).fit(m, dm)  # attaches trainer and datamodule, runs no round
     run = ClientTrainer(m, dm, 0, dm.client_num_samples)
@@ -91,12 +92,17 @@ def test_the_client_stops_on_its_patience_and_ends_on_its_best_weights(monkeypat
     torch.testing.assert_close(delta, expected, rtol=0, atol=0)
 
 
-def test_evaluating_does_not_change_the_training(monkeypatch):
+@pytest.mark.parametrize("mode", ["full", "lora_with_dropout"])
+def test_evaluating_does_not_change_the_training(monkeypatch, mode):
     """The real validation loss runs (dropout off, a fixed order): with a patience the client
-    never reaches, its update equals the one without early stopping, bit for bit."""
+    never reaches, its update equals the one without early stopping, bit for bit, also when
+    the client's LoRA dropout draws from the random stream the evaluations must not shift."""
+    kw = {} if mode == "full" else {
+        "finetune_mode": "lora", "lora": LoraFLSettings(rank=4, alpha=2.0, dropout=0.05)
+    }  # fmt: skip
     never = LocalEarlyStoppingSettings(every_n_steps=2, patience=100, load_best=False)
-    with_evaluations, steps, _ = _client_run(monkeypatch, never)
-    without, _, _ = _client_run(monkeypatch, None)
+    with_evaluations, steps, _ = _client_run(monkeypatch, never, **kw)
+    without, _, _ = _client_run(monkeypatch, None, **kw)
     assert steps == 8
     torch.testing.assert_close(with_evaluations, without, rtol=0, atol=0)
 
