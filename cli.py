@@ -12,7 +12,8 @@ LightningDataModule, of this project or of the user's own package, plugs in. Def
 - ``seed_everything`` on; validation inside ``fit`` leaves the training RNG stream alone and
   checkpoints carry it (``callbacks/training_rng.py``);
 - ``metrics.json`` at the end of every fit/validate/test (``callbacks/metrics_file.py``);
-- ``checkpoints/last.ckpt`` for configs that name no ModelCheckpoint, also without validation;
+- a ModelCheckpoint for configs that name none: ``checkpoints/last.ckpt`` also without
+  validation, and an on-exception save that cannot hang a multi-process run;
 - under SLURM, the requeue signal answered with a checkpoint at the next step boundary
   (``callbacks/slurm_requeue.py``).
 """
@@ -32,7 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.utilities import rank_zero_warn
@@ -40,6 +42,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import strategies  # noqa: F401  (registers the project's strategies by name)
+from callbacks.checkpoint import ModelCheckpoint
 from callbacks.hparams_summary import HParamsSummary
 from callbacks.metrics_file import MetricsFile
 from callbacks.progress_bar import RunProgressBar
@@ -47,8 +50,11 @@ from callbacks.slurm_requeue import SlurmRequeue
 from callbacks.training_rng import TrainingRng
 
 DEFAULT_SEED = 1234
-#: The checkpoint of configs that name no ModelCheckpoint: only ``last.ckpt``.
-DEFAULT_CHECKPOINT = {"save_top_k": 0, "save_last": True, "save_on_exception": True}
+#: The checkpoint of configs that name none: the latest one at every validation end (as
+#: Lightning's default) and as ``last.ckpt``, which a run without validation writes when
+#: training ends, and one on an exception (``callbacks/checkpoint.py``). (Not a train-end save
+#: after a validation saved: Lightning resumes such a checkpoint in the next epoch.)
+DEFAULT_CHECKPOINT = {"save_top_k": 1, "save_last": True, "save_on_exception": True}
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -81,11 +87,9 @@ class MloCLI(LightningCLI):
         ):
             callbacks = [*callbacks, RunProgressBar()]
         # Lightning's default checkpoint is written at validation or epoch ends only: a
-        # step-bounded run without validation ended with no checkpoint at all. This one keeps
-        # checkpoints/last.ckpt (at every validation end and when training ends) and one on an
-        # exception, as the configs that name a ModelCheckpoint do.
+        # step-bounded run without validation ended with no checkpoint at all.
         if config.get("enable_checkpointing") is not False and not any(
-            isinstance(c, ModelCheckpoint) for c in [*configured, *callbacks]
+            isinstance(c, LightningModelCheckpoint) for c in [*configured, *callbacks]
         ):
             callbacks = [*callbacks, ModelCheckpoint(**DEFAULT_CHECKPOINT)]
         return super()._instantiate_trainer(config, callbacks)

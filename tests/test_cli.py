@@ -334,6 +334,17 @@ def test_a_run_without_validation_still_ends_with_a_checkpoint(tmp_path):
     (last,) = tmp_path.rglob("checkpoints/*.ckpt")
     assert last.name == "last.ckpt" and torch.load(last, weights_only=True)["global_step"] == 5
     assert cli.trainer.checkpoint_callback.save_on_exception
+    # With validation: the latest checkpoint at each validation end (crash recovery), also
+    # as last.ckpt.
+    main(["fit", "--config", "configs/cubic_newton/saddle.yaml", "--trainer.max_steps=7",
+          "--trainer.val_check_interval=2", "--trainer.check_val_every_n_epoch=null",
+          "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
+          "--trainer.logger.init_args.name=validated"])  # fmt: skip
+    steps = {
+        path.name: torch.load(path, weights_only=True)["global_step"]
+        for path in (tmp_path / "validated").rglob("checkpoints/*.ckpt")
+    }
+    assert steps == {"epoch=0-step=6.ckpt": 6, "last.ckpt": 6}
     # A config's own ModelCheckpoint is the only one; enable_checkpointing: false means none.
     own = _fit(tmp_path, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", name="own")
     (checkpoint,) = own.trainer.checkpoint_callbacks
