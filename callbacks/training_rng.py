@@ -33,14 +33,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 
 def rng_states() -> dict[str, Any]:
-    """torch (CPU and every initialized CUDA device), NumPy and Python generator states."""
+    """torch (CPU, and the current CUDA device once CUDA is in use), NumPy and Python states."""
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's device only: a list of every visible device's state failed to load
+        # on a machine with fewer GPUs, and gave rank r rank 0's untouched cuda:r state.
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -48,7 +50,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
     """Inverse of :func:`rng_states`."""
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
 
@@ -88,6 +90,12 @@ class TrainingRng(L.Callback):
     def __init__(self) -> None:
         self._after_step: dict[str, Any] | None = None
         self._to_restore: dict[str, Any] | None = None
+        self._trainer: L.Trainer | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if stage == "fit":  # a new fit (checkpoint states are loaded after setup)
+            self._after_step, self._to_restore = None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if self._to_restore is not None:
@@ -103,9 +111,18 @@ class TrainingRng(L.Callback):
             set_rng_states(self._after_step)
 
     def state_dict(self) -> dict[str, Any]:
-        # The training stream as it resumes: the state after the last training step (a
-        # checkpoint saved at a validation's end would otherwise hold the validation's draws).
-        return {"rng": to_checkpoint(self._after_step or rng_states())}
+        # The training stream as it will go on. Not yet resumed: the loaded state. During a
+        # validation inside fit (ModelCheckpoint at its end): the state after the last step,
+        # which on_validation_end restores. Otherwise the live state, also for a save from
+        # another callback's on_train_batch_end that runs before this one's (SlurmRequeue).
+        trainer = self._trainer
+        if self._to_restore is not None:
+            states = self._to_restore
+        elif trainer is not None and trainer.validating and self._after_step is not None:
+            states = self._after_step
+        else:
+            states = rng_states()
+        return {"rng": to_checkpoint(states)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("rng")

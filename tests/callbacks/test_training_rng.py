@@ -103,3 +103,26 @@ def test_the_projects_loaders_leave_the_global_stream_alone(tmp_path, corpus_fil
         # No torch.Generator kept in the loader: ddp_spawn pickles datamodules holding loaders,
         # and torch.multiprocessing could not rebuild a generator's state in the workers.
         assert loader.generator is None
+
+
+class SaveAtStep(L.Callback):
+    """Saves a checkpoint in on_train_batch_end, as SlurmRequeue does, possibly before
+    TrainingRng's own on_train_batch_end has run."""
+
+    def __init__(self, path, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("saver_first", [True, False])
+def test_a_checkpoint_saved_by_another_callback_holds_the_current_stream(tmp_path, saver_first):
+    # At an epoch's last batch (6 an epoch): a plain DataLoader cannot resume mid-epoch.
+    kw = {"limit_val_batches": 0, "limit_train_batches": 6}
+    saved = tmp_path / "at6.ckpt"
+    callbacks = [SaveAtStep(saved, 6), TrainingRng()]
+    full = _fit(tmp_path / "full", callbacks if saver_first else callbacks[::-1], **kw)
+    resumed = _fit(tmp_path / "resumed", [TrainingRng()], ckpt_path=saved, **kw)
+    assert torch.equal(resumed, full)
