@@ -3,11 +3,12 @@ embeds, at setup and when a checkpoint is resumed (Lightning-free)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import Tensor, nn
 
-from modules.hf_models import own_tokenizer_dir
+from modules.hf_models import is_pretrained_name, own_tokenizer_dir
 
 
 def _input_embedding_key(net: nn.Module) -> str | None:
@@ -22,7 +23,8 @@ def check_data_vocabulary(model: Any, net: nn.Module, vocab: Any) -> None:
     the wrong embedding rows, or index past them only when decoding canaries at the end).
 
     A pretrained model that ships a tokenizer needs the data's tokenizer to have the same
-    vocabulary; otherwise the data's vocabulary must have the model's embedding size.
+    vocabulary. Otherwise the data's ids must fit the embedding; a pretrained model with more
+    rows than the data's vocabulary is warned about (padded embeddings are legitimate).
     """
     own = own_tokenizer_dir(model)
     data_tokenizer = getattr(vocab, "tok", None)  # None: the character vocabulary
@@ -40,11 +42,24 @@ def check_data_vocabulary(model: Any, net: nn.Module, vocab: Any) -> None:
             )
         return
     rows = net.get_input_embeddings().weight.shape[0]
-    if len(vocab) != rows:
+    if len(vocab) > rows:  # ids past the embedding: every such token would fail or alias
         raise ValueError(
             f"model={model!r} embeds {rows} tokens, but the data's vocabulary has {len(vocab)} "
-            f"({_vocab_name(vocab)}): set data.tokenizer to the tokenizer the model was trained "
-            "with"
+            f"({_vocab_name(vocab)}): set data.tokenizer to the model's tokenizer"
+            + (
+                ""
+                if is_pretrained_name(model)
+                else f", or model.init_args.vocab_size >= {len(vocab)}"
+            )
+        )
+    if len(vocab) < rows and is_pretrained_name(model):
+        # Embeddings padded past the tokenizer (to a multiple of 64, say) are common; a model
+        # trained on another vocabulary of its size cannot be told apart without its tokenizer.
+        warnings.warn(
+            f"model={model!r} embeds {rows} tokens and the data's vocabulary has {len(vocab)} "
+            f"({_vocab_name(vocab)}): fine for embeddings padded past the tokenizer, wrong if the "
+            "model was trained on another vocabulary",
+            stacklevel=2,
         )
 
 

@@ -38,19 +38,29 @@ def test_a_model_with_its_own_tokenizer_needs_the_same_vocabulary_in_the_data(mo
     check_data_vocabulary(str(own), net, _HFVocab(str(tokenizer_dir)))  # the same vocabulary
 
 
-def test_a_model_without_a_tokenizer_needs_its_embedding_size(model_dirs, tokenizer_dir):
+def test_a_model_without_a_tokenizer_needs_room_for_the_datas_ids(model_dirs, tokenizer_dir):
     bare, _ = model_dirs
     net = build_causal_lm(str(bare))
-    with pytest.raises(ValueError, match=r"embeds 4096 tokens, but the data's vocabulary has 98"):
+    check_data_vocabulary(str(bare), net, _HFVocab(str(tokenizer_dir)))  # 4096 = 4096
+    # More rows than ids: padded embeddings are legitimate, another vocabulary is not.
+    with pytest.warns(UserWarning, match=r"embeds 4096 tokens and the data's vocabulary has 98"):
         check_data_vocabulary(str(bare), net, CharVocab())
-    check_data_vocabulary(str(bare), net, _HFVocab(str(tokenizer_dir)))
+    small = build_causal_lm("micro-llama", vocab_size=64)
+    with pytest.raises(ValueError, match=r"embeds 64 tokens, but .* has 98.*vocab_size >= 98"):
+        check_data_vocabulary("micro-llama", small, CharVocab())
+    # A random-init preset with room to spare (e.g. vocab_size: 128) is fine, silently.
+    check_data_vocabulary(
+        "micro-llama", build_causal_lm("micro-llama", vocab_size=128), CharVocab()
+    )
 
 
-def test_setup_refuses_the_character_data_for_a_pretrained_model(model_dirs):
-    bare, _ = model_dirs
-    module = FederatedLoRAModule(model=str(bare), local_steps=1, memorization=NO_MEM)
-    with pytest.raises(ValueError, match=r"set data\.tokenizer"):
-        tiny_trainer(1).fit(module, tiny_dm())  # used to train, then fail decoding canaries
+def test_setup_refuses_data_ids_past_a_pretrained_models_embedding(tmp_path):
+    torch.manual_seed(0)
+    build_causal_lm("micro-llama", vocab_size=64).save_pretrained(tmp_path / "small_llama")
+    module = FederatedLoRAModule(model=str(tmp_path / "small_llama"), local_steps=1,
+                                 memorization=NO_MEM)  # fmt: skip
+    with pytest.raises(ValueError, match=r"embeds 64 tokens.*set data\.tokenizer"):
+        tiny_trainer(1).fit(module, tiny_dm())  # the 98 character ids do not fit
 
 
 @pytest.mark.parametrize(("preset", "key"), [("micro-llama", "net.model.embed_tokens.weight"),
