@@ -56,7 +56,7 @@ def canary_memorization(
         codec = TextCodec(vocab.encode, vocab.encode_prompt, vocab.decode)
         counts = memorization_counts_code_faithful(
             *common, codec, settings.frequency_penalty, settings.bleu_threshold,
-            vocab.eos_token_id, batch_size=settings.batch_size, subset=shard,
+            vocab.eos_token_id, vocab.pad_token_id, batch_size=settings.batch_size, subset=shard,
         )  # fmt: skip
         summarize = memorization_summary_code_faithful
     else:

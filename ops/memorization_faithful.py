@@ -92,6 +92,7 @@ def memorization_counts_code_faithful(
     frequency_penalty: float = 0.0,
     bleu_threshold: float = 0.75,
     eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
     max_new_tokens: int | None = None,
     batch_size: int = 64,
     subset: Iterable[int] | None = None,
@@ -99,6 +100,8 @@ def memorization_counts_code_faithful(
     """Counts ``[len(group_values), len(prefix_lengths), 4]`` = (exact, approximate with
     ``>=``, evaluated, approximate with ``>``), through the official text round trip.
 
+    Generation stops at ``eos_token_id`` and ``pad_token_id`` and at the stop string ``###``,
+    as the official script's vLLM stop list does.
     ``max_new_tokens`` (default ``2 * suffix_len``; the official script allows 512) bounds the
     generation before its re-tokenization is cut to ``suffix_len`` tokens: enough whenever
     the re-tokenized text needs no more tokens than were generated, plus a margin.
@@ -125,7 +128,10 @@ def memorization_counts_code_faithful(
                 batch = torch.tensor([ids for _, ids in chunk], dtype=torch.long, device=device)
                 generated = greedy_continue(model, batch, limit, frequency_penalty, eos_token_id)
                 for row, (i, _) in enumerate(chunk):
-                    text = codec.decode([t for t in generated[row].tolist() if t >= 0])
+                    ids = [t for t in generated[row].tolist() if t >= 0]
+                    if pad_token_id in ids:  # the official stop strings include the pad token
+                        ids = ids[: ids.index(pad_token_id)]
+                    text = codec.decode(ids)
                     answer = codec.decode(sequences[i][split_indices[i] :])
                     matching, bleu = round_trip_scores(
                         cut_at_stop_strings(text), answer, suffix_len, codec

@@ -84,3 +84,18 @@ def test_the_summary_aggregates_as_the_official_script():
     assert summary["worst_exact_x1"] == 0.5 and "worst_exact_x10" not in summary
     assert summary["approx_all"] == pytest.approx(10 / 16)  # strict > in the overall fraction
     assert summary["worst_approx_all"] == 1.0
+
+
+def test_generation_stops_at_the_pad_token():
+    """vLLM's stop list in the official script holds the pad token: a generation reaching it
+    ends there (decoding alone would just drop it and read on)."""
+    vocab = CharVocab()
+    g = torch.Generator().manual_seed(0)
+    memorized = torch.randint(2, len(vocab), (60,), generator=g).tolist()
+    splits = sample_split_indices([60], max_prefix=8, suffix_len=6)
+    memorized[splits[0] + 3] = vocab.pad_token_id  # inside the suffix
+    model = _Copier(memorized, vocab=len(vocab))
+    args = (model, [memorized], splits, [10], [10], [8], 6, _codec(vocab))
+    assert memorization_counts_code_faithful(*args)[0, 0, 0] == 1.0  # pad decoded away
+    stopped = memorization_counts_code_faithful(*args, pad_token_id=vocab.pad_token_id)
+    assert stopped[0, 0, 0] == 0.0
