@@ -110,6 +110,14 @@ def greedy_continue(
     return out
 
 
+def scored_indices(
+    split_indices: Sequence[int | None], subset: Iterable[int] | None = None
+) -> list[int]:
+    """The canaries to score: all (or ``subset``, a rank's shard) but the skipped ones."""
+    candidates = range(len(split_indices)) if subset is None else subset
+    return [i for i in candidates if split_indices[i] is not None]
+
+
 def memorization_counts(
     model: nn.Module,
     sequences: Sequence[Sequence[int]],
@@ -132,11 +140,7 @@ def memorization_counts(
     """
     device = next(model.parameters()).device
     counts = torch.zeros(len(group_values), len(prefix_lengths), 3, dtype=torch.float64)
-    indices = [
-        i
-        for i in (range(len(sequences)) if subset is None else subset)
-        if split_indices[i] is not None
-    ]
+    indices = scored_indices(split_indices, subset)
     for li, plen in enumerate(prefix_lengths):
         for b0 in range(0, len(indices), batch_size):
             chunk = indices[b0 : b0 + batch_size]

@@ -32,6 +32,7 @@ from ops.memorization import (
     greedy_continue,
     longest_common_prefix,
     memorization_summary,
+    scored_indices,
 )
 
 #: The official script's stop strings besides EOS and pad (vLLM leaves them out of the text).
@@ -109,11 +110,7 @@ def memorization_counts_code_faithful(
     device = next(model.parameters()).device
     limit = max_new_tokens if max_new_tokens is not None else 2 * suffix_len
     counts = torch.zeros(len(group_values), len(prefix_lengths), 4, dtype=torch.float64)
-    indices = [
-        i
-        for i in (range(len(sequences)) if subset is None else subset)
-        if split_indices[i] is not None
-    ]
+    indices = scored_indices(split_indices, subset)
     for li, plen in enumerate(prefix_lengths):
         # Re-tokenized prompts may differ in length (a BOS, other merges): decode equal lengths
         # together, since greedy_continue takes unpadded prompts.

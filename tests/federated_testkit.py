@@ -7,19 +7,16 @@ import lightning as L
 import torch
 
 from datamodules.federated import CharVocab, FederatedTextDataModule
+from modules.hf_models import TINY_PRESETS
 from modules.lora_fl import FederatedLoRAModule
 from modules.lora_fl_settings import LoraFLSettings, MemorizationSettings
 
 VOCAB = len(CharVocab())
+# The micro-llama preset without its vocabulary size and token ids (the character vocabulary's).
 TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": True,
+    key: value
+    for key, value in TINY_PRESETS["micro-llama"].items()
+    if key != "vocab_size" and not key.endswith("_token_id")
 }
 MEM = MemorizationSettings(prefix_lengths=[16, 32], suffix_len=16, frequency_penalty=0.0)
 NO_MEM = MemorizationSettings(enabled=False)
