@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.metrics_file import log_dir_of
 
@@ -15,11 +18,10 @@ class ExportPretrained(L.Callback):
     The output loads with ``AutoModelForCausalLM.from_pretrained`` (full model) or
     ``peft.PeftModel.from_pretrained`` (adapter only).
 
-    Under multi-process FSDP the export is skipped with a warning: the parameters are sharded
-    over the ranks, and one rank reading them would hang on the gather or write shards. Export
-    from the checkpoint instead (consolidate a sharded one with
-    ``python -m lightning.pytorch.utilities.consolidate_checkpoint <dir>``, then
-    ``Module.load_from_checkpoint(path).save_pretrained(out)`` in one process).
+    Under FSDP every rank takes part in gathering the full state dict (on rank 0, in CPU
+    memory); rank 0 then loads it into an unwrapped twin of the module, built from its
+    hyperparameters, and exports that. The wrapped module itself cannot be exported: its
+    parameters are sharded over the ranks, and its layers are FSDP units.
 
     Args:
         dirname: sub-directory of the run's log directory.
@@ -37,15 +39,45 @@ class ExportPretrained(L.Callback):
                 "method to export; remove the callback from trainer.callbacks"
             )
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        save = pl_module.save_pretrained
-        if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
-            rank_zero_warn(
-                "ExportPretrained skipped: under multi-process FSDP the parameters are sharded "
-                "over the ranks. Export from the checkpoint in one process (see "
-                "callbacks.export.ExportPretrained)"
-            )
-            return
-        out = save(log_dir_of(trainer) / self.dirname, merge_lora=self.merge_lora)
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # a collective: every rank takes part
+            on_gpu = trainer.strategy.root_device.type != "cpu"
+            state = gather_full_state_dict(trainer.strategy.model, offload_to_cpu=on_gpu)
+            if trainer.is_global_zero:
+                self._export(trainer, unwrapped_twin(pl_module, state))
+            trainer.strategy.barrier("ExportPretrained")
+        elif trainer.is_global_zero:
+            self._export(trainer, pl_module)
+
+    def _export(self, trainer: L.Trainer, module: Any) -> None:
+        out = module.save_pretrained(log_dir_of(trainer) / self.dirname, merge_lora=self.merge_lora)
         rank_zero_info(f"exported Hugging Face model to {out}")
+
+
+def gather_full_state_dict(
+    fsdp_root: torch.nn.Module, offload_to_cpu: bool
+) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of an FSDP-wrapped module on rank 0 (empty on the other ranks),
+    moved to CPU memory with ``offload_to_cpu``; every rank must call it.
+
+    ``offload_to_cpu`` is for GPU runs only: with CPU shards it crashes the process (SIGSEGV,
+    torch 2.13 FSDP on gloo)."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=offload_to_cpu, rank0_only=True)
+    with FSDP.state_dict_type(fsdp_root, StateDictType.FULL_STATE_DICT, config):
+        return fsdp_root.state_dict()
+
+
+def unwrapped_twin(pl_module: L.LightningModule, state: dict[str, torch.Tensor]) -> Any:
+    """A new instance of the module's class, built from its hyperparameters on the CPU, holding
+    ``state``. The global random stream is left as it was (a random-init base draws from it
+    before its weights are overwritten)."""
+    with torch.random.fork_rng(devices=[]):
+        # LightningCLI adds private keys (``_class_path``, ``_instantiator``) to the hparams
+        init_args = {k: v for k, v in pl_module.hparams.items() if not k.startswith("_")}
+        twin = type(pl_module)(**init_args)
+    twin.load_state_dict(state)
+    return twin.eval()

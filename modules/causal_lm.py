@@ -194,10 +194,20 @@ def check_data_tokenizer(datamodule: Any, tokenizer: Any) -> None:
         )
 
 
-def _takes_weight_decay(name: str, param: torch.Tensor) -> bool:
+def _takes_weight_decay(name: str, ndim: int) -> bool:
     # Matrices decay; norm gains, biases and embeddings (Llama ``embed_tokens``, GPT-2 ``wte``/
     # ``wpe``) do not, as in GPT-2/Llama training recipes.
-    return param.ndim >= 2 and not any(key in name for key in ("embed", "wte", "wpe"))
+    return ndim >= 2 and not any(key in name for key in ("embed", "wte", "wpe"))
+
+
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name without the segments that FSDP and activation-checkpoint wrappers add."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
 
 
 class CausalLMModule(L.LightningModule):
@@ -262,6 +272,9 @@ class CausalLMModule(L.LightningModule):
         self.lora_settings = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.model = apply_lora(net, self.lora_settings) if lora is not None else net
         self.uses_lora = lora is not None
+        # Shapes as built: FSDP (use_orig_params) turns every weight into a 1-D view of its
+        # shard before configure_optimizers runs, which would put every matrix in no_decay.
+        self._built_ndims = {n: p.ndim for n, p in self.named_parameters()}
         adapter_only = self.uses_lora and trainable_only_checkpoints and self.base_is_pretrained
         self.strict_loading = not adapter_only
         self.val_ppl, self.test_ppl = TokenPerplexity(), TokenPerplexity()
@@ -342,12 +355,15 @@ class CausalLMModule(L.LightningModule):
         tensors by name need, e.g. ``LionAR(rotational="blocks")``, and a ``name`` that
         ``LearningRateMonitor`` logs them by (``lr-AdamW/decay``, ``lr-AdamW/no_decay``).
         """
-        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        trainable = [(unwrapped_name(n), p) for n, p in self.named_parameters() if p.requires_grad]
         if self.hparams.weight_decay_norms_and_biases:
             split = [(trainable, {})]
         else:
-            decay = [(n, p) for n, p in trainable if _takes_weight_decay(n, p)]
-            no_decay = [(n, p) for n, p in trainable if not _takes_weight_decay(n, p)]
+            decays = {
+                n: _takes_weight_decay(n, self._built_ndims.get(n, p.ndim)) for n, p in trainable
+            }
+            decay = [(n, p) for n, p in trainable if decays[n]]
+            no_decay = [(n, p) for n, p in trainable if not decays[n]]
             split = [(decay, {"name": "decay"})]
             split += [(no_decay, {"name": "no_decay", "weight_decay": 0.0})] if no_decay else []
         return [

@@ -5,14 +5,24 @@ for any ``transformers`` decoder (the classes in ``_no_split_modules``: ``LlamaD
 ``GPT2Block``, ...) with or without ``peft`` LoRA. Trainable leaf modules (LoRA ``lora_A``/
 ``lora_B``) get their own FSDP units so frozen and trainable weights never share a flat
 parameter, as PEFT's own FSDP recipe does. Select it with ``--trainer.strategy=fsdp_hf`` or the
-fragment ``configs/trainer/fsdp.yaml``. FSDP needs CUDA.
+fragment ``configs/trainer/fsdp.yaml``.
+
+Two things Lightning's ``FSDPStrategy`` does not do, and this one does:
+
+* ``gradient_clip_val`` with the default ``norm`` algorithm: FSDP's own ``clip_grad_norm_`` on the
+  root module, which reduces the norm over every rank's shards (``HFFSDPPrecision``);
+* run on CPU (gloo, ``device_id=cpu``), so that the sharding, the wrap policy and the sharded
+  checkpoints are tested without a GPU. CUDA remains the target: bf16 autocast is CUDA-only.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, Literal
 
+import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 from torch import nn
 
@@ -52,6 +62,24 @@ def hf_auto_wrap_policy(model: nn.Module) -> Any:
     )
 
 
+class HFFSDPPrecision(FSDPPrecision):
+    """``FSDPPrecision`` that clips by norm, with ``clip_grad_norm_`` of the root FSDP module.
+
+    Lightning's plugin refuses norm clipping because it has no handle on the wrapped module; a
+    per-shard ``torch.nn.utils.clip_grad_norm_`` would clip each shard by its own norm.
+    ``root_module`` returns the strategy's wrapped model at clipping time.
+    """
+
+    def __init__(self, precision: Any, scaler: Any = None, *, root_module: Callable[[], nn.Module]):
+        super().__init__(precision, scaler)
+        self.root_module = root_module
+
+    def clip_grad_by_norm(self, optimizer: Any, clip_val: float | int) -> None:
+        # The scaler (16-mixed) has already unscaled the gradients: Lightning calls
+        # unscale_ before _after_closure, which clips.
+        self.root_module().clip_grad_norm_(clip_val)
+
+
 class HFFSDPStrategy(FSDPStrategy):
     """``FSDPStrategy`` whose wrap and activation-checkpointing policies come from the model.
 
@@ -77,12 +105,58 @@ class HFFSDPStrategy(FSDPStrategy):
         )
         self.activation_checkpointing = activation_checkpointing
 
+    @FSDPStrategy.precision_plugin.setter
+    def precision_plugin(self, plugin: Any) -> None:
+        if type(plugin) is FSDPPrecision:  # what the trainer builds from `precision`
+            plugin = HFFSDPPrecision(
+                plugin.precision, plugin.scaler, root_module=lambda: self.model
+            )
+        FSDPStrategy.precision_plugin.fset(self, plugin)
+
     def _setup_model(self, model: nn.Module) -> nn.Module:
         self.kwargs.setdefault("auto_wrap_policy", hf_auto_wrap_policy(model))
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        if self.world_size == 1 and frozen and not self.kwargs.get("ignored_states"):
+            # One process does not shard (FSDP switches to NO_SHARD), and in that mode FSDP loses
+            # frozen parameters after the first backward: tied ones (LoRA on tied embeddings)
+            # fail the next forward, the others go missing from the state dict. Outside FSDP
+            # they cost nothing more here, and FSDP does not move them: this rank's device.
+            self.kwargs["ignored_states"] = frozen
+            for param in frozen:
+                param.data = param.data.to(self.root_device)
         if self.activation_checkpointing and not self._activation_checkpointing_kwargs:
             blocks = tuple(transformer_block_classes(model))
             self._activation_checkpointing_kwargs = {"check_fn": lambda m: isinstance(m, blocks)}
+        if self.root_device.type == "cpu":
+            return self._wrap_on_cpu(model)
         return super()._setup_model(model)
+
+    def _wrap_on_cpu(self, model: nn.Module) -> nn.Module:
+        """Lightning passes ``device_id=root_device.index``, None on CPU, which FSDP refuses when
+        no accelerator exists; FSDP itself runs on CPU given ``device_id=cpu``."""
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            apply_activation_checkpointing,
+            checkpoint_wrapper,
+        )
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            return super()._setup_model(model)  # wrapped in configure_model: nothing to place
+        wrapped = FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+        if self._activation_checkpointing_kwargs:
+            apply_activation_checkpointing(
+                wrapped,
+                checkpoint_wrapper_fn=checkpoint_wrapper,
+                **self._activation_checkpointing_kwargs,
+            )
+        return wrapped
 
 
 StrategyRegistry.register(

@@ -1,37 +1,17 @@
-"""ExportPretrained: LoRA exports (merged or adapter) reload to the trained model; multi-process
-FSDP is skipped with a warning instead of hanging on rank 0."""
+"""ExportPretrained: LoRA exports (merged or adapter) reload to the trained model. The FSDP
+exports (one and two processes) are tested in tests/strategies/test_fsdp_cpu.py."""
 
 import json
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 from callbacks.export import ExportPretrained
 from modules.causal_lm import CausalLMModule, LoraSettings
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.calls: list = []
-
-    def save_pretrained(self, directory, merge_lora=False):
-        self.calls.append(directory)
-        return directory
-
-
-def test_multi_process_fsdp_export_is_skipped_with_a_warning():
-    module = _Recorder()
-    # A real FSDPStrategy object (never set up: that needs CUDA); only its type is read.
-    trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), world_size=2)
-    with pytest.warns(UserWarning, match="ExportPretrained skipped"):
-        ExportPretrained().on_fit_end(trainer, module)
-    assert module.calls == []
 
 
 def _fit_lora_with_export(tmp_path, tokenizer_dir, merge_lora):
