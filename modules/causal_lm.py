@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
@@ -230,7 +231,8 @@ class CausalLMModule(L.LightningModule):
         trainable_only_checkpoints: with LoRA on pretrained weights, checkpoints hold only the
             trainable (adapter) weights; the frozen base is reloaded from ``model``. A randomly
             initialized base (a preset or config dict) cannot be rebuilt identically under
-            another seed, so its checkpoints are always full.
+            another seed, so its checkpoints are always full. Under FSDP they are full too
+            (sharded): its loader needs every key.
         generation: decoding settings for ``mlo predict``.
     """
 
@@ -394,6 +396,10 @@ class CausalLMModule(L.LightningModule):
     # ----------------------------------------------------------------- checkpoints & export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.strict_loading:
+            return
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            # FSDP's sharded loader reads every key of the model's state dict: an adapter-only
+            # checkpoint could not be resumed. Each rank writes only its shard of the base.
             return
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {

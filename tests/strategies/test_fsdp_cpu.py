@@ -26,7 +26,7 @@ from strategies.fsdp import HFFSDPPrecision, HFFSDPStrategy
 pytestmark = pytest.mark.distributed
 
 SMALL = [
-    "--model.init_args.model=micro-llama", "--data.init_args.block_size=32",
+    "--data.init_args.block_size=32",
     "--data.init_args.batch_size=4", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
     "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
 ]  # fmt: skip
@@ -34,11 +34,13 @@ FSDP = ["--config", "configs/trainer/fsdp.yaml"]
 LORA = ["--model.init_args.lora={r: 4, alpha: 8}"]
 
 
-def mlo_fit(repo_root, save_dir, name, *args: str) -> None:
-    """``mlo fit`` of the quickstart config with ``args``, as a subprocess (FSDP launches its
-    ranks by re-running the command)."""
+def mlo_fit(repo_root, save_dir, name, *args: str, model: str = "micro-llama") -> None:
+    """``mlo fit`` of the quickstart config with ``args`` (configs first: SMALL overrides their
+    accelerator and precision), as a subprocess (FSDP launches its ranks by re-running the
+    command)."""
     command = [
         sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml", *args, *SMALL,
+        f"--model.init_args.model={model}",
         f"--trainer.logger.init_args.save_dir={save_dir}", f"--trainer.logger.init_args.name={name}",
         "--trainer.logger.init_args.version=0",
     ]  # fmt: skip
@@ -117,3 +119,25 @@ def test_two_process_fsdp_trains_exactly_as_ddp_and_exports_the_trained_weights(
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=0)
     metrics = json.loads((tmp_path / "fsdp" / "version_0" / "metrics.json").read_text())
     assert metrics["global_step"] == 3 and "val/ppl" in metrics["metrics"]
+
+
+def test_lora_of_a_pretrained_base_resumes_exactly_under_two_process_fsdp(tmp_path, repo_root):
+    # With a pretrained base, checkpoints are adapter-only by default; FSDP's sharded loader
+    # refused to resume from one ("Missing key in checkpoint state_dict: ...embed_tokens").
+    from transformers import AutoTokenizer
+
+    from modules.hf_models import build_causal_lm
+
+    base = tmp_path / "pretrained"
+    build_causal_lm("micro-llama", vocab_size=4096).save_pretrained(base)
+    AutoTokenizer.from_pretrained(repo_root / "data" / "tokenizer").save_pretrained(base)
+    two = [*FSDP, *LORA, "--trainer.devices=2", "--trainer.val_check_interval=2"]
+    mlo_fit(repo_root, tmp_path, "straight", *two, "--trainer.max_steps=6", model=str(base))
+    mlo_fit(repo_root, tmp_path, "first", *two, "--trainer.max_steps=4", model=str(base))
+    last = tmp_path / "first" / "version_0" / "checkpoints" / "last.ckpt"
+    mlo_fit(repo_root, tmp_path, "resumed", *two, "--trainer.max_steps=6", f"--ckpt_path={last}",
+            model=str(base))  # fmt: skip
+    straight, resumed = exported(tmp_path, "straight"), exported(tmp_path, "resumed")
+    assert straight.keys() == resumed.keys() and any("lora_B" in k for k in straight)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
