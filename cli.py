@@ -37,6 +37,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.precision import DoublePrecision
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -48,6 +49,7 @@ from callbacks.metrics_file import MetricsFile
 from callbacks.progress_bar import RunProgressBar
 from callbacks.slurm_requeue import SlurmRequeue
 from callbacks.training_rng import TrainingRng
+from strategies.fsdp import sharded_checkpoint_meta
 
 DEFAULT_SEED = 1234
 #: The checkpoint of configs that name none: the latest one at every validation end (as
@@ -101,6 +103,7 @@ class MloCLI(LightningCLI):
         if isinstance(self.trainer.strategy.precision_plugin, DoublePrecision):
             self.model.double()
         check_subcommand_is_supported(subcommand, self.model)
+        check_checkpoint_fits_strategy(self.config[subcommand].get("ckpt_path"), self.trainer)
         super()._run_subcommand(subcommand)
 
     def _parse_ckpt_path(self) -> None:
@@ -116,6 +119,11 @@ class MloCLI(LightningCLI):
         if not ckpt_path:
             return super()._parse_ckpt_path()
         before = plain_settings(self.config[subcommand].get("model"))
+        # LightningCLI reads the hyperparameters of a file only; a sharded checkpoint keeps
+        # them in its meta.pt (they were silently ignored)
+        meta = sharded_checkpoint_meta(ckpt_path)
+        if meta is not None:
+            self.config[subcommand]["ckpt_path"] = str(meta)
         try:
             super()._parse_ckpt_path()
         except SystemExit:
@@ -134,18 +142,37 @@ class MloCLI(LightningCLI):
                 f"error: --ckpt_path {ckpt_path}: not a readable PyTorch checkpoint (truncated or "
                 f"another kind of file?): {type(err).__name__}: {err}"
             ) from err
+        finally:
+            self.config[subcommand]["ckpt_path"] = ckpt_path
         after = plain_settings(self.config[subcommand].get("model"))
         changes = changed_settings(before, after)
         if changes:
             lines = "".join(f"\n  model.{key}: {old!r} -> {new!r}" for key, old, new in changes)
             rank_zero_warn(f"--ckpt_path {ckpt_path} replaces model settings of the config{lines}")
-        if subcommand == "fit":
+        if subcommand == "fit" and meta is None:  # a sharded one holds them in its shards
             try:  # memory-mapped: only the optimizer's param groups are read
                 checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             except Exception:  # a legacy (non-zip) file: Lightning reports it itself
                 return
             for note in unused_optimizer_settings(after, checkpoint):
                 rank_zero_warn(f"--ckpt_path {ckpt_path}: {note}")
+
+
+def check_checkpoint_fits_strategy(ckpt_path: str | None, trainer: L.Trainer) -> None:
+    """Exit naming the way out when ``--ckpt_path`` is a directory the strategy cannot read:
+    only FSDP loads sharded checkpoints (the others raised IsADirectoryError)."""
+    if not ckpt_path or not Path(ckpt_path).is_dir():
+        return
+    if sharded_checkpoint_meta(ckpt_path) is None:
+        raise SystemExit(f"error: --ckpt_path {ckpt_path} is a directory, not a checkpoint")
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        raise SystemExit(
+            f"error: --ckpt_path {ckpt_path} is a sharded FSDP checkpoint, which only FSDP "
+            "loads: add --config configs/trainer/fsdp.yaml (on CPU also "
+            "--trainer.accelerator=cpu --trainer.precision=32-true), or consolidate it into "
+            "one file first: python -m lightning.pytorch.utilities.consolidate_checkpoint "
+            f"{ckpt_path} --output_file {Path(ckpt_path).with_suffix('.consolidated.ckpt')}"
+        )
 
 
 #: The step a module must define for each evaluation subcommand (``predict`` also accepts

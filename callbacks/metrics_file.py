@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from strategies.fsdp import sharded_checkpoint_meta
+
 
 def log_dir_of(trainer: L.Trainer) -> Path:
     """The run's log directory (the logger's version folder, else ``default_root_dir``).
@@ -34,9 +36,11 @@ def _plain(value: Any) -> Any:
 
 
 def checkpoint_step(path: str | Path) -> int | None:
-    """``global_step`` saved in a local checkpoint file (memory-mapped: no tensor is read)."""
+    """``global_step`` saved in a local checkpoint file or sharded checkpoint directory
+    (memory-mapped: no tensor is read)."""
+    path = sharded_checkpoint_meta(path) or path
     if not Path(path).is_file():
-        return None  # a sharded directory or a remote URL
+        return None  # a remote URL
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # legacy (non-zip) format or custom objects: a missing step, not a crash

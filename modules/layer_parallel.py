@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from datamodules.text import load_tokenizer
 from modules.causal_lm import (
+    GENERATION_UNDER_FSDP,
     GenerationSettings,
     check_data_tokenizer,
     generate_completion,
@@ -43,6 +44,7 @@ from modules.precision import refuse_fp16_training
 from modules.token_perplexity import TokenPerplexity, next_token_nll
 from ops.layer_parallel import LayerParallelPlan, ideal_speedup
 from optim.schedules import fill_total_steps
+from strategies.fsdp import refuse_under_sharded_fsdp
 
 
 @torch.no_grad()
@@ -230,7 +232,20 @@ class LayerParallelModule(L.LightningModule):
                     "model.decode_new_tokens: 0 to skip the measurement)"
                 )
 
+    def _refuse_fused_shards(self) -> None:
+        if self.mode == "fused":
+            refuse_under_sharded_fsdp(
+                self.trainer,
+                "LayerParallelModule with mode: fused",
+                "it folds each pair's norms into whole weight matrices, and FSDP shards them; "
+                "use mode: reference, or DDP",
+            )
+
+    def on_fit_start(self) -> None:
+        self._refuse_fused_shards()  # before training: its validation would fail
+
     def on_validation_start(self) -> None:
+        self._refuse_fused_shards()
         self.use_mode(self.mode)
 
     def on_validation_end(self) -> None:
@@ -238,9 +253,11 @@ class LayerParallelModule(L.LightningModule):
             self.use_mode("reference")
 
     def on_test_start(self) -> None:
+        self._refuse_fused_shards()
         self.use_mode(self.mode)
 
     def on_predict_start(self) -> None:
+        refuse_under_sharded_fsdp(self.trainer, "mlo predict", GENERATION_UNDER_FSDP)
         self.use_mode(self.mode)
 
     # ----------------------------------------------------------------- steps

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ops.sharding import is_fsdp_shard, refuse_fsdp_shards
 from ops.warmup import lionar_target_angle, rrc_lr_factor
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,12 @@ class LionA(Lion):
     ) -> None:
         if update_norm_scale <= 0:
             raise ValueError(f"update_norm_scale must be > 0, got {update_norm_scale}")
+        params = list(params)
+        refuse_fsdp_shards(
+            (p for g in _named(params) for _, p in g["params"]),
+            "LionA",
+            "it scales each tensor's update by its sign's norm, and FSDP hands it shards",
+        )
         super().__init__(
             params,
             lr,
@@ -302,7 +309,7 @@ class LionAR(Lion):
         wd_other = weight_decay if weight_decay_other is None else weight_decay_other
         named_groups = _named(params)
         if rotational != "none" and any(
-            _is_sharded(p) for g in named_groups for _, p in g["params"]
+            is_fsdp_shard(p) for g in named_groups for _, p in g["params"]
         ):
             raise ValueError(
                 "LionAR needs whole weight rows for its per-neuron norms, projection and "
@@ -388,7 +395,7 @@ class LionAR(Lion):
                     "rotational: false for this group"
                 )
             for j, p in enumerate(g["params"]):
-                if g["rotational"] and _is_sharded(p):
+                if g["rotational"] and is_fsdp_shard(p):
                     raise ValueError(
                         "LionAR needs whole weight rows for its per-neuron norms, projection and "
                         "centering, but FSDP shards them; use DDP, or rotational: none"
@@ -515,16 +522,3 @@ def _is_rotational(name: str | None, rotational: str | list[str]) -> bool:
             "(or param groups with 'param_names') to LionAR"
         )
     return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
-
-
-def _is_sharded(p: Tensor) -> bool:
-    """True for FSDP shards: DTensors (FSDP2), flat parameters (FSDP1) and, with
-    ``use_orig_params=True`` (Lightning's default), the 1-D views FSDP1 gives the original
-    parameters, which it marks as flattened."""
-    try:
-        from torch.distributed.fsdp._common_utils import _is_fsdp_flattened
-        from torch.distributed.fsdp._flat_param import FlatParameter
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(p, DTensor | FlatParameter) or _is_fsdp_flattened(p)

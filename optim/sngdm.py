@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ops.sharding import refuse_fsdp_shards
+
 MODES = ("normalized", "clipped", "sgd")
 
 
@@ -57,6 +59,12 @@ class SNGDM(Optimizer):
             )
         defaults = {"lr": lr, "momentum": momentum}
         super().__init__(params, defaults)
+        if mode != "sgd":
+            refuse_fsdp_shards(
+                (p for g in self.param_groups for p in g["params"]),
+                f"SNGDM(mode={mode!r})",
+                "its step uses the global norm of the momentum, and FSDP hands it shards",
+            )
         self.mode = mode
         self.clip_threshold = clip_threshold
         self.eps = eps

@@ -19,12 +19,28 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 from torch import nn
+
+
+def sharded_checkpoint_meta(path: str | Path) -> Path | None:
+    """``meta.pt`` of a sharded checkpoint directory (Lightning's FSDP ``state_dict_type:
+    sharded``): the hyperparameters, step and loop states, without the model and optimizer
+    shards. None for anything else."""
+    meta = Path(path) / "meta.pt"
+    return meta if meta.is_file() else None
+
+
+def refuse_under_sharded_fsdp(trainer: Any, what: str, why: str) -> None:
+    """Raise ``RuntimeError`` naming ``what`` and ``why`` when ``trainer`` runs FSDP on more
+    than one process (one process does not shard)."""
+    if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
+        raise RuntimeError(f"{what} does not run under multi-process FSDP: {why}")
 
 
 def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -60,6 +76,23 @@ def hf_auto_wrap_policy(model: nn.Module) -> Any:
         lambda_auto_wrap_policy,
         lambda_fn=functools.partial(_should_wrap, blocks=blocks, lora=has_frozen),
     )
+
+
+class DeferredHFWrapPolicy:
+    """``auto_wrap_policy`` that becomes ``hf_auto_wrap_policy(model)`` once the strategy knows
+    the model (``bind``). Lightning demands a policy at construction for ``HYBRID_SHARD``,
+    before any model exists; FSDP calls it as ``policy(module=, recurse=, nonwrapped_numel=)``."""
+
+    def __init__(self) -> None:
+        self.policy: Any = None
+
+    def bind(self, model: nn.Module) -> None:
+        self.policy = hf_auto_wrap_policy(model)
+
+    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        if self.policy is None:
+            raise RuntimeError("DeferredHFWrapPolicy called before bind(model)")
+        return self.policy(module=module, recurse=recurse, nonwrapped_numel=nonwrapped_numel)
 
 
 class HFFSDPPrecision(FSDPPrecision):
@@ -100,6 +133,8 @@ class HFFSDPStrategy(FSDPStrategy):
         ] = "FULL_SHARD",
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("auto_wrap_policy") is None:  # the CLI passes an explicit None
+            kwargs["auto_wrap_policy"] = DeferredHFWrapPolicy()
         super().__init__(
             state_dict_type=state_dict_type, sharding_strategy=sharding_strategy, **kwargs
         )
@@ -114,7 +149,19 @@ class HFFSDPStrategy(FSDPStrategy):
         FSDPStrategy.precision_plugin.fset(self, plugin)
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        self.kwargs.setdefault("auto_wrap_policy", hf_auto_wrap_policy(model))
+        policy = self.kwargs.get("auto_wrap_policy")
+        if isinstance(policy, DeferredHFWrapPolicy):
+            policy.bind(model)
+        if (
+            self.root_device.type == "cpu"
+            and self.world_size > 1
+            and self._state_dict_type == "full"
+        ):
+            raise ValueError(
+                "HFFSDPStrategy(state_dict_type='full') on CPU processes: gathering the full "
+                "state dict for a checkpoint crashes them (SIGSEGV in FSDP's offload of CPU "
+                "shards to the CPU); use state_dict_type: sharded there"
+            )
         frozen = [p for p in model.parameters() if not p.requires_grad]
         if self.world_size == 1 and frozen and not self.kwargs.get("ignored_states"):
             # One process does not shard (FSDP switches to NO_SHARD), and in that mode FSDP loses

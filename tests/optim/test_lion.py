@@ -384,3 +384,15 @@ def test_lionar_bf16_resume_is_bit_identical():
     assert opt.state[resumed]["n0"].dtype == torch.float32
     run(opt, resumed, range(5, 10))
     assert torch.equal(straight, resumed)
+
+
+def test_liona_refuses_fsdp_flattened_parameters() -> None:
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    # LionA scales each tensor's update by sqrt(numel) / ||sign||: on a shard both are the
+    # shard's, which silently changed the updates (up to 8e-4 off DDP after 2 steps).
+    view = torch.nn.Parameter(torch.randn(64))
+    _set_fsdp_flattened(view)
+    with pytest.raises(ValueError, match="LionA does not run under FSDP"):
+        LionA([view])
+    LionA([torch.nn.Parameter(torch.randn(64))])  # whole tensors are fine

@@ -151,3 +151,16 @@ def test_four_momentum_steps_match_the_spec_update_rule(mode, beta):
     if mode == "clipped":
         assert any(flags) and not all(flags)
     torch.testing.assert_close(_flat(params), torch.cat(expected), atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["normalized", "clipped"])
+def test_norm_based_modes_refuse_fsdp_shards(mode):
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    # The global norm of the momentum over one rank's shards is not the global norm (the
+    # update norm was sqrt(2) too large on 2 processes).
+    shard = torch.nn.Parameter(torch.randn(8))
+    _set_fsdp_flattened(shard)
+    with pytest.raises(ValueError, match="does not run under FSDP"):
+        SNGDM([shard], mode=mode, clip_threshold=1.0)
+    SNGDM([shard], mode="sgd")  # elementwise: shards are fine

@@ -34,13 +34,13 @@ FSDP = ["--config", "configs/trainer/fsdp.yaml"]
 LORA = ["--model.init_args.lora={r: 4, alpha: 8}"]
 
 
-def mlo_fit(repo_root, save_dir, name, *args: str, model: str = "micro-llama") -> None:
-    """``mlo fit`` of the quickstart config with ``args`` (configs first: SMALL overrides their
-    accelerator and precision), as a subprocess (FSDP launches its ranks by re-running the
-    command)."""
+def mlo(repo_root, save_dir, name, subcommand, *args, model="micro-llama", ok=True):
+    """``mlo <subcommand>`` of the quickstart config with ``args`` (configs first: SMALL
+    overrides their accelerator and precision), as a subprocess (FSDP launches its ranks by
+    re-running the command). Asserts success unless ``ok`` is False; returns the process."""
     command = [
-        sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml", *args, *SMALL,
-        f"--model.init_args.model={model}",
+        sys.executable, "cli.py", subcommand, "--config", "configs/quickstart.yaml", *args,
+        *SMALL, f"--model.init_args.model={model}",
         f"--trainer.logger.init_args.save_dir={save_dir}", f"--trainer.logger.init_args.name={name}",
         "--trainer.logger.init_args.version=0",
     ]  # fmt: skip
@@ -50,7 +50,29 @@ def mlo_fit(repo_root, save_dir, name, *args: str, model: str = "micro-llama") -
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True,
                           timeout=400)  # fmt: skip
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    if ok:
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done
+
+
+def mlo_fit(repo_root, save_dir, name, *args: str, model: str = "micro-llama") -> None:
+    mlo(repo_root, save_dir, name, "fit", *args, model=model)
+
+
+def metrics(save_dir, name) -> dict:
+    return json.loads((save_dir / name / "version_0" / "metrics.json").read_text())
+
+
+def pretrained_base(tmp_path, repo_root):
+    """A micro-llama saved as a pretrained Hugging Face directory, with the project tokenizer."""
+    from transformers import AutoTokenizer
+
+    from modules.hf_models import build_causal_lm
+
+    base = tmp_path / "pretrained"
+    build_causal_lm("micro-llama", vocab_size=4096).save_pretrained(base)
+    AutoTokenizer.from_pretrained(repo_root / "data" / "tokenizer").save_pretrained(base)
+    return base
 
 
 def exported(save_dir, name) -> dict[str, torch.Tensor]:
@@ -117,20 +139,21 @@ def test_two_process_fsdp_trains_exactly_as_ddp_and_exports_the_trained_weights(
     for key in ddp:
         # Bit-identical: two ranks' gradients are summed and halved in either order alike.
         torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=0)
-    metrics = json.loads((tmp_path / "fsdp" / "version_0" / "metrics.json").read_text())
-    assert metrics["global_step"] == 3 and "val/ppl" in metrics["metrics"]
+    run = metrics(tmp_path, "fsdp")
+    assert run["global_step"] == 3 and "val/ppl" in run["metrics"]
+    # Outside FSDP the sharded checkpoint is refused with the way out (was IsADirectoryError).
+    last = tmp_path / "fsdp" / "version_0" / "checkpoints" / "last.ckpt"
+    plain = mlo(repo_root, tmp_path, "plain", "validate", f"--ckpt_path={last}", ok=False)
+    assert plain.returncode != 0
+    assert (
+        "is a sharded FSDP checkpoint" in plain.stderr and "consolidate_checkpoint" in plain.stderr
+    )
 
 
 def test_lora_of_a_pretrained_base_resumes_exactly_under_two_process_fsdp(tmp_path, repo_root):
     # With a pretrained base, checkpoints are adapter-only by default; FSDP's sharded loader
     # refused to resume from one ("Missing key in checkpoint state_dict: ...embed_tokens").
-    from transformers import AutoTokenizer
-
-    from modules.hf_models import build_causal_lm
-
-    base = tmp_path / "pretrained"
-    build_causal_lm("micro-llama", vocab_size=4096).save_pretrained(base)
-    AutoTokenizer.from_pretrained(repo_root / "data" / "tokenizer").save_pretrained(base)
+    base = pretrained_base(tmp_path, repo_root)
     two = [*FSDP, *LORA, "--trainer.devices=2", "--trainer.val_check_interval=2"]
     mlo_fit(repo_root, tmp_path, "straight", *two, "--trainer.max_steps=6", model=str(base))
     mlo_fit(repo_root, tmp_path, "first", *two, "--trainer.max_steps=4", model=str(base))
@@ -141,3 +164,25 @@ def test_lora_of_a_pretrained_base_resumes_exactly_under_two_process_fsdp(tmp_pa
     assert straight.keys() == resumed.keys() and any("lora_B" in k for k in straight)
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+    # The sharded checkpoint's hyperparameters apply, with the note (they were ignored: the
+    # validation ran with the command line's alpha), and its step is reported.
+    one = [*FSDP, "--trainer.devices=1", "--model.init_args.lora={r: 4, alpha: 64}"]
+    done = mlo(repo_root, tmp_path, "validated", "validate", *one, f"--ckpt_path={last}",
+               model=str(base))  # fmt: skip
+    assert "lora.alpha: 64.0 -> 8.0" in done.stderr
+    assert metrics(tmp_path, "validated")["ckpt_global_step"] == 4
+
+
+def test_an_adapter_only_checkpoint_of_a_plain_run_validates_under_fsdp(tmp_path, repo_root):
+    # LoRA on a pretrained base without FSDP writes adapter-only checkpoints; under FSDP the
+    # module's check read checkpoint["state_dict"], which FSDP's loader had taken out (KeyError).
+    base = pretrained_base(tmp_path, repo_root)
+    settings = [*LORA, "--trainer.max_steps=2", "--trainer.val_check_interval=2"]
+    mlo_fit(repo_root, tmp_path, "plain", *settings, model=str(base))
+    last = tmp_path / "plain" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    # One process: the same validation batches as the plain run (two would split them).
+    one = [*FSDP, *LORA, "--trainer.devices=1"]
+    mlo(repo_root, tmp_path, "fsdp", "validate", *one, f"--ckpt_path={last}", model=str(base))
+    trained = metrics(tmp_path, "plain")["metrics"]["val/loss"]
+    assert metrics(tmp_path, "fsdp")["metrics"]["val/loss"] == pytest.approx(trained, rel=1e-6)

@@ -54,3 +54,33 @@ def test_strategy_is_registered_and_configurable():
     assert "fsdp_hf" in StrategyRegistry
     strategy = HFFSDPStrategy(activation_checkpointing=True, state_dict_type="full")
     assert strategy.activation_checkpointing and strategy._state_dict_type == "full"
+
+
+def test_hybrid_shard_builds_before_the_model_is_known():
+    from strategies.fsdp import DeferredHFWrapPolicy
+
+    # Lightning demands a policy at construction for HYBRID_SHARD; the CLI passes None.
+    strategy = HFFSDPStrategy(sharding_strategy="HYBRID_SHARD", auto_wrap_policy=None)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, DeferredHFWrapPolicy)
+    with pytest.raises(RuntimeError, match="before bind"):
+        policy(module=nn.Linear(2, 2), recurse=False, nonwrapped_numel=0)
+    model = build_causal_lm("micro-llama", vocab_size=64)
+    policy.bind(model)
+    wrapped = [n for n, m in model.named_modules() if policy(m, recurse=False, nonwrapped_numel=0)]
+    assert wrapped == _wrapped(model) == ["model.layers.0", "model.layers.1"]
+
+
+def test_generation_and_shard_math_are_refused_only_on_several_fsdp_processes():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from strategies.fsdp import refuse_under_sharded_fsdp
+
+    fsdp = FSDPStrategy.__new__(FSDPStrategy)  # only its type is read
+    with pytest.raises(RuntimeError, match="mlo predict does not run under multi-process FSDP"):
+        refuse_under_sharded_fsdp(SimpleNamespace(strategy=fsdp, world_size=2), "mlo predict", "x")
+    refuse_under_sharded_fsdp(SimpleNamespace(strategy=fsdp, world_size=1), "mlo predict", "x")
+    ddp = DDPStrategy.__new__(DDPStrategy)
+    refuse_under_sharded_fsdp(SimpleNamespace(strategy=ddp, world_size=2), "mlo predict", "x")
