@@ -44,9 +44,11 @@ class ExportPretrained(L.Callback):
             # a collective: every rank takes part
             on_gpu = trainer.strategy.root_device.type != "cpu"
             state = gather_full_state_dict(trainer.strategy.model, offload_to_cpu=on_gpu)
-            if trainer.is_global_zero:
-                self._export(trainer, unwrapped_twin(pl_module, state))
-            trainer.strategy.barrier("ExportPretrained")
+            try:
+                if trainer.is_global_zero:
+                    self._export(trainer, unwrapped_twin(pl_module, state))
+            finally:  # a failing export must not leave the other ranks in the barrier
+                trainer.strategy.barrier("ExportPretrained")
         elif trainer.is_global_zero:
             self._export(trainer, pl_module)
 

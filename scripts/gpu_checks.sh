@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one go, for a machine with one CUDA GPU (about 6 minutes):
+# Every GPU check of the project in one go, for a machine with one CUDA GPU (about 6 minutes; BUDGET_S caps it):
 #   1. the CUDA-only tests (tests/test_gpu_device_paths.py and the CUDA cases of test_configs.py);
 #   2. scripts/gpu_smoke.sh: FSDP + bf16, FSDP + LoRA + activation checkpointing, bf16 DDP;
 #   3. scripts/layer_parallel_gpu_check.py: fused-pair vs sequential decode tokens/s, and the
@@ -18,6 +18,7 @@ mkdir -p "$LOG_DIR"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 deadline=$((SECONDS + BUDGET_S))
 summary=()
+failed=0
 
 # step NAME CAP_S COMMAND...: runs COMMAND for at most CAP_S seconds (less if the budget is short)
 step() {
@@ -39,6 +40,7 @@ step() {
   local rc=$?
   local verdict="rc $rc"
   ((rc == 124 || rc == 137)) && verdict="timed out after ${cap}s"
+  ((rc != 0)) && failed=1
   summary+=("$name: $verdict in $((SECONDS - start))s")
   tail -n 25 "$LOG_DIR/$name.log"
 }
@@ -66,3 +68,4 @@ OMP_NUM_THREADS=2 step suite 600 python -m pytest -v --tb=short -p no:cacheprovi
 
 echo "=== summary"
 printf '%s\n' "${summary[@]}" | tee "$LOG_DIR/summary.log"
+exit "$failed"

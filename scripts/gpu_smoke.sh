@@ -26,7 +26,8 @@ run() {
   fi
   python - "$OUT_DIR/$name" <<'PY' || failed+=("$name (metrics)")
 import glob, json, sys
-path = sorted(glob.glob(f"{sys.argv[1]}/version_*/metrics.json"))[-1]
+path = max(glob.glob(f"{sys.argv[1]}/version_*/metrics.json"),
+           key=lambda p: int(p.split("version_")[-1].split("/")[0]))  # this run: the newest
 m = json.load(open(path))["metrics"]
 print(f"{sys.argv[1]:28s} val/ppl={m['val/ppl']:.2f} train/loss={m['train/loss']:.3f}")
 assert m["val/ppl"] < 4096, "perplexity did not drop below the uniform baseline"
@@ -35,7 +36,7 @@ PY
 
 FSDP=(--config configs/trainer/fsdp.yaml --trainer.devices=1)
 run fsdp_bf16 "${FSDP[@]}" --model.init_args.model=tiny-llama-8l
-last=$(ls -d "$OUT_DIR"/fsdp_bf16/version_*/checkpoints/last.ckpt 2>/dev/null | tail -n 1)
+last=$(ls -d "$OUT_DIR"/fsdp_bf16/version_*/checkpoints/last.ckpt 2>/dev/null | sort -V | tail -n 1)
 if [[ -n $last ]]; then
   run fsdp_bf16_resumed "${FSDP[@]}" --model.init_args.model=tiny-llama-8l \
     --trainer.max_steps=45 --ckpt_path="$last"

@@ -163,11 +163,13 @@ class HFFSDPStrategy(FSDPStrategy):
                 "shards to the CPU); use state_dict_type: sharded there"
             )
         frozen = [p for p in model.parameters() if not p.requires_grad]
-        if self.world_size == 1 and frozen and not self.kwargs.get("ignored_states"):
-            # One process does not shard (FSDP switches to NO_SHARD), and in that mode FSDP loses
-            # frozen parameters after the first backward: tied ones (LoRA on tied embeddings)
-            # fail the next forward, the others go missing from the state dict. Outside FSDP
-            # they cost nothing more here, and FSDP does not move them: this rank's device.
+        unsharded = self.world_size == 1 or self.sharding_strategy.name == "NO_SHARD"
+        if unsharded and frozen and not self.kwargs.get("ignored_states"):
+            # In NO_SHARD mode (also what FSDP switches to on one process) FSDP loses frozen
+            # parameters after the first backward: tied ones (LoRA on tied embeddings) fail the
+            # next forward, the others go missing from the state dict. Outside FSDP they cost
+            # nothing more, as nothing is sharded, and FSDP does not move them: this rank's
+            # device.
             self.kwargs["ignored_states"] = frozen
             for param in frozen:
                 param.data = param.data.to(self.root_device)

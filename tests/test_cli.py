@@ -444,3 +444,21 @@ def test_every_optimizer_setting_the_groups_store_is_checked(tokenizer_dir):
     lion = partial(LionAR, **lionar)(module.parameter_groups())
     lionar_config = {"init_args": {"optimizer": {"init_args": lionar}}}
     assert unused_optimizer_settings(lionar_config, _resumed_groups(lion)) == []
+
+
+def test_a_checkpoint_directory_is_read_only_under_fsdp(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from cli import check_checkpoint_fits_strategy
+
+    ddp = SimpleNamespace(strategy=DDPStrategy.__new__(DDPStrategy))
+    fsdp = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    with pytest.raises(SystemExit, match="is a directory, not a checkpoint"):
+        check_checkpoint_fits_strategy(str(tmp_path), fsdp)
+    torch.save({"global_step": 4}, tmp_path / "meta.pt")  # what a sharded checkpoint holds
+    with pytest.raises(SystemExit, match=r"sharded FSDP checkpoint.*consolidate_checkpoint"):
+        check_checkpoint_fits_strategy(str(tmp_path), ddp)
+    check_checkpoint_fits_strategy(str(tmp_path), fsdp)
+    check_checkpoint_fits_strategy(None, ddp)

@@ -258,3 +258,18 @@ def test_lora_targets_that_name_no_layer_list_the_models_layers():
         check_lora_targets(gpt2, ["c_attn", "q_proj"])
     check_lora_targets(gpt2, ["c_attn", "attn.c_proj"])  # peft also takes a dotted suffix
     check_lora_targets(gpt2, "all-linear")
+
+
+def test_predict_is_refused_on_several_fsdp_processes_only(tokenizer_dir):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir))
+    fsdp = FSDPStrategy.__new__(FSDPStrategy)  # only its type is read
+    module._trainer = SimpleNamespace(strategy=fsdp, world_size=2)
+    # every FSDP forward is a collective; ranks generate for different numbers of prompts
+    with pytest.raises(RuntimeError, match="mlo predict does not run under multi-process FSDP"):
+        module.on_predict_start()
+    module._trainer = SimpleNamespace(strategy=fsdp, world_size=1)
+    module.on_predict_start()

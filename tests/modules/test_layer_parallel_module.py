@@ -324,3 +324,20 @@ def test_a_model_with_its_own_tokenizer_uses_it_and_data_of_another_vocabulary_i
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"data.tokenizer \(4096 tokens.*differs from model"):
         trainer.validate(module, datamodule=data)
+
+
+def test_fused_mode_and_predict_are_refused_on_several_fsdp_processes(hf_dir):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = LayerParallelModule(model=str(hf_dir), plan={"start": 2, "end": 6}, mode="fused")
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), world_size=2)
+    # fused folds each pair's norms into whole matrices; FSDP hands it 1-D shards
+    for hook in (module.on_fit_start, module.on_validation_start, module.on_test_start):
+        with pytest.raises(RuntimeError, match="mode: fused does not run under multi-process"):
+            hook()
+    with pytest.raises(RuntimeError, match="mlo predict does not run under multi-process FSDP"):
+        module.on_predict_start()
+    module.mode = "reference"
+    module.on_validation_start()  # the reference pairs run on shards

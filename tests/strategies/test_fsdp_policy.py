@@ -84,3 +84,20 @@ def test_generation_and_shard_math_are_refused_only_on_several_fsdp_processes():
     refuse_under_sharded_fsdp(SimpleNamespace(strategy=fsdp, world_size=1), "mlo predict", "x")
     ddp = DDPStrategy.__new__(DDPStrategy)
     refuse_under_sharded_fsdp(SimpleNamespace(strategy=ddp, world_size=2), "mlo predict", "x")
+
+
+def test_full_state_dicts_are_refused_on_cpu_processes():
+    import torch
+
+    # gathering them segfaults CPU processes (torch's offload of CPU shards to the CPU)
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    two_processes = LightningEnvironment()
+    two_processes.set_world_size(2)
+    strategy = HFFSDPStrategy(
+        state_dict_type="full",
+        parallel_devices=[torch.device("cpu")] * 2,
+        cluster_environment=two_processes,
+    )
+    with pytest.raises(ValueError, match=r"state_dict_type='full'.* on CPU processes"):
+        strategy._setup_model(build_causal_lm("micro-llama", vocab_size=64))
