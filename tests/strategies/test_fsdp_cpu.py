@@ -1,10 +1,13 @@
-"""HFFSDPStrategy run for real on CPU (gloo): norm clipping, LoRA on one process, two-process
-training against DDP, resumption from sharded checkpoints and the Hugging Face export.
+"""HFFSDPStrategy run for real on CPU (gloo), through ``mlo`` subprocesses: norm clipping,
+LoRA in NO_SHARD mode, two-process training against DDP, resumption from sharded checkpoints,
+their hyperparameters and their refusal outside FSDP, adapter-only checkpoints, and the
+Hugging Face export.
 
-Each case failed before its fix, the first time FSDP ran on a GPU: ``gradient_clip_val`` with
-the default norm algorithm was refused; LoRA on one process crashed at the second step (tied
-frozen embeddings) and then in the checkpoint (frozen weights missing from the state dict); the
-export was skipped under multi-process FSDP and crashed on one process.
+Each case failed before its fix. The first GPU run found the first ones: ``gradient_clip_val``
+with the default norm algorithm was refused; LoRA on one process crashed at the second step
+(tied frozen embeddings) and then in the checkpoint (frozen weights missing from the state
+dict); the export was skipped under multi-process FSDP and crashed on one process. The others
+came from testing these fixes and from a review of every config under FSDP.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from strategies.fsdp import HFFSDPPrecision, HFFSDPStrategy
 pytestmark = pytest.mark.distributed
 
 SMALL = [
-    "--data.init_args.block_size=32",
-    "--data.init_args.batch_size=4", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
+    "--data.init_args.block_size=32", "--data.init_args.batch_size=4",
+    "--trainer.accelerator=cpu", "--trainer.precision=32-true",
     "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
 ]  # fmt: skip
 FSDP = ["--config", "configs/trainer/fsdp.yaml"]
