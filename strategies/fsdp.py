@@ -7,12 +7,17 @@ for any ``transformers`` decoder (the classes in ``_no_split_modules``: ``LlamaD
 parameter, as PEFT's own FSDP recipe does. Select it with ``--trainer.strategy=fsdp_hf`` or the
 fragment ``configs/trainer/fsdp.yaml``.
 
-Two things Lightning's ``FSDPStrategy`` does not do, and this one does:
+What Lightning's ``FSDPStrategy`` does not do, and this one does:
 
 * ``gradient_clip_val`` with the default ``norm`` algorithm: FSDP's own ``clip_grad_norm_`` on the
   root module, which reduces the norm over every rank's shards (``HFFSDPPrecision``);
+* LoRA in ``NO_SHARD`` mode (also FSDP's mode on one process), where FSDP loses frozen
+  parameters after a backward: they stay out of FSDP there;
+* ``HYBRID_SHARD``, which Lightning refuses without a policy at construction, before the model
+  exists (``DeferredHFWrapPolicy``);
 * run on CPU (gloo, ``device_id=cpu``), so that the sharding, the wrap policy and the sharded
-  checkpoints are tested without a GPU. CUDA remains the target: bf16 autocast is CUDA-only.
+  checkpoints are tested without a GPU. CUDA remains the target: bf16 autocast is CUDA-only,
+  and ``state_dict_type: full`` is refused on CPU processes (torch crashes gathering it).
 """
 
 from __future__ import annotations
