@@ -16,9 +16,9 @@ before any validation hook runs, so the state at the last training batch end is 
 state, restored right before the first resumed training batch (after whatever set-up the
 resumed run draws). That is exact when nothing draws from the global RNG between a step and
 the next one in the interrupted run: the project's loaders draw from generators of their own
-(``datamodules/resumable_sampler.py``); a loader without one draws a seed at every epoch start,
-so a run resumed at an epoch boundary from such a loader continues from a shifted stream. A checkpoint holds rank 0's state; under ``seed_everything`` ranks draw
-alike.
+(``datamodules/resumable_sampler.py``); a loader without one draws a seed at every epoch
+start, so a run resumed at an epoch boundary from such a loader continues from a shifted
+stream. A checkpoint holds rank 0's state; under ``seed_everything`` ranks draw alike.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from modules.hf_models import (
 from modules.precision import refuse_fp16_training
 from modules.token_perplexity import TokenPerplexity
 from optim.schedules import fill_total_steps
-from strategies.fsdp import refuse_under_sharded_fsdp
+from strategies.fsdp import refuse_generation_under_sharded_fsdp
 
 
 @dataclass
@@ -196,13 +196,6 @@ def check_data_tokenizer(datamodule: Any, tokenizer: Any) -> None:
         )
 
 
-#: Why generation is refused under multi-process FSDP.
-GENERATION_UNDER_FSDP = (
-    "every forward is a collective over the ranks, which generate for different numbers of "
-    "prompts and stop at different tokens; use one process (--trainer.devices=1) or DDP"
-)
-
-
 def _takes_weight_decay(name: str, ndim: int) -> bool:
     # Matrices decay; norm gains, biases and embeddings (Llama ``embed_tokens``, GPT-2 ``wte``/
     # ``wpe``) do not, as in GPT-2/Llama training recipes.
@@ -348,7 +341,7 @@ class CausalLMModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def on_predict_start(self) -> None:
-        refuse_under_sharded_fsdp(self.trainer, "mlo predict", GENERATION_UNDER_FSDP)
+        refuse_generation_under_sharded_fsdp(self.trainer)
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, str]]:

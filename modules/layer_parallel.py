@@ -25,7 +25,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from datamodules.text import load_tokenizer
 from modules.causal_lm import (
-    GENERATION_UNDER_FSDP,
     GenerationSettings,
     check_data_tokenizer,
     generate_completion,
@@ -44,7 +43,7 @@ from modules.precision import refuse_fp16_training
 from modules.token_perplexity import TokenPerplexity, next_token_nll
 from ops.layer_parallel import LayerParallelPlan, ideal_speedup
 from optim.schedules import fill_total_steps
-from strategies.fsdp import refuse_under_sharded_fsdp
+from strategies.fsdp import refuse_generation_under_sharded_fsdp, refuse_under_sharded_fsdp
 
 
 @torch.no_grad()
@@ -257,7 +256,7 @@ class LayerParallelModule(L.LightningModule):
         self.use_mode(self.mode)
 
     def on_predict_start(self) -> None:
-        refuse_under_sharded_fsdp(self.trainer, "mlo predict", GENERATION_UNDER_FSDP)
+        refuse_generation_under_sharded_fsdp(self.trainer)
         self.use_mode(self.mode)
 
     # ----------------------------------------------------------------- steps

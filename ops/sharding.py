@@ -1,5 +1,5 @@
-"""Tell FSDP shards from whole tensors (for math that needs whole weights: per-row or global
-norms, weight folding)."""
+"""Tell FSDP shards from whole tensors (for optimizers whose math needs whole weights: per-row
+or global norms)."""
 
 from __future__ import annotations
 

@@ -197,12 +197,6 @@ class LionA(Lion):
     ) -> None:
         if update_norm_scale <= 0:
             raise ValueError(f"update_norm_scale must be > 0, got {update_norm_scale}")
-        params = list(params)
-        refuse_fsdp_shards(
-            (p for g in _named(params) for _, p in g["params"]),
-            "LionA",
-            "it scales each tensor's update by its sign's norm, and FSDP hands it shards",
-        )
         super().__init__(
             params,
             lr,
@@ -212,6 +206,11 @@ class LionA(Lion):
             inverse_bias_correction,
             rrc_correction,
             update_norm_scale=update_norm_scale,
+        )
+        refuse_fsdp_shards(
+            (p for g in self.param_groups for p in g["params"]),
+            "LionA",
+            "it scales each tensor's update by its sign's norm, and FSDP hands it shards",
         )
 
     def _direction(self, p: Tensor, sign: Tensor, group: dict[str, Any]) -> Tensor:

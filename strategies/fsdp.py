@@ -48,6 +48,17 @@ def refuse_under_sharded_fsdp(trainer: Any, what: str, why: str) -> None:
         raise RuntimeError(f"{what} does not run under multi-process FSDP: {why}")
 
 
+def refuse_generation_under_sharded_fsdp(trainer: Any) -> None:
+    """``mlo predict``: every FSDP forward is a collective, and ranks generate for different
+    numbers of prompts and stop at different tokens."""
+    refuse_under_sharded_fsdp(
+        trainer,
+        "mlo predict",
+        "every forward is a collective over the ranks, which generate for different numbers of "
+        "prompts and stop at different tokens; use one process (--trainer.devices=1) or DDP",
+    )
+
+
 def transformer_block_classes(model: nn.Module) -> set[type[nn.Module]]:
     """Classes named in ``_no_split_modules`` of every Hugging Face model inside ``model``."""
     names: set[str] = set()
@@ -157,6 +168,16 @@ class HFFSDPStrategy(FSDPStrategy):
         policy = self.kwargs.get("auto_wrap_policy")
         if isinstance(policy, DeferredHFWrapPolicy):
             policy.bind(model)
+        self._refuse_full_state_dicts_on_cpu()
+        self._keep_frozen_params_out_when_unsharded(model)
+        if self.activation_checkpointing and not self._activation_checkpointing_kwargs:
+            blocks = tuple(transformer_block_classes(model))
+            self._activation_checkpointing_kwargs = {"check_fn": lambda m: isinstance(m, blocks)}
+        if self.root_device.type == "cpu":
+            return self._wrap_on_cpu(model)
+        return super()._setup_model(model)
+
+    def _refuse_full_state_dicts_on_cpu(self) -> None:
         if (
             self.root_device.type == "cpu"
             and self.world_size > 1
@@ -167,31 +188,23 @@ class HFFSDPStrategy(FSDPStrategy):
                 "state dict for a checkpoint crashes them (SIGSEGV in FSDP's offload of CPU "
                 "shards to the CPU); use state_dict_type: sharded there"
             )
+
+    def _keep_frozen_params_out_when_unsharded(self, model: nn.Module) -> None:
+        """In NO_SHARD mode (also what FSDP switches to on one process) FSDP loses frozen
+        parameters after the first backward: tied ones (LoRA on tied embeddings) fail the next
+        forward, the others go missing from the state dict. Outside FSDP they cost nothing
+        more, as nothing is sharded; FSDP does not move them, so they go to this rank's device."""
         frozen = [p for p in model.parameters() if not p.requires_grad]
         unsharded = self.world_size == 1 or self.sharding_strategy.name == "NO_SHARD"
         if unsharded and frozen and not self.kwargs.get("ignored_states"):
-            # In NO_SHARD mode (also what FSDP switches to on one process) FSDP loses frozen
-            # parameters after the first backward: tied ones (LoRA on tied embeddings) fail the
-            # next forward, the others go missing from the state dict. Outside FSDP they cost
-            # nothing more, as nothing is sharded, and FSDP does not move them: this rank's
-            # device.
             self.kwargs["ignored_states"] = frozen
             for param in frozen:
                 param.data = param.data.to(self.root_device)
-        if self.activation_checkpointing and not self._activation_checkpointing_kwargs:
-            blocks = tuple(transformer_block_classes(model))
-            self._activation_checkpointing_kwargs = {"check_fn": lambda m: isinstance(m, blocks)}
-        if self.root_device.type == "cpu":
-            return self._wrap_on_cpu(model)
-        return super()._setup_model(model)
 
     def _wrap_on_cpu(self, model: nn.Module) -> nn.Module:
         """Lightning passes ``device_id=root_device.index``, None on CPU, which FSDP refuses when
         no accelerator exists; FSDP itself runs on CPU given ``device_id=cpu``."""
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            apply_activation_checkpointing,
-            checkpoint_wrapper,
-        )
+        from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
@@ -204,12 +217,8 @@ class HFFSDPStrategy(FSDPStrategy):
             device_id=torch.device("cpu"),
             **self.kwargs,
         )
-        if self._activation_checkpointing_kwargs:
-            apply_activation_checkpointing(
-                wrapped,
-                checkpoint_wrapper_fn=checkpoint_wrapper,
-                **self._activation_checkpointing_kwargs,
-            )
+        # after wrapping, as Lightning's own _setup_model does
+        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
         return wrapped
 
 
