@@ -24,6 +24,7 @@ import math
 import os
 import pickle
 import sys
+import traceback
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -319,8 +320,39 @@ def main(args: list[str] | None = None) -> MloCLI:
 
 
 def run() -> None:
-    """Console-script entry point: like ``main`` but returns nothing (exit status 0 on success)."""
-    main()
+    """Console-script entry point: like ``main`` but returns nothing (exit status 0 on success).
+
+    An exception raised while building a configured class reaches the user wrapped by
+    jsonargparse in "Does not validate against any of the Union subtypes" plus a dump of the
+    whole resolved namespace; ``run`` prints the original traceback and ends with one line
+    naming the class and the original error instead.
+    """
+    try:
+        main()
+    except ValueError as err:
+        failure = unwrap_instantiation_error(err)
+        if failure is None:
+            raise
+        traceback.print_exception(failure[1])
+        class_path, cause = failure
+        raise SystemExit(
+            f"error: building {class_path} failed: {type(cause).__name__}: {cause}"
+        ) from None
+
+
+def unwrap_instantiation_error(err: ValueError) -> tuple[str, BaseException] | None:
+    """``(class path, original exception)`` of jsonargparse's wrapper around an exception raised
+    in a configured class's ``__init__``, or ``None`` for any other ``ValueError``."""
+    cause = err.__cause__
+    if cause is None or not str(err).startswith("Does not validate against any of the Union"):
+        return None
+    # The outermost __init__ in the original traceback is the configured class's (the wrapper's
+    # "Given value" may be a list of several classes, e.g. trainer.callbacks).
+    for frame, _ in traceback.walk_tb(cause.__traceback__):
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            cls = type(frame.f_locals["self"])
+            return f"{cls.__module__}.{cls.__qualname__}", cause
+    return "a configured class", cause
 
 
 if __name__ == "__main__":

@@ -11,6 +11,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def where_relative_paths_resolve(path: str | Path) -> str:
+    """What a missing-path error adds for a relative ``path``: where it was looked for.
+
+    Paths in configs (``data/tokenizer``, ``data/corpus/...``) are relative to the directory
+    ``mlo`` runs in, not to the config file; a run started elsewhere (a job script's scratch
+    directory, ``--config /abs/path/to/configs/x.yaml``) otherwise only read "not found".
+    """
+    if Path(path).expanduser().is_absolute():
+        return ""
+    return (
+        f" (looked for in the current directory {Path.cwd()}: relative paths, also those in "
+        "configs, resolve against the directory mlo runs in, not the config file's; run from "
+        "the repository root or give an absolute path)"
+    )
+
+
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of every line; a byte that is not UTF-8 names ``path:line``."""
     with path.open("rb") as f:

@@ -20,7 +20,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from datamodules.even_eval_sampler import EvenEvalSampler, PaddedBlocks
-from datamodules.file_checks import count_json_records, count_text_lines
+from datamodules.file_checks import (
+    count_json_records,
+    count_text_lines,
+    where_relative_paths_resolve,
+)
 from datamodules.private_seed_loader import PrivateSeedDataLoader
 from datamodules.resumable_sampler import resumable_train_loader
 from ops.goldfish import IGNORE_INDEX
@@ -43,7 +47,9 @@ def resolve_data_files(data_files: str | list[str]) -> list[Path]:
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matches:
-            raise FileNotFoundError(f"data file not found: {pattern!r} (cwd: {Path.cwd()})")
+            raise FileNotFoundError(
+                f"data_files: no file matches {pattern!r}{where_relative_paths_resolve(pattern)}"
+            )
         paths.extend(Path(m) for m in matches)
     suffixes = {p.suffix for p in paths}
     unsupported = suffixes - set(_BUILDERS)
@@ -84,7 +90,10 @@ def load_documents(
             ) from err
     elif dataset_dir is not None:
         if not Path(dataset_dir).is_dir():
-            raise FileNotFoundError(f"dataset_dir not found: {dataset_dir!r}")
+            raise FileNotFoundError(
+                f"dataset_dir: no directory {dataset_dir!r}"
+                f"{where_relative_paths_resolve(dataset_dir)}"
+            )
         ds = datasets.load_from_disk(dataset_dir)
         if isinstance(ds, datasets.DatasetDict):
             ds = datasets.concatenate_datasets(list(ds.values()))
@@ -171,7 +180,7 @@ class TextDataModule(L.LightningDataModule):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer, setting="data.tokenizer")
         return self._tokenizer
 
     def prepare_data(self) -> None:
@@ -264,22 +273,34 @@ def _collate(rows: list[tuple[torch.Tensor, bool]]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels}
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, setting: str = "tokenizer") -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained`` with a clear error when the directory is missing.
 
     A pretrained preset name (``modules.pretrained_presets.PRETRAINED_PRESETS``, e.g.
     ``smollm2-135m-instruct``) resolves to its cached directory, built on first use.
+    ``setting`` names the config key in errors (``model.tokenizer``, ``data.tokenizer``).
     """
     from modules.pretrained_presets import PRETRAINED_PRESETS, resolve_pretrained_preset
 
     if name_or_path in PRETRAINED_PRESETS:
         name_or_path = str(resolve_pretrained_preset(name_or_path))
     path = Path(name_or_path).expanduser()
-    if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+    if path.exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(
-            f"tokenizer {name_or_path!r} not found (HF_HUB_OFFLINE=1: no hub lookup)"
+            f"{setting}: no tokenizer directory {name_or_path!r}"
+            f"{where_relative_paths_resolve(name_or_path)}, and HF_HUB_OFFLINE=1 rules out a "
+            "hub lookup"
         )
-    tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except OSError as err:  # transformers' message is about the hub only
+            raise OSError(
+                f"{setting}: {name_or_path!r} is neither a local directory"
+                f"{where_relative_paths_resolve(name_or_path)} nor a loadable hub id: {err}"
+            ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -138,7 +138,7 @@ class SentimentNoisyDataModule(L.LightningDataModule):
         picked = rng.sample(range(len(pool)), hp.n_train + hp.n_val)
         texts = [pool[i][0] for i in picked]
         labels = torch.tensor([pool[i][1] for i in picked])
-        tokenizer = load_tokenizer(hp.tokenizer)
+        tokenizer = load_tokenizer(hp.tokenizer, setting="data.tokenizer")
         # Right padding whatever the tokenizer's own side (decoder-only models often ship
         # "left"): the classifier pools the state at length - 1, the last real token.
         enc = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")

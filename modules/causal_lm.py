@@ -257,7 +257,7 @@ class CausalLMModule(L.LightningModule):
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.generation = generation or GenerationSettings()
         tokenizer = resolve_tokenizer_name(model, tokenizer)
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer, setting="model.tokenizer")
         self.base_is_pretrained = is_pretrained_name(model)
         vocab_size = None if self.base_is_pretrained else len(self.tokenizer)
         special_ids = special_token_ids(self.tokenizer)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from datamodules.file_checks import where_relative_paths_resolve
 from modules.pretrained_presets import PRETRAINED_PRESETS, resolve_pretrained_preset
 
 # Tiny configs keep the real code paths of each family (RoPE, GQA, RMSNorm, SwiGLU for Llama)
@@ -170,7 +171,8 @@ def build_causal_lm(
         raise FileNotFoundError(
             f"model={model!r} is neither a preset "
             f"({', '.join(sorted(TINY_PRESETS) + sorted(PRETRAINED_PRESETS))}) nor an "
-            "existing directory, and HF_HUB_OFFLINE=1 forbids downloading it from the hub"
+            f"existing directory{where_relative_paths_resolve(model)}, and HF_HUB_OFFLINE=1 "
+            "forbids downloading it from the hub"
         )
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
     if attn_implementation:

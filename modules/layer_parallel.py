@@ -167,7 +167,7 @@ class LayerParallelModule(L.LightningModule):
         self.save_hyperparameters(ignore=[*RUN_TIME_SETTINGS, "optimizer", "lr_scheduler"])
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.generation = generation or GenerationSettings()
-        self.tokenizer = load_tokenizer(resolve_tokenizer_name(model, tokenizer))
+        self.tokenizer = load_tokenizer(resolve_tokenizer_name(model, tokenizer), "model.tokenizer")
         vocab = None if is_pretrained_name(model) else len(self.tokenizer)
         self.model = build_causal_lm(model, vocab_size=vocab, dtype=dtype)
         self.plan = LayerParallelPlan.parse(plan)

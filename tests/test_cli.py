@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from cli import main
+from cli import main, unwrap_instantiation_error
 from tests.callbacks.test_hparams_summary import read_hparams_tab
 
 FAST = [
@@ -58,6 +58,42 @@ def test_unknown_config_key_is_named(tmp_path, repo_root):
     )  # fmt: skip
     assert out.returncode != 0
     assert "learning_rat" in out.stderr
+
+
+def test_a_run_started_outside_the_repository_names_the_setting_and_directory(tmp_path, repo_root):
+    # Relative paths in configs resolve against the current directory: from elsewhere the
+    # quickstart's ``data/tokenizer`` is missing. The error is jsonargparse's "Does not
+    # validate against any of the Union subtypes" + a namespace dump unless ``mlo`` unwraps it.
+    out = subprocess.run(
+        [sys.executable, str(repo_root / "cli.py"), "fit",
+         "--config", str(repo_root / "configs/quickstart.yaml"), "--trainer.max_steps=1"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 1
+    last_line = out.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(
+        "error: building modules.causal_lm.CausalLMModule failed: FileNotFoundError: "
+        f"model.tokenizer: no tokenizer directory 'data/tokenizer' (looked for in the current "
+        f"directory {tmp_path}: relative paths, also those in configs, resolve against"
+    )
+    assert "Does not validate" not in out.stderr and "Given value" not in out.stderr
+    assert "in load_tokenizer" in out.stderr  # the original traceback is kept
+
+
+def test_an_error_in_a_callback_list_names_that_callback(tmp_path):
+    bad = tmp_path / "bad_callback.yaml"
+    bad.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n"
+        "    - class_path: callbacks.warmup_diagnostics.UpdateDiagnostics\n"
+        "      init_args: {log_every_n_steps: 0}\n"
+    )
+    with pytest.raises(ValueError) as info:
+        main(["fit", *FAST, "--config", str(bad), f"--trainer.default_root_dir={tmp_path}"])
+    class_path, cause = unwrap_instantiation_error(info.value)
+    assert class_path == "callbacks.warmup_diagnostics.UpdateDiagnostics"
+    assert str(cause) == "log_every_n_steps must be >= 1, got 0"
+    assert unwrap_instantiation_error(ValueError("an unrelated error")) is None
 
 
 @pytest.mark.parametrize("form", ["--config=PATH", "--config PATH"])

@@ -1,5 +1,6 @@
 import itertools
 import json
+import re
 from collections import Counter
 
 import datasets
@@ -8,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from datamodules.file_checks import count_json_records
-from datamodules.text import TextDataModule, pack_blocks
+from datamodules.text import TextDataModule, load_tokenizer, pack_blocks
 
 
 def _write_jsonl(path, texts):
@@ -132,10 +133,39 @@ def test_other_formats_and_saved_datasets(tmp_path, tokenizer_dir, suffix):
     _assert_document_partition(dm.splits, texts, tokenizer, 32)
 
 
-def test_missing_file_names_the_path(tmp_path, tokenizer_dir):
+def test_missing_file_names_the_path(tmp_path, tokenizer_dir, monkeypatch):
     dm = TextDataModule(data_files=str(tmp_path / "nope.jsonl"), tokenizer=str(tokenizer_dir))
-    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"^data_files: no file matches '.*nope\.jsonl'$"):
         dm.setup("fit")
+    # A relative path says where it was looked for (runs started outside the repository).
+    monkeypatch.chdir(tmp_path)
+    dm = TextDataModule(data_files="data/nope.jsonl", tokenizer=str(tokenizer_dir))
+    with pytest.raises(FileNotFoundError, match=f"looked for in the current directory {tmp_path}"):
+        dm.setup("fit")
+    dm = TextDataModule(data_files=None, dataset_dir="saved", tokenizer=str(tokenizer_dir))
+    with pytest.raises(FileNotFoundError, match=r"dataset_dir: no directory 'saved' \(looked for"):
+        dm.setup("fit")
+
+
+def test_missing_tokenizer_names_the_setting_and_the_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    where = re.escape(f"(looked for in the current directory {tmp_path}: relative paths")
+    missing = f"^data.tokenizer: no tokenizer directory 'data/tokenizer' {where}"
+    with pytest.raises(FileNotFoundError, match=missing):
+        TextDataModule(tokenizer="data/tokenizer").tokenizer  # noqa: B018 (loads lazily)
+    # Online, a name that is no local directory is tried on the hub; transformers' error then
+    # speaks of the hub only, so the local lookup is named too.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def unreachable_hub(name, *args, **kwargs):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {name}")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", unreachable_hub)
+    with pytest.raises(
+        OSError,
+        match=f"^model.tokenizer: 'data/tokenizer' is neither a local directory {where}.* nor a loadable hub id: We",
+    ):
+        load_tokenizer("data/tokenizer", setting="model.tokenizer")
 
 
 def test_malformed_jsonl_reports_line_number(tmp_path, tokenizer_dir):
