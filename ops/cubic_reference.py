@@ -63,11 +63,15 @@ def cubic_step(m: np.ndarray, H: np.ndarray, M: float, tol: float = 1e-10) -> np
                 return U @ coef
     L = np.abs(lam).max()
     a, b = 0.0, max((L + math.sqrt(L * L + 2 * M * np.linalg.norm(mh))) / M - r_lo, 1e-300)
-    while True:
+    if not math.isfinite(b):  # M tiny for the curvature: the bracket below would never end
+        raise ValueError(f"cubic subproblem: the step bound overflows float64 (M={M:g})")
+    for _ in range(2100):
         q = mh / (base + 0.5 * M * b)
         if math.sqrt(q @ q) <= r_lo + b:
             break
         b *= 2.0
+    else:
+        raise ValueError(f"cubic subproblem: no root bracket up to {b:.3g} (M={M:g})")
     s = b
     for _ in range(200):
         d = base + 0.5 * M * s

@@ -75,6 +75,48 @@ def _check_inputs(g: Tensor, M: float, H: Tensor | None = None) -> None:
         raise ValueError(f"cubic regularization M must be a positive finite number, got M={M}")
 
 
+#: Doublings of the root bracket before giving up (2¹⁰⁷⁴ spans all of float64).
+_MAX_BRACKET_DOUBLINGS = 2100
+
+
+def _norm(v: np.ndarray) -> float:
+    """‖v‖ without the overflow (or underflow to 0) of the squared sum: ‖h‖ ≳ 1e154 happens with a
+    tiny M. The plain formula is kept where it is finite, so ordinary solves are unchanged."""
+    with np.errstate(over="ignore"):
+        squared = float(v @ v)
+    if math.isfinite(squared) and (squared > 0.0 or not v.any()):
+        return math.sqrt(squared)
+    top = float(np.abs(v).max())
+    return top * math.sqrt(float((v / top) @ (v / top)))
+
+
+def _sqrt_square_plus(a: float, b: float) -> float:
+    """√(a² + b), b ≥ 0; through hypot where Python's float power would raise OverflowError."""
+    if abs(a) < 1e150:
+        return math.sqrt(a**2 + b)
+    return math.hypot(a, math.sqrt(b))
+
+
+def _hard_case_tau(coef: np.ndarray, r_lo: float) -> float | None:
+    """τ = √(r_lo² − ‖coef‖²) when ‖coef‖ ≤ r_lo (the hard case), else ``None``; scaled by r_lo
+    where r_lo² would overflow."""
+    if r_lo < 1e150:
+        squared = float(coef @ coef)
+        return math.sqrt(r_lo**2 - squared) if squared <= r_lo**2 else None
+    ratio = _norm(coef) / r_lo
+    return r_lo * math.sqrt((1.0 - ratio) * (1.0 + ratio)) if ratio <= 1.0 else None
+
+
+def _check_step_bound(what: str, value: float, M: float, curvature: str) -> None:
+    """A step-norm bound that overflowed float64 (M tiny for the curvature) would otherwise turn
+    the bracketing into a NaN loop that never ends (and ignores SIGTERM)."""
+    if not math.isfinite(value):
+        raise ValueError(
+            f"cubic subproblem: {what} overflows float64 (M={M:g}, {curvature}): "
+            "M is too small for this curvature; use a larger M"
+        )
+
+
 def cubic_model(h: Tensor, g: Tensor, H: Tensor | HVP, M: float) -> Tensor:
     """Φ(h) = <g,h> + ½<Hh,h> + (M/6)‖h‖³ (M/6 convention). ``H`` is a matrix or an HVP callable."""
     Hh = H(h) if callable(H) else H @ h
@@ -122,6 +164,7 @@ def solve_cubic_exact(
     lam, m_hat = lam_t.cpu().numpy(), m_hat_t.cpu().numpy()
     lam1 = float(lam[0])
     r_lo = max(0.0, -2.0 * lam1 / M)  # H + (M r/2) I ⪰ 0  ⇔  r ≥ r_lo
+    _check_step_bound("r_lo = -2 λ_min / M", r_lo, M, f"λ_min={lam1:.3g}")
     # Work with s = r − r_lo and base = Λ + (M r_lo/2) I = Λ − λ₁ (exactly 0 at i = 1 when λ₁ < 0):
     # the denominators base + M s/2 then carry no cancellation, so near-hard cases (root within
     # machine precision of r_lo in r) are still resolved to full relative accuracy in s.
@@ -144,22 +187,27 @@ def solve_cubic_exact(
         if not np.any(m_hat[null]):
             coef = np.zeros_like(m_hat)
             coef[~null] = -m_hat[~null] / base[~null]
-            if float(coef @ coef) <= r_lo**2:
-                coef[0] = math.copysign(1.0, hard_case_sign) * math.sqrt(
-                    r_lo**2 - float(coef @ coef)
-                )
+            tau = _hard_case_tau(coef, r_lo)
+            if tau is not None:
+                coef[0] = math.copysign(1.0, hard_case_sign) * tau
                 return finish(coef, 0, True)
 
     # Bracket the root of φ(s) = r_lo + s in [a, b]: φ(0⁺) > r_lo here, and b comes from the bound
     # (M/2) r² ≤ ‖g‖ + ‖H‖ r  ⇒  r ≤ (‖H‖ + √(‖H‖² + 2M‖g‖))/M on the minimizer's norm.
     h_norm_bound = float(np.abs(lam).max())
-    r_hi = (h_norm_bound + math.sqrt(h_norm_bound**2 + 2.0 * M * g_norm)) / M
+    r_hi = (h_norm_bound + _sqrt_square_plus(h_norm_bound, 2.0 * M * g_norm)) / M
+    _check_step_bound("the bound on ‖h‖", r_hi, M, f"‖H‖={h_norm_bound:.3g}")
     a, b = 0.0, max(r_hi - r_lo, 1e-300)
-    while True:  # numerical safety only; the bound above already brackets the root
+    for _ in range(_MAX_BRACKET_DOUBLINGS):  # numerical safety only: r_hi already brackets
         q = m_hat / (base + 0.5 * M * b)
-        if math.sqrt(float(q @ q)) <= r_lo + b:
+        if _norm(q) <= r_lo + b:
             break
         b *= 2.0
+    else:
+        raise ValueError(
+            f"cubic subproblem: no root bracket for ‖h‖ up to {b:.3g} (M={M:g}, "
+            f"λ_min={lam1:.3g}, ‖g‖={g_norm:.3g})"
+        )
     # Safeguarded Newton on ψ(s) = 1/φ(s) − 1/(r_lo + s) (increasing, nearly linear), falling back to
     # (geometric, when the bracket spans decades) bisection if an iterate leaves the bracket.
     s_, iters = b, 0
@@ -167,7 +215,7 @@ def solve_cubic_exact(
         iters += 1
         d = base + 0.5 * M * s_
         q = m_hat / d
-        phi_s = math.sqrt(float(q @ q))
+        phi_s = _norm(q)
         r = r_lo + s_
         if phi_s > r:
             a = s_
@@ -176,8 +224,14 @@ def solve_cubic_exact(
         if phi_s == r or b - a <= 1e-15 * b:  # exact root, or bracket exhausted
             break
         # dφ/ds = −(M/2) Σ m̂ᵢ²/dᵢ³ / φ,  dψ/ds = −φ'/φ² + 1/r²
-        dphi = -0.5 * M * float(q @ (q / d)) / phi_s
-        s_new = s_ - (1.0 / phi_s - 1.0 / r) / (-dphi / phi_s**2 + 1.0 / r**2)
+        q_d = float(q @ (q / d))
+        if math.isfinite(q_d) and max(phi_s, r) < 1e150:
+            dphi = -0.5 * M * q_d / phi_s
+            dpsi = -dphi / phi_s**2 + 1.0 / r**2
+        else:  # the same with u = q/φ (‖u‖ = 1): Σ qᵢ²/dᵢ or the squares would overflow
+            u = q / phi_s
+            dpsi = 0.5 * M * float(u @ (u / d)) / phi_s + 1.0 / r / r
+        s_new = s_ - (1.0 / phi_s - 1.0 / r) / dpsi
         if not a < s_new < b:
             s_new = (
                 math.sqrt(a * b)
@@ -259,10 +313,12 @@ def solve_cubic_hvp(
     g_t = g64 + sigma * q / torch.linalg.vector_norm(q)
     gt_norm = torch.linalg.vector_norm(g_t)
     # A-priori bound on ‖h*‖ of the perturbed model that GD minimizes (> 0 since g̃ ≠ 0).
-    R = (L + math.sqrt(L**2 + 2.0 * M * float(gt_norm))) / M
+    R = (L + _sqrt_square_plus(L, 2.0 * M * float(gt_norm))) / M
+    if math.isfinite(L):  # a non-finite L is reported below, with the HVPs that caused it
+        _check_step_bound("the bound R on ‖h‖", R, M, f"‖H‖≈{L:.3g}")
     # Cauchy point: minimizer of Φ along −g̃ (closed form of the 1-d cubic).
     kappa = float(g_t @ H(g_t)) / float(gt_norm) ** 2
-    r_c = (-kappa + math.sqrt(kappa**2 + 2.0 * M * float(gt_norm))) / M
+    r_c = (-kappa + _sqrt_square_plus(kappa, 2.0 * M * float(gt_norm))) / M
     h = -r_c * g_t / gt_norm
     eta = 1.0 / (4.0 * (L + 0.5 * M * R))
     target = rel_acc * (g_norm if g_norm > 0 else 1.0)

@@ -244,3 +244,54 @@ def test_hvp_gradient_step_uses_the_spec_step_size():
     eta = 1.0 / (4.0 * (L + 0.5 * M * R))
     expected = h0 - eta * cubic_model_grad(h0, g, H, M)
     assert torch.allclose(sol.h, expected, atol=1e-14)
+
+
+def _indefinite_problem(d=30, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    return torch.randn(d, generator=gen, dtype=torch.float64), (A + A.T) / 2
+
+
+@pytest.mark.parametrize("M", [1e-308, 5e-324])
+def test_a_vanishing_M_raises_instead_of_hanging(M):
+    # −2λ₁/M (and ‖H‖/M) overflow float64: the root bracket became NaN and its doubling loop
+    # never ended (100 % CPU, SIGTERM ignored). Now the error names M.
+    from ops.cubic_reference import cubic_step
+
+    g, H = _indefinite_problem()
+    with pytest.raises(ValueError, match=f"overflows float64 \\(M={M:g}"):
+        solve_cubic_exact(g, H, M)
+    with pytest.raises(ValueError, match="overflows float64"):
+        cubic_step(g.numpy(), H.numpy(), M)
+    with pytest.raises(ValueError, match=f"R on ‖h‖ overflows float64 \\(M={M:g}"):
+        solve_cubic_hvp(g, lambda v: H @ v, M, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("M", [1e-200, 1e-300])
+def test_a_tiny_M_is_solved_without_overflow(M):
+    # ‖h‖ ~ 1e200: Python's float power raised a bare OverflowError (1/r**2), and the squared
+    # norms of the secular equation overflowed into a wrong step. The optimality conditions
+    # (H + (M r/2) I) h = −g and H + (M r/2) I ⪰ 0 hold relative to the size of the terms.
+    g, H = _indefinite_problem()
+    h = solve_cubic_exact(g, H, M).h
+    r = float(torch.linalg.vector_norm(h))
+    shift = 0.5 * M * r
+    residual = torch.linalg.vector_norm(H @ h + shift * h + g)
+    assert float(residual) <= 1e-8 * shift * r
+    lam = torch.linalg.eigvalsh(H)
+    assert float(lam[0]) + shift >= -1e-12 * float(lam.abs().max())
+
+
+@pytest.mark.parametrize("g0", [1e150, 0.0])  # ordinary and hard case
+def test_a_huge_hessian_is_solved_without_overflow(g0):
+    # ‖H‖ ~ 1e160 (a diverging run): r ≥ r_lo = 2e160, whose square overflows float64.
+    H = torch.diag(torch.tensor([-1e160, 2e160], dtype=torch.float64))
+    g = torch.tensor([g0, 1.0], dtype=torch.float64)
+    step = solve_cubic_exact(g, H, 1.0)
+    scaled = step.h / 1e160  # torch's norm of h itself overflows
+    r = 1e160 * float(torch.linalg.vector_norm(scaled))
+    assert step.hard_case == (g0 == 0.0)
+    assert 2e160 <= r <= 2e160 * (1 + 1e-9)
+    # (H + (M r/2) I) h = −g, divided through by 1e320 (H h alone overflows)
+    residual = (H / 1e160) @ scaled + 0.5 * (r / 1e160) * scaled + g / 1e320
+    assert float(torch.linalg.vector_norm(residual)) <= 1e-8 * 4.0
