@@ -41,7 +41,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from callbacks.hyperinf_report import log_influence, noise_metrics, write_table
+from callbacks.hyperinf_report import (
+    log_influence,
+    noise_metrics,
+    warn_non_finite_scores,
+    write_table,
+)
+from callbacks.json_values import strict_json
 from callbacks.metrics_file import log_dir_of
 from modules.eval_mode import eval_mode
 from ops.influence_config import DampingConfig, GradConfig, LissaConfig, SchulzConfig
@@ -436,6 +442,7 @@ class HyperINFCallback(L.Callback):
         if mask is not None:
             table["is_noisy"] = mask[table["index"]]
             path = write_table(table, out, self.output_format)
+        warn_non_finite_scores(table, self.methods)
         metrics = noise_metrics(table, self.methods) if mask is not None else {}
         for m in self.methods:
             metrics[f"influence/{m}/runtime_s"] = result.runtime_s[m]
@@ -460,7 +467,7 @@ class HyperINFCallback(L.Callback):
             },
             "table": str(path),
         }
-        (out / "influence_summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "influence_summary.json").write_text(strict_json(summary, indent=2))
         self.last_output = str(path)
         if trainer.logger is not None:
             log_influence(trainer, table, self.methods, metrics, self.top_k)

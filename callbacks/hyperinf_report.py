@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -9,6 +11,8 @@ import torch
 
 from callbacks.direct_logging import lightning_log_step, log_scalars
 from ops.influence_metrics import detection_curve, detection_rate, roc_auc
+
+DETECTION_METRICS = ("auc", "detect_at_10", "detect_at_20")
 
 
 def write_table(table: dict[str, torch.Tensor], out_dir: Path, fmt: str) -> Path:
@@ -32,10 +36,28 @@ def noise_metrics(table: dict[str, torch.Tensor], methods: list[str]) -> dict[st
     metrics = {}
     for m in methods:
         s = table[f"score_{m}"]
+        if not bool(torch.isfinite(s).all()):
+            # A ranking with NaNs in it is argsort's order of the NaNs, not a detection result.
+            metrics.update({f"influence/{m}/{k}": math.nan for k in DETECTION_METRICS})
+            continue
         metrics[f"influence/{m}/auc"] = roc_auc(s, mask)
         metrics[f"influence/{m}/detect_at_10"] = detection_rate(s, mask, 0.1)
         metrics[f"influence/{m}/detect_at_20"] = detection_rate(s, mask, 0.2)
     return metrics
+
+
+def warn_non_finite_scores(table: dict[str, torch.Tensor], methods: list[str]) -> None:
+    """One warning per method whose scores are not all finite (a diverged preconditioner, e.g.
+    LiSSA past its convergence condition, or a model whose loss overflowed)."""
+    for m in methods:
+        s = table[f"score_{m}"]
+        bad = int((~torch.isfinite(s)).sum())
+        if bad:
+            warnings.warn(
+                f"HyperINFCallback: {bad} of {s.numel()} {m} scores are not finite; its "
+                "detection metrics are NaN and its histogram shows the finite ones only",
+                stacklevel=2,
+            )
 
 
 def detection_curve_figure(table: dict[str, torch.Tensor], methods: list[str]):
@@ -48,7 +70,9 @@ def detection_curve_figure(table: dict[str, torch.Tensor], methods: list[str]):
     fig = Figure(figsize=(5.0, 4.0))
     ax = fig.add_subplot()
     for m in methods:
-        ax.plot(inspected, detection_curve(table[f"score_{m}"], mask), label=m)
+        scores = table[f"score_{m}"]
+        if bool(torch.isfinite(scores).all()):  # NaNs would rank in argsort's order
+            ax.plot(inspected, detection_curve(scores, mask), label=m)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random")
     ax.set(xlabel="fraction of training set inspected", ylabel="fraction of flipped labels found")
     ax.legend(fontsize=7)
@@ -99,7 +123,10 @@ def log_influence(
         experiment = getattr(logger, "experiment", None)
         if hasattr(experiment, "add_histogram"):
             for m in methods:
-                experiment.add_histogram(f"influence/{m}/scores", table[f"score_{m}"], step)
+                scores = table[f"score_{m}"]
+                finite = scores[torch.isfinite(scores)]  # TensorBoard rejects NaN-only input
+                if finite.numel():
+                    experiment.add_histogram(f"influence/{m}/scores", finite, step)
             experiment.add_text(
                 "influence/top_bottom", _top_bottom_markdown(table, methods[0], top_k), step
             )

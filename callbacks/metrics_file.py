@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks.json_values import strict_json
 from strategies.fsdp import sharded_checkpoint_meta
 
 
@@ -25,14 +24,6 @@ def log_dir_of(trainer: L.Trainer) -> Path:
         if directory:
             return Path(directory)
     return Path(trainer.default_root_dir)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf
-    return value
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -68,7 +59,7 @@ class MetricsFile(L.Callback):
     def _write(self, trainer: L.Trainer, stage: str) -> None:
         path = log_dir_of(trainer) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        metrics = {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())}
+        metrics = dict(sorted(trainer.callback_metrics.items()))
         record: dict[str, Any] = {
             "stage": stage,
             "global_step": trainer.global_step,
@@ -78,7 +69,7 @@ class MetricsFile(L.Callback):
             # validate/test restore the weights only (global_step stays 0): name what was scored
             record["ckpt_path"] = str(trainer.ckpt_path)
             record["ckpt_global_step"] = checkpoint_step(trainer.ckpt_path)
-        path.write_text(json.dumps({**record, "metrics": metrics}, indent=2) + "\n")
+        path.write_text(strict_json({**record, "metrics": metrics}, indent=2) + "\n")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # After every callback's end-of-stage hooks, whatever their order: scalars that other

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.json_values import strict_json
 from callbacks.metrics_file import log_dir_of
 
 
@@ -51,6 +51,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         records = prediction if isinstance(prediction, list) else [prediction]
         with self._path(trainer).open("a", encoding="utf-8") as f:
             for record in records:
-                f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+                line = strict_json(record, ensure_ascii=False, default=str)
+                f.write(line + "\n")
                 if self.echo:
-                    rank_zero_info(json.dumps(record, ensure_ascii=False, default=str))
+                    rank_zero_info(line)

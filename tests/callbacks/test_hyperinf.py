@@ -116,6 +116,34 @@ def test_parquet_and_tensorboard_histograms(tmp_path) -> None:
     assert acc.Tags()["images"] == ["influence/detection_curve"]
 
 
+def test_a_diverged_model_gives_nan_metrics_and_strict_json_not_a_crash(tmp_path) -> None:
+    # lr = 1e6: the weights stay finite but the loss is huge and LiSSA's recursion overflows to
+    # all-NaN scores. TensorBoard's histogram raised "The histogram is empty" (the run died
+    # before metrics.json), the AUC of the NaNs was argsort's order of them (0.56 looked like
+    # a result), and influence_summary.json held bare NaN tokens that strict parsers reject.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = _callback(tmp_path / "inf", methods=["hyperinf", "lissa", "grad_dot"])
+    trainer = _trainer(tmp_path, cb, logger=TensorBoardLogger(tmp_path, name="tb"), max_epochs=5)
+    with pytest.warns(UserWarning, match="61 of 61 lissa scores are not finite"):
+        trainer.fit(_model(lr=1e6), _data())
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    text = (tmp_path / "inf" / "influence_summary.json").read_text()
+    metrics = json.loads(text, parse_constant=refuse)["metrics"]
+    assert {metrics[f"influence/lissa/{k}"] for k in ("auc", "detect_at_10", "detect_at_20")} == {
+        "nan"
+    }
+    assert 0.0 <= metrics["influence/grad_dot/auc"] <= 1.0
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0})
+    acc.Reload()
+    histograms = set(acc.Tags()["histograms"])
+    assert {"influence/hyperinf/scores", "influence/grad_dot/scores"} <= histograms
+    assert "influence/lissa/scores" not in histograms
+
+
 def test_detection_curve_figure_plots_each_method_and_the_diagonal() -> None:
     scores = torch.tensor([0.9, 0.1, 0.8, 0.3])
     table = {"score_a": scores, "score_b": -scores, "is_noisy": torch.tensor([1, 0, 0, 1]).bool()}
