@@ -139,6 +139,7 @@ class UpdateDiagnostics(Callback):
         self._pending: dict[str, Any] | None = None
         self._snr_done_step = -1
         self._hist: Tensor | None = None
+        self._warned_nan = False
         self._transposed: set[int] = set()  # ids of (in, out)-stored weights (GPT-2 Conv1D)
 
     # ---------------------------------------------------------------- selection and schedule
@@ -400,7 +401,7 @@ class UpdateDiagnostics(Callback):
                 out[f"warmup/angle/{name}"] = (  # angular_update, reusing the norms above
                     float(angle_from_sums(*normalized_difference_sums(old, new, na, nb)))
                     if na > 0 and nb > 0
-                    else 0.0
+                    else (0.0 if math.isfinite(na + nb) else math.nan)  # as angular_update
                 )
             if self.per_neuron and old.dim() >= 2:
                 pair = (old.T, new.T) if id(p) in self._transposed else (old, new)
@@ -424,6 +425,8 @@ class UpdateDiagnostics(Callback):
                 d, s = normalized_difference_sums(old, p, na, nb)
                 diff, plus = diff + d, plus + s
             out["warmup/global/angle"] = float(angle_from_sums(diff, plus))
+        elif mats and not math.isfinite(na + nb):  # as angular_update: NaN, not "no update"
+            out["warmup/global/angle"] = math.nan
         return out
 
     def _rrc_metrics(
@@ -492,16 +495,20 @@ class UpdateDiagnostics(Callback):
                 g2_sum, tr_sum = g2_sum + g2_est, tr_sum + tr_est
         k = len(pairs)
         e = self._ema
-        e["g2"] = self.snr_ema * e["g2"] + (1 - self.snr_ema) * g2_sum / k
-        e["tr"] = self.snr_ema * e["tr"] + (1 - self.snr_ema) * tr_sum / k
-        e["n"] += 1  # the ratio of two equally debiased EMAs needs no bias correction
+        measured = math.isfinite(g2_sum + tr_sum)
+        if measured:  # one NaN would stay in the EMA for good
+            e["g2"] = self.snr_ema * e["g2"] + (1 - self.snr_ema) * g2_sum / k
+            e["tr"] = self.snr_ema * e["tr"] + (1 - self.snr_ema) * tr_sum / k
+            e["n"] += 1  # the ratio of two equally debiased EMAs needs no bias correction
         b_noise = e["tr"] / e["g2"] if e["g2"] > 0 else math.inf
         phi = 1.0 / b_noise if b_noise > 0 else math.inf
         if hasattr(optimizer, "set_gradient_snr"):  # ρ_t needs the batch of one optimizer step
             optimizer.set_gradient_snr(phi, b_local * world * trainer.accumulate_grad_batches)
         record = {
             "step": trainer.global_step,
-            "warmup/snr/b_noise_raw": tr_sum / g2_sum if g2_sum > 0 else math.inf,
+            "warmup/snr/b_noise_raw": (
+                tr_sum / g2_sum if g2_sum > 0 else (math.inf if measured else math.nan)
+            ),
             "warmup/snr/b_noise": b_noise,
             "warmup/snr/phi": phi,
             "warmup/snr/grad_sq": g2_sum / k,
@@ -514,12 +521,25 @@ class UpdateDiagnostics(Callback):
             self.history.append(record)
         if not trainer.is_global_zero:
             return
-        scalars = {k: v for k, v in record.items() if k != "step" and math.isfinite(v)}
+        # ±inf is a legitimate "unbounded" estimate (b_noise before any signal): left out of the
+        # charts. NaN is a failure (non-finite weights or gradients): logged, so that TensorBoard
+        # and metrics.json show it rather than the last finite value, and named once.
+        scalars = {k: v for k, v in record.items() if k != "step" and not math.isinf(v)}
+        failed = sorted(k for k, v in scalars.items() if math.isnan(v))
+        if failed and not self._warned_nan:
+            self._warned_nan = True
+            rank_zero_warn(
+                f"UpdateDiagnostics: {len(failed)} diagnostics are NaN at step {step} "
+                f"({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}): the weights "
+                "or gradients are not finite (a diverged run?); they are logged as NaN"
+            )
         log_scalars(trainer, scalars, step)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
-            if self._hist is not None and hasattr(experiment, "add_histogram"):
-                experiment.add_histogram("warmup/angle_per_neuron", self._hist, global_step=step)
+            finite = None if self._hist is None else self._hist[torch.isfinite(self._hist)]
+            if finite is not None and finite.numel() and hasattr(experiment, "add_histogram"):
+                # (TensorBoard refuses a histogram with no finite value)
+                experiment.add_histogram("warmup/angle_per_neuron", finite, global_step=step)
         self._hist = None
 
     # ---------------------------------------------------------------- checkpointing

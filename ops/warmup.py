@@ -109,6 +109,7 @@ def angular_update(w_old: Tensor, w_new: Tensor, per_neuron: bool = False) -> Te
         per_neuron: return one angle per row of dim 0 (shape ``(rows,)``) instead of a scalar.
 
     A zero vector has no direction; its angle is reported as 0 (e.g. a step skipped by AMP).
+    Non-finite weights give NaN, not 0: a diverged model must not read as "no update".
     """
     if w_old.shape != w_new.shape:
         raise ValueError(
@@ -116,6 +117,8 @@ def angular_update(w_old: Tensor, w_new: Tensor, per_neuron: bool = False) -> Te
         )
     if not per_neuron:
         na, nb = math.sqrt(squared_norm(w_old)), math.sqrt(squared_norm(w_new))
+        if not math.isfinite(na + nb):
+            return torch.full((), math.nan, dtype=torch.float64)
         if na == 0 or nb == 0:
             return torch.zeros((), dtype=torch.float64)
         return angle_from_sums(*normalized_difference_sums(w_old, w_new, na, nb))
@@ -126,7 +129,8 @@ def angular_update(w_old: Tensor, w_new: Tensor, per_neuron: bool = False) -> Te
         a = torch.where(ok, a / na.clamp_min(1e-300), torch.zeros_like(a))
         b = torch.where(ok, b / nb.clamp_min(1e-300), torch.zeros_like(b))
         theta = angle_from_sums(((a - b) ** 2).sum(1), ((a + b) ** 2).sum(1))
-        thetas.append(torch.where(ok.squeeze(1), theta, torch.zeros_like(theta)))
+        undefined = torch.where(torch.isfinite(na + nb), 0.0, math.nan).squeeze(1).to(theta)
+        thetas.append(torch.where(ok.squeeze(1), theta, undefined))
     return torch.cat(thetas)
 
 

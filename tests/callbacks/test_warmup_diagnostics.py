@@ -472,3 +472,42 @@ def test_fsdp_is_refused_with_a_clear_message() -> None:
     trainer = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(ValueError, match="does not support FSDP"):
         UpdateDiagnostics(per_neuron=False, rrc_layers=[]).setup(trainer, TinyRegressor(), "fit")
+
+
+class DivergingRegressor(TinyRegressor):
+    """From step 2 on the loss is NaN, so AdamW writes NaN weights: a diverged run."""
+
+    def training_step(self, batch, batch_idx):
+        loss = self.compute_loss(batch)
+        return loss * math.nan if self.global_step >= 2 else loss
+
+
+def test_a_diverged_run_logs_nan_not_no_update(tmp_path: Path) -> None:
+    # Before: the angle of NaN weights was reported as 0.0 ("no update"), NaN scalars were
+    # dropped (metrics.json and the HPARAMS tab kept step 0's values as final), one NaN SNR
+    # measurement stayed in the EMA for good, and an all-NaN per-neuron histogram would be
+    # refused by TensorBoard.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    L.seed_everything(0)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    cb = UpdateDiagnostics(
+        keep_history=True, dense_steps=10, log_histograms=True, snr_every_n_steps=1
+    )
+    with pytest.warns(UserWarning, match=r"diagnostics are NaN at step 2 .*not finite"):
+        diagnostics_trainer(tmp_path, 4, [cb], logger=logger).fit(
+            DivergingRegressor(), DataLoader(regression_data(), batch_size=32)
+        )
+    angles = records(cb, "warmup/global/angle")
+    assert all(math.isfinite(angles[s]) for s in (0, 1)) and math.isnan(angles[2])
+    assert math.isnan(angular_update(torch.ones(3, 2), torch.full((3, 2), math.nan)))
+    per_neuron = angular_update(torch.ones(2, 2), torch.tensor([[1.0, 2.0], [0.0, math.nan]]), True)
+    assert math.isfinite(per_neuron[0]) and math.isnan(per_neuron[1])
+    # Step 3 measures the SNR on NaN weights: logged raw, kept out of the EMA (steps 0-2).
+    assert math.isnan(records(cb, "warmup/snr/b_noise_raw")[3])
+    assert records(cb, "warmup/snr/phi")[3] == records(cb, "warmup/snr/phi")[2]
+    assert math.isfinite(cb._ema["g2"]) and cb._ema["n"] == 3
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("warmup/global/angle")}
+    assert sorted(logged) == [0, 1, 2, 3] and math.isnan(logged[3])
