@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.metrics_file import log_dir_of
 
@@ -55,6 +55,22 @@ class ExportPretrained(L.Callback):
     def _export(self, trainer: L.Trainer, module: Any) -> None:
         out = module.save_pretrained(log_dir_of(trainer) / self.dirname, merge_lora=self.merge_lora)
         rank_zero_info(f"exported Hugging Face model to {out}")
+        bad = non_finite_trainable(module)
+        if bad:
+            rank_zero_warn(
+                f"ExportPretrained: {out} holds non-finite weights ({bad[0][1]} entries of "
+                f"{bad[0][0]}{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}): "
+                "the run diverged; an earlier checkpoint may still be good"
+            )
+
+
+def non_finite_trainable(module: torch.nn.Module) -> list[tuple[str, int]]:
+    """``(name, count)`` of every trainable parameter with NaN or infinite entries."""
+    return [
+        (name, int((~torch.isfinite(p)).sum()))
+        for name, p in module.named_parameters()
+        if p.requires_grad and not bool(torch.isfinite(p).all())
+    ]
 
 
 def gather_full_state_dict(

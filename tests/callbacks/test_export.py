@@ -90,3 +90,20 @@ def test_a_module_without_save_pretrained_is_refused_before_fit(tmp_path):
     )  # fmt: skip
     with pytest.raises(TypeError, match="NoExport has no save_pretrained"):
         trainer.fit(NoExport(), train_dataloaders=DataLoader(torch.zeros(4, 2), batch_size=2))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_exporting_a_diverged_model_warns(tmp_path, tokenizer_dir):
+    module = CausalLMModule(
+        "micro-llama", tokenizer=str(tokenizer_dir),
+        optimizer=lambda params: torch.optim.SGD(params, lr=float("nan")),  # NaN weights
+    )  # fmt: skip
+    ids = torch.randint(0, 4096, (2, 16))
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[ExportPretrained()],
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"holds non-finite weights \(\d+ entries of model\."):
+        trainer.fit(module, DataLoader([{"input_ids": r, "labels": r} for r in ids], batch_size=2))
+    assert (tmp_path / "hf_model" / "config.json").is_file()  # exported all the same
