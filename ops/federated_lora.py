@@ -38,15 +38,12 @@ def find_lora_targets(model: nn.Module, target_modules: Sequence[str]) -> dict[s
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         )
         conv1d = sorted(
-            {
-                n.rsplit(".", 1)[-1]
-                for n, m in model.named_modules()
-                if type(m).__name__ == "Conv1D" and n.rsplit(".", 1)[-1] in wanted
-            }
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
         )
         hint = (
-            f"; {conv1d} are GPT-2-style Conv1D layers (transposed weights), which this adapter "
-            "does not support: use finetune_mode: full or a Llama-style model"
+            f"; the model's projections {conv1d} are GPT-2-style Conv1D layers (transposed "
+            "weights), which this adapter does not support: use finetune_mode: full or a "
+            "Llama-style model"
             if conv1d
             else ""
         )

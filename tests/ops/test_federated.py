@@ -141,11 +141,14 @@ def test_lora_targets_name_conv1d_layers_and_warn_on_names_that_match_nothing():
     import pytest
 
     from modules.hf_models import build_causal_lm
-    from ops.federated_lora import find_lora_targets
+    from ops.federated_lora import DEFAULT_TARGETS, find_lora_targets
 
     gpt2 = build_causal_lm("tiny-gpt2", vocab_size=64)
-    with pytest.raises(ValueError, match=r"\['c_attn', 'c_proj'\] are GPT-2-style Conv1D"):
+    conv1d = r"projections \['c_attn', 'c_fc', 'c_proj'\] are GPT-2-style Conv1D"
+    with pytest.raises(ValueError, match=conv1d):
         find_lora_targets(gpt2, ["c_attn", "c_proj"])
+    with pytest.raises(ValueError, match=conv1d):  # also with the default (Llama) names
+        find_lora_targets(gpt2, DEFAULT_TARGETS)
     llama = build_causal_lm("micro-llama", vocab_size=64)
     # Phi-3 style names next to Llama ones: the fused projections do not exist here
     with pytest.warns(UserWarning, match=r"\['qkv_proj'\] match no nn.Linear"):
