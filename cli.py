@@ -7,8 +7,9 @@
 Models and data are chosen by ``class_path`` (subclass mode), so any LightningModule or
 LightningDataModule, of this project or of the user's own package, plugs in. Defaults:
 
-- TensorBoard logger; the resolved config saved next to the logs and shown, with the final
-  metrics, in TensorBoard's HPARAMS tab (``callbacks/hparams_summary.py``);
+- TensorBoard logger; the resolved config saved next to the logs (never over another run's:
+  ``callbacks/run_config.py``) and shown, with the final metrics, in TensorBoard's HPARAMS tab
+  (``callbacks/hparams_summary.py``);
 - ``seed_everything`` on; validation inside ``fit`` leaves the training RNG stream alone and
   checkpoints carry it (``callbacks/training_rng.py``);
 - ``metrics.json`` at the end of every fit/validate/test (``callbacks/metrics_file.py``);
@@ -48,6 +49,7 @@ from callbacks.checkpoint import ModelCheckpoint
 from callbacks.hparams_summary import HParamsSummary
 from callbacks.metrics_file import MetricsFile
 from callbacks.progress_bar import RunProgressBar
+from callbacks.run_config import SaveRunConfig
 from callbacks.slurm_requeue import SlurmRequeue
 from callbacks.training_rng import TrainingRng
 from strategies.fsdp import sharded_checkpoint_meta
@@ -313,7 +315,7 @@ def main(args: list[str] | None = None) -> MloCLI:
         subclass_mode_data=True,
         seed_everything_default=DEFAULT_SEED,
         trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveRunConfig,
         parser_kwargs={"default_env": False},
         args=args,
     )

@@ -1,6 +1,7 @@
 """The ``mlo`` command end to end, in process: config printing, errors, artifacts, resume."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -192,6 +193,31 @@ def _resume_matches_straight_run(
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     return full, resumed
+
+
+def test_a_run_into_an_earlier_runs_directory_is_refused_unless_it_resumes(tmp_path):
+    # A fixed version (``make demo``'s, or a run's own saved config.yaml) used to replace the
+    # earlier run's config.yaml, metrics.json and export next to its old last.ckpt.
+    demo = ["--trainer.logger.init_args.version=demo", "--trainer.val_check_interval=2"]
+    _fit(tmp_path, "--trainer.max_steps=2", *demo)
+    run_dir = tmp_path / "run" / "demo"
+    files = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "metrics.json")}
+    refused = f"{run_dir / 'config.yaml'} exists: this {{}} run would write into the directory"
+    with pytest.raises(RuntimeError, match=re.escape(refused.format("fit"))):
+        _fit(tmp_path, "--trainer.max_steps=3", *demo)
+    with pytest.raises(RuntimeError, match=re.escape(refused.format("validate"))):
+        main(["validate", *FAST, f"--trainer.logger.init_args.save_dir={tmp_path}",
+              "--trainer.logger.init_args.name=run", *demo,
+              f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"])  # fmt: skip
+    assert {name: (run_dir / name).read_bytes() for name in files} == files
+    assert not list(run_dir.glob("checkpoints/*-v1.ckpt"))
+    # Continuing the run writes there: its config.yaml and metrics.json now describe step 4.
+    cli = _fit(
+        tmp_path, "--trainer.max_steps=4", *demo, f"--ckpt_path={run_dir}/checkpoints/last.ckpt"
+    )
+    assert cli.trainer.global_step == 4
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 4
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_steps"] == 4
 
 
 def test_resume_is_bit_identical(tmp_path):
