@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -15,9 +16,8 @@ class SaveRunConfig(SaveConfigCallback):
     A run started with a fixed logger version (``version: demo``, or a run's own saved
     ``config.yaml``, which names its version) went into the earlier run's directory and replaced
     its ``config.yaml``, ``metrics.json`` and export while its ``last.ckpt`` stayed: the directory
-    then described two runs. A fit that resumes (``--ckpt_path``, or a requeued SLURM job, which
-    Lightning resumes from its ``hpc_ckpt_*``) continues that run and may write there; anything
-    else is refused before any work, with the ways out.
+    then described two runs. A fit that continues that run (``--ckpt_path``, or a requeued SLURM
+    job) may write there; anything else is refused before any work, with the ways out.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -40,10 +40,13 @@ class SaveRunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
     def _resumes(self, trainer: L.Trainer) -> bool:
-        """Whether the fit continues from a checkpoint: ``--ckpt_path`` (in the subcommand's
-        config this callback holds), or the ``hpc_ckpt_*`` Lightning resumes from in a requeued
-        SLURM job (its own rule, ``_CheckpointConnector._parse_ckpt_path``)."""
+        """Whether the fit continues that run: ``--ckpt_path`` (in the subcommand's config this
+        callback holds), the ``hpc_ckpt_*`` Lightning resumes from in a requeued SLURM job (its
+        own rule, ``_CheckpointConnector._parse_ckpt_path``), or a requeued job that has none
+        (a node failure before any save: it starts over in its own directory, as before)."""
         if self.config.get("ckpt_path") is not None:
             return True
-        connector = trainer._checkpoint_connector
-        return SLURMEnvironment.detect() and connector._hpc_resume_path is not None
+        if not SLURMEnvironment.detect():
+            return False
+        requeued = os.environ.get("SLURM_RESTART_COUNT", "0") != "0"
+        return requeued or trainer._checkpoint_connector._hpc_resume_path is not None

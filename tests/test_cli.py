@@ -1,6 +1,7 @@
 """The ``mlo`` command end to end, in process: config printing, errors, artifacts, resume."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -524,3 +525,35 @@ def test_a_checkpoint_directory_is_read_only_under_fsdp(tmp_path):
         check_checkpoint_fits_strategy(str(tmp_path), ddp)
     check_checkpoint_fits_strategy(str(tmp_path), fsdp)
     check_checkpoint_fits_strategy(None, ddp)
+
+
+@pytest.mark.parametrize(
+    ("slurm_env", "ckpt_path", "hpc_checkpoint", "continues"),
+    [
+        ({}, None, None, False),
+        ({}, "last.ckpt", None, True),
+        ({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mlo"}, None, None, False),
+        ({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mlo"}, None, "hpc_ckpt_1.ckpt", True),
+        # requeued after a node failure, before any save: starts over in its own directory
+        ({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mlo", "SLURM_RESTART_COUNT": "1"}, None, None,
+         True),
+        ({"SLURM_RESTART_COUNT": "1"}, None, None, False),  # not inside a SLURM job
+    ],
+)  # fmt: skip
+def test_which_fits_continue_an_existing_run(
+    monkeypatch, slurm_env, ckpt_path, hpc_checkpoint, continues
+):
+    from types import SimpleNamespace
+
+    from callbacks.run_config import SaveRunConfig
+
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in slurm_env.items():
+        monkeypatch.setenv(key, value)
+    saver = SaveRunConfig.__new__(SaveRunConfig)  # _resumes reads only the config
+    saver.config = {"ckpt_path": ckpt_path}
+    trainer = SimpleNamespace(
+        _checkpoint_connector=SimpleNamespace(_hpc_resume_path=hpc_checkpoint)
+    )
+    assert saver._resumes(trainer) is continues
