@@ -43,6 +43,13 @@ class ResumableSampler(DistributedSampler):
             dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
         self._skip_samples = 0
+        # Permutation epoch minus Lightning's epoch count: -1 after resuming from a checkpoint
+        # written when training ended mid-epoch (see ``LoopResumedDataLoader.load_state_dict``).
+        self.epoch_offset = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at every epoch start with its own epoch count."""
+        super().set_epoch(epoch + self.epoch_offset)
 
     def skip_batches(self, num_batches: int, batch_size: int) -> None:
         """Skip this rank's first ``num_batches * batch_size`` samples of the next epoch only."""
@@ -119,6 +126,9 @@ class LoopResumedDataLoader(PrivateSeedDataLoader):
             "seed": getattr(self.sampler, "seed", None),
             "world_size": getattr(self.sampler, "num_replicas", 1),
             "batch_size": self.batch_size,
+            # the permutation being consumed, and how it relates to Lightning's epoch count
+            "sampler_epoch": getattr(self.sampler, "epoch", None),
+            "epoch_offset": getattr(self.sampler, "epoch_offset", 0),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -128,6 +138,8 @@ class LoopResumedDataLoader(PrivateSeedDataLoader):
                 f"resumed with data seed {current}, the checkpoint's run used {saved}: the rest "
                 "of this epoch is drawn from another order, so some samples repeat or are skipped"
             )
+        if isinstance(self.sampler, ResumableSampler):
+            continue_saved_permutation(self.sampler, state_dict)
         if isinstance(self.sampler, ResumableSampler) and "world_size" in state_dict:
             # Lightning calls this after train_dataloader() set the skip and before iterating.
             rescaled = self.sampler.rescale_skip(
@@ -136,6 +148,27 @@ class LoopResumedDataLoader(PrivateSeedDataLoader):
             if rescaled is not None:
                 note, repeated = rescaled
                 (rank_zero_warn if repeated else rank_zero_info)(note)
+
+
+def continue_saved_permutation(sampler: ResumableSampler, state_dict: dict[str, Any]) -> None:
+    """Continue the permutation the checkpoint was consuming, whatever Lightning's epoch count.
+
+    ``skip_consumed_batches`` aimed the skip at Lightning's restored epoch. That is the epoch
+    being consumed for every checkpoint but one: the ``last.ckpt`` written in ``on_train_end``
+    (a run stopped by ``max_steps`` without validating at that step), which Lightning saves
+    after marking the epoch completed. Resumed with a longer ``max_steps``, such a run went on
+    in the next epoch's permutation, skipping its first batches, and never trained the rest of
+    the interrupted one. The offset is kept from then on: Lightning's epoch count stays one
+    ahead of the permutations of an uninterrupted run.
+    """
+    saved_epoch = state_dict.get("sampler_epoch")
+    if saved_epoch is None:  # a checkpoint from before the field existed
+        return
+    offset = state_dict.get("epoch_offset", 0)
+    if sampler._skip_samples:  # mid-epoch: skip_consumed_batches set Lightning's epoch
+        offset = saved_epoch - sampler.epoch
+        sampler.epoch = saved_epoch
+    sampler.epoch_offset = offset
 
 
 def resumable_train_loader(

@@ -196,6 +196,31 @@ def _resume_matches_straight_run(
     return full, resumed
 
 
+def test_resume_from_the_checkpoint_written_when_training_ended(tmp_path):
+    # No validation before max_steps: last.ckpt is written in on_train_end, after Lightning
+    # marked the epoch completed. Resumed with a longer max_steps, the run went on in the next
+    # epoch's permutation (skipping its first batches) and never trained the rest of this one.
+    common = ["--trainer.val_check_interval=50", "--model.init_args.lr_scheduler=null"]
+    _resume_matches_straight_run(tmp_path, 8, 4, common)
+
+
+def test_chained_resumes_from_training_end_checkpoints_across_epochs(tmp_path):
+    # Epochs of 6 batches; 4 -> 9 -> 15 steps, each resumed from the previous train-end
+    # last.ckpt: Lightning's epoch count then runs one ahead of the data's (the sampler keeps
+    # the offset in its checkpointed state), through the next epoch boundaries.
+    common = ["--trainer.limit_train_batches=6", "--trainer.val_check_interval=6",
+              "--trainer.check_val_every_n_epoch=50", "--model.init_args.lr_scheduler=null"]  # fmt: skip
+    full = _fit(tmp_path, "--trainer.max_steps=15", *common, name="full")
+    previous = None
+    for stop in (4, 9, 15):
+        resume = [f"--ckpt_path={previous}"] if previous else []
+        _fit(tmp_path, f"--trainer.max_steps={stop}", *common, *resume, name=f"to{stop}")
+        previous = tmp_path / f"to{stop}" / "version_0" / "checkpoints" / "last.ckpt"
+    resumed = torch.load(previous, map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in _params(full).items():
+        assert torch.equal(value, resumed[key]), key
+
+
 def test_a_run_into_an_earlier_runs_directory_is_refused_unless_it_resumes(tmp_path):
     # A fixed version (``make demo``'s, or a run's own saved config.yaml) used to replace the
     # earlier run's config.yaml, metrics.json and export next to its old last.ckpt.
