@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import signal
 import sys
 import traceback
 from itertools import pairwise
@@ -41,6 +42,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -324,13 +326,19 @@ def main(args: list[str] | None = None) -> MloCLI:
 def run() -> None:
     """Console-script entry point: like ``main`` but returns nothing (exit status 0 on success).
 
-    An exception raised while building a configured class reaches the user wrapped by
+    A run ended by SIGTERM exits with status 143 (Lightning's handler exits with 0). An
+    exception raised while building a configured class reaches the user wrapped by
     jsonargparse in "Does not validate against any of the Union subtypes" plus a dump of the
     whole resolved namespace; ``run`` prints the original traceback and ends with one line
     naming the class and the original error instead.
     """
     try:
         main()
+    except SIGTERMException:
+        # Lightning's SIGTERM handler saves (on-exception checkpoint) and then raises a bare
+        # SystemExit: the killed run exited with status 0, as if it had finished. 128 + 15 is
+        # what a shell reports for a process ended by SIGTERM; schedulers retry on it.
+        raise SystemExit(128 + signal.SIGTERM) from None
     except ValueError as err:
         failure = unwrap_instantiation_error(err)
         if failure is None:

@@ -246,6 +246,21 @@ def test_a_run_into_an_earlier_runs_directory_is_refused_unless_it_resumes(tmp_p
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_steps"] == 4
 
 
+def test_a_run_ended_by_sigterm_exits_with_143_after_saving(tmp_path, repo_root):
+    # Lightning's SIGTERM handler saves and raises a bare SystemExit: status 0, as if finished.
+    out = subprocess.run(
+        [sys.executable, "cli.py", "fit", *FAST, "--trainer.max_steps=6",
+         f"--trainer.logger.init_args.save_dir={tmp_path}",
+         "--trainer.callbacks+=tests.slurm_signal_callback.SignalAtStep",
+         "--trainer.callbacks.step=2", "--trainer.callbacks.signal_name=SIGTERM"],
+        cwd=repo_root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 143, out.stderr[-2000:]
+    # saved at the end of the step the signal arrived in (Lightning's step boundary)
+    last = tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+
+
 def test_resume_is_bit_identical(tmp_path):
     common = [
         "--model.init_args.lr_scheduler.init_args.total_steps=12",
