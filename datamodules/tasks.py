@@ -43,17 +43,20 @@ def stack_tasks(tasks: list[Task]) -> Task:
 
 
 class _EpisodeStream(IterableDataset):
-    """Yields meta-batches from ``dm.next_episode`` to the end of the current epoch block."""
+    """Yields meta-batches from ``dm.next_episode`` to the end of its epoch block."""
 
     def __init__(self, dm: EpisodicTasks) -> None:
         self.dm = dm
 
     def __len__(self) -> int:
-        return self.dm.episodes_per_epoch - self.dm.next_episode % self.dm.episodes_per_epoch
+        # A whole epoch, also when resumed mid-epoch (the iterator then yields the rest):
+        # Lightning keeps the first length it reads for every later epoch, and the remainder
+        # made a max_epochs-bound resumed run end early.
+        return self.dm.episodes_per_epoch
 
     def __iter__(self) -> Iterator[Task]:
-        start = self.dm.next_episode
-        for episode in range(start, start + len(self)):
+        start, per_epoch = self.dm.next_episode, self.dm.episodes_per_epoch
+        for episode in range(start, (start // per_epoch + 1) * per_epoch):
             batch = self.dm.sample_meta_batch(task_generator(self.dm.seed, "train", episode))
             batch["episode"] = torch.tensor(episode)
             yield batch

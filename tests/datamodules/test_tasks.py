@@ -44,8 +44,11 @@ def test_state_dict_resumes_the_same_stream():
     dm.load_state_dict({"next_episode": 3, "seed": 0})
     resumed = _stream(dm, 4)
     assert all(_equal(x, y) for x, y in zip(full[3:], resumed, strict=True))
-    # The resumed epoch only has the remaining episodes of its block.
-    assert len(dm.train_dataloader().dataset) == 7
+    # The resumed epoch yields only the remaining episodes of its block; its length stays a
+    # whole epoch (Lightning keeps the first length it reads for the later epochs).
+    stream = dm.train_dataloader().dataset
+    assert len(stream) == 10
+    assert [int(batch["episode"]) for batch in stream] == list(range(3, 10))
     with pytest.raises(ValueError, match="seed"):
         dm.load_state_dict({"next_episode": 3, "seed": 1})
 

@@ -280,11 +280,23 @@ def test_a_configured_lr_scheduler_is_stepped(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
 
 
-def _fit_linear(tmp_path, steps, ckpt=None, save=None):
+class _SaveAtStep(L.Callback):
+    """A mid-epoch checkpoint as ``every_n_train_steps`` writes it (in on_train_batch_end)."""
+
+    def __init__(self, step: int, path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def _fit_linear(tmp_path, steps, ckpt=None, save=None, epochs=None, callbacks=()):
     L.seed_everything(0)
     dm = LinearRegressionTasks(dim=6, num_tasks=20, meta_batch_size=4, episodes_per_epoch=3)
     module = _linear_module().double()
-    trainer = _trainer(tmp_path, max_steps=steps, precision="64-true", limit_val_batches=0)
+    trainer = _trainer(tmp_path, max_steps=steps, max_epochs=epochs, precision="64-true",
+                       limit_val_batches=0, callbacks=list(callbacks))  # fmt: skip
     trainer.fit(module, dm, ckpt_path=ckpt)
     if save:
         trainer.save_checkpoint(save)
@@ -297,6 +309,17 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     _fit_linear(tmp_path / "b", 2, save=ckpt)
     resumed, dm_resumed = _fit_linear(tmp_path / "c", 5, ckpt=str(ckpt))
     assert dm_straight.next_episode == dm_resumed.next_episode == 5
+    assert torch.equal(straight.net.weight, resumed.net.weight)
+
+
+def test_an_epoch_bound_run_resumed_mid_epoch_keeps_its_epoch_length(tmp_path):
+    # The stream's length was what was left of the epoch at the resume, and Lightning kept
+    # that length for the later epochs: max_epochs ended the resumed run steps early.
+    straight, _ = _fit_linear(tmp_path / "a", -1, epochs=3)  # 3 epochs of 3 episodes
+    ckpt = tmp_path / "mid.ckpt"
+    _fit_linear(tmp_path / "b", 4, callbacks=[_SaveAtStep(2, ckpt)])
+    resumed, dm_resumed = _fit_linear(tmp_path / "c", -1, ckpt=str(ckpt), epochs=3)
+    assert dm_resumed.next_episode == 9 and resumed.trainer.global_step == 9
     assert torch.equal(straight.net.weight, resumed.net.weight)
 
 
