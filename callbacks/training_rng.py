@@ -9,7 +9,8 @@ trajectory, found by running the same fit twice:
 * checkpoints held no RNG state, so a resumed run replayed the dropout masks of the steps after
   ``seed_everything`` instead of continuing the interrupted stream.
 
-``TrainingRng`` records the generators' states after every training step (a few microseconds)
+``TrainingRng`` records the generators' states at the start and end of every training step (a
+few microseconds each)
 and puts them back when a validation inside ``fit`` ends: the validation iterator is created
 before any validation hook runs, so the state at the last training batch end is the one to keep
 (Lightning already isolates its sanity check this way). Checkpoints hold that training-stream
@@ -89,18 +90,20 @@ class TrainingRng(L.Callback):
 
     def __init__(self) -> None:
         self._after_step: dict[str, Any] | None = None
+        self._at_batch_start: dict[str, Any] | None = None
         self._to_restore: dict[str, Any] | None = None
         self._trainer: L.Trainer | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
         if stage == "fit":  # a new fit (checkpoint states are loaded after setup)
-            self._after_step, self._to_restore = None, None
+            self._after_step, self._at_batch_start, self._to_restore = None, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if self._to_restore is not None:
             set_rng_states(self._to_restore)
             self._to_restore = None
+        self._at_batch_start = rng_states()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         self._after_step = rng_states()
@@ -120,6 +123,10 @@ class TrainingRng(L.Callback):
             states = self._to_restore
         elif trainer is not None and trainer.validating and self._after_step is not None:
             states = self._after_step
+        elif trainer is not None and _batch_unfinished(trainer) and self._at_batch_start:
+            # An on-exception save in the middle of a step (Ctrl-C after the forward): the
+            # step is redone on resume, so its random draws must be too.
+            states = self._at_batch_start
         else:
             states = rng_states()
         return {"rng": to_checkpoint(states)}
@@ -127,3 +134,11 @@ class TrainingRng(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("rng")
         self._to_restore = from_checkpoint(saved) if saved is not None else None
+
+
+def _batch_unfinished(trainer: L.Trainer) -> bool:
+    """A training batch started but not processed: the save happens inside its step."""
+    if not trainer.training:
+        return False
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return progress.started > progress.processed

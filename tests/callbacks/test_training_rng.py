@@ -126,3 +126,33 @@ def test_a_checkpoint_saved_by_another_callback_holds_the_current_stream(tmp_pat
     full = _fit(tmp_path / "full", callbacks if saver_first else callbacks[::-1], **kw)
     resumed = _fit(tmp_path / "resumed", [TrainingRng()], ckpt_path=saved, **kw)
     assert torch.equal(resumed, full)
+
+
+class InterruptAfterForward(L.Callback):
+    """Ctrl-C in the middle of a training step, after its dropout masks were drawn."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_backward(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_checkpoint_saved_mid_step_holds_the_stream_at_that_steps_start(tmp_path):
+    # The on-exception checkpoint of a step interrupted after its forward: the step is redone
+    # on resume, so its dropout masks must be drawn again, not the next step's. (At an epoch's
+    # first batch: a plain DataLoader cannot resume mid-epoch.)
+    from callbacks.checkpoint import ModelCheckpoint as OnExceptionCheckpoint
+
+    kw = {"limit_val_batches": 0, "limit_train_batches": 6}
+    full = _fit(tmp_path / "full", [TrainingRng()], **kw)
+    saver = OnExceptionCheckpoint(
+        dirpath=tmp_path / "ckpt", save_on_exception=True, every_n_epochs=0
+    )
+    with pytest.raises(SystemExit):  # Lightning's answer to a KeyboardInterrupt, after saving
+        _fit(tmp_path / "cut", [TrainingRng(), saver, InterruptAfterForward(6)], **kw)
+    (saved,) = (tmp_path / "ckpt").glob("*.ckpt")
+    assert torch.load(saved, weights_only=True)["global_step"] == 6
+    resumed = _fit(tmp_path / "resumed", [TrainingRng()], ckpt_path=saved, **kw)
+    assert torch.equal(resumed, full)
