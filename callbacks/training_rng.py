@@ -10,16 +10,16 @@ trajectory, found by running the same fit twice:
   ``seed_everything`` instead of continuing the interrupted stream.
 
 ``TrainingRng`` records the generators' states at the start and end of every training step (a
-few microseconds each)
-and puts them back when a validation inside ``fit`` ends: the validation iterator is created
-before any validation hook runs, so the state at the last training batch end is the one to keep
-(Lightning already isolates its sanity check this way). Checkpoints hold that training-stream
-state, restored right before the first resumed training batch (after whatever set-up the
-resumed run draws). That is exact when nothing draws from the global RNG between a step and
-the next one in the interrupted run: the project's loaders draw from generators of their own
-(``datamodules/resumable_sampler.py``); a loader without one draws a seed at every epoch
-start, so a run resumed at an epoch boundary from such a loader continues from a shifted
-stream. A checkpoint holds rank 0's state; under ``seed_everything`` ranks draw alike.
+few microseconds each) and puts them back when a validation inside ``fit`` ends: the validation
+iterator is created before any validation hook runs, so the state at the last training batch end
+is the one to keep (Lightning already isolates its sanity check this way). Checkpoints hold that
+training-stream state (for a save in the middle of a step, the state at its start), restored
+right before the first resumed training batch (after whatever set-up the resumed run draws).
+That is exact when nothing draws from the global RNG between a step and the next one in the
+interrupted run: the project's loaders draw from generators of their own
+(``datamodules/resumable_sampler.py``); a loader without one draws a seed at every epoch start,
+so a run resumed at an epoch boundary from such a loader continues from a shifted stream. A
+checkpoint holds rank 0's state; under ``seed_everything`` ranks draw alike.
 """
 
 from __future__ import annotations

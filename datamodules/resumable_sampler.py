@@ -43,8 +43,8 @@ class ResumableSampler(DistributedSampler):
             dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
         self._skip_samples = 0
-        # Permutation epoch minus Lightning's epoch count: -1 after resuming from a checkpoint
-        # written when training ended mid-epoch (see ``LoopResumedDataLoader.load_state_dict``).
+        # Permutation epoch minus Lightning's epoch count: one less for every resume from a
+        # checkpoint written when training ended mid-epoch (``continue_saved_permutation``).
         self.epoch_offset = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -158,8 +158,8 @@ def continue_saved_permutation(sampler: ResumableSampler, state_dict: dict[str, 
     (a run stopped by ``max_steps`` without validating at that step), which Lightning saves
     after marking the epoch completed. Resumed with a longer ``max_steps``, such a run went on
     in the next epoch's permutation, skipping its first batches, and never trained the rest of
-    the interrupted one. The offset is kept from then on: Lightning's epoch count stays one
-    ahead of the permutations of an uninterrupted run.
+    the interrupted one. The offset is kept from then on: Lightning's epoch count stays ahead
+    of the permutations of an uninterrupted run (by one more for every such resume).
     """
     saved_epoch = state_dict.get("sampler_epoch")
     if saved_epoch is None:  # a checkpoint from before the field existed
