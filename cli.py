@@ -337,14 +337,14 @@ def run() -> None:
     except SIGTERMException:
         # Lightning's SIGTERM handler saves (on-exception checkpoint) and then raises a bare
         # SystemExit: the killed run exited with status 0, as if it had finished. 128 + 15 is
-        # what a shell reports for a process ended by SIGTERM; schedulers retry on it.
+        # what a shell reports for a process ended by SIGTERM: job scripts see a failure.
         raise SystemExit(128 + signal.SIGTERM) from None
     except ValueError as err:
         failure = unwrap_instantiation_error(err)
         if failure is None:
             raise
-        traceback.print_exception(failure[1])
         class_path, cause = failure
+        traceback.print_exception(cause)
         raise SystemExit(
             f"error: building {class_path} failed: {type(cause).__name__}: {cause}"
         ) from None
