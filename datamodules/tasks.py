@@ -146,7 +146,14 @@ class EpisodicTasks(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next_episode": self.next_episode, "seed": self.seed}
+        # A save in the middle of a step (an on-exception checkpoint): its episode was counted
+        # when it was fetched but is trained again on resume, so it is not consumed yet.
+        trainer = getattr(self, "trainer", None)
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current if trainer else None
+        unfinished = (
+            trainer is not None and trainer.training and progress.ready > progress.processed
+        )
+        return {"next_episode": self.next_episode - int(unfinished), "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("seed", self.seed) != self.seed:

@@ -295,8 +295,10 @@ def _fit_linear(tmp_path, steps, ckpt=None, save=None, epochs=None, callbacks=()
     L.seed_everything(0)
     dm = LinearRegressionTasks(dim=6, num_tasks=20, meta_batch_size=4, episodes_per_epoch=3)
     module = _linear_module().double()
+    saves = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
     trainer = _trainer(tmp_path, max_steps=steps, max_epochs=epochs, precision="64-true",
-                       limit_val_batches=0, callbacks=list(callbacks))  # fmt: skip
+                       limit_val_batches=0, callbacks=list(callbacks),
+                       enable_checkpointing=saves)  # fmt: skip
     trainer.fit(module, dm, ckpt_path=ckpt)
     if save:
         trainer.save_checkpoint(save)
@@ -320,6 +322,36 @@ def test_an_epoch_bound_run_resumed_mid_epoch_keeps_its_epoch_length(tmp_path):
     _fit_linear(tmp_path / "b", 4, callbacks=[_SaveAtStep(2, ckpt)])
     resumed, dm_resumed = _fit_linear(tmp_path / "c", -1, ckpt=str(ckpt), epochs=3)
     assert dm_resumed.next_episode == 9 and resumed.trainer.global_step == 9
+    assert torch.equal(straight.net.weight, resumed.net.weight)
+
+
+class _InterruptBeforeStep(L.Callback):
+    """Ctrl-C in the middle of a training step, before its outer optimizer step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_checkpoint_saved_mid_step_trains_that_steps_episode_again(tmp_path):
+    # The episode is counted consumed when fetched, before its step runs: the on-exception
+    # checkpoint of an interrupted step skipped it on resume.
+    from callbacks.checkpoint import ModelCheckpoint as OnExceptionCheckpoint
+
+    straight, _ = _fit_linear(tmp_path / "a", 5)
+    saver = OnExceptionCheckpoint(
+        dirpath=tmp_path / "ckpt", save_on_exception=True, every_n_epochs=0
+    )
+    with pytest.raises(SystemExit):  # Lightning's answer to a KeyboardInterrupt, after saving
+        _fit_linear(tmp_path / "b", 5, callbacks=[saver, _InterruptBeforeStep(2)])
+    (saved,) = (tmp_path / "ckpt").glob("*.ckpt")
+    state = torch.load(saved, weights_only=True)
+    assert state["global_step"] == 2
+    assert state["LinearRegressionTasks"]["next_episode"] == 2
+    resumed, _ = _fit_linear(tmp_path / "c", 5, ckpt=str(saved))
     assert torch.equal(straight.net.weight, resumed.net.weight)
 
 
