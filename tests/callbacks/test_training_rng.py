@@ -15,6 +15,7 @@ from callbacks.training_rng import (
     set_rng_states,
     to_checkpoint,
 )
+from tests.interrupt_callback import InterruptAtStep
 
 
 def test_states_survive_a_weights_only_checkpoint():
@@ -128,17 +129,6 @@ def test_a_checkpoint_saved_by_another_callback_holds_the_current_stream(tmp_pat
     assert torch.equal(resumed, full)
 
 
-class InterruptAfterForward(L.Callback):
-    """Ctrl-C in the middle of a training step, after its dropout masks were drawn."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_before_backward(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_a_checkpoint_saved_mid_step_holds_the_stream_at_that_steps_start(tmp_path):
     # The on-exception checkpoint of a step interrupted after its forward: the step is redone
     # on resume, so its dropout masks must be drawn again, not the next step's. (At an epoch's
@@ -151,7 +141,9 @@ def test_a_checkpoint_saved_mid_step_holds_the_stream_at_that_steps_start(tmp_pa
         dirpath=tmp_path / "ckpt", save_on_exception=True, every_n_epochs=0
     )
     with pytest.raises(SystemExit):  # Lightning's answer to a KeyboardInterrupt, after saving
-        _fit(tmp_path / "cut", [TrainingRng(), saver, InterruptAfterForward(6)], **kw)
+        _fit(
+            tmp_path / "cut", [TrainingRng(), saver, InterruptAtStep(6, "on_before_backward")], **kw
+        )
     (saved,) = (tmp_path / "ckpt").glob("*.ckpt")
     assert torch.load(saved, weights_only=True)["global_step"] == 6
     resumed = _fit(tmp_path / "resumed", [TrainingRng()], ckpt_path=saved, **kw)

@@ -325,28 +325,20 @@ def test_an_epoch_bound_run_resumed_mid_epoch_keeps_its_epoch_length(tmp_path):
     assert torch.equal(straight.net.weight, resumed.net.weight)
 
 
-class _InterruptBeforeStep(L.Callback):
-    """Ctrl-C in the middle of a training step, before its outer optimizer step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_before_optimizer_step(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_a_checkpoint_saved_mid_step_trains_that_steps_episode_again(tmp_path):
     # The episode is counted consumed when fetched, before its step runs: the on-exception
     # checkpoint of an interrupted step skipped it on resume.
     from callbacks.checkpoint import ModelCheckpoint as OnExceptionCheckpoint
+    from tests.interrupt_callback import InterruptAtStep
 
     straight, _ = _fit_linear(tmp_path / "a", 5)
     saver = OnExceptionCheckpoint(
         dirpath=tmp_path / "ckpt", save_on_exception=True, every_n_epochs=0
     )
     with pytest.raises(SystemExit):  # Lightning's answer to a KeyboardInterrupt, after saving
-        _fit_linear(tmp_path / "b", 5, callbacks=[saver, _InterruptBeforeStep(2)])
+        _fit_linear(
+            tmp_path / "b", 5, callbacks=[saver, InterruptAtStep(2, "on_before_optimizer_step")]
+        )
     (saved,) = (tmp_path / "ckpt").glob("*.ckpt")
     state = torch.load(saved, weights_only=True)
     assert state["global_step"] == 2
