@@ -36,7 +36,7 @@ def noise_metrics(table: dict[str, torch.Tensor], methods: list[str]) -> dict[st
     metrics = {}
     for m in methods:
         s = table[f"score_{m}"]
-        if not bool(torch.isfinite(s).all()):
+        if not all_finite(s):
             # A ranking with NaNs in it is argsort's order of the NaNs, not a detection result.
             metrics.update({f"influence/{m}/{k}": math.nan for k in DETECTION_METRICS})
             continue
@@ -44,6 +44,11 @@ def noise_metrics(table: dict[str, torch.Tensor], methods: list[str]) -> dict[st
         metrics[f"influence/{m}/detect_at_10"] = detection_rate(s, mask, 0.1)
         metrics[f"influence/{m}/detect_at_20"] = detection_rate(s, mask, 0.2)
     return metrics
+
+
+def all_finite(scores: torch.Tensor) -> bool:
+    """Whether every score is a number: a method's NaN or infinite scores rank nothing."""
+    return bool(torch.isfinite(scores).all())
 
 
 def warn_non_finite_scores(table: dict[str, torch.Tensor], methods: list[str]) -> None:
@@ -71,7 +76,7 @@ def detection_curve_figure(table: dict[str, torch.Tensor], methods: list[str]):
     ax = fig.add_subplot()
     for m in methods:
         scores = table[f"score_{m}"]
-        if bool(torch.isfinite(scores).all()):  # NaNs would rank in argsort's order
+        if all_finite(scores):  # NaNs would rank in argsort's order
             ax.plot(inspected, detection_curve(scores, mask), label=m)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random")
     ax.set(xlabel="fraction of training set inspected", ylabel="fraction of flipped labels found")
