@@ -15,8 +15,9 @@ LightningDataModule, of this project or of the user's own package, plugs in. Def
 - ``metrics.json`` at the end of every fit/validate/test (``callbacks/metrics_file.py``);
 - a ModelCheckpoint for configs that name none: ``checkpoints/last.ckpt`` also without
   validation, and an on-exception save that cannot hang a multi-process run;
-- under SLURM, the requeue signal answered with a checkpoint at the next step boundary
-  (``callbacks/slurm_requeue.py``).
+- Ctrl-C during ``fit`` stops at the next step boundary, so its checkpoint resumes exactly
+  (``callbacks/graceful_interrupt.py``); under SLURM, the requeue signal is answered with a
+  checkpoint at the next step boundary (``callbacks/slurm_requeue.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import strategies  # noqa: F401  (registers the project's strategies by name)
 from callbacks.checkpoint import ModelCheckpoint
+from callbacks.graceful_interrupt import GracefulInterrupt
 from callbacks.hparams_summary import HParamsSummary
 from callbacks.metrics_file import MetricsFile
 from callbacks.progress_bar import RunProgressBar
@@ -75,9 +77,10 @@ class MloCLI(LightningCLI):
     """LightningCLI with the project's defaults (see the module docstring)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        # Always-on callbacks, configurable as ``metrics_file.filename`` and
-        # ``slurm_requeue.check_every_n_steps`` (inert outside SLURM).
+        # Always-on callbacks, configurable as ``metrics_file.filename``,
+        # ``slurm_requeue.check_every_n_steps`` (inert outside SLURM), ...
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
+        parser.add_lightning_class_args(GracefulInterrupt, "graceful_interrupt")
         parser.add_lightning_class_args(SlurmRequeue, "slurm_requeue")
         parser.add_lightning_class_args(HParamsSummary, "hparams_summary")
         parser.add_lightning_class_args(TrainingRng, "training_rng")

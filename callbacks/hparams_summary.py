@@ -32,6 +32,7 @@ NOT_HYPERPARAMETERS = frozenset(
         "trainer.plugins",
         "trainer.default_root_dir",
         "metrics_file",
+        "graceful_interrupt",
         "slurm_requeue",
         "hparams_summary",
     }

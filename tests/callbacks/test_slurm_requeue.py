@@ -17,10 +17,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.slurm_requeue import SlurmRequeue
-from datamodules.resumable_sampler import resumable_train_loader
 from modules.lora_fl import FederatedLoRAModule
 from modules.lora_fl_client import ClientTrainer
 from tests.federated_testkit import NO_MEM, tiny_dm, tiny_module, tiny_trainer
+from tests.signal_testkit import SignallingRegression, fit_regression
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,62 +131,19 @@ def test_check_interval_must_be_positive():
 class _ArmedWithoutSlurm(SlurmRequeue):
     """Answers SIGUSR1 without a SLURM environment: ddp_spawn cannot fake one per rank."""
 
-    def requeue_signal(self, trainer: L.Trainer) -> int:
+    def signal_to_answer(self, trainer: L.Trainer) -> int:
         return signal.SIGUSR1
-
-
-class _Regression(L.LightningModule):
-    """Linear regression with SGD; ``signal_rank`` signals itself right after optimizer step
-    number ``signal_step + 1``, before Lightning counts the step."""
-
-    def __init__(self, signal_step: int | None = None, signal_rank: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.layer = torch.nn.Linear(4, 1)
-        self.signal_step, self.signal_rank = signal_step, signal_rank
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.layer(x), y)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.global_step == self.signal_step and self.global_rank == self.signal_rank:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class _RegressionData(L.LightningDataModule):
-    """64 fixed samples, batches of 4, a loader that resumes mid-epoch (the project's)."""
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(1)
-        data = torch.utils.data.TensorDataset(
-            torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g)
-        )
-        return resumable_train_loader(self, data, batch_size=4, seed=0, drop_last=True)
-
-
-def _fit_regression(module: _Regression, root, steps: int, callbacks: list, **kw) -> torch.Tensor:
-    L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-        callbacks=callbacks, **kw,
-    ).fit(module, _RegressionData())  # fmt: skip
-    return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
 def test_signal_after_an_optimizer_step_is_not_replayed_on_resume(tmp_path, fake_slurm):
     """Caught between ``optimizer.step()`` and the loop's counters, Lightning's own handler saves
     updated weights with the old step count, and the resumed run applies that batch twice."""
-    uninterrupted = _fit_regression(_Regression(), tmp_path / "reference", 8, [])
+    uninterrupted = fit_regression(SignallingRegression(), tmp_path / "reference", 8, [])
     job_dir = tmp_path / "job"
-    _fit_regression(_Regression(signal_step=3), job_dir, 6, [SlurmRequeue()])
+    fit_regression(SignallingRegression(signal_step=3), job_dir, 6, [SlurmRequeue()])
     (hpc,) = job_dir.glob("hpc_ckpt_*.ckpt")
     assert torch.load(hpc, weights_only=False)["global_step"] == 4
-    resumed = _fit_regression(_Regression(), job_dir, 8, [SlurmRequeue()])
+    resumed = fit_regression(SignallingRegression(), job_dir, 8, [SlurmRequeue()])
     assert torch.equal(resumed, uninterrupted)
 
 
@@ -194,8 +151,8 @@ def test_signal_after_an_optimizer_step_is_not_replayed_on_resume(tmp_path, fake
 def test_ranks_agree_on_a_signal_only_one_of_them_received(tmp_path, fake_slurm, monkeypatch):
     """Every rank saves at the same step (a rank saving alone would wait in its barrier)."""
     monkeypatch.delenv("SLURM_NTASKS")  # SLURM detection off; the job id stays for scontrol
-    _fit_regression(
-        _Regression(signal_step=2, signal_rank=1), tmp_path, 6, [_ArmedWithoutSlurm()],
+    fit_regression(
+        SignallingRegression(signal_step=2, signal_rank=1), tmp_path, 6, [_ArmedWithoutSlurm()],
         devices=2, strategy="ddp_spawn",
     )  # fmt: skip
     (hpc,) = tmp_path.glob("hpc_ckpt_*.ckpt")
