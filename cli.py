@@ -15,9 +15,10 @@ LightningDataModule, of this project or of the user's own package, plugs in. Def
 - ``metrics.json`` at the end of every fit/validate/test (``callbacks/metrics_file.py``);
 - a ModelCheckpoint for configs that name none: ``checkpoints/last.ckpt`` also without
   validation, and an on-exception save that cannot hang a multi-process run;
-- Ctrl-C during ``fit`` stops at the next step boundary, so its checkpoint resumes exactly
-  (``callbacks/graceful_interrupt.py``); under SLURM, the requeue signal is answered with a
-  checkpoint at the next step boundary (``callbacks/slurm_requeue.py``).
+- Ctrl-C or SIGTERM during ``fit`` stops at the next step boundary, on every rank, so the
+  checkpoint resumes exactly (``callbacks/graceful_stop.py``); under SLURM, the requeue
+  signal is answered with a checkpoint at the next step boundary
+  (``callbacks/slurm_requeue.py``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import strategies  # noqa: F401  (registers the project's strategies by name)
 from callbacks.checkpoint import ModelCheckpoint
-from callbacks.graceful_interrupt import GracefulInterrupt
+from callbacks.graceful_stop import GracefulStop
 from callbacks.hparams_summary import HParamsSummary
 from callbacks.metrics_file import MetricsFile
 from callbacks.progress_bar import RunProgressBar
@@ -80,7 +81,7 @@ class MloCLI(LightningCLI):
         # Always-on callbacks, configurable as ``metrics_file.filename``,
         # ``slurm_requeue.check_every_n_steps`` (inert outside SLURM), ...
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
-        parser.add_lightning_class_args(GracefulInterrupt, "graceful_interrupt")
+        parser.add_lightning_class_args(GracefulStop, "graceful_stop")
         parser.add_lightning_class_args(SlurmRequeue, "slurm_requeue")
         parser.add_lightning_class_args(HParamsSummary, "hparams_summary")
         parser.add_lightning_class_args(TrainingRng, "training_rng")
@@ -329,7 +330,7 @@ def main(args: list[str] | None = None) -> MloCLI:
 def run() -> None:
     """Console-script entry point: like ``main`` but returns nothing (exit status 0 on success).
 
-    A run ended by SIGTERM exits with status 143 (Lightning's handler exits with 0). An
+    A run ended by SIGTERM exits with status 143 (Lightning's exception is a bare SystemExit). An
     exception raised while building a configured class reaches the user wrapped by
     jsonargparse in "Does not validate against any of the Union subtypes" plus a dump of the
     whole resolved namespace; ``run`` prints the original traceback and ends with one line
@@ -338,8 +339,8 @@ def run() -> None:
     try:
         main()
     except SIGTERMException:
-        # Lightning's SIGTERM handler saves (on-exception checkpoint) and then raises a bare
-        # SystemExit: the killed run exited with status 0, as if it had finished. 128 + 15 is
+        # Raised after the on-exception checkpoint (callbacks/graceful_stop.py, or Lightning's
+        # own handling), it is a bare SystemExit: the run exited with status 0, as if finished. 128 + 15 is
         # what a shell reports for a process ended by SIGTERM: job scripts see a failure.
         raise SystemExit(128 + signal.SIGTERM) from None
     except ValueError as err:

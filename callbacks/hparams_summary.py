@@ -32,7 +32,7 @@ NOT_HYPERPARAMETERS = frozenset(
         "trainer.plugins",
         "trainer.default_root_dir",
         "metrics_file",
-        "graceful_interrupt",
+        "graceful_stop",
         "slurm_requeue",
         "hparams_summary",
     }

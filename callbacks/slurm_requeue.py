@@ -7,9 +7,8 @@ run applies that batch twice; a step that changes the weights in place and resto
 saved half-done (the federated module guards its full fine-tuning rounds itself, see
 ``FederatedLoRAModule.on_save_checkpoint``; a user's module may not).
 
-This callback takes the signal first (Lightning installs no handler of its own on a signal that
-already has one) and writes the same file at the next step boundary
-(``callbacks/step_boundary_signal.py``). The requeued job resumes from it as before: with
+This callback replaces that handler while training runs and writes the same file at the next
+step boundary (``callbacks/step_boundary_signal.py``). The requeued job resumes from it as before: with
 ``ckpt_path`` unset, Lightning looks for ``hpc_ckpt_*`` in ``default_root_dir``.
 
 ``mlo`` adds it to every run (``slurm_requeue.*`` arguments); outside SLURM, or with
@@ -68,15 +67,15 @@ class SlurmRequeue(StepBoundarySignal):
     def __init__(self, check_every_n_steps: int = 1) -> None:
         super().__init__(check_every_n_steps)
 
-    def signal_to_answer(self, trainer: L.Trainer) -> int | None:
+    def signals_to_answer(self, trainer: L.Trainer) -> tuple[int, ...]:
         """SLURM's requeue signal when Lightning would auto-requeue."""
         # Lightning reads the environment from here too (its _SignalConnector).
         environment = trainer._accelerator_connector.cluster_environment
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
-            return environment.requeue_signal
-        return None
+            return (environment.requeue_signal,)
+        return ()
 
-    def act(self, trainer: L.Trainer) -> None:
+    def act(self, trainer: L.Trainer, signals: list[int]) -> None:
         for logger in trainer.loggers:
             logger.save()
         # The file name Lightning's resume looks for (``hpc_ckpt_<max + 1>.ckpt``).

@@ -42,7 +42,7 @@ def test_print_config_is_complete_and_documented(repo_root):
     assert config["data"]["init_args"]["block_size"] == 128
     assert config["seed_everything"] == 1234
     assert "metrics_file" in config
-    assert config["slurm_requeue"] == {"check_every_n_steps": 1} and config["graceful_interrupt"]
+    assert config["slurm_requeue"] == {"check_every_n_steps": 1} and config["graceful_stop"]
     help_text = subprocess.run(
         [sys.executable, "cli.py", "fit", "--model.help", "modules.causal_lm.CausalLMModule"],
         cwd=repo_root, capture_output=True, text=True, check=True,

@@ -131,8 +131,8 @@ def test_check_interval_must_be_positive():
 class _ArmedWithoutSlurm(SlurmRequeue):
     """Answers SIGUSR1 without a SLURM environment: ddp_spawn cannot fake one per rank."""
 
-    def signal_to_answer(self, trainer: L.Trainer) -> int:
-        return signal.SIGUSR1
+    def signals_to_answer(self, trainer: L.Trainer) -> tuple[int, ...]:
+        return (signal.SIGUSR1,)
 
 
 def test_signal_after_an_optimizer_step_is_not_replayed_on_resume(tmp_path, fake_slurm):

@@ -1,7 +1,12 @@
-"""Ctrl-C in a 2-process ``mlo fit`` (popen DDP over gloo), sent to rank 0 alone in the middle of
-a step, as ``kill -INT <pid>`` does: both ranks stop at the same step boundary, save the
-on-exception checkpoint together and exit. (Python's own ``KeyboardInterrupt`` on rank 0 alone
-left it waiting in the save's barrier while rank 1 waited in the next gradient all-reduce.)"""
+"""Ctrl-C and SIGTERM in a 2-process ``mlo fit`` (popen DDP over gloo), in the middle of a step:
+both ranks stop at the same step boundary, save the on-exception checkpoint together and exit.
+
+- SIGINT to rank 0 alone (``kill -INT <pid>``): Python's own ``KeyboardInterrupt`` left rank 0
+  waiting in the save's barrier while rank 1 waited in the next gradient all-reduce.
+- SIGTERM to every process (``kill -TERM -<pgid>``, systemd, ``scancel``): Lightning 2.6's
+  handler broadcast from inside the handler, and rank 1 (signalled twice: once more by rank 0,
+  which forwards it) hung.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ctrl_c_to_rank_0_alone_stops_both_ranks_at_the_next_step_boundary(tmp_path, repo_root):
+@pytest.mark.parametrize(
+    ("signal_name", "ranks", "status", "announced"),
+    [("SIGINT", ["--trainer.callbacks.rank=0"], 1, "Ctrl-C"), ("SIGTERM", [], 143, "SIGTERM")],
+)
+def test_a_signal_stops_both_ranks_at_the_next_step_boundary(
+    tmp_path, repo_root, signal_name, ranks, status, announced
+):
     command = [
         sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml",
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
@@ -33,8 +44,8 @@ def test_ctrl_c_to_rank_0_alone_stops_both_ranks_at_the_next_step_boundary(tmp_p
         f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--trainer.callbacks+=tests.slurm_signal_callback.SignalAtStep",
-        "--trainer.callbacks.step=5", "--trainer.callbacks.signal_name=SIGINT",
-        "--trainer.callbacks.hook=on_before_optimizer_step", "--trainer.callbacks.rank=0",
+        "--trainer.callbacks.step=5", f"--trainer.callbacks.signal_name={signal_name}",
+        "--trainer.callbacks.hook=on_before_optimizer_step", *ranks,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
@@ -46,9 +57,9 @@ def test_ctrl_c_to_rank_0_alone_stops_both_ranks_at_the_next_step_boundary(tmp_p
         output = run.communicate(timeout=240)[0]
     except subprocess.TimeoutExpired:
         os.killpg(run.pid, signal.SIGKILL)
-        pytest.fail(f"hung after the Ctrl-C: {run.communicate()[0][-3000:]}")
-    assert run.returncode == 1, output[-3000:]  # Lightning's exit after a KeyboardInterrupt
-    assert "Ctrl-C: stopping after this training step" in output
+        pytest.fail(f"hung after the {signal_name}: {run.communicate()[0][-3000:]}")
+    assert run.returncode == status, output[-3000:]
+    assert f"{announced}: stopping after this training step" in output
     (saved,) = tmp_path.glob("quickstart/version_*/checkpoints/step*.ckpt")
     checkpoint = torch.load(saved, weights_only=False, map_location="cpu")
     assert checkpoint["global_step"] == 6  # step 6 finished on both ranks, then the save
