@@ -314,15 +314,17 @@ class FederatedLoRAModule(L.LightningModule):
         # theta_r (sum over ranks == world * local checksum iff the ranks agree) and the sum of
         # the clients' local steps.
         plain = torch.zeros(numel + 4, dtype=torch.float32, device=self.device)
-        checksum = float(flatten_tensors(server).double().sum())
+        # Tensor by tensor: a float64 copy of the whole model would be its largest buffer.
+        checksum = float(torch.stack([p.detach().sum(dtype=torch.float64) for p in server]).sum())
         plain[numel + 2] = checksum
-        masked = torch.zeros(numel, dtype=torch.int64, device=self.device)
+        masked_size = numel if self.secagg.enabled else 0
+        masked = torch.zeros(masked_size, dtype=torch.int64, device=self.device)
         clipped = 0
         for c in clients:
             if c % world != rank:
                 continue
             delta, loss = trainer.run(c, derive_seed(self.hparams.seed, round_index, c))
-            update = weights[c] * delta
+            update = delta.mul_(weights[c])  # in place: w_c Delta_c, the model-sized buffer
             plain[:numel] += update
             plain[numel] += weights[c] * loss
             plain[numel + 1] += 1.0
@@ -342,6 +344,8 @@ class FederatedLoRAModule(L.LightningModule):
                     e, c, clients, self.secagg.master_seed, round_index, self.secagg.modulus_bits
                 )
                 masked = torch.remainder(masked + y.to(masked.device), 2**self.secagg.modulus_bits)
+            # Not alive while the next client trains (model-sized under merged_delta_mean).
+            del delta, update
         self._account_dp(clients, sizes)
 
         # The round's single aggregation all-reduce (plus the integer one under SecAgg).

@@ -113,9 +113,8 @@ class ClientTrainer:
             stack.callback(restore_global_weights)
 
             def finish_full() -> Tensor:
-                return flatten_tensors(
-                    p.detach() - s for p, s in zip(params, snapshot, strict=True)
-                )
+                deltas = (p.detach() - s for p, s in zip(params, snapshot, strict=True))
+                return flatten_tensors(deltas, numel=sum(p.numel() for p in params))
 
             return params, finish_full
         adapter = m.adapter
@@ -124,7 +123,8 @@ class ClientTrainer:
             stack.enter_context(adapter.attached(factors))
 
             def finish_merged() -> Tensor:
-                return flatten_tensors(adapter.merged_deltas(factors).values())
+                deltas = (delta for _, delta in adapter.iter_merged_deltas(factors))
+                return flatten_tensors(deltas, numel=adapter.merged_numel())
 
             return list(factors.values()), finish_merged
         names = adapter.factor_names()

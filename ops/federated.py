@@ -99,9 +99,29 @@ def pseudo_gradient(aggregate_delta: Tensor) -> Tensor:
     return -aggregate_delta
 
 
-def flatten_tensors(tensors: Iterable[Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
-    """Concatenate tensors into one flat buffer (the unit that is all-reduced once per round)."""
-    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+def flatten_tensors(
+    tensors: Iterable[Tensor], dtype: torch.dtype = torch.float32, numel: int | None = None
+) -> Tensor:
+    """Concatenate tensors into one flat buffer (the unit that is all-reduced once per round).
+
+    With ``numel`` (their total size) each tensor is copied into the preallocated buffer as it
+    comes: a generator that computes them (a client's merged deltas, model-sized in all) then
+    never holds more than one besides the buffer, where ``torch.cat`` holds them all.
+    """
+    if numel is None:
+        return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+    out, offset = None, 0
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        if out is None:
+            out = torch.empty(numel, dtype=dtype, device=flat.device)
+        if offset + flat.numel() > numel:
+            raise ValueError(f"the tensors have more than numel={numel} entries")
+        out[offset : offset + flat.numel()].copy_(flat)
+        offset += flat.numel()
+    if offset != numel:
+        raise ValueError(f"the tensors have {offset} entries, not numel={numel}")
+    return out if out is not None else torch.empty(0, dtype=dtype)
 
 
 def unflatten_like(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:

@@ -137,20 +137,27 @@ class LoraAdapter:
 
     def merged_deltas(self, factors: dict[str, Tensor]) -> dict[str, Tensor]:
         """``{<layer>.weight: s * B @ A}`` for every target layer (fp32, detached)."""
-        return {
-            f"{name}.weight": lora_delta(
-                factors[f"{name}.lora_A"].detach().float(),
-                factors[f"{name}.lora_B"].detach().float(),
-                self.scale,
+        return dict(self.iter_merged_deltas(factors))
+
+    def iter_merged_deltas(self, factors: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+        """``(<layer>.weight, s * B @ A)`` one target at a time: with every attention and MLP
+        projection targeted, the deltas together are as large as the model."""
+        for name in self.targets:
+            a = factors[f"{name}.lora_A"].detach().float()
+            yield (
+                f"{name}.weight",
+                lora_delta(a, factors[f"{name}.lora_B"].detach().float(), self.scale),
             )
-            for name in self.targets
-        }
+
+    def merged_numel(self) -> int:
+        """The number of entries of all merged deltas (of the target weights)."""
+        return sum(lin.weight.numel() for lin in self.targets.values())
 
     @torch.no_grad()
     def merge_into(self, model: nn.Module, factors: dict[str, Tensor]) -> None:
         """Add ``s B A`` to the base weights in place (peft's ``merge_and_unload``)."""
         params = dict(model.named_parameters())
-        for key, delta in self.merged_deltas(factors).items():
+        for key, delta in self.iter_merged_deltas(factors):
             params[key].add_(delta.to(params[key].dtype))
 
     def peft_state_dict(self, factors: dict[str, Tensor]) -> dict[str, Tensor]:

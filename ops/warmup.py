@@ -193,8 +193,14 @@ def noise_scale(g1: Tensor, g2: Tensor, batch_size: int) -> tuple[float, float]:
     and the per-sample SNR is φ = 1/B_noise. The |G|² estimate may be negative for a single draw,
     so smooth (EMA or sum over draws) before taking the ratio.
     """
-    g1, g2 = g1.detach().to(torch.float64).flatten(), g2.detach().to(torch.float64).flatten()
-    return float(g1 @ g2), batch_size / 4.0 * float(((g1 - g2) ** 2).sum())
+    # Float64 block by block, like the norms above: whole float64 copies of g1, g2 and g1 - g2
+    # were the largest buffers of a diagnosed step.
+    # Device scalars: one host sync at the end, not one per block on a GPU.
+    dot = sq_diff = torch.zeros((), dtype=torch.float64, device=g1.device)
+    for a, b in _flat_blocks(g1, g2):
+        dot = dot + a @ b
+        sq_diff = sq_diff + (a - b).square().sum()
+    return float(dot), batch_size / 4.0 * float(sq_diff)
 
 
 def adamw_white_noise_rms(t: int, beta1: float) -> float:

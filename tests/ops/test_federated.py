@@ -12,6 +12,7 @@ from ops.federated import (
     apply_server_update,
     factor_mean,
     fedadam,
+    flatten_tensors,
     lora_delta,
     merged_delta_mean,
     normalize_weights,
@@ -154,3 +155,13 @@ def test_lora_targets_name_conv1d_layers_and_warn_on_names_that_match_nothing():
     with pytest.warns(UserWarning, match=r"\['qkv_proj'\] match no nn.Linear"):
         targets = find_lora_targets(llama, ["qkv_proj", "o_proj"])
     assert targets and all(name.endswith("o_proj") for name in targets)
+
+
+def test_flatten_into_a_preallocated_buffer_equals_concatenation():
+    tensors = [torch.randn(3, 4), torch.randn(5), torch.randn(2, 2, 2).double()]
+    concatenated = flatten_tensors(tensors)
+    assert torch.equal(flatten_tensors(iter(tensors), numel=25), concatenated)
+    with pytest.raises(ValueError, match="more than numel=24"):
+        flatten_tensors(tensors, numel=24)
+    with pytest.raises(ValueError, match="25 entries, not numel=26"):
+        flatten_tensors(tensors, numel=26)

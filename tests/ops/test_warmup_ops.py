@@ -258,6 +258,7 @@ def test_blockwise_float64_accumulation_matches_one_block(monkeypatch) -> None:
             *W.update_norms(a, b, lr=0.1, weight_decay=0.1),
             W.rrc(x, a, b),
             W.squared_norm(a),
+            *W.noise_scale(a, b, batch_size=8),
         ]
 
     one_block = everything()
