@@ -14,6 +14,10 @@ on every rank together (``callbacks/step_boundary_signal.py``), the exception Li
 handling would: ``KeyboardInterrupt`` for Ctrl-C (``mlo`` exits 1), Lightning's
 ``SIGTERMException`` for SIGTERM (``mlo`` exits 143). Both save the on-exception checkpoint.
 A second Ctrl-C stops at once, as before. ``mlo`` adds it to every run (``graceful_stop.*``).
+
+Not under ``ddp_spawn``/``ddp_fork``: their workers run the fit outside Lightning's exception
+handling (no on-exception hooks, and torch's worker wrapper swallows a ``KeyboardInterrupt``), so
+no checkpoint could be written; the signals keep their usual handling there (use ``ddp``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import signal
 from types import FrameType
 
 import lightning as L
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.step_boundary_signal import StepBoundarySignal
@@ -51,6 +56,8 @@ class GracefulStop(StepBoundarySignal):
         self._announce = False
 
     def signals_to_answer(self, trainer: L.Trainer) -> tuple[int, ...]:
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            return ()  # a spawned or forked worker (module docstring)
         self._announce = trainer.is_global_zero
         wanted = {signal.SIGINT: self.ctrl_c, signal.SIGTERM: self.sigterm}
         return tuple(signum for signum, on in wanted.items() if on)

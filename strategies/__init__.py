@@ -5,4 +5,5 @@ from strategies import (
     client_parallel,  # noqa: F401  (registers "client_parallel")
     fsdp,  # noqa: F401  (registers "fsdp_hf")
     process_group_exit,  # noqa: F401  (registers the atexit teardown)
+    spawn_results,  # noqa: F401  (re-registers "ddp_spawn", "ddp_fork", "ddp_notebook", ...)
 )

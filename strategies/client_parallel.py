@@ -20,11 +20,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch.distributed as torch_dist
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import StrategyRegistry
 from typing_extensions import override
 
+from strategies.spawn_results import SpawnSafeDDPStrategy
 
-class ClientParallelStrategy(DDPStrategy):
+
+class ClientParallelStrategy(SpawnSafeDDPStrategy):
     """DDP process group without the DDP wrapper (see the module docstring)."""
 
     strategy_name = "client_parallel"

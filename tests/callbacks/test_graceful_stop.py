@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -81,3 +82,27 @@ def test_switched_off_leaves_python_s_handler(tmp_path):
 def test_check_interval_must_be_positive():
     with pytest.raises(ValueError, match=r"graceful_stop\.check_every_n_steps must be >= 1"):
         GracefulStop(check_every_n_steps=0)
+
+
+class _RecordSigintHandler(L.Callback):
+    """Appends the name of the SIGINT handler during training to ``path`` (one line a rank)."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == 1:
+            with open(self.path, "a") as file:
+                file.write(f"{signal.getsignal(signal.SIGINT).__name__}\n")
+
+
+@pytest.mark.distributed
+def test_spawned_workers_keep_the_usual_handling(tmp_path):
+    """ddp_spawn workers run the fit outside Lightning's exception handling: no checkpoint
+    could be written, so the callback takes no signal there (it would announce one)."""
+    seen = tmp_path / "handlers.txt"
+    fit_regression(
+        SignallingRegression(), tmp_path, 2, [GracefulStop(), _RecordSigintHandler(seen)],
+        devices=2, strategy="ddp_spawn",
+    )  # fmt: skip
+    assert seen.read_text().split() == ["default_int_handler"] * 2

@@ -1,0 +1,44 @@
+"""ddp_spawn with many callback metrics: Lightning's launcher waited for rank 0 to exit before
+reading its results from a pipe, and rank 0 blocked writing more than the pipe holds (64 KiB,
+about 200 scalars: the warmup diagnostics of ``tiny-llama`` log 233). The run hung after its
+work was done; now the metrics travel through a file and reach the parent process."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import StrategyRegistry
+
+import strategies  # noqa: F401  (registers the names, as cli.py does)
+from strategies.spawn_results import SpawnSafeDDPStrategy
+from tests.signal_testkit import RegressionData, SignallingRegression
+
+METRICS = 2000
+
+
+class ManyMetrics(L.Callback):
+    """Puts ``METRICS`` scalars into ``callback_metrics`` (as ``log_scalars`` does), ~640 KB."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.callback_metrics.update({f"m/{i}": torch.tensor(float(i)) for i in range(METRICS)})
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_many_callback_metrics_reach_the_parent_process(tmp_path):
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[ManyMetrics()],
+    )  # fmt: skip
+    assert isinstance(trainer.strategy, SpawnSafeDDPStrategy)
+    trainer.fit(SignallingRegression(), RegressionData())
+    assert float(trainer.callback_metrics[f"m/{METRICS - 1}"]) == METRICS - 1
+    assert len([k for k in trainer.callback_metrics if k.startswith("m/")]) == METRICS
+
+
+def test_every_spawn_and_fork_ddp_name_is_spawn_safe():
+    for name in ("ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_spawn_find_unused_parameters_true"):
+        assert StrategyRegistry[name]["strategy"] is SpawnSafeDDPStrategy, name
+    assert StrategyRegistry["ddp_spawn"]["init_params"] == {"start_method": "spawn"}
