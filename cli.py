@@ -54,7 +54,7 @@ from callbacks.graceful_stop import GracefulStop
 from callbacks.hparams_summary import HParamsSummary
 from callbacks.metrics_file import MetricsFile
 from callbacks.progress_bar import RunProgressBar
-from callbacks.run_config import SaveRunConfig
+from callbacks.run_config import SaveRunConfig, reserve_next_version
 from callbacks.slurm_requeue import SlurmRequeue
 from callbacks.training_rng import TrainingRng
 from strategies.fsdp import sharded_checkpoint_meta
@@ -113,6 +113,8 @@ class MloCLI(LightningCLI):
             self.model.double()
         check_subcommand_is_supported(subcommand, self.model)
         check_checkpoint_fits_strategy(self.config[subcommand].get("ckpt_path"), self.trainer)
+        for logger in self.trainer.loggers:
+            reserve_next_version(logger)
         super()._run_subcommand(subcommand)
 
     def _parse_ckpt_path(self) -> None:

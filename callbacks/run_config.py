@@ -1,4 +1,5 @@
-"""Save the resolved config into the run directory, refusing to overwrite another run's files."""
+"""The run directory: reserved atomically for each run, and the resolved config saved into it
+without overwriting another run's files."""
 
 from __future__ import annotations
 
@@ -7,7 +8,39 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+
+def reserve_next_version(logger: Logger) -> None:
+    """Create the logger's next ``version_<n>`` directory atomically and pin the logger to it.
+
+    Lightning picks the next free version by listing the directory. Runs started together (a
+    SLURM array job, a sweep) listed it at the same moment and took the same version: all but
+    one then stopped (``SaveRunConfig``), and their event files had gone into the other's
+    directory. ``mkdir`` fails for all but one process that tries a name, so each run takes the
+    first name it could create. Only for a logger whose version is unset (a config's
+    ``version`` is kept) with numbered versions on a local path (TensorBoard, CSV), and only in
+    the first process of a job: other ranks learn the directory from rank 0 as before
+    (``trainer.log_dir`` and ``ModelCheckpoint`` broadcast it).
+    """
+    first_process = rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+    # Lightning's loggers keep an unresolved version as ``_version = None``.
+    unset = getattr(logger, "_version", "") is None and hasattr(logger, "_get_next_version")
+    root = getattr(logger, "root_dir", None)
+    if not (first_process and unset and root) or "://" in str(root):
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    version = logger._get_next_version()
+    while True:
+        try:
+            (Path(root) / f"version_{version}").mkdir()
+        except FileExistsError:
+            version += 1  # another run created it since the listing
+            continue
+        logger._version = version
+        return
 
 
 class SaveRunConfig(SaveConfigCallback):
