@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,3 +70,16 @@ def fake_scontrol(tmp_path) -> tuple[Path, Path]:
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
     scontrol.chmod(0o755)
     return bin_dir, log
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A function returning a TCP port free right now (``MASTER_PORT`` of a multi-process run
+    started by a test: several tests' runs must not share one)."""
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -22,18 +21,12 @@ import torch
 pytestmark = pytest.mark.distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     ("signal_name", "ranks", "status", "announced"),
     [("SIGINT", ["--trainer.callbacks.rank=0"], 1, "Ctrl-C"), ("SIGTERM", [], 143, "SIGTERM")],
 )
 def test_a_signal_stops_both_ranks_at_the_next_step_boundary(
-    tmp_path, repo_root, signal_name, ranks, status, announced
+    tmp_path, repo_root, free_port, signal_name, ranks, status, announced
 ):
     command = [
         sys.executable, "cli.py", "fit", "--config", "configs/quickstart.yaml",
@@ -48,7 +41,7 @@ def test_a_signal_stops_both_ranks_at_the_next_step_boundary(
         "--trainer.callbacks.hook=on_before_optimizer_step", *ranks,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     run = subprocess.Popen(
         command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,

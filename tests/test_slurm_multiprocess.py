@@ -6,7 +6,6 @@ never signalled. ``scontrol`` is a fake on PATH that records its arguments."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -24,20 +23,14 @@ FIT = [
 ]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _srun(repo_root, root, env, extra=()) -> None:
+def _srun(repo_root, root, env, port: int, extra=()) -> None:
     """Both tasks of the job step, like ``srun --ntasks=2`` on one node."""
     args = [
         *FIT,
         f"--trainer.default_root_dir={root}",
         f"--trainer.logger.init_args.save_dir={root}",
     ]
-    env = {**env, "MASTER_PORT": str(_free_port())}
+    env = {**env, "MASTER_PORT": str(port)}
     tasks = []
     for rank in (0, 1):
         task_env = {**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
@@ -55,7 +48,7 @@ def _final_weights(root) -> dict[str, torch.Tensor]:
 
 
 def test_a_signalled_two_task_job_is_requeued_and_resumes_exactly(
-    tmp_path, repo_root, fake_scontrol
+    tmp_path, repo_root, fake_scontrol, free_port
 ):
     bin_dir, log = fake_scontrol
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -65,18 +58,19 @@ def test_a_signalled_two_task_job_is_requeued_and_resumes_exactly(
         SLURM_JOB_NAME="mlo-test", SLURM_NODELIST="localhost", SLURM_JOB_NUM_NODES="1",
     )  # fmt: skip
 
-    _srun(repo_root, tmp_path / "never_signalled", env)
+    _srun(repo_root, tmp_path / "never_signalled", env, free_port())
     job = tmp_path / "job"
     signal_at_5 = [
         "--trainer.callbacks+=tests.slurm_signal_callback.SignalAtStep",
         "--trainer.callbacks.step=5",
     ]
-    _srun(repo_root, job, env, signal_at_5)  # a real requeue would end it after the save
+    # A real requeue would end this job after the save.
+    _srun(repo_root, job, env, free_port(), signal_at_5)
     (hpc,) = job.glob("hpc_ckpt_*.ckpt")
     assert torch.load(hpc, weights_only=False, map_location="cpu")["global_step"] == 6
     assert log.read_text().split() == ["requeue", "4343"]  # once, by rank 0
 
-    _srun(repo_root, job, env)  # the requeued job: same command, same directory
+    _srun(repo_root, job, env, free_port())  # the requeued job: same command, same directory
     expected, resumed = _final_weights(tmp_path / "never_signalled"), _final_weights(job)
     for name, tensor in expected.items():
         assert torch.equal(resumed[name], tensor), name
