@@ -455,7 +455,14 @@ class FederatedLoRAModule(L.LightningModule):
             return
         for c in clients:
             q, steps = ClientTrainer.dp_schedule(self, sizes[c])
-            self.accountant_history.setdefault(c, []).append((self.dp_sigma, q, steps))
+            history = self.accountant_history.setdefault(c, [])
+            if history and tuple(history[-1][:2]) == (self.dp_sigma, q):
+                # RDP composes additively: one entry per (sigma, q) run, as Opacus's own
+                # accountant keeps it. One entry per round made epsilon() (every round)
+                # re-evaluate the whole history: round R cost O(R), a run O(R^2).
+                history[-1] = (self.dp_sigma, q, history[-1][2] + steps)
+            else:
+                history.append((self.dp_sigma, q, steps))
 
     def epsilon(self) -> float:
         """Worst client's ``epsilon(delta)`` under RDP accounting (``inf`` before any step)."""

@@ -20,6 +20,7 @@ from modules.lora_fl_settings import (
     NoiseSettings,
     SecureAggregationSettings,
 )
+from ops import dp as dp_ops
 from ops.federated_lora import find_lora_targets
 from ops.goldfish import goldfish_drop_mask
 from ops.memorization import greedy_continue
@@ -265,6 +266,16 @@ def test_dp_sgd_through_the_module_reaches_the_target_epsilon():
     assert m.epsilon() == pytest.approx(8.0, rel=0.01)  # sigma was solved for the whole run
     assert len(m.accountant_history) == 3  # one accountant per client
     assert not torch.equal(m.flat_server_state(), plain.flat_server_state())  # noise was added
+    # The rounds' (sigma, q) entries compose into one per client (an entry per round made each
+    # round's epsilon re-evaluate the whole history), with the same epsilon.
+    per_round = []
+    for client, history in m.accountant_history.items():
+        ((sigma, q, steps),) = history
+        assert steps == 2 * ClientTrainer.dp_schedule(m, (12, 16, 20)[client])[1]
+        acc = dp_ops.make_accountant()
+        acc.history = [(sigma, q, steps // 2)] * 2
+        per_round.append(float(acc.get_epsilon(1e-3)))
+    assert m.epsilon() == pytest.approx(max(per_round), rel=1e-12)
 
 
 def _one_epoch(module: FederatedLoRAModule, dm: FederatedTextDataModule) -> None:
