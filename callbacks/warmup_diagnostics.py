@@ -514,7 +514,13 @@ class UpdateDiagnostics(Callback):
             "warmup/snr/grad_sq": g2_sum / k,
             "warmup/snr/trace_sigma": tr_sum / k,
         }
-        self._emit(trainer, trainer.global_step, record)
+        if self.is_snr_step(trainer.global_step):
+            self._emit(trainer, trainer.global_step, record)
+        elif self.keep_history:
+            # Measured only for the optimizer (LionA/LionAR's RRC correction wants it every
+            # step): logged on the configured schedule, so the event file does not grow by five
+            # scalars a step.
+            self.history.append(record)
 
     def _emit(self, trainer: L.Trainer, step: int, record: dict[str, float]) -> None:
         if self.keep_history:

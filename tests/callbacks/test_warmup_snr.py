@@ -3,12 +3,14 @@ estimator against closed-form gradients, odd batches, and the SNR LionAR's RRC c
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -135,3 +137,15 @@ def test_lionar_rrc_correction_gets_the_snr_every_step(tmp_path: Path) -> None:
         model, DataLoader(regression_data(), batch_size=16)
     )
     assert model.trainer.optimizers[0].param_groups[0]["snr_batch_size"] == 48
+
+
+def test_an_snr_measured_every_step_for_the_optimizer_is_logged_on_the_schedule(tmp_path):
+    cb = UpdateDiagnostics(keep_history=True, snr_every_n_steps=3, snr_dense_steps=0)
+    model = TinyRegressor(optimizer="lionar", lr=0.1, dropout=0.0)
+    logger = CSVLogger(tmp_path, name="run")
+    loader = DataLoader(regression_data(), batch_size=32)
+    diagnostics_trainer(tmp_path, 5, [cb], logger=logger).fit(model, loader)
+    assert sorted(records(cb, "warmup/snr/phi")) == list(range(5))  # measured every step
+    with open(Path(logger.log_dir) / "metrics.csv") as file:
+        logged = [row["step"] for row in csv.DictReader(file) if row.get("warmup/snr/phi")]
+    assert logged == ["0", "3"]
