@@ -57,6 +57,8 @@ from callbacks.progress_bar import RunProgressBar
 from callbacks.run_config import SaveRunConfig, reserve_next_version
 from callbacks.slurm_requeue import SlurmRequeue
 from callbacks.training_rng import TrainingRng
+from modules.hf_models import TINY_PRESETS
+from modules.pretrained_presets import PRETRAINED_PRESETS
 from strategies.fsdp import sharded_checkpoint_meta
 
 DEFAULT_SEED = 1234
@@ -157,6 +159,16 @@ class MloCLI(LightningCLI):
             self.config[subcommand]["ckpt_path"] = ckpt_path
         after = plain_settings(self.config[subcommand].get("model"))
         changes = changed_settings(before, after)
+        for key, old, new in [c for c in changes if moved_path(*c[1:])]:
+            # A path saved where the run was trained (relative to its working directory, or a
+            # directory moved since): the config's existing path, which loads the same
+            # architecture or fails naming it, beats an error about a path the user never gave.
+            self.config[subcommand][f"model.{key}"] = old
+            changes.remove((key, old, new))
+            rank_zero_warn(
+                f"--ckpt_path {ckpt_path} saved model.{key}={new!r}, which does not exist here "
+                f"(relative paths resolve against {os.getcwd()}); using the config's {old!r}"
+            )
         if changes:
             lines = "".join(f"\n  model.{key}: {old!r} -> {new!r}" for key, old, new in changes)
             rank_zero_warn(f"--ckpt_path {ckpt_path} replaces model settings of the config{lines}")
@@ -204,6 +216,19 @@ def check_subcommand_is_supported(subcommand: str, model: L.LightningModule) -> 
     raise SystemExit(
         f"error: mlo {subcommand}: {name} defines no {step}(), so it has nothing to "
         f"{subcommand}; {name} supports: {', '.join(['fit', *supported])}"
+    )
+
+
+def moved_path(configured: Any, saved: Any) -> bool:
+    """Whether a checkpoint's saved setting is a path that does not exist here while the
+    config's value for it is one that does (a moved checkpoint, or another working directory).
+    A model preset's name is no path: the checkpoint's preset stays."""
+    return (
+        isinstance(configured, str)
+        and isinstance(saved, str)
+        and saved not in {*TINY_PRESETS, *PRETRAINED_PRESETS}
+        and not Path(saved).exists()
+        and Path(configured).exists()
     )
 
 
