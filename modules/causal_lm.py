@@ -33,6 +33,7 @@ from modules.hf_models import (
 )
 from modules.precision import refuse_fp16_training
 from modules.token_perplexity import TokenPerplexity
+from modules.trainable_checkpoint import TRAINABLE_ONLY, check_trainable_only, keep_trainable_only
 from optim.schedules import fill_total_steps
 from strategies.fsdp import refuse_generation_under_sharded_fsdp
 
@@ -405,27 +406,16 @@ class CausalLMModule(L.LightningModule):
             # FSDP's sharded loader reads every key of the model's state dict: an adapter-only
             # checkpoint could not be resumed. Each rank writes only its shard of the base.
             return
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
-        }
-        checkpoint["trainable_only"] = True
+        keep_trainable_only(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not checkpoint.get("trainable_only"):
+        if not checkpoint.get(TRAINABLE_ONLY):
             return
         if "state_dict" not in checkpoint:
             # FSDP loads the weights before this hook and takes them out of the checkpoint;
             # strict_loading is off for adapter-only modules, so the base stays as built.
             return
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        saved = set(checkpoint["state_dict"])
-        if saved != trainable:
-            missing, unexpected = sorted(trainable - saved)[:5], sorted(saved - trainable)[:5]
-            raise KeyError(
-                f"adapter-only checkpoint does not match this model's trainable weights "
-                f"(missing e.g. {missing}, unexpected e.g. {unexpected}): same model and lora settings?"
-            )
+        check_trainable_only(self, checkpoint, f"model {self.hparams.model!r}")
         if not self.base_is_pretrained:
             # Written before random-init bases were checkpointed in full: the base exists only
             # as whatever the current seed rebuilt, which is the saved one only if seeds match.

@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 
 from datamodules.text import load_tokenizer
 from modules.causal_lm import (
@@ -41,6 +42,7 @@ from modules.layer_parallel_model import (
 )
 from modules.precision import refuse_fp16_training
 from modules.token_perplexity import TokenPerplexity, next_token_nll
+from modules.trainable_checkpoint import TRAINABLE_ONLY, check_trainable_only, keep_trainable_only
 from ops.layer_parallel import LayerParallelPlan, ideal_speedup
 from optim.schedules import fill_total_steps
 from strategies.fsdp import refuse_generation_under_sharded_fsdp, refuse_under_sharded_fsdp
@@ -121,6 +123,9 @@ class LayerParallelModule(L.LightningModule):
         decode_batch_size: prompts decoded together in the measurement.
         decode_repeats: timed runs (median reported) after one warm-up run.
         dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps the default.
+        trainable_only_checkpoints: with a pretrained ``model``, checkpoints hold only the
+            fine-tuned paired layers (the frozen rest is rebuilt from ``model`` on load, and a
+            changed ``model`` is refused); ``False``, or a random-init ``model``, saves all.
         optimizer: optimizer for ``fit`` (``class_path`` in YAML); spec 3.7: AdamW lr 1e-4, wd 0.
         lr_scheduler: LR schedule stepped per optimizer step (e.g. ``optim.schedules.WarmupCosine``).
         generation: decoding settings for ``mlo predict``.
@@ -140,6 +145,7 @@ class LayerParallelModule(L.LightningModule):
         decode_batch_size: int = 1,
         decode_repeats: int = 3,
         dtype: str | None = None,
+        trainable_only_checkpoints: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         generation: GenerationSettings | None = None,
@@ -175,6 +181,7 @@ class LayerParallelModule(L.LightningModule):
         # are the same whichever mode is active later; fused weights are non-persistent buffers.
         apply_layer_parallelism(self.model, self.plan, "reference", post_norm_mode)
         self._freeze_all_but_paired_layers()
+        self.strict_loading = not (trainable_only_checkpoints and is_pretrained_name(model))
         self.metrics = torch.nn.ModuleDict(
             {f"{s}_{k}": TokenPerplexity() for s in ("val", "test") for k in ("lp", "seq")}
         )
@@ -186,6 +193,16 @@ class LayerParallelModule(L.LightningModule):
         keep = {id(p) for k in self.plan.layers for p in layers[k].parameters()}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in keep)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # FSDP's sharded loader reads every key of the model's state dict: keep them all there.
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        if not self.strict_loading and not sharded:
+            keep_trainable_only(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get(TRAINABLE_ONLY) and "state_dict" in checkpoint:
+            check_trainable_only(self, checkpoint, f"model {self.hparams.model!r}")
 
     def use_mode(self, mode: str) -> None:
         """Switch the LP implementation (``fused``/``reference``) keeping the same weights.

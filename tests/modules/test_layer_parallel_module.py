@@ -341,3 +341,40 @@ def test_fused_mode_and_predict_are_refused_on_several_fsdp_processes(hf_dir):
         module.on_predict_start()
     module.mode = "reference"
     module.on_validation_start()  # the reference pairs run on shards
+
+
+def test_checkpoints_hold_the_paired_layers_and_refuse_a_changed_base(hf_dir, tmp_path):
+    """On a pretrained base only the trained paired layers are saved (the whole frozen model
+    was: 95 % of a SmolLM2-135M checkpoint); a base that changed at that path is refused."""
+    import lightning as L
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+
+    ids = torch.randint(0, 4096, (4, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in ids], batch_size=2)
+    tuned = LayerParallelModule(model=str(hf_dir), plan={"start": 2, "end": 6})
+    saver = trainer()
+    saver.validate(tuned, loader, verbose=False)
+    saver.save_checkpoint(tmp_path / "tuned.ckpt")
+    saved = torch.load(tmp_path / "tuned.ckpt", weights_only=True)
+    trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert set(saved["state_dict"]) == trainable and saved["trainable_only"]
+
+    torch.manual_seed(5)  # another model at another path: the "re-exported" base
+    other = tmp_path / "other_base"
+    build_causal_lm("tiny-llama-8l").save_pretrained(other)
+    moved = LayerParallelModule(model=str(other), plan={"start": 2, "end": 6})
+    with pytest.raises(ValueError, match=r"frozen weights rebuilt from model .* are not those"):
+        trainer().validate(moved, loader, ckpt_path=str(tmp_path / "tuned.ckpt"), verbose=False)
+    full = LayerParallelModule(
+        model=str(hf_dir), plan={"start": 2, "end": 6}, trainable_only_checkpoints=False
+    )
+    keeper = trainer()
+    keeper.validate(full, loader, verbose=False)
+    keeper.save_checkpoint(tmp_path / "full.ckpt")
+    all_keys = torch.load(tmp_path / "full.ckpt", weights_only=True)["state_dict"]
+    assert set(all_keys) == set(full.state_dict())
