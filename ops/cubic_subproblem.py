@@ -255,14 +255,14 @@ def _randn(d: int, dtype, device, generator: torch.Generator | None) -> Tensor:
 def _power_norm(hvp: HVP, d: int, iters: int, dtype, device, generator) -> float:
     v = _randn(d, dtype, device, generator)
     v = v / torch.linalg.vector_norm(v)
-    est = 0.0
+    est = torch.zeros((), dtype=dtype, device=device)
     for _ in range(iters):
         w = hvp(v)
-        est = float(torch.linalg.vector_norm(w))
-        if est == 0.0:
-            return 0.0
-        v = w / est
-    return est
+        est = torch.linalg.vector_norm(w)
+        # On the device: a float() here was one host sync per iteration. H v = 0 keeps v = 0
+        # and the estimate 0 (the division by a clamped norm stays finite).
+        v = w / est.clamp_min(torch.finfo(dtype).tiny)
+    return float(est)
 
 
 def solve_cubic_hvp(
