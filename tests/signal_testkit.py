@@ -1,4 +1,4 @@
-"""Test kit for the step-boundary signal callbacks (SlurmRequeue, GracefulInterrupt): linear
+"""Test kit for the step-boundary signal callbacks (SlurmRequeue, GracefulStop): linear
 regression whose ``signal_rank`` sends itself a signal right after an optimizer step, before
 Lightning counts the step (where a handler that saves at once catches a half-counted step)."""
 
