@@ -80,8 +80,8 @@ class MloCLI(LightningCLI):
     """LightningCLI with the project's defaults (see the module docstring)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        # Always-on callbacks, configurable as ``metrics_file.filename``,
-        # ``slurm_requeue.check_every_n_steps`` (inert outside SLURM), ...
+        # Always-on callbacks, configurable under their names (``metrics_file.filename``,
+        # ``graceful_stop.ctrl_c``, ``slurm_requeue.check_every_n_steps``: inert outside SLURM).
         parser.add_lightning_class_args(MetricsFile, "metrics_file")
         parser.add_lightning_class_args(GracefulStop, "graceful_stop")
         parser.add_lightning_class_args(SlurmRequeue, "slurm_requeue")
