@@ -34,8 +34,7 @@ from callbacks.step_boundary_signal import StepBoundarySignal
 
 
 class GracefulStop(StepBoundarySignal):
-    """Answer Ctrl-C and SIGTERM during training at the next step boundary (a second Ctrl-C at
-    once).
+    """Stop training at the next step boundary on Ctrl-C or SIGTERM (a second Ctrl-C: at once).
 
     Args:
         ctrl_c: take over SIGINT during training; ``False`` leaves Python's handler (Ctrl-C
