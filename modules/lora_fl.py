@@ -568,7 +568,12 @@ class FederatedLoRAModule(L.LightningModule):
         written too when the data uses one (a character vocabulary has none).
         """
         directory = Path(directory)
-        self.merged_model().save_pretrained(directory)
+        persistent_adapters = self.adapter is not None and (
+            self.hparams.lora_aggregation == "factor_mean"
+        )
+        # Only persistent adapters need a merged copy; otherwise the weights are the export
+        # (a copy of the whole model at the end of every fit, +290 MB for SmolLM2-135M).
+        (self.merged_model() if persistent_adapters else self.net).save_pretrained(directory)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         tokenizer = getattr(getattr(datamodule, "vocab", None), "tok", None)
         if tokenizer is not None:

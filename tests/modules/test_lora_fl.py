@@ -414,10 +414,11 @@ def test_memorization_refuses_settings_that_skip_every_canary():
         tiny_trainer(1).fit(tiny_module(local_steps=1, memorization=long), tiny_dm())
 
 
-def test_save_pretrained_writes_the_merged_global_model(tmp_path):
+@pytest.mark.parametrize("aggregation", ["merged_delta_mean", "factor_mean"])
+def test_save_pretrained_writes_the_merged_global_model(tmp_path, aggregation):
     from transformers import AutoModelForCausalLM
 
-    m = tiny_module(local_steps=1, memorization=NO_MEM)
+    m = tiny_module(local_steps=1, memorization=NO_MEM, lora_aggregation=aggregation)
     tiny_trainer(1).fit(m, tiny_dm())
     out = m.save_pretrained(tmp_path / "hf")
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
