@@ -8,8 +8,8 @@ saved half-done (the federated module guards its full fine-tuning rounds itself,
 ``FederatedLoRAModule.on_save_checkpoint``; a user's module may not).
 
 This callback replaces that handler while training runs and writes the same file at the next
-step boundary (``callbacks/step_boundary_signal.py``). The requeued job resumes from it as before: with
-``ckpt_path`` unset, Lightning looks for ``hpc_ckpt_*`` in ``default_root_dir``.
+step boundary (``callbacks/step_boundary_signal.py``). The requeued job resumes from it as
+before: with ``ckpt_path`` unset, Lightning looks for ``hpc_ckpt_*`` in ``default_root_dir``.
 
 ``mlo`` adds it to every run (``slurm_requeue.*`` arguments); outside SLURM, or with
 ``SLURMEnvironment(auto_requeue=False)``, it does nothing.

@@ -10,9 +10,9 @@ trajectory, found by running the same fit twice:
   ``seed_everything`` instead of continuing the interrupted stream.
 
 ``TrainingRng`` records the generators' states at the start and end of every training step
-(~46 us each on CPU, most of it NumPy's state copy) and puts them back when a validation inside ``fit`` ends: the validation
-iterator is created before any validation hook runs, so the state at the last training batch end
-is the one to keep (Lightning already isolates its sanity check this way). Checkpoints hold that
+(~46 us each on CPU, most of it NumPy's state copy) and puts them back when a validation inside
+``fit`` ends: the validation iterator is created before any validation hook runs, so the state at
+the last training batch end is the one to keep (Lightning already isolates its sanity check this way). Checkpoints hold that
 training-stream state (for a save in the middle of a step, the state at its start), restored
 right before the first resumed training batch (after whatever set-up the resumed run draws).
 That is exact when nothing draws from the global RNG between a step and the next one in the

@@ -543,9 +543,14 @@ class FederatedLoRAModule(L.LightningModule):
     def global_model(self) -> AbstractContextManager:
         """Within the block ``self.net`` computes the global model: with persistent adapters
         (``factor_mean``) the server's factors live outside the weights and are hooked in here."""
-        if self.adapter is None or self.hparams.lora_aggregation != "factor_mean":
+        if not self.persistent_adapters:
             return nullcontext()
         return self.adapter.attached(self._server_factors())
+
+    @property
+    def persistent_adapters(self) -> bool:
+        """LoRA factors that live across rounds (``factor_mean``), outside the weights."""
+        return self.adapter is not None and self.hparams.lora_aggregation == "factor_mean"
 
     def _server_factors(self) -> dict[str, Tensor]:
         """The persistent adapter factors of ``factor_mean``, keyed by the adapter's names."""
@@ -556,7 +561,7 @@ class FederatedLoRAModule(L.LightningModule):
         """The global model with persistent adapters merged in (what ``save_pretrained`` saves)."""
         assert self.net is not None
         net = copy.deepcopy(self.net)
-        if self.adapter is not None and self.hparams.lora_aggregation == "factor_mean":
+        if self.persistent_adapters:
             self.adapter.merge_into(net, self._server_factors())
         return net
 
@@ -568,12 +573,10 @@ class FederatedLoRAModule(L.LightningModule):
         written too when the data uses one (a character vocabulary has none).
         """
         directory = Path(directory)
-        persistent_adapters = self.adapter is not None and (
-            self.hparams.lora_aggregation == "factor_mean"
-        )
         # Only persistent adapters need a merged copy; otherwise the weights are the export
         # (a copy of the whole model at the end of every fit, +290 MB for SmolLM2-135M).
-        (self.merged_model() if persistent_adapters else self.net).save_pretrained(directory)
+        net = self.merged_model() if self.persistent_adapters else self.net
+        net.save_pretrained(directory)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         tokenizer = getattr(getattr(datamodule, "vocab", None), "tok", None)
         if tokenizer is not None:

@@ -143,11 +143,8 @@ class LoraAdapter:
         """``(<layer>.weight, s * B @ A)`` one target at a time: with every attention and MLP
         projection targeted, the deltas together are as large as the model."""
         for name in self.targets:
-            a = factors[f"{name}.lora_A"].detach().float()
-            yield (
-                f"{name}.weight",
-                lora_delta(a, factors[f"{name}.lora_B"].detach().float(), self.scale),
-            )
+            a, b = (factors[f"{name}.lora_{k}"].detach().float() for k in "AB")
+            yield f"{name}.weight", lora_delta(a, b, self.scale)
 
     def merged_numel(self) -> int:
         """The number of entries of all merged deltas (of the target weights)."""

@@ -193,9 +193,8 @@ def noise_scale(g1: Tensor, g2: Tensor, batch_size: int) -> tuple[float, float]:
     and the per-sample SNR is φ = 1/B_noise. The |G|² estimate may be negative for a single draw,
     so smooth (EMA or sum over draws) before taking the ratio.
     """
-    # Float64 block by block, like the norms above: whole float64 copies of g1, g2 and g1 - g2
-    # were the largest buffers of a diagnosed step.
-    # Device scalars: one host sync at the end, not one per block on a GPU.
+    # Float64 block by block, like the norms above (whole float64 copies of g1, g2 and g1 - g2
+    # were the largest buffers of a diagnosed step), summed on the device: one host sync.
     dot = sq_diff = torch.zeros((), dtype=torch.float64, device=g1.device)
     for a, b in _flat_blocks(g1, g2):
         dot = dot + a @ b
