@@ -134,7 +134,8 @@ class FederatedTextDataModule(L.LightningDataModule):
     Args:
         num_rounds: length of the round driver (set ``trainer.max_steps`` to the rounds to run).
         source: ``synthetic`` (three QA template families) or ``files`` (``client_files``).
-        client_files: one local json/jsonl/txt file per client (field ``text_field``).
+        client_files: one local json/jsonl/txt file per client (field ``text_field``; a text
+            file holds one example per line).
         text_field: the text column of ``client_files``.
         client_sizes: examples per client for the synthetic source.
         num_entities: size of the synthetic entity table (facts the base model pretrains on).
@@ -226,7 +227,9 @@ class FederatedTextDataModule(L.LightningDataModule):
             from datamodules.text import load_documents
 
             texts = [
-                load_documents(path, None, None, self.text_field)[self.text_field]
+                load_documents(path, None, None, self.text_field, text_sample_by="line")[
+                    self.text_field
+                ]
                 for path in self.client_files or []
             ]
             return texts, [[] for _ in texts]

@@ -1,7 +1,8 @@
 """Local text corpora for causal language modelling: load, validate, tokenize, pack, split.
 
 Files are read through ``datasets`` (``json``/``jsonl``/``parquet``/``text`` builders, or a
-``load_from_disk`` directory, or a hub id when online). Documents are split into train / val /
+``load_from_disk`` directory, or a hub id when online); a ``.txt``/``.md`` file holds one
+document per paragraph by default (``text_sample_by``). Documents are split into train / val /
 test deterministically *before* packing, so no document straddles two splits; each split is
 tokenized (cached by ``datasets``), joined with EOS and cut into ``block_size`` blocks.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import lightning as L
@@ -36,6 +38,9 @@ _BUILDERS = {
     ".txt": "text",
     ".md": "text",
 }
+
+#: How the ``text`` builder cuts ``.txt``/``.md`` files into documents (``datasets``' names).
+TEXT_SAMPLE_BY = ("paragraph", "line", "document")
 
 
 def resolve_data_files(data_files: str | list[str]) -> list[Path]:
@@ -67,8 +72,18 @@ def load_documents(
     dataset_dir: str | None,
     hub_dataset: str | None,
     text_field: str,
+    text_sample_by: Literal["paragraph", "line", "document"] = "paragraph",
+    dataset_split: str = "train",
 ) -> datasets.Dataset:
-    """Load the raw documents as a ``datasets.Dataset`` with a ``text_field`` column."""
+    """Load the raw documents as a ``datasets.Dataset`` with a ``text_field`` column.
+
+    ``text_sample_by`` cuts ``.txt``/``.md`` files into documents: ``paragraph`` (separated by
+    blank lines, line breaks kept), ``line`` (one per line, no line break reaches the model) or
+    ``document`` (one per file). ``dataset_split`` is the split read from a saved
+    ``DatasetDict`` or a hub dataset; its other splits are never read.
+    """
+    if text_sample_by not in TEXT_SAMPLE_BY:
+        raise ValueError(f"text_sample_by={text_sample_by!r} is not one of {TEXT_SAMPLE_BY}")
     sources = [s is not None for s in (data_files, dataset_dir, hub_dataset)]
     if sum(sources) != 1:
         raise ValueError("set exactly one of data.data_files, data.dataset_dir, data.hub_dataset")
@@ -81,7 +96,12 @@ def load_documents(
             if builder == "text" and count_text_lines(path) == 0:
                 raise ValueError(f"{path}: the corpus is empty (no non-blank lines)")
         try:
-            ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train")
+            options = {"sample_by": text_sample_by} if builder == "text" else {}
+            files = [str(p) for p in paths]
+            ds = datasets.load_dataset(builder, data_files=files, split="train", **options)
+            if builder == "text" and text_sample_by == "paragraph":
+                # the file's last paragraph keeps the final line break, the others none
+                ds = ds.map(lambda r: {"text": r["text"].rstrip("\n")}, desc="paragraphs")
         except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as err:
             # e.g. a corrupt parquet file: datasets' own message names no file
             raise ValueError(
@@ -96,9 +116,15 @@ def load_documents(
             )
         ds = datasets.load_from_disk(dataset_dir)
         if isinstance(ds, datasets.DatasetDict):
-            ds = datasets.concatenate_datasets(list(ds.values()))
+            # One split only: merging them all trained on the dictionary's own test split.
+            if dataset_split not in ds:
+                raise ValueError(
+                    f"dataset_dir {dataset_dir!r} has no split dataset_split={dataset_split!r} "
+                    f"(its splits: {sorted(ds)})"
+                )
+            ds = ds[dataset_split]
     else:
-        ds = datasets.load_dataset(hub_dataset, split="train")
+        ds = datasets.load_dataset(hub_dataset, split=dataset_split)
     if text_field not in ds.column_names:
         raise KeyError(f"no text column {text_field!r} in the data (columns: {ds.column_names})")
     ds = ds.filter(lambda r: bool(r[text_field] and r[text_field].strip()))
@@ -106,6 +132,11 @@ def load_documents(
         source = data_files if data_files is not None else dataset_dir or hub_dataset
         raise ValueError(f"{source}: the corpus is empty (no non-blank {text_field!r} documents)")
     return ds
+
+
+def _is_text(data_files: str | list[str]) -> bool:
+    patterns = [data_files] if isinstance(data_files, str) else data_files
+    return any(Path(p).suffix in (".txt", ".md") for p in patterns)
 
 
 def pack_blocks(
@@ -128,7 +159,12 @@ class TextDataModule(L.LightningDataModule):
         data_files: file path(s) or glob(s): ``.jsonl``/``.json``/``.parquet``/``.txt``.
         dataset_dir: a ``datasets.save_to_disk`` directory (alternative to ``data_files``).
         hub_dataset: a Hugging Face hub dataset id (needs network access).
+        dataset_split: the split of ``dataset_dir`` (a saved ``DatasetDict``) or of
+            ``hub_dataset`` to read; val and test are drawn from it, other splits are unused.
         text_field: the column holding the text.
+        text_sample_by: the documents of ``.txt``/``.md`` files: ``paragraph`` (blank-line
+            separated, line breaks kept), ``line`` (one per line, line breaks dropped) or
+            ``document`` (one per file).
         tokenizer: tokenizer directory or hub id for ``AutoTokenizer.from_pretrained``.
         block_size: tokens per training block.
         batch_size: blocks per batch and per process.
@@ -145,7 +181,9 @@ class TextDataModule(L.LightningDataModule):
         data_files: str | list[str] | None = "data/corpus/python_docs.jsonl",
         dataset_dir: str | None = None,
         hub_dataset: str | None = None,
+        dataset_split: str = "train",
         text_field: str = "text",
+        text_sample_by: Literal["paragraph", "line", "document"] = "paragraph",
         tokenizer: str = "data/tokenizer",
         block_size: int = 128,
         batch_size: int = 16,
@@ -161,6 +199,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"block_size must be >= 2, got {block_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if text_sample_by not in TEXT_SAMPLE_BY:
+            raise ValueError(f"text_sample_by={text_sample_by!r} is not one of {TEXT_SAMPLE_BY}")
         if not (
             0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1
         ):
@@ -193,7 +233,10 @@ class TextDataModule(L.LightningDataModule):
 
     def _build_splits(self) -> None:
         hp = self.hparams
-        docs = load_documents(hp.data_files, hp.dataset_dir, hp.hub_dataset, hp.text_field)
+        docs = load_documents(
+            hp.data_files, hp.dataset_dir, hp.hub_dataset, hp.text_field, hp.text_sample_by,
+            hp.dataset_split,
+        )  # fmt: skip
         order = torch.randperm(
             len(docs), generator=torch.Generator().manual_seed(hp.split_seed)
         ).tolist()
@@ -203,7 +246,14 @@ class TextDataModule(L.LightningDataModule):
         if hp.test_fraction > 0:
             n_test = max(1, n_test)
         if n_val + n_test >= len(docs):
-            raise ValueError(f"only {len(docs)} documents: too few for the val/test fractions")
+            raise ValueError(
+                f"only {len(docs)} documents: too few for the val/test fractions"
+                + (
+                    f" (text files are cut by text_sample_by={hp.text_sample_by!r})"
+                    if hp.data_files is not None and _is_text(hp.data_files)
+                    else ""
+                )
+            )
         parts = {
             "val": order[:n_val],
             "test": order[n_val : n_val + n_test],

@@ -102,13 +102,15 @@ def test_bundled_corpus_splits_are_disjoint_and_deterministic(corpus_file, token
 
 @pytest.mark.parametrize("suffix", [".parquet", ".txt"])
 def test_other_formats_and_saved_datasets(tmp_path, tokenizer_dir, suffix):
-    texts = [f"Line {i} of a plain text corpus about Python generators." * 4 for i in range(30)]
+    texts = [
+        f"Paragraph {i} of a plain text corpus\nabout Python generators." * 4 for i in range(30)
+    ]
     ds = datasets.Dataset.from_dict({"text": texts})
     path = tmp_path / f"corpus{suffix}"
     if suffix == ".parquet":
         ds.to_parquet(str(path))
-    else:
-        path.write_text("\n".join(texts) + "\n")
+    else:  # documents are paragraphs: separated by blank lines, their line breaks kept
+        path.write_text("\n\n".join(texts) + "\n")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     dm = TextDataModule(
         data_files=str(path), tokenizer=str(tokenizer_dir), block_size=32, batch_size=2
@@ -248,3 +250,60 @@ def test_invalid_arguments(tokenizer_dir):
         TextDataModule(val_fraction=0.6, test_fraction=0.5)
     with pytest.raises(ValueError, match="exactly one"):
         TextDataModule(data_files=None, tokenizer=str(tokenizer_dir)).setup("fit")
+
+
+def test_text_files_split_by_paragraph_line_or_file(tmp_path, tokenizer_dir):
+    """A paragraph is one document by default: its line breaks reach the model and no
+    paragraph straddles two splits (one document per line dropped every line break and
+    drew validation lines from the middle of training paragraphs)."""
+    paragraphs = [f"Paragraph {i} starts here,\ngoes on\nand ends with {i}." for i in range(40)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1
+
+    dm = TextDataModule(data_files=str(path), tokenizer=str(tokenizer_dir), block_size=16)
+    dm.setup("fit")
+    _assert_document_partition(dm.splits, paragraphs, tokenizer, 16)
+    assert (dm.splits["train"] == newline[0]).sum() > 0
+
+    lines = [line for p in paragraphs for line in p.split("\n")]
+    by_line = TextDataModule(  # blocks shorter than a line: a dropped tail holds no whole line
+        data_files=str(path), tokenizer=str(tokenizer_dir), block_size=4, text_sample_by="line"
+    )
+    by_line.setup("fit")
+    _assert_document_partition(by_line.splits, lines, tokenizer, 4)
+
+    with pytest.raises(ValueError, match=r"only 1 documents.*text_sample_by"):
+        TextDataModule(
+            data_files=str(path), tokenizer=str(tokenizer_dir), text_sample_by="document"
+        ).setup("fit")
+    with pytest.raises(ValueError, match="text_sample_by"):
+        TextDataModule(text_sample_by="sentence")
+
+
+def test_a_saved_dataset_dict_uses_one_split(tmp_path, tokenizer_dir):
+    """Only ``dataset_split`` of a saved ``DatasetDict`` is read: its other splits (an upstream
+    test set) never reach training, and a missing split is named with the ones there are."""
+    train = [f"Training document {i} about loops and lists." * 3 for i in range(30)]
+    held_out = [f"HELDOUT upstream test document {i}." * 3 for i in range(10)]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"text": train}),
+        test=datasets.Dataset.from_dict({"text": held_out}),
+    ).save_to_disk(str(saved))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    dm = TextDataModule(
+        data_files=None, dataset_dir=str(saved), tokenizer=str(tokenizer_dir), block_size=16
+    )
+    dm.setup("fit")
+    _assert_document_partition(dm.splits, train, tokenizer, 16)
+
+    with pytest.raises(ValueError, match=r"dataset_split='validation'.*\['test', 'train'\]"):
+        TextDataModule(
+            data_files=None,
+            dataset_dir=str(saved),
+            dataset_split="validation",
+            tokenizer=str(tokenizer_dir),
+        ).setup("fit")
