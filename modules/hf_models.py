@@ -112,7 +112,10 @@ def build_config(
 
     ``special_ids`` (``special_token_ids(tokenizer)``) fill the BOS/EOS/PAD ids a config dict
     leaves out: otherwise the architecture's defaults (Llama: eos 2) would make ``generate`` stop
-    on an ordinary token of the project's tokenizer and be written into exported configs.
+    on an ordinary token of the project's tokenizer and be written into exported configs. They
+    replace a preset's ids, which are the project tokenizer's: with another vocabulary (the
+    federated character vocabulary: pad 0, eos 1) the preset's pad id made the data's EOS the
+    embedding's padding row (zero, and never trained as an input).
     """
     spec = copy.deepcopy(TINY_PRESETS[model]) if isinstance(model, str) else copy.deepcopy(model)
     if "model_type" not in spec:
@@ -123,8 +126,11 @@ def build_config(
     model_type = spec.pop("model_type")
     if vocab_size is not None:
         spec["vocab_size"] = vocab_size
-    for key, value in (special_ids or {}).items():
-        spec.setdefault(key, value)
+    if isinstance(model, str) and special_ids is not None:
+        spec.update({key: special_ids.get(key) for key in SPECIAL_TOKEN_KEYS})
+    else:
+        for key, value in (special_ids or {}).items():
+            spec.setdefault(key, value)
     try:
         return AutoConfig.for_model(model_type, **spec)
     except ValueError as err:
@@ -154,8 +160,8 @@ def build_causal_lm(
             ignored for pretrained weights.
         dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps the default.
         attn_implementation: attention kernel passed to ``transformers`` (``sdpa``, ``eager``).
-        special_ids: BOS/EOS/PAD ids for presets and dicts that do not set them (see
-            ``build_config``); ignored for pretrained weights.
+        special_ids: the tokenizer's BOS/EOS/PAD ids: replace a preset's, fill those a dict
+            leaves out (see ``build_config``); ignored for pretrained weights.
     """
     torch_dtype = resolve_dtype(dtype)
     if not is_pretrained_name(model):

@@ -31,7 +31,7 @@ from modules.causal_lm import (
     generate_completion,
     resolve_tokenizer_name,
 )
-from modules.hf_models import build_causal_lm, is_pretrained_name
+from modules.hf_models import build_causal_lm, is_pretrained_name, special_token_ids
 from modules.layer_parallel_model import (
     MODES,
     LPState,
@@ -175,7 +175,9 @@ class LayerParallelModule(L.LightningModule):
         self.generation = generation or GenerationSettings()
         self.tokenizer = load_tokenizer(resolve_tokenizer_name(model, tokenizer), "model.tokenizer")
         vocab = None if is_pretrained_name(model) else len(self.tokenizer)
-        self.model = build_causal_lm(model, vocab_size=vocab, dtype=dtype)
+        self.model = build_causal_lm(
+            model, vocab_size=vocab, dtype=dtype, special_ids=special_token_ids(self.tokenizer)
+        )
         self.plan = LayerParallelPlan.parse(plan)
         # Reference mode holds the original layer objects, so parameter names (and checkpoints)
         # are the same whichever mode is active later; fused weights are non-persistent buffers.

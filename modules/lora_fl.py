@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from modules import lora_fl_resume as resume
 from modules.eval_mode import eval_mode
-from modules.hf_models import build_causal_lm, is_pretrained_name
+from modules.hf_models import build_causal_lm, is_pretrained_name, special_token_ids
 from modules.lora_fl_client import ClientTrainer
 from modules.lora_fl_memorization import canary_memorization
 from modules.lora_fl_settings import (
@@ -199,7 +199,7 @@ class FederatedLoRAModule(L.LightningModule):
         if self.net is None:
             if not hasattr(dm, "vocab"):
                 raise ValueError("vocab_size is None and the datamodule has no 'vocab' to size it")
-            self.build_model(len(dm.vocab))
+            self.build_model(len(dm.vocab), special_token_ids(dm.vocab))
         elif hasattr(dm, "vocab"):
             check_data_vocabulary(self.hparams.model, self.net, dm.vocab)
         sizes = getattr(dm, "client_num_samples", None)
@@ -252,9 +252,14 @@ class FederatedLoRAModule(L.LightningModule):
                 "data partition (e.g. a larger Dirichlet alpha or another partition seed)"
             )
 
-    def build_model(self, vocab_size: int | None) -> None:
-        """Build the network (and adapters); done in ``__init__`` when the vocab size is known."""
-        self.net = build_causal_lm(self.hparams.model, vocab_size=vocab_size, dtype="float32")
+    def build_model(
+        self, vocab_size: int | None, special_ids: dict[str, int] | None = None
+    ) -> None:
+        """Build the network (and adapters); done in ``__init__`` when the vocab size is known,
+        else in ``setup`` with the data vocabulary's size and special token ids."""
+        self.net = build_causal_lm(
+            self.hparams.model, vocab_size=vocab_size, dtype="float32", special_ids=special_ids
+        )
         self.net.train()  # from_pretrained returns eval mode (Lightning warned at every fit)
         if self.hparams.finetune_mode == "lora":
             self.net.requires_grad_(False)

@@ -52,6 +52,8 @@ def check_data_vocabulary(model: Any, net: nn.Module, vocab: Any) -> None:
                 else f", or model.init_args.vocab_size >= {len(vocab)}"
             )
         )
+    if not is_pretrained_name(model):
+        _check_special_tokens(model, net, vocab)
     if len(vocab) < rows and is_pretrained_name(model):
         # Embeddings padded past the tokenizer (to a multiple of 64, say) are common; a model
         # trained on another vocabulary of its size cannot be told apart without its tokenizer.
@@ -60,6 +62,21 @@ def check_data_vocabulary(model: Any, net: nn.Module, vocab: Any) -> None:
             f"({_vocab_name(vocab)}): fine for embeddings padded past the tokenizer, wrong if the "
             "model was trained on another vocabulary",
             stacklevel=2,
+        )
+
+
+def _check_special_tokens(model: Any, net: nn.Module, vocab: Any) -> None:
+    """Warn when a model built before the data was known (``vocab_size`` set) names other EOS/PAD
+    ids than the data: its padding row would be a real token of the data (zero, never trained
+    as an input) and exported configs would stop generating on the wrong token."""
+    model_ids = {key: getattr(net.config, key, None) for key in ("eos_token_id", "pad_token_id")}
+    data_ids = {key: getattr(vocab, key, None) for key in model_ids}
+    if model_ids != data_ids:
+        warnings.warn(
+            f"model={model!r} was built with {model_ids}, but the data's vocabulary "
+            f"({_vocab_name(vocab)}) has {data_ids}: set model.init_args.vocab_size: null (the "
+            "model is then built with the data's ids) or put the ids in the model config",
+            stacklevel=3,
         )
 
 

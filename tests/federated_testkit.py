@@ -7,16 +7,19 @@ import lightning as L
 import torch
 
 from datamodules.federated import CharVocab, FederatedTextDataModule
-from modules.hf_models import TINY_PRESETS
+from modules.hf_models import TINY_PRESETS, special_token_ids
 from modules.lora_fl import FederatedLoRAModule
 from modules.lora_fl_settings import LoraFLSettings, MemorizationSettings
 
 VOCAB = len(CharVocab())
-# The micro-llama preset without its vocabulary size and token ids (the character vocabulary's).
+# The micro-llama preset with the character vocabulary's size (``vocab_size=VOCAB``) and token ids.
 TINY = {
-    key: value
-    for key, value in TINY_PRESETS["micro-llama"].items()
-    if key != "vocab_size" and not key.endswith("_token_id")
+    **{
+        key: value
+        for key, value in TINY_PRESETS["micro-llama"].items()
+        if key != "vocab_size" and not key.endswith("_token_id")
+    },
+    **special_token_ids(CharVocab()),
 }
 MEM = MemorizationSettings(prefix_lengths=[16, 32], suffix_len=16, frequency_penalty=0.0)
 NO_MEM = MemorizationSettings(enabled=False)

@@ -54,3 +54,16 @@ def test_conv1d_to_linear_keeps_gpt2_outputs_and_uses_linear_layout():
     assert isinstance(attn, torch.nn.Linear) and attn.weight.shape == (3 * 32, 32)  # [out, in]
     assert sum(p.numel() for p in net.parameters()) == n_params
     torch.testing.assert_close(net(input_ids=ids).logits, before, rtol=0, atol=1e-5)
+
+
+def test_tokenizer_ids_replace_a_presets_and_fill_a_dicts():
+    """A preset's ids are the project tokenizer's: another tokenizer's replace them (one it
+    lacks becomes None); a config dict's explicit ids are kept, its missing ones filled."""
+    char_ids = {"eos_token_id": 1, "pad_token_id": 0}  # the federated character vocabulary
+    preset = build_config("micro-llama", vocab_size=98, special_ids=char_ids)
+    assert (preset.bos_token_id, preset.eos_token_id, preset.pad_token_id) == (None, 1, 0)
+    kept = build_config("micro-llama", vocab_size=98)  # no tokenizer given: the preset's ids
+    assert (kept.bos_token_id, kept.eos_token_id, kept.pad_token_id) == (0, 0, 1)
+    spec = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 2, "eos_token_id": 5}
+    filled = build_config(spec, vocab_size=98, special_ids=char_ids)
+    assert (filled.eos_token_id, filled.pad_token_id) == (5, 0)

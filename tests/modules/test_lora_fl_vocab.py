@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from datamodules.federated import CharVocab, _HFVocab
-from modules.hf_models import build_causal_lm
+from modules.hf_models import build_causal_lm, special_token_ids
 from modules.lora_fl import FederatedLoRAModule
 from modules.lora_fl_vocab import check_checkpoint_vocabulary, check_data_vocabulary
 from tests.federated_testkit import NO_MEM, tiny_dm, tiny_trainer
@@ -48,10 +48,30 @@ def test_a_model_without_a_tokenizer_needs_room_for_the_datas_ids(model_dirs, to
     small = build_causal_lm("micro-llama", vocab_size=64)
     with pytest.raises(ValueError, match=r"embeds 64 tokens, but .* has 98.*vocab_size >= 98"):
         check_data_vocabulary("micro-llama", small, CharVocab())
-    # A random-init preset with room to spare (e.g. vocab_size: 128) is fine, silently.
-    check_data_vocabulary(
-        "micro-llama", build_causal_lm("micro-llama", vocab_size=128), CharVocab()
-    )
+    # A random-init preset with room to spare (e.g. vocab_size: 128) is fine, silently, when
+    # built with the data's special token ids...
+    ids = special_token_ids(CharVocab())
+    roomy = build_causal_lm("micro-llama", vocab_size=128, special_ids=ids)
+    check_data_vocabulary("micro-llama", roomy, CharVocab())
+    # ...and warned about with the preset's own (the project tokenizer's: eos 0, pad 1).
+    with pytest.warns(
+        UserWarning, match=r"built with .*'pad_token_id': 1.* has .*vocab_size: null"
+    ):
+        check_data_vocabulary(
+            "micro-llama", build_causal_lm("micro-llama", vocab_size=128), CharVocab()
+        )
+
+
+def test_a_preset_built_at_setup_takes_the_datas_special_tokens():
+    """EOS of the character vocabulary (1) is a trained input row, not the padding row (the
+    preset's pad id 1 made it one: zero at init, no input gradient), and the exported config
+    names the data's EOS and PAD."""
+    module = FederatedLoRAModule(model="micro-llama", finetune_mode="full", local_steps=1,
+                                 memorization=NO_MEM)  # fmt: skip
+    tiny_trainer(1).fit(module, tiny_dm())
+    config, embedding = module.net.config, module.net.get_input_embeddings()
+    assert (config.eos_token_id, config.pad_token_id, embedding.padding_idx) == (1, 0, 0)
+    assert embedding.weight[1].norm() > 0
 
 
 def test_setup_refuses_data_ids_past_a_pretrained_models_embedding(tmp_path):

@@ -19,12 +19,7 @@ from modules.lora_fl_settings import (
     SecureAggregationSettings,
 )
 from strategies.client_parallel import ClientParallelStrategy
-
-TINY = {
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "tie_word_embeddings": True,
-}  # fmt: skip
+from tests.federated_testkit import TINY
 
 
 class PerturbNonZeroRanks(L.Callback):
