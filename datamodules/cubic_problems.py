@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -220,12 +221,16 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 class PairStream(IterableDataset):
     """Infinite stream of (batch_g, batch_h), one pair per optimizer step, starting at ``start_step``.
 
+    ``start_step`` may be a function (the trainer's live ``global_step``), read each time an
+    iterator starts: every epoch then continues the stream where the last one stopped.
+
     Args:
         draw: (generator, batch size) ↦ batch tuple.
         batch_size_grad: b_g.
         batch_size_hess: b_H.
         independent_hessian_batch: draw ξ'_t independently of ξ_t; otherwise reuse ξ_t's first b_H rows.
-        seed: base seed; rank: data-parallel rank; start_step: first step index.
+        seed: base seed; rank: data-parallel rank; start_step: first step index, or a function
+            returning it.
     """
 
     def __init__(
@@ -236,7 +241,7 @@ class PairStream(IterableDataset):
         independent_hessian_batch: bool,
         seed: int,
         rank: int = 0,
-        start_step: int = 0,
+        start_step: int | Callable[[], int] = 0,
     ) -> None:
         self.draw, self.bg, self.bh = draw, batch_size_grad, batch_size_hess
         self.independent, self.seed, self.rank, self.start_step = (
@@ -247,7 +252,7 @@ class PairStream(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
-        step = self.start_step
+        step = self.start_step() if callable(self.start_step) else self.start_step
         while True:
             gen = step_generator(self.seed, self.rank, step)
             batch_g = self.draw(gen, self.bg)
@@ -257,6 +262,21 @@ class PairStream(IterableDataset):
                 batch_h = tuple(t[: self.bh] for t in batch_g)
             yield batch_g, batch_h
             step += 1
+
+
+def _check_bounded(trainer: L.Trainer) -> None:
+    """Refuse a fit the endless stream would never end: no epoch has an end of its own."""
+    epochs_end = isinstance(trainer.limit_train_batches, int) and trainer.max_epochs not in (
+        None,
+        -1,
+    )
+    timed = any(isinstance(c, Timer) for c in trainer.callbacks)
+    if trainer.max_steps == -1 and not epochs_end and not timed:
+        raise ValueError(
+            "cubic Newton problems draw an endless stream of samples (one pair per step): "
+            "bound the run with trainer.max_steps (or an integer trainer.limit_train_batches "
+            "per epoch with trainer.max_epochs, or trainer.max_time)"
+        )
 
 
 class _RowShard(IterableDataset):
@@ -319,7 +339,7 @@ class _PairDataModule(L.LightningDataModule):
     def _full_data(self) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
-    def stream(self, rank: int = 0, start_step: int = 0) -> PairStream:
+    def stream(self, rank: int = 0, start_step: int | Callable[[], int] = 0) -> PairStream:
         """The (batch_g, batch_h) stream of ``rank`` from step ``start_step`` on."""
         return PairStream(
             self._draw,
@@ -332,12 +352,14 @@ class _PairDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        # Resuming: the trainer restores global_step before it asks for the loader, so the stream
-        # continues exactly where the checkpointed run stopped.
+        # Each epoch's iterator starts at the live global_step (restored before the loader is
+        # built when resuming), so a run continues the stream exactly like a straight one.
         trainer = self.trainer
-        start = trainer.global_step if trainer is not None else 0
-        rank = trainer.global_rank if trainer is not None else 0
-        return DataLoader(self.stream(rank, start), batch_size=None, num_workers=0)
+        if trainer is None:
+            return DataLoader(self.stream(), batch_size=None, num_workers=0)
+        _check_bounded(trainer)
+        stream = self.stream(trainer.global_rank, lambda: trainer.global_step)
+        return DataLoader(stream, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         # Each rank takes rows rank, rank + world, ... itself: Lightning's DistributedSampler would

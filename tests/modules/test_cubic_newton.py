@@ -1,5 +1,7 @@
 """CubicNewtonModule through the Lightning Trainer: oracles, reductions, resume, saddle escape, HVP path."""
 
+import itertools
+
 import lightning as L
 import pytest
 import torch
@@ -256,3 +258,31 @@ def test_sample_hvp_matches_hessian_products():
     v = torch.randn(x.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(hvp(v).double(), H @ v, atol=1e-5)
     assert torch.allclose(hvp(2 * v).double(), 2 * H @ v, atol=1e-5)  # graph is reusable
+
+
+class _RecordBatches(L.Callback):
+    def __init__(self) -> None:
+        self.grad_batches: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.grad_batches.append(batch[0][0].clone())
+
+
+def test_each_epoch_continues_the_step_indexed_stream():
+    """Epoch 2 draws the samples of steps 3-5, not epoch 1's again (the loader's stream was
+    fixed at the step it was built at, so every epoch replayed it and a resumed run drew
+    other samples than a straight one)."""
+    dm = _small_dm()
+    record = _RecordBatches()
+    trainer = _trainer(-1, max_epochs=2, limit_train_batches=3, callbacks=[record])
+    trainer.fit(_logreg(), dm)
+    assert trainer.global_step == 6
+    expected = [g[0] for g, _ in itertools.islice(dm.stream(rank=0, start_step=0), 6)]
+    assert all(torch.equal(a, b) for a, b in zip(record.grad_batches, expected, strict=True))
+
+
+def test_an_epoch_bound_alone_is_refused():
+    """The stream is endless: max_epochs without max_steps (or an integer limit_train_batches,
+    or max_time) trained forever."""
+    with pytest.raises(ValueError, match=r"endless.*trainer\.max_steps"):
+        _trainer(-1, max_epochs=1).fit(_logreg(), _small_dm())
