@@ -14,6 +14,7 @@ carries a bool ``scored`` mask [B] whose False rows are padding the module must 
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -43,20 +44,22 @@ def stack_tasks(tasks: list[Task]) -> Task:
 
 
 class _EpisodeStream(IterableDataset):
-    """Yields meta-batches from ``dm.next_episode`` to the end of its epoch block."""
+    """Yields meta-batches from ``dm.next_episode`` on, without end: Lightning ends each epoch
+    after ``len`` batches (or ``limit_train_batches``), counting from where a resumed run
+    stopped inside its epoch."""
 
     def __init__(self, dm: EpisodicTasks) -> None:
         self.dm = dm
 
     def __len__(self) -> int:
-        # A whole epoch, also when resumed mid-epoch (the iterator then yields the rest):
-        # Lightning keeps the first length it reads for every later epoch, and the remainder
-        # made a max_epochs-bound resumed run end early.
+        # A whole epoch, also when resumed mid-epoch: Lightning keeps the first length it reads
+        # for every later epoch, and the remainder made a max_epochs-bound resumed run end early.
         return self.dm.episodes_per_epoch
 
     def __iter__(self) -> Iterator[Task]:
-        start, per_epoch = self.dm.next_episode, self.dm.episodes_per_epoch
-        for episode in range(start, (start // per_epoch + 1) * per_epoch):
+        # Not cut at the next multiple of episodes_per_epoch: with limit_train_batches an epoch
+        # consumes fewer episodes, and the cut ended a later epoch early, without validation.
+        for episode in itertools.count(self.dm.next_episode):
             batch = self.dm.sample_meta_batch(task_generator(self.dm.seed, "train", episode))
             batch["episode"] = torch.tensor(episode)
             yield batch

@@ -325,6 +325,26 @@ def test_an_epoch_bound_run_resumed_mid_epoch_keeps_its_epoch_length(tmp_path):
     assert torch.equal(straight.net.weight, resumed.net.weight)
 
 
+class _CountValidations(L.Callback):
+    def __init__(self) -> None:
+        self.at_steps: list[int] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        self.at_steps.append(trainer.global_step)
+
+
+def test_limit_train_batches_gives_every_epoch_its_batches_and_validation(tmp_path):
+    # Each epoch's stream ended at the next multiple of episodes_per_epoch: with 4 of 10
+    # episodes per epoch the third epoch (episodes 8, 9) had 2 batches and no validation.
+    dm = LinearRegressionTasks(dim=6, num_tasks=8, meta_batch_size=4, episodes_per_epoch=10)
+    validations = _CountValidations()
+    trainer = _trainer(tmp_path, max_epochs=3, limit_train_batches=4, callbacks=[validations],
+                       precision="64-true", limit_val_batches=1)  # fmt: skip
+    trainer.fit(_linear_module().double(), dm)
+    assert trainer.global_step == 12 and dm.next_episode == 12
+    assert validations.at_steps == [4, 8, 12]
+
+
 def test_a_checkpoint_saved_mid_step_trains_that_steps_episode_again(tmp_path):
     # The episode is counted consumed when fetched, before its step runs: the on-exception
     # checkpoint of an interrupted step skipped it on resume.
