@@ -245,6 +245,17 @@ class UpdateDiagnostics(Callback):
                 "weights, so its norms and angles would describe one shard. Measure under DDP "
                 "(same optimizer and schedule) or remove the callback from trainer.callbacks"
             )
+        if (
+            self.track_momentum
+            and trainer.gradient_clip_val
+            and (trainer.gradient_clip_algorithm == "value")
+        ):
+            # Norm clipping scales g by one factor (cosines unchanged, ratio_global reads the
+            # clipped g); value clipping changes g's direction after on_before_optimizer_step.
+            rank_zero_warn(
+                "gradient_clip_algorithm='value': warmup/momentum/cos* use the gradient before "
+                "clipping, not the clipped one the optimizer steps with"
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._transposed = {id(m.weight) for m in pl_module.modules() if isinstance(m, Conv1D)}
@@ -345,7 +356,9 @@ class UpdateDiagnostics(Callback):
                 if self.log_per_tensor and gn > 0 and mn > 0:
                     pending["record"][f"warmup/momentum/cos/{name}"] = dot / math.sqrt(gn * mn)
         if self.track_momentum and g_sq > 0:
-            pending["g_sq"] = g_sq
+            pending["momentum_tensors"] = [
+                p for _, p in tensors if optimizer.state.get(p, {}).get("exp_avg") is not None
+            ]
             if m_sq > 0:
                 pending["record"]["warmup/momentum/cos_global"] = dots / math.sqrt(g_sq * m_sq)
         if self._probe is not None and self.rrc_mode == "network":
@@ -374,10 +387,14 @@ class UpdateDiagnostics(Callback):
         }
         record = {"step": pending["step"], **pending["record"], **self._update_metrics(pending)}
         record.update(self._rrc_metrics(pl_module, pending))
-        if "g_sq" in pending:
-            ms = [optimizer.state.get(p, {}).get("exp_avg") for _, p, *_ in pending["tensors"]]
-            m_sq = sum(squared_norm(m) for m in ms if m is not None)
-            record["warmup/momentum/ratio_global"] = math.sqrt(m_sq / pending["g_sq"])
+        if "momentum_tensors" in pending:
+            # ‖m_t‖/‖g_t‖ with g_t as the step used it: Lightning clips the gradients after
+            # on_before_optimizer_step, and they stay in .grad until the next step zeroes them.
+            params = [p for p in pending["momentum_tensors"] if p.grad is not None]
+            m_sq = sum(squared_norm(optimizer.state[p]["exp_avg"]) for p in params)
+            g_sq = sum(squared_norm(p.grad) for p in params)
+            if g_sq > 0:
+                record["warmup/momentum/ratio_global"] = math.sqrt(m_sq / g_sq)
         self._emit(trainer, pending["step"], record)
 
     # ---------------------------------------------------------------- metrics

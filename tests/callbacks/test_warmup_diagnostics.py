@@ -22,8 +22,9 @@ Snapshot = dict[str, torch.Tensor]
 
 class WeightRecorder(L.Callback):
     """Independent reference: the weights right before and after every optimizer step (``fc``
-    alone and every trainable matrix), the gradients and the momentum buffers ``exp_avg`` the
-    step starts from (m_{t-1}) and ends with (m_t)."""
+    alone and every trainable matrix), the gradients (as computed, and as the step used them:
+    after Lightning's clipping) and the momentum buffers ``exp_avg`` the step starts from
+    (m_{t-1}) and ends with (m_t)."""
 
     def __init__(self) -> None:
         self.before: dict[int, torch.Tensor] = {}
@@ -31,6 +32,7 @@ class WeightRecorder(L.Callback):
         self.mats_before: dict[int, Snapshot] = {}
         self.mats_after: dict[int, Snapshot] = {}
         self.grads: dict[int, Snapshot] = {}
+        self.used_grads: dict[int, Snapshot] = {}
         self.momenta_before: dict[int, Snapshot] = {}
         self.momenta_after: dict[int, Snapshot] = {}
 
@@ -71,6 +73,11 @@ class WeightRecorder(L.Callback):
             self.after[step] = pl_module.fc.weight.detach().clone()
             self.mats_after[step] = self._matrices(pl_module)
             self.momenta_after[step] = self._momenta(pl_module, trainer.optimizers[0])
+            self.used_grads[step] = {
+                n: p.grad.detach().clone()
+                for n, p in pl_module.named_parameters()
+                if p.grad is not None
+            }
 
 
 def _flat(snapshot: Snapshot, names) -> torch.Tensor:
@@ -130,14 +137,16 @@ def test_cadence_metrics_and_sign_like_first_step(tmp_path: Path) -> None:
         assert abs(expected - last_only) > 1e-3 * expected  # the check can tell them apart
 
 
-def test_momentum_alignment_and_ratio_are_the_recorded_cosines(tmp_path: Path) -> None:
+@pytest.mark.parametrize("clip", [None, 0.01])
+def test_momentum_alignment_and_ratio_are_the_recorded_cosines(tmp_path: Path, clip) -> None:
     # D5: cos(g_t, m_{t-1}) = ⟨g, m⟩/(‖g‖‖m‖) over all tensors concatenated (g = the gradient the
     # step uses, m = AdamW's exp_avg before the step) and ‖m_t‖/‖g_t‖ with m_t after the step,
-    # both from tensors recorded by WeightRecorder.
+    # both from tensors recorded by WeightRecorder. With norm clipping g is the clipped gradient
+    # (the ratio took the unclipped one: 127x too small at clip 0.01).
     L.seed_everything(0)
     cb = UpdateDiagnostics(keep_history=True, dense_steps=100, snr_every_n_steps=0, rrc_layers=[])
     ref = WeightRecorder()
-    diagnostics_trainer(tmp_path, 6, [cb, ref]).fit(
+    diagnostics_trainer(tmp_path, 6, [cb, ref], gradient_clip_val=clip).fit(
         TinyRegressor(), DataLoader(regression_data(), batch_size=32)
     )
     cosines = records(cb, "warmup/momentum/cos_global")
@@ -147,6 +156,7 @@ def test_momentum_alignment_and_ratio_are_the_recorded_cosines(tmp_path: Path) -
     for step, cos in cosines.items():
         names = sorted(ref.momenta_before[step])
         assert len(names) == 4  # fc.weight, fc.bias, out.weight, out.bias
+        # Norm clipping scales g by one factor: the cosine is the unclipped gradient's.
         g, m = _flat(ref.grads[step], names), _flat(ref.momenta_before[step], names)
         assert cos == pytest.approx(float(g @ m / (g.norm() * m.norm())), rel=1e-9)
         for name in names:  # per tensor too
@@ -155,8 +165,10 @@ def test_momentum_alignment_and_ratio_are_the_recorded_cosines(tmp_path: Path) -
             assert records(cb, f"warmup/momentum/cos/{name}")[step] == pytest.approx(per, rel=1e-9)
     for step, ratio in ratios.items():
         names = sorted(ref.momenta_after[step])
-        g, m = _flat(ref.grads[step], names), _flat(ref.momenta_after[step], names)
+        g, m = _flat(ref.used_grads[step], names), _flat(ref.momenta_after[step], names)
         assert ratio == pytest.approx(float(m.norm() / g.norm()), rel=1e-9)
+        if clip is not None:
+            assert g.norm() == pytest.approx(clip, rel=1e-4)  # every step was clipped
 
 
 def test_gradient_accumulation_keys_on_optimizer_steps(tmp_path: Path) -> None:
@@ -511,3 +523,12 @@ def test_a_diverged_run_logs_nan_not_no_update(tmp_path: Path) -> None:
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("warmup/global/angle")}
     assert sorted(logged) == [0, 1, 2, 3] and math.isnan(logged[3])
+
+
+def test_value_clipping_is_warned_about(tmp_path: Path) -> None:
+    cb = UpdateDiagnostics(dense_steps=2, snr_every_n_steps=0, rrc_layers=[])
+    trainer = diagnostics_trainer(
+        tmp_path, 2, [cb], gradient_clip_val=0.5, gradient_clip_algorithm="value"
+    )
+    with pytest.warns(UserWarning, match=r"'value'.*cos\* use the gradient before clipping"):
+        trainer.fit(TinyRegressor(), DataLoader(regression_data(), batch_size=32))
