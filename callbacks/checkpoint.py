@@ -25,6 +25,12 @@ EVERY_RANK_INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
 class ModelCheckpoint(LightningModelCheckpoint):
     """``lightning.pytorch.callbacks.ModelCheckpoint`` (same arguments); see the module docstring."""
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning 2.6 saves last.ckpt here also under fast_dev_run, which suppresses every
+        # other checkpoint (into default_root_dir, the working directory by default).
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
+
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:

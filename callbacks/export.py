@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.metrics_file import log_dir_of
+from callbacks.metrics_file import log_dir_of, skipped_in_fast_dev_run
 
 
 class ExportPretrained(L.Callback):
@@ -40,6 +40,8 @@ class ExportPretrained(L.Callback):
             )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if skipped_in_fast_dev_run(trainer, f"the {self.dirname} export"):
+            return
         if isinstance(trainer.strategy, FSDPStrategy):
             # a collective: every rank takes part
             on_gpu = trainer.strategy.root_device.type != "cpu"

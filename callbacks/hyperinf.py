@@ -48,7 +48,7 @@ from callbacks.hyperinf_report import (
     write_table,
 )
 from callbacks.json_values import strict_json
-from callbacks.metrics_file import log_dir_of
+from callbacks.metrics_file import log_dir_of, skipped_in_fast_dev_run
 from modules.eval_mode import eval_mode
 from ops.influence_config import DampingConfig, GradConfig, LissaConfig, SchulzConfig
 from ops.influence_engine import InfluenceEngine, InfluenceResult
@@ -432,10 +432,12 @@ class HyperINFCallback(L.Callback):
     def _report(self, trainer: L.Trainer, table: dict, result: InfluenceResult) -> None:
         # log_dir_of, not trainer.log_dir: that broadcasts from rank 0, which would wait there
         # alone (a hang under DDP) since only rank 0 reports.
+        self.table = table
+        if not self.output_dir and skipped_in_fast_dev_run(trainer, "the influence report"):
+            return
         out = Path(self.output_dir) if self.output_dir else log_dir_of(trainer) / "influence"
         out.mkdir(parents=True, exist_ok=True)
         n_total = result.stats.n if result.stats is not None else table["index"].numel()
-        self.table = table
         # the scores are on disk before anything else can fail (e.g. the noise file)
         path = write_table(table, out, self.output_format)
         mask = self._noise_mask(trainer, n_total)

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.json_values import strict_json
 from strategies.fsdp import sharded_checkpoint_meta
@@ -24,6 +24,16 @@ def log_dir_of(trainer: L.Trainer) -> Path:
         if directory:
             return Path(directory)
     return Path(trainer.default_root_dir)
+
+
+def skipped_in_fast_dev_run(trainer: L.Trainer, what: str) -> bool:
+    """True (said once) under ``trainer.fast_dev_run``: like Lightning's logs and checkpoints,
+    the run's files are not written. Without a logger they landed in ``default_root_dir`` (the
+    working directory by default), over the previous dev run's."""
+    if not trainer.fast_dev_run:
+        return False
+    rank_zero_info(f"fast_dev_run: {what} not written")
+    return True
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -75,5 +85,7 @@ class MetricsFile(L.Callback):
         # After every callback's end-of-stage hooks, whatever their order: scalars that other
         # callbacks compute there (influence scores, warmup diagnostics) are in the file too.
         # Not after a failed run: Lightning calls no teardown hook then.
-        if stage in ("fit", "validate", "test"):
+        if stage in ("fit", "validate", "test") and not skipped_in_fast_dev_run(
+            trainer, self.filename
+        ):
             self._write(trainer, stage)

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.json_values import strict_json
-from callbacks.metrics_file import log_dir_of
+from callbacks.metrics_file import log_dir_of, skipped_in_fast_dev_run
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
@@ -25,6 +25,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
     def __init__(self, filename: str = "predictions.jsonl", echo: bool = True) -> None:
         super().__init__(write_interval="batch")
         self.filename, self.echo = filename, echo
+        self._writes = True
 
     def _path(self, trainer: L.Trainer):
         name = self.filename
@@ -34,6 +35,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
         return log_dir_of(trainer) / name
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._writes = not skipped_in_fast_dev_run(trainer, self.filename)
+        if not self._writes:
+            return
         path = self._path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
@@ -49,9 +53,10 @@ class JsonlPredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         records = prediction if isinstance(prediction, list) else [prediction]
-        with self._path(trainer).open("a", encoding="utf-8") as f:
-            for record in records:
-                line = strict_json(record, ensure_ascii=False, default=str)
-                f.write(line + "\n")
-                if self.echo:
-                    rank_zero_info(line)
+        lines = [strict_json(record, ensure_ascii=False, default=str) for record in records]
+        if self._writes:
+            with self._path(trainer).open("a", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in lines)
+        if self.echo:
+            for line in lines:
+                rank_zero_info(line)
