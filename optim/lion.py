@@ -63,13 +63,30 @@ class Lion(Optimizer):
         nesterov: bool = False,
         inverse_bias_correction: bool = False,
         rrc_correction: RRCMode = "none",
-        **extra_defaults: Any,
     ) -> None:
-        if lr < 0:
+        self._init_lion(
+            params, lr, betas, weight_decay, nesterov, inverse_bias_correction, rrc_correction, {}
+        )
+
+    def _init_lion(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+        nesterov: bool,
+        inverse_bias_correction: bool,
+        rrc_correction: RRCMode,
+        extra_defaults: dict[str, Any],
+    ) -> None:
+        """The shared constructor; ``extra_defaults`` are the subclasses' own group settings
+        (not a ``**kwargs`` of ``Lion``, which took any misspelled or foreign keyword, e.g.
+        ``maximize=True``, and ignored it)."""
+        if not lr >= 0:  # also NaN
             raise ValueError(f"lr must be >= 0, got {lr}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two values in [0, 1), got {betas}")
-        if weight_decay < 0:
+        if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if rrc_correction not in ("none", "derived"):
             raise ValueError(f"rrc_correction={rrc_correction!r}: expected 'none' or 'derived'")
@@ -85,6 +102,13 @@ class Lion(Optimizer):
             **extra_defaults,
         )
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(
+                        f"{type(self).__name__} does not support complex parameters "
+                        f"(got {p.dtype}): sign() of a complex momentum is not defined"
+                    )
 
     def set_gradient_snr(self, phi: float, batch_size: int) -> None:
         """Store the per-sample gradient SNR φ and the (global) batch size for the RRC correction.
@@ -113,10 +137,13 @@ class Lion(Optimizer):
             mult *= rrc_lr_factor(group["snr_phi"], group["snr_batch_size"])
         return mult
 
-    def _require_gradient_snr(self) -> None:
+    def _check_before_step(self) -> None:
         """Raise before any state changes (a step that failed halfway left its momentum and
-        step count advanced) when the RRC correction has no SNR for this step."""
+        step count advanced) on a sparse gradient, or when the RRC correction has no SNR for
+        this step."""
         for group in self.param_groups:
+            if any(p.grad is not None and p.grad.is_sparse for p in group["params"]):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             if group["rrc_correction"] == "derived" and (
                 group["snr_phi"] < 0 or group["snr_batch_size"] < 1
             ):
@@ -152,7 +179,7 @@ class Lion(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._require_gradient_snr()
+        self._check_before_step()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -197,16 +224,10 @@ class LionA(Lion):
     ) -> None:
         if update_norm_scale <= 0:
             raise ValueError(f"update_norm_scale must be > 0, got {update_norm_scale}")
-        super().__init__(
-            params,
-            lr,
-            betas,
-            weight_decay,
-            nesterov,
-            inverse_bias_correction,
-            rrc_correction,
-            update_norm_scale=update_norm_scale,
-        )
+        self._init_lion(
+            params, lr, betas, weight_decay, nesterov, inverse_bias_correction, rrc_correction,
+            {"update_norm_scale": update_norm_scale},
+        )  # fmt: skip
         refuse_fsdp_shards(
             (p for g in self.param_groups for p in g["params"]),
             "LionA",
@@ -306,6 +327,12 @@ class LionAR(Lion):
         if not 0.0 <= update_norm_decay < 1.0:
             raise ValueError(f"update_norm_decay must lie in [0, 1), got {update_norm_decay}")
         wd_other = weight_decay if weight_decay_other is None else weight_decay_other
+        for setting, value in (("lr_other", lr_other), ("weight_decay_other", wd_other),
+                               ("vector_weight_decay", vector_weight_decay),
+                               ("rotational_eps", rotational_eps)):  # fmt: skip
+            if not value >= 0:  # also NaN
+                raise ValueError(f"LionAR: {setting} must be >= 0, got {value}")
+        self._lr_other = lr_other  # the LR of groups added without one (add_param_group)
         named_groups = _named(params)
         if rotational != "none" and any(
             is_fsdp_shard(p) for g in named_groups for _, p in g["params"]
@@ -372,46 +399,59 @@ class LionAR(Lion):
         else:
             for g in groups:
                 g["params"] = [p for _, p in g["params"]]
-        super().__init__(
-            groups,
-            lr,
-            betas,
-            weight_decay,
-            nesterov,
-            inverse_bias_correction,
-            rrc_correction,
-            update_norm_decay=update_norm_decay,
-            per_neuron=per_neuron,
-            zero_mean=zero_mean,
-            rotational_eps=rotational_eps,
-            rotational=False,
-        )
-        for i, g in enumerate(self.param_groups):
-            if g["rotational"] and g["weight_decay"] <= 0:
-                raise ValueError(
-                    f"param group {i} is rotational but has weight_decay={g['weight_decay']}: "
-                    "the target angle η_r ∝ √(ηλ) would be 0; set weight_decay > 0 or "
-                    "rotational: false for this group"
-                )
-            for j, p in enumerate(g["params"]):
-                if g["rotational"] and is_fsdp_shard(p):
-                    raise ValueError(
-                        "LionAR needs whole weight rows for its per-neuron norms, projection and "
-                        "centering, but FSDP shards them; use DDP, or rotational: none"
-                    )
-                if g["rotational"] and _rows(p, g["per_neuron"]).norm(dim=1).min() == 0:
-                    name = g.get("param_names", [None] * len(g["params"]))[j] or f"#{j}"
-                    raise ValueError(
-                        f"parameter {name} (group {i}) has a zero-norm neuron and cannot rotate "
-                        "(e.g. a zero-initialized LoRA B matrix); exclude it from the rotational set"
-                    )
+        extra = {"update_norm_decay": update_norm_decay, "per_neuron": per_neuron,
+                 "zero_mean": zero_mean, "rotational_eps": rotational_eps, "rotational": False}  # fmt: skip
+        self._init_lion(
+            groups, lr, betas, weight_decay, nesterov, inverse_bias_correction, rrc_correction,
+            extra,
+        )  # fmt: skip
         if center_in_constructor:
             self.center_rotational_weights()
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (also each group of the constructor). A group without a ``rotational``
+        key trains as plain Lion at ``lr_other`` unless it sets ``lr`` (it took the virtual LR,
+        ~300x ``lr_other``); a rotational group is checked as in the constructor."""
+        group = dict(param_group)
+        if not group.setdefault("rotational", False):
+            group.setdefault("lr", self._lr_other)
+        super().add_param_group(group)
+        if group["rotational"]:
+            self._check_rotational(len(self.param_groups) - 1)
+
+    def _check_rotational(self, index: int) -> None:
+        g = self.param_groups[index]
+        if not g["weight_decay"] > 0:
+            raise ValueError(
+                f"param group {index} is rotational but has weight_decay={g['weight_decay']}: "
+                "the target angle η_r ∝ √(ηλ) would be 0; set weight_decay > 0 or "
+                "rotational: false for this group"
+            )
+        for j, p in enumerate(g["params"]):
+            if is_fsdp_shard(p):
+                raise ValueError(
+                    "LionAR needs whole weight rows for its per-neuron norms, projection and "
+                    "centering, but FSDP shards them; use DDP, or rotational: none"
+                )
+            rows = _rows(p.detach(), g["per_neuron"])
+            name = g.get("param_names", [None] * len(g["params"]))[j] or f"#{j}"
+            if rows.norm(dim=1).min() == 0:
+                raise ValueError(
+                    f"parameter {name} (group {index}) has a zero-norm neuron and cannot rotate "
+                    "(e.g. a zero-initialized LoRA B matrix); exclude it from the rotational set"
+                )
+            centered = rows - rows.mean(dim=1, keepdim=True)
+            if g["zero_mean"] and centered.norm(dim=1).min() == 0:
+                # centering before the first step would zero it: n0 = 0, NaN weights
+                raise ValueError(
+                    f"parameter {name} (group {index}) has a constant neuron (e.g. fan-in 1), "
+                    "zero once centered; exclude it from the rotational set or set zero_mean: false"
+                )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim`` casts floating state to each parameter's dtype on load; the rotation
-        keeps ``n0`` and the update-norm EMA in float32, so they are restored from the saved
-        values (a cast bf16 -> float32 after the load would have lost their low bits)."""
+        keeps ``n0`` and the update-norm EMA in at least float32, so they are restored from the
+        saved values (a cast bf16 -> float32 after the load would have lost their low bits)."""
         saved = {
             index: {k: v for k, v in st.items() if k in ("n0", "update_norm_sq")}
             for index, st in state_dict["state"].items()
@@ -421,7 +461,7 @@ class LionAR(Lion):
         params = [p for g in self.param_groups for p in g["params"]]
         for index, p in zip(indices, params, strict=True):
             for key, value in saved.get(index, {}).items():
-                self.state[p][key] = value.detach().to(p.device, torch.float32).clone()
+                self.state[p][key] = value.detach().to(p.device, _rotation_dtype(p)).clone()
 
     @torch.no_grad()
     def center_rotational_weights(self) -> int:
@@ -442,6 +482,7 @@ class LionAR(Lion):
                 norm = w.norm(dim=1, keepdim=True)
                 w.sub_(w.mean(dim=1, keepdim=True))
                 w.mul_(norm / w.norm(dim=1, keepdim=True).clamp_min(1e-30))
+                _write_rows(p, w)
                 state["centered"] = 1
                 done += 1
         if done:
@@ -454,7 +495,7 @@ class LionAR(Lion):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._require_gradient_snr()
+        self._check_before_step()
         if any(g["rotational"] and g["zero_mean"] for g in self.param_groups):
             self.center_rotational_weights()  # no-op after the first step
         for group in self.param_groups:
@@ -474,10 +515,10 @@ class LionAR(Lion):
     def _rotate(self, p: Tensor, sign: Tensor, group: dict[str, Any], t: int, mult: float) -> None:
         state = self.state[p]
         rows = _rows(p, group["per_neuron"])
-        # The rotation runs in float32 (n0 and the EMA are stored in it too): in bf16 the
-        # re-projection onto n0 drifts the neuron norms by ~0.6 % over 200 steps.
-        w = rows.float()
-        d = _rows(sign, group["per_neuron"]).float()
+        # The rotation runs in at least float32 (n0 and the EMA are stored in it too): in bf16
+        # the re-projection onto n0 drifts the neuron norms by ~0.6 % over 200 steps.
+        w = rows.to(_rotation_dtype(p))
+        d = _rows(sign, group["per_neuron"]).to(w.dtype)
         if "n0" not in state:
             state["n0"] = w.norm(dim=1, keepdim=True)
             state["update_norm_sq"] = torch.zeros_like(state["n0"])
@@ -493,15 +534,27 @@ class LionAR(Lion):
         )
         w.sub_(d * (mult * eta_r * n0 / (d_bar + group["rotational_eps"])))
         w.mul_(n0 / w.norm(dim=1, keepdim=True))  # projection replaces weight decay
-        if w.data_ptr() != rows.data_ptr():  # a float32 copy of a lower-precision weight
-            rows.copy_(w)
+        _write_rows(p, w)
+
+
+def _rotation_dtype(p: Tensor) -> torch.dtype:
+    """float32 for half-precision weights, the weight's own dtype from float32 up (float64
+    weights rotated in float32 were off their reference by ~4e-7)."""
+    return torch.promote_types(p.dtype, torch.float32)
 
 
 def _rows(t: Tensor, per_neuron: bool = True) -> Tensor:
-    """A (neurons, fan_in) view of ``t`` that shares its storage."""
+    """``t`` as (neurons, fan_in): a view sharing its storage when the layout allows (a copy
+    for e.g. channels-last convolution weights; :func:`_write_rows` writes it back)."""
     if not per_neuron or t.dim() < 2:
-        return t.view(1, -1)
-    return t.view(t.shape[0], -1)
+        return t.reshape(1, -1)
+    return t.reshape(t.shape[0], -1)
+
+
+def _write_rows(p: Tensor, rows: Tensor) -> None:
+    """Store rows computed in place back into ``p`` unless they already are its storage."""
+    if rows.data_ptr() != p.data_ptr() or rows.dtype != p.dtype:
+        p.copy_(rows.reshape(p.shape))
 
 
 def _is_rotational(name: str | None, rotational: str | list[str]) -> bool:
