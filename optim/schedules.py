@@ -42,16 +42,16 @@ def trapezoidal_factor(
 ) -> float:
     """LR multiplier of the trapezoidal (warmup-stable-decay) schedule: linear warmup, constant 1,
     then a linear cooldown to ``min_lr_ratio`` over the final ``cooldown_fraction`` of
-    ``total_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+    ``total_steps``. Where warmup and cooldown overlap (W + D > T) the lower of the two ramps
+    applies (the warmup ran to 1.0 and the LR then dropped inside the cooldown)."""
+    warmup = (step + 1) / warmup_steps if warmup_steps > 0 and step < warmup_steps else 1.0
     cooldown_steps = max(1, steps_of(cooldown_fraction, total_steps))
     cooldown_start = total_steps - cooldown_steps
     if step < cooldown_start:
-        return 1.0
+        return warmup
     # s(t) = (T - t) / D over the last D steps: the final step still trains at 1/D of the LR.
     progress = min(1.0, (step - cooldown_start) / cooldown_steps)
-    return 1.0 - (1.0 - min_lr_ratio) * progress
+    return min(warmup, 1.0 - (1.0 - min_lr_ratio) * progress)
 
 
 def _check(warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> None:
@@ -173,7 +173,21 @@ class Trapezoidal(_FollowsThisRunOnResume):
             raise ValueError(f"cooldown_fraction must lie in (0, 1], got {cooldown_fraction}")
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
         self.cooldown_fraction, self.min_lr_ratio = cooldown_fraction, min_lr_ratio
+        self.check_total_steps()
         super().__init__(optimizer, self._factor, last_epoch)
+
+    def check_total_steps(self) -> None:
+        """Warn when warmup and cooldown overlap (also once ``total_steps`` is filled in)."""
+        if self.total_steps is None:
+            return
+        cooldown = max(1, steps_of(self.cooldown_fraction, self.total_steps))
+        if self.warmup_steps + cooldown > self.total_steps:
+            warnings.warn(
+                f"Trapezoidal: warmup_steps={self.warmup_steps} and the cooldown's {cooldown} "
+                f"steps overlap in total_steps={self.total_steps}: the LR follows the lower "
+                "ramp and never holds at its set value",
+                stacklevel=2,
+            )
 
     SETTINGS = ("warmup_steps", "total_steps", "cooldown_fraction", "min_lr_ratio")
 
@@ -210,3 +224,6 @@ def fill_total_steps(scheduler: object, total_steps: float) -> None:
             stacklevel=2,
         )
     scheduler.total_steps = max(1, int(total_steps))  # type: ignore[attr-defined]
+    check = getattr(scheduler, "check_total_steps", None)
+    if callable(check) and int(total_steps) >= warmup:  # shorter runs were warned about above
+        check()

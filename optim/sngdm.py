@@ -14,6 +14,7 @@ and clipped momentum steps adapt automatically (Cutkosky & Mehta 2020; spec §3.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -57,8 +58,13 @@ class SNGDM(Optimizer):
             raise ValueError(
                 f"SNGDM: mode='clipped' needs clip_threshold > 0, got {clip_threshold}"
             )
+        if not eps > 0:
+            raise ValueError(f"SNGDM: eps must be > 0, got {eps}")
         defaults = {"lr": lr, "momentum": momentum}
         super().__init__(params, defaults)
+        if any(p.is_complex() for g in self.param_groups for p in g["params"]):
+            # the global norm is taken in float64, which would drop imaginary parts
+            raise ValueError("SNGDM does not support complex parameters")
         if mode != "sgd":
             refuse_fsdp_shards(
                 (p for g in self.param_groups for p in g["params"]),
@@ -75,15 +81,25 @@ class SNGDM(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the momentum and, as ``torch.optim`` restores the param groups' settings, the
+        checkpoint's mode, threshold and eps, with a warning naming those this run set
+        otherwise (they changed silently)."""
         state_dict = dict(state_dict)
-        extra = state_dict.pop("sngdm", None)
+        saved = state_dict.pop("sngdm", None)
         super().load_state_dict(state_dict)
-        if extra is not None:
-            self.mode, self.clip_threshold, self.eps = (
-                extra["mode"],
-                extra["clip_threshold"],
-                extra["eps"],
+        if saved is None:
+            return
+        current = {"mode": self.mode, "clip_threshold": self.clip_threshold, "eps": self.eps}
+        changed = [f"{k} {v} -> {saved[k]}" for k, v in current.items() if saved[k] != v]
+        if changed:
+            warnings.warn(
+                f"SNGDM keeps the resumed checkpoint's settings ({', '.join(changed)}), not "
+                "this run's",
+                stacklevel=2,
             )
+        self.mode, self.clip_threshold, self.eps = (
+            saved["mode"], saved["clip_threshold"], saved["eps"],
+        )  # fmt: skip
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

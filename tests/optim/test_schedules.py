@@ -45,6 +45,14 @@ def test_trapezoidal_shape():
     assert trapezoidal_factor(10, 2, 10, 0.3, min_lr_ratio=0.5) == pytest.approx(0.5)
 
 
+def test_overlapping_warmup_and_cooldown_take_the_lower_ramp():
+    # W = 8, D = 5 of T = 10: the warmup ran to 1.0 at step 7 and the LR then fell to 0.4.
+    with pytest.warns(UserWarning, match=r"warmup_steps=8 and the cooldown's 5 steps overlap"):
+        lrs, *_ = _lrs(Trapezoidal, 10, warmup_steps=8, total_steps=10)
+    expected = [1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 0.8, 0.6, 0.4, 0.2]
+    assert lrs == pytest.approx([2.0 * f for f in expected])
+
+
 def test_trapezoidal_without_warmup_and_default_cooldown():
     # W = 0: full LR from the first step; the default f_c = 0.5 (warmup paper) gives
     # D = 5 of T = 10 steps, s(t) = (T - t) / D over the last five.

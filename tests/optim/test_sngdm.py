@@ -79,7 +79,9 @@ def test_state_round_trip():
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     opt_b = SNGDM(b, lr=1.0, momentum=0.1)
     # deepcopy as a checkpoint would: torch's state_dict() shares the buffer tensors.
-    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    # The checkpoint's settings, as torch restores its param groups' (lr, momentum), named.
+    with pytest.warns(UserWarning, match=r"mode normalized -> clipped, clip_threshold None -> 0.3"):
+        opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
     assert opt_b.mode == "clipped" and opt_b.clip_threshold == 0.3
     for t in range(3, 6):
         _set_grads(a, seed=t)
@@ -96,6 +98,11 @@ def test_bad_arguments_raise():
         SNGDM(_params(), mode="clipped")
     with pytest.raises(ValueError, match="momentum"):
         SNGDM(_params(), momentum=1.0)
+    with pytest.raises(ValueError, match="eps"):
+        SNGDM(_params(), eps=-1.0)
+    # The float64 global norm dropped imaginary parts: a step of 2e11 for lr 0.1.
+    with pytest.raises(ValueError, match="complex"):
+        SNGDM([torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64))])
 
 
 def _reference_sngdm(x0, grads_per_step, lrs, beta, mode, c=None):
