@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 import string
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -69,6 +69,20 @@ class CharVocab:
         """A prompt as an inference engine tokenizes it: no BOS in this vocabulary."""
         return self.encode(text)
 
+    def hf_tokenizer(self) -> Any:
+        """This vocabulary as a Hugging Face tokenizer, saved with exports so that
+        ``AutoTokenizer.from_pretrained`` loads them: one token per character, pad 0, eos 1."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        ids = {"<pad>": self.pad_token_id, "</s>": self.eos_token_id, **self._index}
+        tokenizer = Tokenizer(models.WordLevel(ids, unk_token=None))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tokenizer.decoder = decoders.Fuse()  # characters join without spaces
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>"
+        )
+
     def prompt_tokens(self, prompt: str, text: str) -> int:
         """Tokens of ``encode(text)`` inside its first ``len(prompt)`` characters: one per char."""
         return len(prompt)
@@ -88,6 +102,9 @@ class _HFVocab:
 
     def __len__(self) -> int:
         return len(self.tok)
+
+    def hf_tokenizer(self) -> Any:
+        return self.tok
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]

@@ -288,7 +288,7 @@ class CausalLMModule(L.LightningModule):
 
     # ----------------------------------------------------------------- set-up checks
     def setup(self, stage: str) -> None:
-        refuse_fp16_training(self.trainer, type(self).__name__, stage)
+        refuse_fp16_training(self.trainer, type(self).__name__, stage, self)
         datamodule = getattr(self.trainer, "datamodule", None)
         block_size = getattr(datamodule, "block_size", None)
         limit = max_positions(self.model.config)

@@ -12,6 +12,7 @@ Three ways to name a model, wherever the project accepts one:
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from datamodules.file_checks import where_relative_paths_resolve
 from modules.pretrained_presets import PRETRAINED_PRESETS, resolve_pretrained_preset
+
+log = logging.getLogger(__name__)
 
 # Tiny configs keep the real code paths of each family (RoPE, GQA, RMSNorm, SwiGLU for Llama)
 # at a size that trains in minutes on two CPU cores. ``vocab_size`` is overridden by the tokenizer.
@@ -158,7 +161,9 @@ def build_causal_lm(
             built on first use), config dict with ``model_type``, local directory or hub id.
         vocab_size: for presets and dicts, the embedding size (normally ``len(tokenizer)``);
             ignored for pretrained weights.
-        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps the default.
+        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` is float32,
+            also for weights stored in another dtype (``transformers`` loads the stored one: a
+            float16 export fine-tuned again trained float16 weights, NaN after one step).
         attn_implementation: attention kernel passed to ``transformers`` (``sdpa``, ``eager``).
         special_ids: the tokenizer's BOS/EOS/PAD ids: replace a preset's, fill those a dict
             leaves out (see ``build_config``); ignored for pretrained weights.
@@ -180,10 +185,34 @@ def build_causal_lm(
             f"existing directory{where_relative_paths_resolve(model)}, and HF_HUB_OFFLINE=1 "
             "forbids downloading it from the hub"
         )
-    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    if (path / "adapter_config.json").is_file():
+        return _merged_adapter(path, dtype, attn_implementation)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype or torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else model, **kwargs)
+
+
+def _merged_adapter(
+    adapter_dir: Path, dtype: str | None, attn_implementation: str | None
+) -> PreTrainedModel:
+    """A LoRA adapter directory (an ``hf_model/`` export) as the plain model it adapts: its base
+    (bundled in ``base/`` for a random-init preset, else the one the adapter names) with the
+    adapter merged. Loaded as is, ``transformers`` injected the adapter frozen: fine-tuning had
+    no trainable weight, and layer-parallel fusion read the base weights without the adapter."""
+    from peft import PeftConfig, PeftModel
+
+    bundled = adapter_dir / "base"
+    base_name = (
+        str(bundled)
+        if bundled.is_dir()
+        else PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    )
+    base = build_causal_lm(base_name, dtype=dtype, attn_implementation=attn_implementation)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.requires_grad_(True)  # peft froze the base; a loaded model trains every weight
+    log.info("model=%s is a LoRA adapter: loaded merged into its base %s", adapter_dir, base_name)
+    return merged
 
 
 def own_tokenizer_dir(model: str | dict[str, Any]) -> Path | None:

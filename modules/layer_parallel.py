@@ -97,6 +97,22 @@ RUN_TIME_SETTINGS = (
 )  # fmt: skip
 
 
+def layer_parallel_model_card(info: dict[str, Any]) -> str:
+    """The ``README.md`` of a layer-parallel export: what plain loading computes, and how to run
+    the model as it was fine-tuned."""
+    plan = json.dumps(info["plan"])
+    return (
+        "# Fine-tuned for layer-parallel inference\n\n"
+        f"These weights were fine-tuned with the layer pairs {plan} run in parallel "
+        f"(post_norm_mode: {info['post_norm_mode']}), as recorded in `layer_parallel.json` and "
+        "`config.json` (`layer_parallel`).\n\n"
+        "`AutoModelForCausalLM.from_pretrained` runs every layer one after the other: another "
+        "function than the one fine-tuned. To run it as fine-tuned:\n\n"
+        "```\nmlo test --config configs/layer_parallel/eval.yaml "
+        f"--model.init_args.model=<this directory> --model.init_args.plan='{plan}'\n```\n"
+    )
+
+
 class LayerParallelModule(L.LightningModule):
     """Evaluate / generate with / fine-tune a Hugging Face Llama-family model under layer parallelism.
 
@@ -122,7 +138,7 @@ class LayerParallelModule(L.LightningModule):
         decode_prompt_len: prompt length of the decode measurement (taken from the test data).
         decode_batch_size: prompts decoded together in the measurement.
         decode_repeats: timed runs (median reported) after one warm-up run.
-        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps the default.
+        dtype: parameter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` keeps float32.
         trainable_only_checkpoints: with a pretrained ``model``, checkpoints hold only the
             fine-tuned paired layers (the frozen rest is rebuilt from ``model`` on load, and a
             changed ``model`` is refused); ``False``, or a random-init ``model``, saves all.
@@ -221,7 +237,7 @@ class LayerParallelModule(L.LightningModule):
             apply_layer_parallelism(self.model, self.plan, mode, self.hparams.post_norm_mode)
 
     def setup(self, stage: str) -> None:
-        refuse_fp16_training(self.trainer, type(self).__name__, stage)
+        refuse_fp16_training(self.trainer, type(self).__name__, stage, self)
         check_data_tokenizer(getattr(self.trainer, "datamodule", None), self.tokenizer)
         if stage == "test":
             self._check_decode_fits_the_test_data()
@@ -384,12 +400,19 @@ class LayerParallelModule(L.LightningModule):
     def save_pretrained(self, directory: str | Path, merge_lora: bool = False) -> Path:
         """Write the (sequential, unfused) model in Hugging Face format plus ``layer_parallel.json``.
 
-        The canonical weights are the unfused ones (spec 3.4); the plan is re-applied on load.
+        The canonical weights are the unfused ones (spec 3.4); ``LayerParallelModule`` re-applies
+        the plan on load. A plain ``from_pretrained`` runs the layers one after the other, another
+        function than the one fine-tuned: ``config.layer_parallel`` and a model card say so.
         """
         directory = Path(directory)
-        with sequential_layers(self.model):
-            self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
         info = {"plan": self.plan.to_list(), "post_norm_mode": self.hparams.post_norm_mode}
+        self.model.config.layer_parallel = info
+        try:
+            with sequential_layers(self.model):
+                self.model.save_pretrained(directory)
+        finally:
+            del self.model.config.layer_parallel
+        self.tokenizer.save_pretrained(directory)
         (directory / "layer_parallel.json").write_text(json.dumps(info, indent=2))
+        (directory / "README.md").write_text(layer_parallel_model_card(info))
         return directory

@@ -199,7 +199,7 @@ class LoRATailClassifier(ScoredEvalMetrics, L.LightningModule):
         self.log_eval(self(batch["hidden"], batch["length"]), batch, "test")
 
     def setup(self, stage: str) -> None:
-        refuse_fp16_training(self.trainer, type(self).__name__, stage)
+        refuse_fp16_training(self.trainer, type(self).__name__, stage, self)
         check_prefix_matches_tail(self.hparams, getattr(self.trainer, "datamodule", None))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

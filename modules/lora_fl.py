@@ -46,7 +46,12 @@ from modules.lora_fl_settings import (
     NoiseSettings,
     SecureAggregationSettings,
 )
-from modules.lora_fl_vocab import check_checkpoint_vocabulary, check_data_vocabulary
+from modules.lora_fl_vocab import (
+    check_checkpoint_vocabulary,
+    check_data_vocabulary,
+    network_record,
+    restore_network,
+)
 from modules.token_perplexity import next_token_nll
 from modules.weighted_mean import update_weighted, weighted_mean
 from ops import dp
@@ -529,11 +534,13 @@ class FederatedLoRAModule(L.LightningModule):
             "dp_sigma": self.dp_sigma,
             "weight_noise_round": self.weight_noise_round,
             "noise_plan": resume.noise_plan(self.noise, self.planned_rounds),
+            "network": network_record(self.net),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint_vocabulary(checkpoint.get("state_dict", {}), self.net)
         state = checkpoint.get("lora_fl", {})
+        restore_network(self, state.get("network"))
+        check_checkpoint_vocabulary(checkpoint.get("state_dict", {}), self.net)
         self.accountant_history = {
             int(c): [tuple(x) for x in h] for c, h in state.get("accountant_history", {}).items()
         }
@@ -574,8 +581,8 @@ class FederatedLoRAModule(L.LightningModule):
         """Write the global model, adapters merged, in Hugging Face format (``ExportPretrained``).
 
         The server state is merged weights (or factor means merged here), so the export is always
-        a plain model; ``merge_lora`` is accepted for the callback's protocol. The tokenizer is
-        written too when the data uses one (a character vocabulary has none).
+        a plain model; ``merge_lora`` is accepted for the callback's protocol. The data's
+        tokenizer is written too (the character vocabulary as a one-token-per-character one).
         """
         directory = Path(directory)
         # Only persistent adapters need a merged copy; otherwise the weights are the export
@@ -583,9 +590,9 @@ class FederatedLoRAModule(L.LightningModule):
         net = self.merged_model() if self.persistent_adapters else self.net
         net.save_pretrained(directory)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        tokenizer = getattr(getattr(datamodule, "vocab", None), "tok", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        vocab = getattr(datamodule, "vocab", None)
+        if vocab is not None:
+            vocab.hf_tokenizer().save_pretrained(directory)
         return directory
 
     def flat_server_state(self) -> Tensor:

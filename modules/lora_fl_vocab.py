@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from modules.hf_models import is_pretrained_name, own_tokenizer_dir
+from modules.hf_models import SPECIAL_TOKEN_KEYS, is_pretrained_name, own_tokenizer_dir
 
 
 def _input_embedding_key(net: nn.Module) -> str | None:
@@ -104,3 +104,29 @@ def check_checkpoint_vocabulary(saved: dict[str, Tensor], net: nn.Module | None)
             f"data gives {current}: resume with the data.tokenizer (and model) of the "
             "checkpoint's run"
         )
+
+
+def network_record(net: nn.Module) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild the network without the data: its vocabulary size
+    and special token ids."""
+    return {
+        "vocab_size": net.get_input_embeddings().weight.shape[0],
+        "special_token_ids": {key: getattr(net.config, key, None) for key in SPECIAL_TOKEN_KEYS},
+    }
+
+
+def restore_network(module: Any, record: dict[str, Any] | None) -> None:
+    """Build the network of a checkpoint loaded outside a fit (``load_from_checkpoint``: the
+    network is sized from the data in ``setup``, which has not run, so every weight was an
+    unexpected key) and give it the checkpoint's special token ids (a network built from a
+    preset had the preset's: its export named the wrong EOS)."""
+    if record is None:
+        return
+    ids = record["special_token_ids"]
+    if module.net is None:
+        module.build_model(record["vocab_size"], {k: v for k, v in ids.items() if v is not None})
+        return
+    for config in (module.net.config, getattr(module.net, "generation_config", None)):
+        if config is not None:
+            for key, value in ids.items():
+                setattr(config, key, value)

@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
+from torch import nn
 
 
-def refuse_fp16_training(trainer: L.Trainer, owner: str, stage: str) -> None:
-    """Refuse ``precision: 16-true`` for training: fp16 weights *and* optimizer states.
+def refuse_fp16_training(
+    trainer: L.Trainer, owner: str, stage: str, module: nn.Module | None = None
+) -> None:
+    """Refuse fp16 weights for training (``precision: 16-true``, or float16 trainable
+    parameters of ``module``): fp16 weights *and* optimizer states.
 
     Adam's default ``eps=1e-8`` is 0 in fp16 and small squared gradients underflow too, so the
     update divides by zero after the first step and every later loss is NaN (the run used to end
     with exit code 0 and NaN metrics). Evaluation in fp16 (validate/test/predict) stays allowed.
     """
-    if stage != "fit" or str(trainer.precision) != "16-true":
+    if stage != "fit":
+        return
+    if module is not None and any(
+        p.requires_grad and p.dtype == torch.float16 for p in module.parameters()
+    ):
+        # e.g. model.init_args.dtype: float16, under any precision setting
+        raise ValueError(
+            f"{owner}: the model's trainable weights are float16, where AdamW's eps=1e-8 rounds "
+            "to 0 and the loss turns NaN after the first step; train them in float32 (dtype: "
+            "null or float32) or bfloat16"
+        )
+    if str(trainer.precision) != "16-true":
         return
     raise ValueError(
         f"{owner}: trainer.precision='16-true' trains fp16 weights and optimizer states, where "

@@ -132,7 +132,7 @@ class LoRAClassifier(ScoredEvalMetrics, L.LightningModule):
         self.init_eval_metrics()
 
     def setup(self, stage: str) -> None:
-        refuse_fp16_training(self.trainer, type(self).__name__, stage)
+        refuse_fp16_training(self.trainer, type(self).__name__, stage, self)
         features = getattr(self.trainer.datamodule, "input_dim", None)
         if isinstance(features, int) and features != self.hparams.in_features:
             raise ValueError(

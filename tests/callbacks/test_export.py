@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from callbacks.export import ExportPretrained
 from modules.causal_lm import CausalLMModule, LoraSettings
+from modules.hf_models import build_causal_lm
 
 
 def _fit_lora_with_export(tmp_path, tokenizer_dir, merge_lora):
@@ -70,6 +71,38 @@ def test_default_export_of_a_lora_model_is_the_adapter_with_its_base(tmp_path, t
     reloaded = PeftModel.from_pretrained(base, out).eval()
     ids = torch.randint(0, 4096, (2, 12))
     torch.testing.assert_close(_logits(reloaded, ids), _logits(module.model, ids))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_adapter_export_named_as_model_is_the_adapted_model(tmp_path, tokenizer_dir):
+    """``model: <run>/hf_model`` of a LoRA run loads merged into its bundled base, even moved
+    elsewhere: transformers loaded it with the adapter frozen (no trainable weight for a new
+    fit), and layer-parallel fusion read the base weights without it."""
+    module, out = _fit_lora_with_export(tmp_path, tokenizer_dir, merge_lora=False)
+    moved = tmp_path / "moved"
+    out.rename(moved)  # the adapter config's absolute base path no longer exists
+    net = build_causal_lm(str(moved)).eval()
+    assert not any("lora" in name for name, _ in net.named_parameters())
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in net.parameters())
+    ids = torch.randint(0, 4096, (2, 12))
+    torch.testing.assert_close(_logits(net, ids), _logits(module.model, ids))
+
+
+def test_stored_half_precision_weights_load_as_float32(tmp_path):
+    # transformers 5 loads the stored dtype: a float16 export fine-tuned again trained float16
+    # weights (AdamW's eps rounds to 0 there: NaN from the second step on).
+    build_causal_lm("micro-llama").to(torch.float16).save_pretrained(tmp_path / "half")
+    assert build_causal_lm(str(tmp_path / "half")).dtype == torch.float32
+    assert build_causal_lm(str(tmp_path / "half"), dtype="float16").dtype == torch.float16
+
+
+def test_float16_trainable_weights_are_refused_for_training(tmp_path, tokenizer_dir):
+    module = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir), dtype="float16")
+    ids = torch.randint(0, 4096, (2, 8))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="trainable weights are float16"):
+        trainer.fit(module, DataLoader([{"input_ids": r, "labels": r} for r in ids]))
 
 
 def test_a_module_without_save_pretrained_is_refused_before_fit(tmp_path):

@@ -204,6 +204,11 @@ def test_cli_fit_changes_only_paired_layers_and_exports(
     export = next(tmp_path.rglob("layer_parallel.json")).parent
     after = build_causal_lm(str(export)).state_dict()
     assert json.loads((export / "layer_parallel.json").read_text())["plan"] == [[2, 3], [4, 5]]
+    # A plain load says what it is: sequential layers, not the fine-tuned parallel function.
+    config = json.loads((export / "config.json").read_text())
+    assert config["layer_parallel"]["plan"] == [[2, 3], [4, 5]]
+    assert "one after the other" in (export / "README.md").read_text()
+    assert not hasattr(cli.model.model.config, "layer_parallel")  # only in the export
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(any(f"layers.{i}." in k for i in (2, 3, 4, 5)) for k in changed)
 

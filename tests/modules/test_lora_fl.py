@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.federated import FederatedTextDataModule
+from datamodules.federated import CharVocab, FederatedTextDataModule
 from modules.hf_models import build_causal_lm
 from modules.lora_fl import FederatedLoRAModule
 from modules.lora_fl_client import ClientTrainer
@@ -416,7 +416,7 @@ def test_memorization_refuses_settings_that_skip_every_canary():
 
 @pytest.mark.parametrize("aggregation", ["merged_delta_mean", "factor_mean"])
 def test_save_pretrained_writes_the_merged_global_model(tmp_path, aggregation):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     m = tiny_module(local_steps=1, memorization=NO_MEM, lora_aggregation=aggregation)
     tiny_trainer(1).fit(m, tiny_dm())
@@ -426,6 +426,12 @@ def test_save_pretrained_writes_the_merged_global_model(tmp_path, aggregation):
     with torch.no_grad():
         expected = m.merged_model().eval()(input_ids=ids).logits
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+    # The character vocabulary is saved as a tokenizer AutoTokenizer loads (there was none).
+    tokenizer, vocab = AutoTokenizer.from_pretrained(out), CharVocab()
+    text = "Q: Where does Ada live?\n A: in Lausanne."
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == vocab.encode(text)
+    assert tokenizer.decode(vocab.encode(text)) == text
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
     # a module on a pretrained base starts in train mode (from_pretrained returns eval mode)
     on_base = FederatedLoRAModule(model=str(out), memorization=NO_MEM)
     assert all(module.training for module in on_base.net.modules())

@@ -91,3 +91,18 @@ def test_resuming_with_another_vocabulary_is_named_for_every_architecture(preset
     with pytest.raises(ValueError, match=r"vocabulary of 4096 tokens, this run's data gives 98"):
         check_checkpoint_vocabulary({key: torch.zeros(4096, width)}, net)
     check_checkpoint_vocabulary({key: torch.zeros(98, width)}, net)  # the same size
+
+
+def test_load_from_checkpoint_rebuilds_the_network_with_the_datas_tokens(tmp_path):
+    """Outside a fit the network (sized from the data at setup) did not exist: every weight was
+    an unexpected key; built from the preset with vocab_size set, it named the preset's EOS."""
+    module = FederatedLoRAModule(model="micro-llama", finetune_mode="full", local_steps=1,
+                                 memorization=NO_MEM)  # fmt: skip
+    trainer = tiny_trainer(1)
+    trainer.fit(module, tiny_dm())
+    trainer.save_checkpoint(tmp_path / "fl.ckpt")
+    for kwargs in ({}, {"vocab_size": len(CharVocab())}):
+        loaded = FederatedLoRAModule.load_from_checkpoint(tmp_path / "fl.ckpt", **kwargs)
+        config = loaded.net.config
+        assert (config.eos_token_id, config.pad_token_id) == (1, 0)
+        assert torch.equal(loaded.flat_server_state(), module.flat_server_state())
