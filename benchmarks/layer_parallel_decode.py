@@ -62,16 +62,22 @@ def middle_plan(layers: int, delta: int) -> LayerParallelPlan:
 
 @torch.no_grad()
 def measure(model, prompt: torch.Tensor, n_new: int, repeats: int) -> tuple[float, float]:
-    """Median tokens/s of (sequential, LP), alternating runs, one warm-up each."""
+    """Median tokens/s of (sequential, LP), alternating runs, one warm-up each (prefill
+    included, as ``modules.layer_parallel.decode_tokens_per_s`` defines it)."""
     times: dict[str, list[float]] = {"seq": [], "lp": []}
+    on_gpu = prompt.device.type == "cuda"
     for r in range(repeats + 1):
         for name in ("seq", "lp"):
+            if on_gpu:  # queued kernels of the previous run must not be charged to this one
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             if name == "seq":
                 with sequential_layers(model):
                     greedy_decode(model, prompt, n_new)
             else:
                 greedy_decode(model, prompt, n_new)
+            if on_gpu:  # argmax and cat stay on the device: nothing else waits for the kernels
+                torch.cuda.synchronize()
             if r > 0:
                 times[name].append(time.perf_counter() - t0)
     tokens = prompt.shape[0] * n_new
