@@ -1,10 +1,16 @@
 """Per-round wall time and upload size of the federated simulation: LoRA vs full fine-tuning.
 
-    python benchmarks/lora_fl_round.py [--rounds 3] [--steps 10]
+    python benchmarks/lora_fl_round.py [--rounds 5] [--steps 10] [--repeats 4]
 
 Runs ``FederatedLoRAModule`` (3 clients, ``local_steps`` batches of 16 each, a small
-character-level Llama, d = 64, random init) for each mode in one process and reports the median
-round time and the bytes each client uploads per round. Writes ``docs/results/benchmarks/lora_fl_round.json``.
+character-level Llama, d = 64, random init) for each mode (full FT, LoRA, LoRA + SecAgg) in one
+process and reports the round time and the bytes each client uploads per round.
+
+Method (the machine is shared and noisy): each repeat runs every mode once, in a rotated
+(round-robin) order, ``--rounds`` rounds per run with the first round dropped (warm-up). Per mode:
+median [q1, q3] and min-max over all timed rounds. Per repeat and mode: the median round time
+divided by full FT's in the same repeat (paired ratio), summarised as median [min, max]. Writes
+``docs/results/benchmarks/lora_fl_round.json``.
 The side-by-side comparison with Flower's simulation of the same clients is
 ``benchmarks/lora_fl_flower.py`` (Flower installed separately, see its docstring).
 """
@@ -86,36 +92,90 @@ def round_trainer(rounds: int, timer: RoundTimer) -> L.Trainer:
 
 
 def measure(mode: str, secagg: bool, rounds: int, steps: int) -> dict:
+    """One run of ``rounds`` rounds: the timed round times (first round dropped) and upload size."""
     module, dm = build(mode, steps, rounds, secagg)
     timer = RoundTimer()
     trainer = round_trainer(rounds, timer)
     trainer.fit(module, dm)
     return {
         "mode": mode + ("+secagg" if secagg else ""),
-        "median_round_s": statistics.median(timer.times[1:] or timer.times),
+        "round_s": timer.times[1:] or timer.times,
         "bytes_per_client_round": module.history[-1]["round/bytes_per_client"],
-        "local_steps_per_client": steps,
     }
+
+
+MODES = (("full", False), ("lora", False), ("lora", True))
+
+
+def _quantiles(xs: list[float]) -> dict:
+    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else xs * 3
+    return {"median": med, "q1": q1, "q3": q3, "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def run_round_robin(rounds: int, steps: int, repeats: int) -> list[list[dict]]:
+    """``repeats`` lists of one run per mode; the mode order rotates by one each repeat so that no
+    mode always runs first (cold) or last, and slow stretches of machine load spread over all."""
+    runs = []
+    for rep in range(repeats):
+        order = [MODES[(rep + i) % len(MODES)] for i in range(len(MODES))]
+        done = {}
+        for mode, secagg in order:
+            r = measure(mode, secagg, rounds, steps)
+            done[r["mode"]] = r
+            print(f"repeat {rep} {r['mode']:>12}: {statistics.median(r['round_s']):.2f} s / round")
+        runs.append([done[m + ("+secagg" if sa else "")] for m, sa in MODES])
+    return runs
+
+
+def summarize(runs: list[list[dict]], steps: int) -> list[dict]:
+    """Per mode: round-time quantiles over all timed rounds, and the per-repeat paired ratio of
+    its median round time to full FT's median in the same repeat."""
+    rows = []
+    for j, (mode, secagg) in enumerate(MODES):
+        all_s = [t for rep in runs for t in rep[j]["round_s"]]
+        ratios = [
+            statistics.median(rep[j]["round_s"]) / statistics.median(rep[0]["round_s"])
+            for rep in runs
+        ]
+        rows.append({
+            "mode": mode + ("+secagg" if secagg else ""),
+            "round_s": _quantiles(all_s),
+            "paired_ratio_to_full": {
+                "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                "per_repeat": ratios,
+            },
+            "bytes_per_client_round": runs[0][j]["bytes_per_client_round"],
+            "local_steps_per_client": steps,
+            "raw_round_s": [rep[j]["round_s"] for rep in runs],
+        })  # fmt: skip
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds per run (the first is dropped)"
+    )
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=4, help="runs per mode, modes rotated")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [
-        measure("full", False, args.rounds, args.steps),
-        measure("lora", False, args.rounds, args.steps),
-        measure("lora", True, args.rounds, args.steps),
-    ]
-    print("| mode | median s / round | bytes / client / round |")
-    print("|---|---|---|")
+    rows = summarize(run_round_robin(args.rounds, args.steps, args.repeats), args.steps)
+    print("| mode | s / round: median [q1, q3] (min-max) | paired ratio to full: median [min, max] "
+          "| bytes / client / round |")  # fmt: skip
+    print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['median_round_s']:.2f} | {r['bytes_per_client_round']:.0f} |")
+        t, q = r["round_s"], r["paired_ratio_to_full"]
+        print(f"| {r['mode']} | {t['median']:.2f} [{t['q1']:.2f}, {t['q3']:.2f}] "
+              f"({t['min']:.2f}-{t['max']:.2f}) | {q['median']:.2f} [{q['min']:.2f}, {q['max']:.2f}] "
+              f"| {r['bytes_per_client_round']:.0f} |")  # fmt: skip
     out = ROOT / "docs" / "results" / "benchmarks" / "lora_fl_round.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    method = (
+        "modes rotated round-robin over repeats; first round of each run dropped; "
+        "round_s over all timed rounds; ratios paired per repeat (median round time / full's)"
+    )
+    out.write_text(json.dumps({"args": vars(args), "method": method, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
