@@ -19,6 +19,7 @@ import tempfile
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from typing_extensions import override
@@ -28,7 +29,28 @@ METRICS_FILE_KEY = "callback_metrics_file"
 
 
 class ResultsThroughFileLauncher(_MultiProcessingLauncher):
-    """Lightning's multiprocessing launcher; rank 0's ``callback_metrics`` travel in a file."""
+    """Lightning's multiprocessing launcher; rank 0's ``callback_metrics`` travel in a file, and
+    a spawned worker receives the tensors of the trainer, module and data through named
+    shared-memory files (``file_system`` sharing) rather than file descriptors.
+
+    With descriptors, late in a long session (this project's full test run, reproducibly) a
+    worker died unpickling a storage (``unable to resize file ... to the right size``: the
+    descriptor it received held a smaller file than the storage), and the parent blocked for
+    good writing the rest of the pickle into that worker's pipe, whose read end CPython keeps
+    open until the write ends. The exact cause was not isolated; named files take descriptor
+    numbers out of the hand-over.
+    """
+
+    @override
+    def launch(self, function: Any, *args: Any, trainer: L.Trainer | None = None, **kwargs: Any):
+        if self._start_method != "spawn":
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        previous = torch.multiprocessing.get_sharing_strategy()
+        torch.multiprocessing.set_sharing_strategy("file_system")
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        finally:
+            torch.multiprocessing.set_sharing_strategy(previous)
 
     @override
     def get_extra_results(self, trainer: L.Trainer) -> dict[str, Any]:
