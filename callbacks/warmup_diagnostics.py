@@ -336,6 +336,7 @@ class UpdateDiagnostics(Callback):
         pending: dict[str, Any] = {"step": step, "tensors": [], "record": {}}
         decoupled = isinstance(optimizer, torch.optim.AdamW | Lion)
         dots = g_sq = m_sq = 0.0
+        with_momentum = []
         for name, p in tensors:
             g = group_of.get(id(p), {})
             rotational = bool(g.get("rotational", False))
@@ -351,14 +352,13 @@ class UpdateDiagnostics(Callback):
             )
             m = optimizer.state.get(p, {}).get("exp_avg") if self.track_momentum else None
             if m is not None and p.grad is not None:
+                with_momentum.append(p)
                 dot, gn, mn = inner_products(p.grad, m)
                 dots, g_sq, m_sq = dots + dot, g_sq + gn, m_sq + mn
                 if self.log_per_tensor and gn > 0 and mn > 0:
                     pending["record"][f"warmup/momentum/cos/{name}"] = dot / math.sqrt(gn * mn)
         if self.track_momentum and g_sq > 0:
-            pending["momentum_tensors"] = [
-                p for _, p in tensors if optimizer.state.get(p, {}).get("exp_avg") is not None
-            ]
+            pending["momentum_tensors"] = with_momentum
             if m_sq > 0:
                 pending["record"]["warmup/momentum/cos_global"] = dots / math.sqrt(g_sq * m_sq)
         if self._probe is not None and self.rrc_mode == "network":

@@ -136,7 +136,7 @@ def load_documents(
 
 def _is_text(data_files: str | list[str]) -> bool:
     patterns = [data_files] if isinstance(data_files, str) else data_files
-    return any(Path(p).suffix in (".txt", ".md") for p in patterns)
+    return any(_BUILDERS.get(Path(p).suffix) == "text" for p in patterns)
 
 
 def pack_blocks(
