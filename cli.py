@@ -33,8 +33,6 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import lightning as L
 import torch
 import yaml
@@ -340,6 +338,9 @@ def check_config_syntax(args: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> MloCLI:
     """Entry point of the ``mlo`` console script; ``args`` defaults to ``sys.argv[1:]``."""
+    # Tokenizers' thread pool and the DataLoader workers forked later do not mix (it warns and
+    # turns itself off in every worker); set here, not at import, so importing leaves it alone.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check_config_syntax(sys.argv[1:] if args is None else args)
     return MloCLI(
         L.LightningModule,

@@ -94,7 +94,11 @@ def read_noise_index(path: Path) -> torch.Tensor:
     if path.suffix == ".json":
         return torch.tensor(json.loads(path.read_text()), dtype=torch.long)
     if path.suffix == ".pt":
-        return torch.as_tensor(torch.load(path)).long().flatten()
+        return (
+            torch.as_tensor(torch.load(path, map_location="cpu", weights_only=True))
+            .long()
+            .flatten()
+        )
     return torch.tensor([int(s) for s in path.read_text().split()], dtype=torch.long)
 
 

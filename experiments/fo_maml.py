@@ -162,7 +162,9 @@ def main() -> None:
         print(json.dumps(summary, indent=1, default=str)[:3000])
         return
     # Merge into the file as it is *now*, under a lock: parts may run in concurrent processes.
-    with open(Path(tempfile.gettempdir()) / "fo_maml_summary.lock", "w") as lock:
+    # The lock lives next to the summary: a fixed name in the shared /tmp could be another user's
+    # file or a symlink to one.
+    with open(summary_path.with_name(".summary.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         summary = merge_summary(summary_path, summary)
     from experiments.fo_maml_report import plot_all, write_docs

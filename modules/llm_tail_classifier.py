@@ -30,6 +30,7 @@ from torch import nn
 
 from modules.precision import refuse_fp16_training
 from modules.sequence_classifier import ScoredEvalMetrics
+from ops.seeding import seeded_cpu_init
 
 
 def llama_style_decoder(net: nn.Module, model: str) -> nn.Module:
@@ -138,19 +139,15 @@ class LoRATailClassifier(ScoredEvalMetrics, L.LightningModule):
         decoder = llama_style_decoder(net, model)
         if not 1 <= tail_layers <= net.config.num_hidden_layers:
             raise ValueError(f"tail_layers={tail_layers} out of range for {model!r}")
-        if init_seed is not None:
-            state = torch.random.get_rng_state()
-            torch.manual_seed(init_seed)
-        config = LoraConfig(
-            r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=0.0,
-            target_modules=list(target_modules or ["q_proj", "v_proj"]),
-        )
-        self.tail = get_peft_model(_Tail(list(decoder.layers[-tail_layers:])), config)
-        self.head = nn.Linear(net.config.hidden_size, num_classes, bias=False)
-        if init_seed is not None:
-            torch.random.set_rng_state(state)
+        with seeded_cpu_init(init_seed):
+            config = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=0.0,
+                target_modules=list(target_modules or ["q_proj", "v_proj"]),
+            )
+            self.tail = get_peft_model(_Tail(list(decoder.layers[-tail_layers:])), config)
+            self.head = nn.Linear(net.config.hidden_size, num_classes, bias=False)
         self.norm, self.rotary = decoder.norm, decoder.rotary_emb
         self.norm.requires_grad_(False)
         del net

@@ -22,6 +22,7 @@ from torch import nn
 
 from modules.precision import refuse_fp16_training
 from modules.weighted_mean import update_weighted, weighted_mean
+from ops.seeding import seeded_cpu_init
 
 
 class ScoredEvalMetrics:
@@ -113,21 +114,17 @@ class LoRAClassifier(ScoredEvalMetrics, L.LightningModule):
         from peft import LoraConfig, get_peft_model
 
         self.save_hyperparameters()
-        if init_seed is not None:
-            state = torch.random.get_rng_state()
-            torch.manual_seed(init_seed)
-        base = FrozenFeatures(in_features, hidden_size)
-        config = LoraConfig(
-            r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=0.0,
-            target_modules=["hidden"],
-            use_rslora=use_rslora,
-        )
-        self.features = get_peft_model(base, config)
-        self.head = nn.Linear(hidden_size, num_classes, bias=False)
-        if init_seed is not None:
-            torch.random.set_rng_state(state)
+        with seeded_cpu_init(init_seed):
+            base = FrozenFeatures(in_features, hidden_size)
+            config = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=0.0,
+                target_modules=["hidden"],
+                use_rslora=use_rslora,
+            )
+            self.features = get_peft_model(base, config)
+            self.head = nn.Linear(hidden_size, num_classes, bias=False)
         self.lr, self.weight_decay = lr, weight_decay
         self.init_eval_metrics()
 

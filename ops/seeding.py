@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 
 
 def derive_seed(*parts: int) -> int:
@@ -21,3 +25,20 @@ def run_seed() -> int:
     """The run's global seed (``seed_everything``, which Lightning exports as
     ``PL_GLOBAL_SEED`` to every process of the run); 0 when the run set none."""
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+@contextmanager
+def seeded_cpu_init(seed: int | None) -> Iterator[None]:
+    """Run the block with the CPU generator seeded with ``seed`` (``None``: untouched), then put
+    the generator back, also when the block raises.
+
+    Only the CPU generator is seeded (``torch.manual_seed`` would also queue the seed for every
+    GPU, leaving the run's GPU randomness at ``seed`` whatever ``seed_everything`` said): modules
+    are built on the CPU.
+    """
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield

@@ -249,12 +249,12 @@ def tp_check(args) -> dict:
     if not cfg_ok:
         raise ValueError(f"TP needs heads ({args.heads}) and kv_heads ({args.kv_heads}) divisible "
                          f"by world={world}, and an even world")  # fmt: skip
-    out_file = tempfile.mktemp(suffix=".pt")
     # a port the OS reports free (a pid-derived one could collide with a concurrent DDP run)
     port = find_free_network_port()
-    torch.multiprocessing.spawn(tp_worker, args=(world, args, port, out_file), nprocs=world)
-    res = torch.load(out_file)
-    os.remove(out_file)
+    with tempfile.TemporaryDirectory(prefix="mlo-tp-check-") as scratch:
+        out_file = os.path.join(scratch, "result.pt")
+        torch.multiprocessing.spawn(tp_worker, args=(world, args, port, out_file), nprocs=world)
+        res = torch.load(out_file, weights_only=True)
     ids = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     refs = {}
     with torch.no_grad():

@@ -52,14 +52,17 @@ class ClientParallelStrategy(SpawnSafeDDPStrategy):
             cls,
             description="federated client simulation over DDP processes, no DDP wrapper",
             start_method="popen",
+            override=True,
         )
         strategy_registry.register(
             "client_parallel_spawn",
             cls,
             description="client_parallel with the spawn launcher (tests, notebooks)",
             start_method="spawn",
+            override=True,
         )
 
 
-if "client_parallel" not in StrategyRegistry:
-    ClientParallelStrategy.register_strategies(StrategyRegistry)
+# Registered again on every import (a reloaded module, e.g. IPython's autoreload, must not leave
+# the names pointing at the old class, which modules/lora_fl.py's isinstance check would refuse).
+ClientParallelStrategy.register_strategies(StrategyRegistry)
