@@ -1,4 +1,5 @@
-"""``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook`` that cannot hang at the end of a run.
+"""``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook`` that cannot hang at the end of a run, nor at
+its start when the module or data holds a ``torch.Generator`` (see ``ResultsThroughFileLauncher``).
 
 Lightning's multiprocessing launcher (2.6) waits for every worker to exit before it reads rank
 0's results from a pipe. Rank 0 writes ``trainer.callback_metrics`` into that pipe, and the write
@@ -33,12 +34,14 @@ class ResultsThroughFileLauncher(_MultiProcessingLauncher):
     a spawned worker receives the tensors of the trainer, module and data through named
     shared-memory files (``file_system`` sharing) rather than file descriptors.
 
-    With descriptors, late in a long session (this project's full test run, reproducibly) a
-    worker died unpickling a storage (``unable to resize file ... to the right size``: the
-    descriptor it received held a smaller file than the storage), and the parent blocked for
-    good writing the rest of the pickle into that worker's pipe, whose read end CPython keeps
-    open until the write ends. The exact cause was not isolated; named files take descriptor
-    numbers out of the hand-over.
+    With descriptors, any tensor made *while pickling* the worker's arguments breaks the
+    launch: a ``torch.Generator`` held by a module or data module pickles its state as a new
+    tensor, which is moved to shared memory, its descriptor number recorded for the worker, and
+    freed when the pickle is done, before the worker starts. The launcher's next pipe then gets
+    that number, the worker dies unpickling a "storage" that is a pipe (``unable to resize file
+    ... Invalid argument``) and the parent blocks for good writing the rest of the pickle into
+    the dead worker's pipe (pytorch#146828; ``tests/strategies/test_spawn_results.py``). Named
+    files are reference-counted until the worker has opened them.
     """
 
     @override

@@ -38,6 +38,35 @@ def test_many_callback_metrics_reach_the_parent_process(tmp_path):
     assert len([k for k in trainer.callback_metrics if k.startswith("m/")]) == METRICS
 
 
+class RegressionWithGenerator(SignallingRegression):
+    """Holds a ``torch.Generator``, as modules and data modules with their own noise do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noise = torch.Generator().manual_seed(3)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_a_module_holding_a_generator_reaches_the_spawned_workers(tmp_path):
+    # Pickling a Generator makes a temporary state tensor. With file-descriptor sharing it was
+    # freed before the workers started, its descriptor number went to the launcher's next pipe,
+    # and each worker died unpickling a "storage" that was now that pipe (pytorch#146828); the
+    # parent then blocked writing the rest of the pickle: the run hung.
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    module = RegressionWithGenerator()
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, RegressionData())
+    assert trainer.state.finished
+    # rank 0's trained weights came back to this process
+    assert any(not torch.equal(b, p) for b, p in zip(before, module.parameters(), strict=True))
+    assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"  # restored
+
+
 def test_every_spawn_and_fork_ddp_name_is_spawn_safe():
     for name in ("ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_spawn_find_unused_parameters_true"):
         assert StrategyRegistry[name]["strategy"] is SpawnSafeDDPStrategy, name
