@@ -8,7 +8,7 @@ gradient noise scale. It prints a table, writes ``docs/results/warmup/summary.js
 and rewrites the measured section of ``docs/warmup-diagnostics.md``.
 
     python experiments/warmup.py            # full run (3 seeds at the selected LRs)
-    python experiments/warmup.py --quick    # smoke version: 40 steps, one seed, one LR each
+    python experiments/warmup.py --quick    # smoke version: 40 steps, one seed, one LR each (in /tmp)
     python experiments/warmup.py --gradient-clip-val 1.0  # side run (docs/results/warmup/clip1/)
 """
 
@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.steps, args.seeds, args.max_chars = 40, 1, 300_000
         adam_lrs, lionar_lrs, lion_lrs = [3e-3], [0.1], []
-    out = OUT / ("quick" if args.quick else "")
+    # A smoke run writes outside the repository, like the other experiments' --quick.
+    out = Path(tempfile.gettempdir()) / "warmup_quick" if args.quick else OUT
     if args.gradient_clip_val is not None:  # a side run: its own cache, the page stays as is
         out, args.no_doc = out / f"clip{args.gradient_clip_val:g}", True
     runs_dir = out / "runs"
