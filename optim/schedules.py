@@ -22,7 +22,9 @@ def warmup_cosine_factor(
     ``min_lr_ratio`` at ``total_steps`` (held there afterwards)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
+    if total_steps <= warmup_steps:  # no room to decay: at the minimum from the first step after
+        return min_lr_ratio
+    decay_steps = total_steps - warmup_steps
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

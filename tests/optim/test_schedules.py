@@ -33,6 +33,14 @@ def test_warmup_cosine_values():
     assert warmup_cosine_factor(16, 4, 20, min_lr_ratio=0.2) == pytest.approx(0.3171572875253810)
     # Without a floor, p = ⅓ (warmup 0, total 30, t = 10): ½(1 + cos π/3) = ½·1.5 = 0.75.
     assert warmup_cosine_factor(10, 0, 30) == pytest.approx(0.75)
+
+
+def test_warmup_cosine_without_room_to_decay_is_at_its_minimum_right_after_warmup():
+    # total_steps is the step at which the cosine reaches min_lr_ratio: with total = warmup
+    # that is the first step after the warmup (it ran one step at the full LR before).
+    assert [warmup_cosine_factor(t, 4, 4, min_lr_ratio=0.1) for t in range(6)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 0.1, 0.1]
+    )
     assert warmup_cosine_factor(20, 4, 20, min_lr_ratio=0.2) == pytest.approx(0.2)
     assert warmup_cosine_factor(50, 4, 20, min_lr_ratio=0.2) == pytest.approx(0.2)
 
