@@ -35,11 +35,18 @@ class PrivateSeedDataLoader(DataLoader):
     def _get_iterator(self) -> Any:
         if self.generator is not None:  # the caller chose a generator: use it
             return super()._get_iterator()
-        self.generator = torch.Generator().manual_seed(
+        # ``object.__setattr__``: Lightning records every attribute set on a DataLoader while
+        # its dataloader hooks run, to replay them on re-instantiation, and a hook that raised
+        # leaves that recorder installed for the rest of the process (its context manager
+        # restores only on success). The record would keep the Generator alive in the loader,
+        # which then cannot reach ``ddp_spawn`` workers, and grow by one entry per iterator.
+        # DataLoader's own ``__setattr__`` guards other attributes, not these.
+        generator = torch.Generator().manual_seed(
             derive_seed(self.private_seed, self.iterators_made)
         )
-        self.iterators_made += 1
+        object.__setattr__(self, "iterators_made", self.iterators_made + 1)
+        object.__setattr__(self, "generator", generator)
         try:
             return super()._get_iterator()
         finally:
-            self.generator = None
+            object.__setattr__(self, "generator", None)
