@@ -295,3 +295,29 @@ def test_a_huge_hessian_is_solved_without_overflow(g0):
     # (H + (M r/2) I) h = −g, divided through by 1e320 (H h alone overflows)
     residual = (H / 1e160) @ scaled + 0.5 * (r / 1e160) * scaled + g / 1e320
     assert float(torch.linalg.vector_norm(residual)) <= 1e-8 * 4.0
+
+
+def test_only_the_symmetric_part_of_the_hessian_counts():
+    # ½⟨Ah, h⟩ = ½⟨((A + Aᵀ)/2)h, h⟩: the cubic model, hence its minimizer, sees only the
+    # symmetric part. eigh reads one triangle, so an unsymmetrised estimate (float32 autograd
+    # rounding, a user's Hessian) would be solved as a different matrix.
+    A = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    g = torch.tensor([1.0, 0.5])
+    h = solve_cubic_exact(g, A, 1.0).h
+    torch.testing.assert_close(h, solve_cubic_exact(g, 0.5 * (A + A.T), 1.0).h, rtol=0, atol=1e-12)
+    assert float(h.norm()) > 0
+
+
+def test_hvp_solver_finds_the_global_minimizer_in_the_hard_case():
+    # g = e₂ is orthogonal to the negative-curvature direction e₁ of H = diag(−1, 1). Gradient
+    # descent from the Cauchy point stays on the e₂ axis (local minimum s = 1 − √3,
+    # Φ = −0.5294); the perturbation σq of the spec (HVP solver, step 3) lets it leave. The
+    # global minimizer (spec §3, hard case, M = 1): r = 2, h = (±√3.75, −½), so
+    # Φ = −½ + ½(−3.75 + ¼) + 8/6 = −11/12.
+    H = torch.diag(torch.tensor([-1.0, 1.0]))
+    sol = solve_cubic_hvp(
+        torch.tensor([0.0, 1.0]), lambda v: H @ v, 1.0, rel_acc=1e-10, max_iters=20000,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert float(sol.model_value) == pytest.approx(-11 / 12, rel=1e-6)
+    assert abs(float(sol.h[0])) == pytest.approx(math.sqrt(3.75), rel=1e-5)

@@ -264,3 +264,13 @@ def test_blockwise_float64_accumulation_matches_one_block(monkeypatch) -> None:
     one_block = everything()
     monkeypatch.setattr(W, "FLOAT64_BLOCK", 50)  # many blocks, rows split across them
     assert everything() == pytest.approx(one_block, rel=1e-12)
+
+
+def test_rrc_lr_factor_holds_the_rrc_at_its_noise_floor() -> None:
+    # Spec §3.5: RRC² ∝ ρ²(φ + 1/B²)/(φ + 1/B); ρ keeps it at the φ → 0 value 1/B for every φ.
+    # At Bφ = 1: ρ = √((1 + 1)/(1 + B)) = √(2/65) for B = 64.
+    b = 64
+    assert rrc_lr_factor(1 / b, b) == pytest.approx(math.sqrt(2 / 65), rel=1e-12)
+    for phi in (1e-4, 1e-2, 0.3, 5.0, 1e3):
+        rho = rrc_lr_factor(phi, b)
+        assert rho**2 * (phi + 1 / b**2) / (phi + 1 / b) == pytest.approx(1 / b, rel=1e-12)

@@ -396,3 +396,38 @@ def test_liona_refuses_fsdp_flattened_parameters() -> None:
     with pytest.raises(ValueError, match="LionA does not run under FSDP"):
         LionA([view])
     LionA([torch.nn.Parameter(torch.randn(64))])  # whole tensors are fine
+
+
+def test_liona_leaves_a_tensor_with_an_all_zero_sign_unchanged_and_finite() -> None:
+    # A zero gradient on a fresh momentum gives sign(c) = 0: the normalized update 0/‖0‖ must be
+    # 0, not NaN (an unused parameter, or bf16 gradients that underflow, hit this).
+    p = torch.ones(3, requires_grad=True)
+    opt = LionA([p], lr=0.1)
+    p.grad = torch.zeros(3)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
+def test_decoupled_decay_uses_the_corrected_step_size() -> None:
+    # Spec §3.3: w ← w − η_t(sign(c) + λw) with η_t = η·σ_t, σ_t = 1 − β₂ᵗ. With a zero
+    # gradient only the decay acts: w₁ = 1 − η·σ₁·λ = 1 − 0.1·(1 − 0.5)·0.1 = 0.995.
+    p = torch.ones(2, requires_grad=True)
+    opt = Lion([p], lr=0.1, betas=(0.9, 0.5), weight_decay=0.1, inverse_bias_correction=True)
+    p.grad = torch.zeros(2)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((2,), 0.995))
+
+
+def test_lionar_decays_its_plain_lion_groups() -> None:
+    # Gains and biases train as plain Lion at lr_other with vector_weight_decay: with a zero
+    # gradient the bias is scaled by 1 − lr_other·λ_vec = 1 − 0.01·0.5 = 0.995.
+    layer = torch.nn.Linear(4, 3)
+    bias = layer.bias.detach().clone()
+    opt = LionAR(
+        layer.named_parameters(), rotational="all_matrices", lr_other=0.01,
+        vector_weight_decay=0.5,
+    )  # fmt: skip
+    for p in layer.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(layer.bias.detach(), 0.995 * bias)

@@ -179,3 +179,11 @@ def test_filling_total_steps_refuses_an_unbounded_run_and_warns_on_a_short_one()
     with pytest.warns(UserWarning, match="fewer than lr_scheduler.init_args.warmup_steps=10"):
         fill_total_steps(scheduler, 4)
     assert scheduler.total_steps == 4
+
+
+def test_trapezoidal_before_the_trainer_sets_its_length_starts_the_warmup_at_one_over_w():
+    # LambdaLR applies step 0's factor at construction, before the trainer fills total_steps:
+    # the first step trains at η/W (warmup spec §2, reconstructed endpoints), not at 0.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    Trapezoidal(optimizer, warmup_steps=4, total_steps=None)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.25)
