@@ -160,8 +160,3 @@ def apply_server_update(
 def fedadam(params: Iterable[Tensor], lr: float = 1e-2) -> torch.optim.Adam:
     """FedAdam server optimizer with the spec's constants ``betas=(0.9, 0.99), eps=1e-3``."""
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99), eps=1e-3)
-
-
-def bytes_per_client(num_values: int, bits_per_value: int = 32) -> int:
-    """Upload size of one client update in bytes (``numel * bits / 8``)."""
-    return num_values * bits_per_value // 8

@@ -141,7 +141,7 @@ def test_smoke_config_runs_through_the_cli(tmp_path, repo_root):
 
     from cli import main
 
-    main(
+    cli = main(
         [
             "fit", "--config", str(repo_root / "configs/lora_fl/smoke.yaml"),
             "--trainer.logger.init_args.save_dir", str(tmp_path),
@@ -151,7 +151,11 @@ def test_smoke_config_runs_through_the_cli(tmp_path, repo_root):
     (metrics_file,) = tmp_path.rglob("metrics.json")
     metrics = json.loads(metrics_file.read_text())["metrics"]
     assert metrics["round"] == 2.0 and "mem/exact_x10" in metrics and "val/answer_acc" in metrics
-    assert metrics["round/bytes_per_client"] > 0
+    # A LoRA client uploads its factors A (r x in) and B (out x r) in float32: 4 bytes a value.
+    adapter = cli.model.adapter
+    factor_values = sum(adapter.rank * (lin.in_features + lin.out_features)
+                        for lin in adapter.targets.values())  # fmt: skip
+    assert metrics["round/bytes_per_client"] == 4 * factor_values
 
 
 class _NextTokenOracle(torch.nn.Module):

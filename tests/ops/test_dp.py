@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ops.dp import (
+    add_output_perturbation,
     clip_per_sample,
     dp_noise,
     noise_multiplier_for_epsilon,
@@ -172,3 +173,17 @@ def test_weight_noise_is_low_rank_zero_without_noise_and_of_the_predicted_size()
     stderr = float(per_draw.std()) / math.sqrt(draws)
     assert abs(float(per_draw.mean()) - expected) <= 5 * stderr
     assert 5 * stderr < 0.1 * expected  # tight enough to see a wrong scale or sigma
+
+
+def test_output_perturbation_std_is_lr_sigma_c():
+    # Spec / official src/dp.py: every tensor gets N(0, (lr * sigma * C)^2) in place, so with
+    # lr = 0.1, sigma = 2, C = 0.5 the std is 0.1 * 2 * 0.5 = 0.1 (sigma * C alone would be 1.0).
+    # The sample std of n = 200000 draws has std ~ 0.1 / sqrt(2n) ~ 1.6e-4; tolerance 2e-3.
+    tensors = [torch.zeros(200000, dtype=torch.float64), torch.zeros(10, 10, dtype=torch.float64)]
+    add_output_perturbation(
+        tensors, lr=0.1, sigma=2.0, clip_norm=0.5, generator=torch.Generator().manual_seed(0)
+    )
+    big = tensors[0]
+    assert float(big.std()) == pytest.approx(0.1, abs=2e-3)
+    assert abs(float(big.mean())) < 5 * 0.1 / math.sqrt(big.numel())
+    assert float(tensors[1].abs().sum()) > 0  # every tensor is perturbed, in place

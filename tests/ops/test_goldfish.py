@@ -133,3 +133,19 @@ def test_mask_equals_a_loop_over_the_spec_formula():
                         key = key * int(ids[b, u]) % TABLE_SIZE
                     expected = bool(table[key] < 0.25)
                 assert bool(mask[b, t]) == expected, (h, b, t)
+
+
+def test_hash_table_is_the_reference_seeded_table_and_the_mask_is_pinned():
+    # Compatibility with the official Goldfish hashing (spec lora-fl-memorization.md 3.4d): the
+    # table is P = 1_000_003 uniforms from a CPU torch.Generator seeded 2971215073. The spec
+    # gives no reference mask, so the table is rebuilt here from the spec's literal constants.
+    spec_table = torch.rand(1_000_003, generator=torch.Generator().manual_seed(2971215073))
+    assert TABLE_SIZE == 1_000_003
+    assert torch.equal(goldfish_table(), spec_table)
+    # Golden value (pinned, not derived): the dropped positions for ids 1..59, k = 4, h = 13, as
+    # produced by that table with torch 2.13 (CPU mt19937 stream). Any change to the seed, the
+    # table size, the key or the window silently changes which canary tokens are trained, i.e.
+    # breaks compatibility with masks of the reference code; 11 of the 47 full windows
+    # (~ 47/4) are dropped and none of the first h - 1 = 12 positions.
+    mask = goldfish_drop_mask(torch.arange(1, 60), k=4, h=13)
+    assert mask.nonzero().flatten().tolist() == [18, 21, 32, 33, 40, 45, 49, 52, 54, 56, 57]

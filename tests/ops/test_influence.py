@@ -9,6 +9,7 @@ from ops.influence import (
     fim,
     gfim,
     influence_scores,
+    lissa_scale,
     orient_grad,
     precondition_datainf,
     precondition_exact_fim,
@@ -208,3 +209,20 @@ def test_roc_auc_and_detection_rate() -> None:
     assert detection_rate(scores, noisy, 2 / 6) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="both classes"):
         roc_auc(scores, torch.zeros(6, dtype=torch.bool))
+
+
+def test_detection_rate_rounds_the_top_fraction_to_the_nearest_count() -> None:
+    # k = round(fraction * n): 0.29 * 10 = 2.9 -> k = 3 (truncation would give 2). Scores rank
+    # the examples in index order; the positives are indices 2 (3rd) and 9 (last), so the top 3
+    # hold one of the two positives: recall 1/2 (with k = 2 it would be 0).
+    scores = torch.arange(10, 0, -1, dtype=torch.float64)
+    positive = torch.zeros(10, dtype=torch.bool)
+    positive[[2, 9]] = True
+    assert detection_rate(scores, positive, 0.29) == 0.5
+
+
+def test_lissa_trace_scale_is_trace_plus_damping() -> None:
+    # Spec 3.5 / docstring: the default LiSSA scale is s = trace(F) + lambda, which bounds the
+    # largest eigenvalue of F + lambda I: trace(diag(1, 2)) + 0.5 = 3.5.
+    F = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert lissa_scale(F, 0.5, "trace") == 3.5

@@ -187,3 +187,13 @@ def test_plan_helpers():
     assert lowest_influence_layers([0.01, 0.5, 0.2, 0.1, 0.3], 2) == [2, 3]
     with pytest.raises(ValueError, match="even"):
         admissible_ranges(8, 3)
+
+
+def test_admissible_ranges_need_delta_below_num_layers():
+    # Layer 0 is never paired, so a range of delta layers fits in layers 1..L-1 only if
+    # delta <= L - 1: with L = 5, delta = 4 leaves exactly [1, 5); with L = 4 there is none, and
+    # that must be an error rather than an empty list.
+    (plan,) = admissible_ranges(5, 4)
+    assert plan.pairs == ((1, 2), (3, 4))
+    with pytest.raises(ValueError, match="below num_layers=4"):
+        admissible_ranges(4, 4)

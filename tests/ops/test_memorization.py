@@ -137,3 +137,24 @@ def test_worst_case_is_the_max_over_prefix_lengths():
     counts[0, 1] = torch.tensor([4.0, 4.0, 4.0])  # L = 32: 4 of 4 exact
     summary = memorization_summary(counts, [10], [16, 32])
     assert summary["exact_x10"] == 0.5 and summary["worst_exact_x10"] == 1.0
+
+
+def test_split_upper_bound_is_exclusive():
+    # Spec 3.2: s ~ UniformInt[max(L), N - S), N - S excluded. N = 10, max(L) = 4, S = 5 gives
+    # [4, 5) = {4}: the split is 4 for every seed (an inclusive bound would also draw 5, the
+    # chance of 50 draws all missing it being 2^-50).
+    assert {
+        sample_split_indices([10], max_prefix=4, suffix_len=5, seed=s)[0] for s in range(50)
+    } == {4}
+
+
+def test_bleu_exactly_at_the_threshold_counts_as_approximately_memorized():
+    # Spec: approximate memorization is BLEU >= threshold. A perfect copy has every n-gram
+    # precision 1 and BP = exp(0) = 1, so BLEU = exp(0) = 1.0 exactly: with threshold 1.0 it
+    # must count (exact, approximate, evaluated) = (1, 1, 1).
+    memory = list(range(1, 21))  # distinct tokens: the copier's continuation is unambiguous
+    assert char_bleu4(str(memory[10:16]), str(memory[10:16])) == 1.0
+    counts = memorization_counts(
+        _Copier(memory), [memory], [10], [1], [1], [4], 6, decode=str, bleu_threshold=1.0
+    )
+    assert counts[0, 0].tolist() == [1.0, 1.0, 1.0]

@@ -129,3 +129,24 @@ def test_divergence_message_names_the_init_actually_used() -> None:
     assert "with init='legacy'" not in str(err.value)
     with pytest.raises(SchulzDivergenceError, match="with init='legacy'"):
         schulz_inverse(torch.diag(torch.tensor([5e4, 1.0], dtype=torch.float64)), init="legacy")
+
+
+def test_residual_is_frobenius_norm_over_sqrt_d() -> None:
+    # A = 2 I_4: ||A||_F = sqrt(4 * 2^2) = 4, so the frobenius start is alpha = 1/4 and
+    # alpha mu = 1/2 for every eigenvalue. R_0 = I - A X_0 = I/2, ||R_0||_F = sqrt(4)/2 = 1, and
+    # the residual ||R||_F / sqrt(d) = 1/2 = |1 - alpha mu|; then (1/2)^2 = 1/4 at k = 1.
+    A = 2.0 * torch.eye(4, dtype=torch.float64)
+    _, info = schulz_inverse(A, init="frobenius", max_iter=1, early_stop=False, accept_tol=math.inf)
+    assert info.alpha == 0.25
+    assert info.history == pytest.approx([0.5, 0.25], rel=1e-15)
+
+
+def test_legacy_divergence_is_reported_at_the_first_residual_above_ten_times_the_start() -> None:
+    # legacy alpha = 5e-5 on diag(5e4, 1): per eigen-direction e_k = (1 - alpha mu)^(2^k), i.e.
+    # (-1.5)^(2^k) and (1 - 5e-5)^(2^k) ~ 1, rho_k = sqrt(e1^2 + e2^2) / sqrt(2):
+    # rho_0 = sqrt((2.25 + 0.9999) / 2) ~ 1.27, so the guard is 10 rho_0 ~ 12.7;
+    # rho_1 ~ 1.74, rho_2 ~ 3.65 (below), rho_3 ~ sqrt((1.5^16 + 1) / 2) ~ 18.1 (above): step 3.
+    # (A 100 rho_0 ~ 127 guard would first trip at step 4, rho_4 ~ 1.5^16 / sqrt(2) ~ 464.)
+    A = torch.diag(torch.tensor([5e4, 1.0], dtype=torch.float64))
+    with pytest.raises(SchulzDivergenceError, match="diverged at step 3 "):
+        schulz_inverse(A, init="legacy", max_iter=10)

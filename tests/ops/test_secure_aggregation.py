@@ -113,3 +113,26 @@ def test_no_wrap_guard_is_strict_at_half_the_modulus():
     with pytest.raises(ValueError, match="overflow"):
         check_no_wrap(num_clients=2, clip_range=1.0, frac_bits=24, modulus_bits=26)
     check_no_wrap(num_clients=2, clip_range=1.0, frac_bits=24, modulus_bits=27)
+
+
+def test_stochastic_rounding_is_unbiased():
+    # x = 0.25 quantum: scaled = 0.25 exactly, floor = 0, so each entry rounds up to 1 with
+    # probability frac = 0.25 (unbiased: E[q] = scaled). A biased rule (round up when u > frac)
+    # would give E[q] = 0.75. Binomial std of the mean: sqrt(.25 * .75 / 20000) ~ 0.0031, so a
+    # tolerance of 0.02 (~6.5 std) is safe yet far from 0.75.
+    n = 20000
+    g = torch.Generator().manual_seed(4)
+    x = torch.full((n,), 0.25 * 2.0**-F, dtype=torch.float64)
+    q, clipped = quantize(x, 1.0, F, M_BITS, stochastic_rounding=True, generator=g)
+    assert clipped == 0
+    assert set(q.unique().tolist()) <= {0, 1}
+    assert abs(float(q.double().mean()) - 0.25) < 0.02
+
+
+def test_value_exactly_at_clip_range_is_not_counted_as_clipped():
+    # clip(x, -R, R) leaves |x| == R unchanged, so only |x| > R counts as clipped (here: 1.5).
+    q, clipped = quantize(torch.tensor([1.0, -1.0, 1.5, 0.5]), 1.0, F, M_BITS)
+    assert clipped == 1
+    torch.testing.assert_close(
+        dequantize(q, F, M_BITS), torch.tensor([1.0, -1.0, 1.0, 0.5], dtype=torch.float64)
+    )
