@@ -24,14 +24,19 @@ class ManyMetrics(L.Callback):
         trainer.callback_metrics.update({f"m/{i}": torch.tensor(float(i)) for i in range(METRICS)})
 
 
+def _spawn_trainer(root, callbacks=()) -> L.Trainer:
+    """Two CPU ranks by ``ddp_spawn``, two steps, nothing written but under ``root``."""
+    return L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, callbacks=list(callbacks),
+    )  # fmt: skip
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_many_callback_metrics_reach_the_parent_process(tmp_path):
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[ManyMetrics()],
-    )  # fmt: skip
+    trainer = _spawn_trainer(tmp_path, [ManyMetrics()])
     assert isinstance(trainer.strategy, SpawnSafeDDPStrategy)
     trainer.fit(SignallingRegression(), RegressionData())
     assert float(trainer.callback_metrics[f"m/{METRICS - 1}"]) == METRICS - 1
@@ -53,11 +58,7 @@ def test_a_module_holding_a_generator_reaches_the_spawned_workers(tmp_path):
     # freed before the workers started, its descriptor number went to the launcher's next pipe,
     # and each worker died unpickling a "storage" that was now that pipe (pytorch#146828); the
     # parent then blocked writing the rest of the pickle: the run hung.
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = _spawn_trainer(tmp_path)
     module = RegressionWithGenerator()
     before = [p.detach().clone() for p in module.parameters()]
     trainer.fit(module, RegressionData())
