@@ -504,3 +504,28 @@ def test_ddp_default_output_dir_is_the_log_dir(tmp_path) -> None:
     trainer.validate(_model(), _data())
     table = pd.read_csv(tmp_path / "inf" / "version_0" / "influence" / "influence.csv")
     assert table["index"].tolist() == list(range(N_TRAIN))
+
+
+def test_noise_metrics_rank_high_scores_as_flipped_labels():
+    # Ten examples scored 10, 9, ..., 1 with only the top-scored one flipped: inspecting the top
+    # 10 % (one example) finds it (recall 1), and the ROC-AUC of "high score = flipped" is 1.
+    from callbacks.hyperinf_report import noise_metrics
+
+    table = {
+        "score_m": torch.arange(10.0, 0.0, -1.0),
+        "is_noisy": torch.tensor([True] + [False] * 9),
+    }
+    metrics = noise_metrics(table, ["m"])
+    assert metrics["influence/m/detect_at_10"] == 1.0
+    assert metrics["influence/m/auc"] == 1.0
+
+
+def test_top_examples_are_the_highest_scores():
+    # "top k (most harmful)" lists the highest scores first, "bottom k" the lowest.
+    from callbacks.hyperinf_report import _top_bottom_markdown
+
+    text = _top_bottom_markdown(
+        {"score_m": torch.tensor([0.1, 0.9, 0.5]), "index": torch.arange(3)}, "m", 1
+    )
+    top, bottom = text.split("bottom 1")
+    assert "| 1 | 0.9 |" in top and "| 0 | 0.1 |" in bottom

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from datamodules.file_checks import count_json_records
-from datamodules.text import TextDataModule, load_tokenizer, pack_blocks
+from datamodules.text import TextDataModule, _collate, load_tokenizer, pack_blocks
 
 
 def _write_jsonl(path, texts):
@@ -307,3 +307,11 @@ def test_a_saved_dataset_dict_uses_one_split(tmp_path, tokenizer_dir):
             dataset_split="validation",
             tokenizer=str(tokenizer_dir),
         ).setup("fit")
+
+
+def test_padding_blocks_are_not_scored():
+    # A rank's padding block (EvenEvalSampler pads the last batch so every rank has as many
+    # batches) must add nothing to the loss: its labels are all ignored (-100).
+    batch = _collate([(torch.tensor([5, 6, 7]), True), (torch.zeros(3, dtype=torch.long), False)])
+    assert batch["labels"][0].tolist() == [5, 6, 7]
+    assert batch["labels"][1].tolist() == [-100, -100, -100]

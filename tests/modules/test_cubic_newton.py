@@ -92,10 +92,14 @@ def test_full_batch_without_momentum_is_deterministic_cubic_newton():
     assert torch.equal(module1.model.weight.detach(), module.model.weight.detach())
 
 
-@pytest.mark.parametrize("momentum_type", ["hessian_corrected", "extrapolated"])
-def test_module_trajectory_equals_numpy_reference(momentum_type):
+@pytest.mark.parametrize(
+    ("momentum_type", "beta"),
+    # β ≠ α puts the extrapolated gradient point y_t and Hessian point z_t apart (spec §3 step 1).
+    [("hessian_corrected", 0.1), ("extrapolated", 0.1), ("extrapolated", 0.3)],
+)
+def test_module_trajectory_equals_numpy_reference(momentum_type, beta):
     """The experiment's fast NumPy loop is the module's algorithm on the module's samples."""
-    kw = dict(momentum_type=momentum_type, grad_momentum=0.1, hess_momentum=0.1, M=1.0)
+    kw = dict(momentum_type=momentum_type, grad_momentum=0.1, hess_momentum=beta, M=1.0)
     module = _logreg(**kw)
     _trainer(25).fit(module, _small_dm(seed=3))
     dm = _small_dm(seed=3)

@@ -170,3 +170,11 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="dp_sgd"):
         tiny_module(local_early_stopping=LocalEarlyStoppingSettings(),
                     noise=NoiseSettings(mode="dp_sgd", sigma=1.0))  # fmt: skip
+
+
+def test_an_improvement_of_exactly_min_delta_does_not_count():
+    # Hugging Face's EarlyStoppingCallback needs an improvement strictly above the threshold:
+    # 1.0 -> 0.5 with min_delta 0.5 is a new best loss but not a significant one.
+    rule = PatienceRule(patience=1, min_delta=0.5)
+    assert rule.observe(1.0) == (True, False)
+    assert rule.observe(0.5) == (True, True)
