@@ -532,3 +532,34 @@ def test_value_clipping_is_warned_about(tmp_path: Path) -> None:
     )
     with pytest.warns(UserWarning, match=r"'value'.*cos\* use the gradient before clipping"):
         trainer.fit(TinyRegressor(), DataLoader(regression_data(), batch_size=32))
+
+
+class _Doubling(torch.optim.Optimizer):
+    """Doubles every parameter at each step (a hand-checkable update)."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": 1.0})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.mul_(2.0)
+
+
+class _DoublingRegressor(TinyRegressor):
+    def configure_optimizers(self):
+        return _Doubling(self.parameters())
+
+
+def test_network_rrc_is_the_output_change_relative_to_the_output_before(tmp_path: Path) -> None:
+    # Doubling fc's weight and bias doubles its output Y on any input: ‖Y₁ − Y₀‖/‖Y₀‖ = 1
+    # (relative to the output after the step it would be ½).
+    cb = UpdateDiagnostics(keep_history=True, dense_steps=2, rrc_layers=["fc"], rrc_mode="network")
+    module = _DoublingRegressor(dropout=0.0)
+    diagnostics_trainer(tmp_path, 2, [cb]).fit(module, DataLoader(regression_data(), batch_size=16))
+    rrc = records(cb, "warmup/rrc_median")
+    assert sorted(rrc) == [0, 1] and all(v == pytest.approx(1.0, rel=1e-12) for v in rrc.values())
