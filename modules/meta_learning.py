@@ -337,7 +337,9 @@ class MetaLearningModule(L.LightningModule):
 
         def score(p: Params, i: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             out = functional_call(self.net, p, (i,))
-            acc = (out.argmax(-1) == t).float().mean() if out.dim() > t.dim() else out.new_zeros(())
+            if self.hparams.loss != "cross_entropy":  # as _score: no accuracy for regression
+                return self.loss_fn(out, t), out.new_full((), float("nan"))
+            acc = (out.argmax(-1) == t).float().mean()
             return self.loss_fn(out, t), acc
 
         return vmap(score, in_dims=(0 if batched else None, 0, 0))(params, inputs, targets)
