@@ -1,7 +1,7 @@
 """Client-side knobs of FederatedLoRAModule that a mutation audit found unchecked: the
 factor_mean update, local clipping, the local LR schedule, per-client LRs, client sampling,
 the logged round statistics, the memorization cadence and the local steps per epoch (spec
-/work/shared/methods/lora-fl-memorization.md). Every expected value is derived by hand."""
+shared/methods/lora-fl-memorization.md). Every expected value is derived by hand."""
 
 from __future__ import annotations
 
