@@ -39,7 +39,7 @@ class PrivateSeedDataLoader(DataLoader):
         # its dataloader hooks run, to replay them on re-instantiation, and a hook that raised
         # leaves that recorder installed for the rest of the process (its context manager
         # restores only on success). The record would keep the Generator alive in the loader,
-        # which then cannot reach ``ddp_spawn`` workers, and grow by one entry per iterator.
+        # which then cannot reach ``ddp_spawn`` workers, and grow with every iterator.
         # DataLoader's own ``__setattr__`` guards other attributes, not these.
         generator = torch.Generator().manual_seed(
             derive_seed(self.private_seed, self.iterators_made)
