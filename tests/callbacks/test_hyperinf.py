@@ -529,3 +529,32 @@ def test_top_examples_are_the_highest_scores():
     )
     top, bottom = text.split("bottom 1")
     assert "| 1 | 0.9 |" in top and "| 0 | 0.1 |" in bottom
+
+
+class _DropoutClassifier(LoRAClassifier):
+    """LoRAClassifier with dropout on its input: scoring in train mode would draw masks."""
+
+    def __init__(self) -> None:
+        super().__init__(in_features=8, hidden_size=16, lora_r=2, init_seed=0)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.drop(x))
+
+
+def test_scores_are_computed_without_dropout(tmp_path) -> None:
+    # Influence is a property of the trained model, not of dropout draws: the scores of the
+    # trained model equal those of the same weights with the dropout removed (in train mode each
+    # per-sample gradient would see a mask).
+    model = _DropoutClassifier()
+    cb = HyperINFCallback(
+        methods=["grad_dot"], include=INCLUDE, grads=GradConfig(batch_size=16, mode="loop"),
+        output_dir=str(tmp_path / "inf"),
+    )  # fmt: skip
+    trainer = _trainer(tmp_path, cb, max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, _data())
+    with_dropout_layer = cb.result.scores["grad_dot"].clone()  # compute() replaces cb.result
+    model.drop.p = 0.0
+    without_dropout = cb.compute(trainer, model).scores["grad_dot"]
+    torch.testing.assert_close(with_dropout_layer, without_dropout)
+    assert model.training  # the module's mode is given back
