@@ -339,8 +339,7 @@ class MetaLearningModule(L.LightningModule):
             out = functional_call(self.net, p, (i,))
             if self.hparams.loss != "cross_entropy":  # as _score: no accuracy for regression
                 return self.loss_fn(out, t), out.new_full((), float("nan"))
-            acc = (out.argmax(-1) == t).float().mean()
-            return self.loss_fn(out, t), acc
+            return self.loss_fn(out, t), (out.argmax(-1) == t).float().mean()
 
         return vmap(score, in_dims=(0 if batched else None, 0, 0))(params, inputs, targets)
 

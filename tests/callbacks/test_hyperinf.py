@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from callbacks.hyperinf import HyperINFCallback, merge_parts
-from callbacks.hyperinf_report import detection_curve_figure
+from callbacks.hyperinf_report import _top_bottom_markdown, detection_curve_figure, noise_metrics
 from datamodules.noisy_labels import NoisyLabelDataModule
 from modules.sequence_classifier import LoRAClassifier
 from ops.influence_config import GradConfig
@@ -509,8 +509,6 @@ def test_ddp_default_output_dir_is_the_log_dir(tmp_path) -> None:
 def test_noise_metrics_rank_high_scores_as_flipped_labels():
     # Ten examples scored 10, 9, ..., 1 with only the top-scored one flipped: inspecting the top
     # 10 % (one example) finds it (recall 1), and the ROC-AUC of "high score = flipped" is 1.
-    from callbacks.hyperinf_report import noise_metrics
-
     table = {
         "score_m": torch.arange(10.0, 0.0, -1.0),
         "is_noisy": torch.tensor([True] + [False] * 9),
@@ -522,8 +520,6 @@ def test_noise_metrics_rank_high_scores_as_flipped_labels():
 
 def test_top_examples_are_the_highest_scores():
     # "top k (most harmful)" lists the highest scores first, "bottom k" the lowest.
-    from callbacks.hyperinf_report import _top_bottom_markdown
-
     text = _top_bottom_markdown(
         {"score_m": torch.tensor([0.1, 0.9, 0.5]), "index": torch.arange(3)}, "m", 1
     )

@@ -127,3 +127,12 @@ def test_an_empty_validation_set_still_fits() -> None:
                         enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
     trainer.fit(LoRAClassifier(in_features=32, init_seed=0), dm)
     assert trainer.global_step == 4
+
+
+def test_classifier_whose_constructor_fails_leaves_the_generator_alone():
+    torch.manual_seed(1234)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1234)
+    with pytest.raises(RuntimeError):
+        LoRAClassifier(in_features=8, hidden_size=-1, init_seed=7)
+    torch.testing.assert_close(torch.rand(3), expected_next)
