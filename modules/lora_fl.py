@@ -38,6 +38,7 @@ from modules.eval_mode import eval_mode
 from modules.hf_models import build_causal_lm, is_pretrained_name, special_token_ids
 from modules.lora_fl_client import ClientTrainer
 from modules.lora_fl_memorization import canary_memorization
+from modules.lora_fl_round import MaskedRoundSum, RoundSums
 from modules.lora_fl_settings import (
     GoldfishSettings,
     LocalEarlyStoppingSettings,
@@ -317,93 +318,36 @@ class FederatedLoRAModule(L.LightningModule):
         weights = dict(zip(clients, self.client_weights(clients, sizes), strict=True))
         rank, world = self.global_rank, self.trainer.world_size
         server = [p for _, p in self.server_parameters()]
-        numel = sum(p.numel() for p in server)
+        sums = RoundSums(server, self.device)
+        masked = None
+        if self.secagg.enabled:
+            masked = MaskedRoundSum(
+                self.secagg, sums.numel, self.device, clients, round_index, self.hparams.seed
+            )
         trainer = ClientTrainer(self, dm, round_index, sizes)
-
-        # Flat fp32 buffer: sum_c w_c Delta_c, then loss sum, client count, a checksum of
-        # theta_r (sum over ranks == world * local checksum iff the ranks agree) and the sum of
-        # the clients' local steps.
-        plain = torch.zeros(numel + 4, dtype=torch.float32, device=self.device)
-        # Tensor by tensor: a float64 copy of the whole model would be its largest buffer.
-        checksum = float(torch.stack([p.detach().sum(dtype=torch.float64) for p in server]).sum())
-        plain[numel + 2] = checksum
-        masked_size = numel if self.secagg.enabled else 0
-        masked = torch.zeros(masked_size, dtype=torch.int64, device=self.device)
-        clipped = 0
         for c in clients:
             if c % world != rank:
                 continue
             delta, loss = trainer.run(c, derive_seed(self.hparams.seed, round_index, c))
             update = delta.mul_(weights[c])  # in place: w_c Delta_c, the model-sized buffer
-            plain[:numel] += update
-            plain[numel] += weights[c] * loss
-            plain[numel + 1] += 1.0
-            plain[numel + 3] += trainer.local_steps[c]
-            if self.secagg.enabled:
-                # On the CPU, like the masks' generators; the rounding noise comes from the
-                # client's own stream, not the global RNG (resume and rank layout stay exact).
-                e, n_clip = sa.quantize(
-                    update.cpu(), self.secagg.clip_range, self.secagg.frac_bits,
-                    self.secagg.modulus_bits, self.secagg.stochastic_rounding,
-                    generator=torch.Generator().manual_seed(
-                        derive_seed(self.hparams.seed, round_index, c, 1)
-                    ),
-                )  # fmt: skip
-                clipped += n_clip
-                y = sa.mask_update(
-                    e, c, clients, self.secagg.master_seed, round_index, self.secagg.modulus_bits
-                )
-                masked = torch.remainder(masked + y.to(masked.device), 2**self.secagg.modulus_bits)
+            sums.add_client(update, weights[c], loss, trainer.local_steps[c])
+            if masked is not None:
+                masked.add_client(update, c)
             # Not alive while the next client trains (model-sized under merged_delta_mean).
             del delta, update
         self._account_dp(clients, sizes)
 
         # The round's single aggregation all-reduce (plus the integer one under SecAgg).
-        plain = self.trainer.strategy.reduce(plain, reduce_op="sum")
-        if self.secagg.enabled:
-            masked = self.trainer.strategy.reduce(masked, reduce_op="sum")
-            aggregate = sa.unmask_sum(masked, self.secagg.frac_bits, self.secagg.modulus_bits)
-            err = float((aggregate - plain[:numel].double()).abs().max())
-            aggregate = aggregate.float()
-            self.log("secagg/max_abs_error", err)
-            bound = sa.error_bound(
-                len(clients), self.secagg.frac_bits, self.secagg.stochastic_rounding
-            )
-            self.log("secagg/error_bound", bound)
-            self.log("secagg/clipped_coordinates_rank0", float(clipped))
-            secagg_stats = {"secagg/max_abs_error": err, "secagg/clipped_rank0": float(clipped)}
-        else:
-            secagg_stats = {}
-            aggregate = plain[:numel]
+        sums.all_reduce(self.trainer.strategy)
+        aggregate, secagg_stats = sums.update, {}
+        if masked is not None:
+            aggregate, secagg_stats = self._unmask(masked, sums)
         opt = self.optimizers()
         apply_server_update(server, unflatten_like(aggregate, server), opt.optimizer, opt.step)
 
-        bits = self.secagg.modulus_bits if self.secagg.enabled else 32
-        # A LoRA client uploads its factors (the server merges them) unless SecAgg must mask
-        # the dense merged delta: a masked sum of factors cannot give the sum of products.
-        upload = numel
-        if self.adapter is not None and not (
-            self.secagg.enabled and self.hparams.lora_aggregation == "merged_delta_mean"
-        ):
-            upload = sum(self.adapter.rank * (lin.in_features + lin.out_features)
-                         for lin in self.adapter.targets.values())  # fmt: skip
-        self.last_round_stats = {
-            "round/train_loss": float(plain[numel]),
-            "round/update_norm": float(aggregate.norm()),
-            "round/bytes_per_client": float(upload * bits / 8),
-            "round/clients": float(plain[numel + 1]),
-            "round/local_steps": float(plain[numel + 3] / plain[numel + 1].clamp(min=1)),
-            "round/rank_desync": abs(
-                float(plain[numel + 2]) - world * float(torch.tensor(checksum, dtype=torch.float32))
-            ),
-        }
-        if self.noise.mode == "dp_sgd":
-            self.last_round_stats["dp/epsilon"] = self.epsilon()
-            self.last_round_stats["dp/sigma"] = float(self.dp_sigma or 0.0)
-        if self.noise.mode == "output_perturbation":
-            self.last_round_stats["dp/heuristic_epsilon"] = float(self.noise.target_epsilon or 0)
         # The final round, whether the run is bounded by max_steps or by max_epochs of the driver.
         last = round_index + 1 == self.trainer.estimated_stepping_batches
+        self.last_round_stats = self._round_stats(sums, aggregate)
         if last and self.noise.mode == "weight_noise" and self.weight_noise_round != round_index:
             # Post-hoc, like the official script run on the trained model: before the final
             # memorization evaluation, validation and export. (A run resumed with more rounds
@@ -417,6 +361,44 @@ class FederatedLoRAModule(L.LightningModule):
         if self.mem.enabled and (last or (every and (round_index + 1) % every == 0)):
             self.last_memorization = self.evaluate_memorization()
             self.log_dict({f"mem/{k}": v for k, v in self.last_memorization.items()})
+
+    def _unmask(self, masked: MaskedRoundSum, sums: RoundSums) -> tuple[Tensor, dict[str, float]]:
+        """The SecAgg aggregate, logged against the plain sum it must equal up to quantization."""
+        aggregate = masked.unmask(self.trainer.strategy)
+        err = float((aggregate - sums.update.double()).abs().max())
+        clipped = float(masked.clipped_coordinates)
+        self.log("secagg/max_abs_error", err)
+        self.log("secagg/error_bound", masked.error_bound())
+        self.log("secagg/clipped_coordinates_rank0", clipped)
+        return aggregate.float(), {"secagg/max_abs_error": err, "secagg/clipped_rank0": clipped}
+
+    def uploaded_values(self, numel: int) -> int:
+        """Values one client uploads per round: its factors for LoRA (the server merges them)
+        unless SecAgg must mask the dense merged delta (a masked sum of factors cannot give the
+        sum of products), else the ``numel`` server parameters."""
+        if self.adapter is None or (
+            self.secagg.enabled and self.hparams.lora_aggregation == "merged_delta_mean"
+        ):
+            return numel
+        return sum(self.adapter.rank * (lin.in_features + lin.out_features)
+                   for lin in self.adapter.targets.values())  # fmt: skip
+
+    def _round_stats(self, sums: RoundSums, aggregate: Tensor) -> dict[str, float]:
+        bits = self.secagg.modulus_bits if self.secagg.enabled else 32
+        stats = {
+            "round/train_loss": sums.weighted_loss,
+            "round/update_norm": float(aggregate.norm()),
+            "round/bytes_per_client": float(self.uploaded_values(sums.numel) * bits / 8),
+            "round/clients": sums.clients,
+            "round/local_steps": sums.mean_local_steps,
+            "round/rank_desync": sums.rank_desync(self.trainer.world_size),
+        }
+        if self.noise.mode == "dp_sgd":
+            stats["dp/epsilon"] = self.epsilon()
+            stats["dp/sigma"] = float(self.dp_sigma or 0.0)
+        if self.noise.mode == "output_perturbation":
+            stats["dp/heuristic_epsilon"] = float(self.noise.target_epsilon or 0)
+        return stats
 
     def on_train_end(self) -> None:
         last_round = self.global_step - 1
