@@ -36,17 +36,9 @@ from torch import Tensor, nn
 
 from callbacks.direct_logging import log_scalars
 from modules.eval_mode import eval_mode
-from ops.warmup import (
-    angle_from_sums,
-    angular_update,
-    inner_products,
-    noise_scale,
-    normalized_difference_sums,
-    rrc,
-    squared_norm,
-    update_norms,
-)
+from ops.warmup import inner_products, noise_scale, rrc, squared_norm
 from ops.warmup_batches import batch_size, flat_grad, split_halves, to_cpu
+from ops.warmup_step_metrics import TensorSnapshot, step_update_metrics
 from optim.lion import Lion
 
 try:  # GPT-2 style layers store their weight as (in, out)
@@ -341,7 +333,7 @@ class UpdateDiagnostics(Callback):
             g = group_of.get(id(p), {})
             rotational = bool(g.get("rotational", False))
             pending["tensors"].append(
-                (
+                TensorSnapshot(
                     name,
                     p,
                     p.detach().clone(),
@@ -385,7 +377,13 @@ class UpdateDiagnostics(Callback):
             id(p): optimizer.state.get(p, {}).get("lr_multiplier", 1.0)
             for _, p, *_ in pending["tensors"]
         }
-        record = {"step": pending["step"], **pending["record"], **self._update_metrics(pending)}
+        update, per_neuron_angles = step_update_metrics(
+            pending["tensors"], pending["lr_multipliers"], self._transposed,
+            self.per_neuron, self.log_per_tensor,
+        )  # fmt: skip
+        if self.log_histograms and per_neuron_angles:
+            self._hist = torch.cat([a.cpu() for a in per_neuron_angles])
+        record = {"step": pending["step"], **pending["record"], **update}
         record.update(self._rrc_metrics(pl_module, pending))
         if "momentum_tensors" in pending:
             # ‖m_t‖/‖g_t‖ with g_t as the step used it: Lightning clips the gradients after
@@ -398,54 +396,6 @@ class UpdateDiagnostics(Callback):
         self._emit(trainer, pending["step"], record)
 
     # ---------------------------------------------------------------- metrics
-    def _update_metrics(self, pending: dict[str, Any]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        norms, dw_sq, u_sq, n_u, hist = {}, 0.0, 0.0, 0, []
-        for name, p, old, lr, wd, decoupled in pending["tensors"]:
-            new = p.detach()
-            # Lion/LionA/LionAR scale the scheduled LR by σ_t·ρ_t (inverse bias correction, RRC
-            # correction): divide Δw by the LR this tensor actually got.
-            lr *= float(pending["lr_multipliers"].get(id(p), 1.0))
-            dw, u_rms = update_norms(old, new, lr, wd, decoupled)
-            dw_sq += dw**2
-            if math.isfinite(u_rms):
-                u_sq, n_u = u_sq + u_rms**2 * old.numel(), n_u + old.numel()
-            na, nb = math.sqrt(squared_norm(old)), math.sqrt(squared_norm(new))
-            norms[name] = (na, nb)
-            if self.log_per_tensor:
-                out[f"warmup/update_norm/{name}"] = dw
-                out[f"warmup/direction_rms/{name}"] = u_rms
-                out[f"warmup/angle/{name}"] = (  # angular_update, reusing the norms above
-                    float(angle_from_sums(*normalized_difference_sums(old, new, na, nb)))
-                    if na > 0 and nb > 0
-                    else (0.0 if math.isfinite(na + nb) else math.nan)  # as angular_update
-                )
-            if self.per_neuron and old.dim() >= 2:
-                pair = (old.T, new.T) if id(p) in self._transposed else (old, new)
-                per = angular_update(*pair, per_neuron=True)
-                hist.append(per)
-                if self.log_per_tensor:
-                    out[f"warmup/angle_neuron_mean/{name}"] = float(per.mean())
-                    out[f"warmup/angle_neuron_max/{name}"] = float(per.max())
-        if self.log_histograms and hist:
-            self._hist = torch.cat([h.cpu() for h in hist])
-        out["warmup/global/update_norm"] = math.sqrt(dw_sq)
-        out["warmup/global/direction_rms"] = math.sqrt(u_sq / n_u) if n_u else math.nan
-        # Global angle of all matrices concatenated: a second pass with the global norms, since
-        # 2·atan2(‖a−b‖, ‖a+b‖) needs the normalized vectors, not per-tensor angles.
-        mats = [t for t in pending["tensors"] if t[2].dim() >= 2]
-        na = math.sqrt(sum(norms[t[0]][0] ** 2 for t in mats))
-        nb = math.sqrt(sum(norms[t[0]][1] ** 2 for t in mats))
-        if mats and na > 0 and nb > 0:
-            diff = plus = torch.zeros((), dtype=torch.float64)
-            for _, p, old, *_ in mats:
-                d, s = normalized_difference_sums(old, p, na, nb)
-                diff, plus = diff + d, plus + s
-            out["warmup/global/angle"] = float(angle_from_sums(diff, plus))
-        elif mats and not math.isfinite(na + nb):  # as angular_update: NaN, not "no update"
-            out["warmup/global/angle"] = math.nan
-        return out
-
     def _rrc_metrics(
         self, pl_module: L.LightningModule, pending: dict[str, Any]
     ) -> dict[str, float]:
