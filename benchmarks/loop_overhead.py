@@ -33,6 +33,8 @@ from datamodules.text import TextDataModule  # noqa: E402
 from modules.hf_models import build_causal_lm  # noqa: E402
 from optim.schedules import WarmupCosine  # noqa: E402
 
+LR_WARMUP_STEPS = 50  # configs/quickstart.yaml's WarmupCosine warmup, used by both runners
+
 
 def plain_loop(steps: int, warmup: int, seed: int) -> float:
     """Tokens/s of a bare PyTorch loop on the quickstart model and data."""
@@ -52,7 +54,9 @@ def plain_loop(steps: int, warmup: int, seed: int) -> float:
         weight_decay=0.1,
         betas=(0.9, 0.95),
     )
-    scheduler = WarmupCosine(optimizer, warmup_steps=50, total_steps=steps, min_lr_ratio=0.1)
+    scheduler = WarmupCosine(
+        optimizer, warmup_steps=LR_WARMUP_STEPS, total_steps=steps, min_lr_ratio=0.1
+    )
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(data.splits["train"]),
         batch_size=16,
@@ -100,6 +104,17 @@ def main() -> None:
         "--out", type=Path, default=ROOT / "docs/results/benchmarks/loop_overhead.json"
     )
     args = parser.parse_args()
+    # Checked before any run: a bad pair failed only after the first timed run (~35 s).
+    if args.steps < LR_WARMUP_STEPS:
+        parser.error(
+            f"--steps {args.steps}: both runners use the quickstart's {LR_WARMUP_STEPS}-step LR "
+            "warmup, so at least that many steps are needed"
+        )
+    if not 0 <= args.warmup_steps < args.steps:
+        parser.error(
+            f"--warmup-steps {args.warmup_steps} must be >= 0 and below --steps {args.steps}: "
+            "the timing starts after the warmup steps"
+        )
     torch.set_num_threads(args.threads)
     workdir = ROOT / "runs" / "bench_loop_overhead"
     app, loop = [], []

@@ -15,6 +15,7 @@ import torch
 from ops.meta_tasks_closed_form import (
     LinearTasks,
     exact_meta_grad,
+    exact_meta_grads,
     linear_inner_solve,
     meta_hessian,
     meta_minimizer,
@@ -47,8 +48,6 @@ def estimator(
     if per_task:
         pooled = estimator(tasks, arm, steps, nu)
         return lambda x: pooled(x, reduce=False)
-    if arm == "exact":
-        return lambda x, reduce=True: exact_meta_grad(x, tasks, ALPHA)
     lr0, lr_nu = inner_lr(tasks, 0.0), inner_lr(tasks, nu)
     maps: dict = {}
 
@@ -70,6 +69,8 @@ def estimator(
     def mean(per: torch.Tensor, reduce: bool) -> torch.Tensor:
         return per.mean(0) if reduce else per
 
+    if arm == "exact":
+        return lambda x, reduce=True: mean(exact_meta_grads(x, tasks, ALPHA), reduce)
     if arm == "fomaml":  # grad f_i at the proximal solve y_i^0
         return lambda x, reduce=True: mean(
             (tasks.Q @ y(x, 0, lr0).unsqueeze(-1)).squeeze(-1) - tasks.q, reduce
@@ -87,8 +88,10 @@ def estimator(
     raise ValueError(arm)
 
 
-def outer_gd(tasks: LinearTasks, grad_fn, steps: int, lr: float) -> list[float]:
-    """Outer GD from x = 0; returns ||grad F|| (true) after every step."""
+def outer_gd(
+    tasks: LinearTasks, grad_fn, steps: int, lr: float
+) -> tuple[list[float], torch.Tensor]:
+    """Outer GD from x = 0; returns the true ||grad F|| after every step and the final x."""
     # F is quadratic: grad F(x) = hess F x + grad F(0) exactly, cheaper than a solve per step.
     hess, grad0 = (
         meta_hessian(tasks, ALPHA),

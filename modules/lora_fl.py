@@ -566,6 +566,10 @@ class FederatedLoRAModule(L.LightningModule):
         a plain model; ``merge_lora`` is accepted for the callback's protocol. The data's
         tokenizer is written too (the character vocabulary as a one-token-per-character one).
         """
+        if self.net is None:
+            raise RuntimeError(
+                "the model is built in setup() (or with vocab_size): nothing to save"
+            )
         directory = Path(directory)
         # Only persistent adapters need a merged copy; otherwise the weights are the export
         # (a copy of the whole model at the end of every fit, +290 MB for SmolLM2-135M).
