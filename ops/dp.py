@@ -79,6 +79,8 @@ def per_sample_gradients(
 
 def clip_per_sample(per_sample: Sequence[Tensor], max_norm: float) -> list[Tensor]:
     """Scale each sample's gradient (global norm over all tensors) to norm ``<= max_norm``."""
+    if not per_sample:
+        raise ValueError("clip_per_sample: no gradient tensors (nothing is trainable?)")
     norms = torch.sqrt(sum(g.flatten(1).float().pow(2).sum(1) for g in per_sample))
     factor = (max_norm / (norms + 1e-12)).clamp(max=1.0)
     return [g * factor.view(-1, *([1] * (g.dim() - 1))).to(g.dtype) for g in per_sample]

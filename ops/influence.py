@@ -255,6 +255,8 @@ def influence_scores(h: dict[str, torch.Tensor], grads: dict[str, torch.Tensor])
     """``IF_i = - sum_l <h_l, g_il>_F`` for a batch of oriented gradients ``(B, r, d)`` per tensor."""
     if set(h) != set(grads):
         raise ValueError(f"influence_scores: tensors differ, {sorted(h)} vs {sorted(grads)}")
+    if not grads:
+        raise ValueError("influence_scores: no tensors (select at least one parameter)")
     total = None
     for name, g in grads.items():
         s = (g * h[name].to(g.dtype).unsqueeze(0)).flatten(1).sum(1)

@@ -59,6 +59,8 @@ def detached(params: Params) -> Params:
 
 def param_norm(params: Params) -> Tensor:
     """Global Euclidean norm over all tensors of a parameter dict."""
+    if not params:
+        raise ValueError("param_norm: the parameter dict is empty")
     return torch.sqrt(sum((v.double() ** 2).sum() for v in params.values()))
 
 

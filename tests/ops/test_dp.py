@@ -187,3 +187,8 @@ def test_output_perturbation_std_is_lr_sigma_c():
     assert float(big.std()) == pytest.approx(0.1, abs=2e-3)
     assert abs(float(big.mean())) < 5 * 0.1 / math.sqrt(big.numel())
     assert float(tensors[1].abs().sum()) > 0  # every tensor is perturbed, in place
+
+
+def test_clip_per_sample_refuses_no_tensors():
+    with pytest.raises(ValueError, match="no gradient tensors"):
+        clip_per_sample([], 1.0)

@@ -226,3 +226,8 @@ def test_lissa_trace_scale_is_trace_plus_damping() -> None:
     # largest eigenvalue of F + lambda I: trace(diag(1, 2)) + 0.5 = 3.5.
     F = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
     assert lissa_scale(F, 0.5, "trace") == 3.5
+
+
+def test_influence_scores_refuse_no_tensors():
+    with pytest.raises(ValueError, match="no tensors"):
+        influence_scores({}, {})

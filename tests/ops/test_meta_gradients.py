@@ -14,6 +14,7 @@ from ops.meta_gradients import (
     inner_solve,
     local_smoothness,
     maml_grad,
+    param_norm,
     reptile_grad,
     task_objectives,
     unrolled_gd,
@@ -279,3 +280,8 @@ def test_proximal_reptile_is_x_minus_the_prox_solution_over_alpha():
         net, half_mse, {"weight": x}, (sx, sy), steps=300, lr=lr, alpha=ALPHA
     )
     assert torch.allclose(batched["weight"], expected, atol=1e-10, rtol=0)
+
+
+def test_param_norm_refuses_an_empty_dict():
+    with pytest.raises(ValueError, match="empty"):
+        param_norm({})
