@@ -11,6 +11,9 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: setup demo test test-all lint bench smollm2 clean
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
+		echo "mlo-lightning needs Python >= 3.10; $(PYTHON) is $$($(PYTHON) -V 2>&1):" \
+		"choose another with e.g. 'make demo PYTHON=python3.12'" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 

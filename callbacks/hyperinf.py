@@ -50,6 +50,8 @@ from callbacks.hyperinf_report import (
 from callbacks.json_values import strict_json
 from callbacks.metrics_file import log_dir_of, skipped_in_fast_dev_run
 from modules.eval_mode import eval_mode
+from modules.precision import refuse_float64_on_mps
+from ops.influence import FLOAT64_METHODS
 from ops.influence_config import DampingConfig, GradConfig, LissaConfig, SchulzConfig
 from ops.influence_engine import InfluenceEngine, InfluenceResult
 from ops.per_sample_grads import per_sample_grads, select_params
@@ -320,6 +322,13 @@ class HyperINFCallback(L.Callback):
             raise RuntimeError(
                 f"HyperINFCallback does not support {name}: sharded parameters make per-sample "
                 "gradients incomplete; use DDP or a single device"
+            )
+        float64 = [m for m in self.methods if m in FLOAT64_METHODS]
+        if self.grads.dtype == "float64":
+            float64.append("grads.dtype: float64")
+        if float64:
+            refuse_float64_on_mps(
+                trainer.strategy.root_device, "HyperINFCallback", f"computes {float64}"
             )
         loss_fn = self._loss_fn(pl_module)
         params = select_params(pl_module, self.include, self.exclude)

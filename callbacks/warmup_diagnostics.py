@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from callbacks.direct_logging import log_scalars
 from modules.eval_mode import eval_mode
+from modules.precision import refuse_float64_on_mps
 from ops.warmup import inner_products, noise_scale, rrc, squared_norm
 from ops.warmup_batches import batch_size, flat_grad, split_halves, to_cpu
 from ops.warmup_step_metrics import TensorSnapshot, step_update_metrics
@@ -237,6 +238,9 @@ class UpdateDiagnostics(Callback):
                 "weights, so its norms and angles would describe one shard. Measure under DDP "
                 "(same optimizer and schedule) or remove the callback from trainer.callbacks"
             )
+        refuse_float64_on_mps(
+            trainer.strategy.root_device, "UpdateDiagnostics", "measures norms and angles"
+        )
         if (
             self.track_momentum
             and trainer.gradient_clip_val

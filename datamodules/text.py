@@ -172,7 +172,9 @@ class TextDataModule(L.LightningDataModule):
         test_fraction: fraction of documents held out for testing.
         split_seed: seed of the document-level split (independent of the training seed).
         shuffle_seed: seed of the per-epoch shuffle of training blocks.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes, kept alive across epochs and validations
+            (under the ``spawn`` start method of macOS and Windows each new worker re-imports
+            the application, seconds per worker).
         predict_prompts: prompts for ``mlo predict`` (text generation).
     """
 
@@ -287,6 +289,7 @@ class TextDataModule(L.LightningDataModule):
             "batch_size": self.batch_size,
             "num_workers": self.hparams.num_workers,
             "collate_fn": _collate,
+            "persistent_workers": self.hparams.num_workers > 0,
         }
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)

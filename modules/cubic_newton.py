@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value
 
+from modules.precision import refuse_float64_on_mps
 from optim.cubic_solvers import StochasticCubicNewton
 
 
@@ -159,6 +160,11 @@ class CubicNewtonModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError("CubicNewtonModule does not support FSDP (it needs the full flat x)")
+        if self._trainer is not None:
+            refuse_float64_on_mps(
+                self.trainer.strategy.root_device, "CubicNewtonModule",
+                "solves the cubic subproblem and keeps its momentum",
+            )  # fmt: skip
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         if precision not in ("32-true", "32", "64-true"):
             # 16-mixed: the step is written by hand, so the GradScaler never saw a scaled loss

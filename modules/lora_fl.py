@@ -53,6 +53,7 @@ from modules.lora_fl_vocab import (
     network_record,
     restore_network,
 )
+from modules.precision import refuse_float64_on_mps
 from modules.token_perplexity import next_token_nll
 from modules.weighted_mean import update_weighted, weighted_mean
 from ops import dp
@@ -192,6 +193,10 @@ class FederatedLoRAModule(L.LightningModule):
                 f"'client_parallel_spawn') or a single device, got {type(strategy).__name__}: "
                 "set `trainer.strategy: client_parallel` (`--trainer.strategy client_parallel`)"
             )
+        refuse_float64_on_mps(
+            strategy.root_device, "FederatedLoRAModule",
+            "checksums the global weights every round and aggregates under SecAgg",
+        )  # fmt: skip
         precision = str(self.trainer.precision)
         if precision not in ("32-true", "32", "64-true", "bf16-mixed"):
             # 16-mixed: local steps bypass Lightning's GradScaler. *-true half precision: the

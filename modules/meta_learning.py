@@ -28,6 +28,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from modules.precision import refuse_float64_on_mps
 from modules.weighted_mean import update_weighted, weighted_mean
 from ops.meta_gradients import (
     Estimate,
@@ -213,6 +214,10 @@ class MetaLearningModule(L.LightningModule):
                 "MetaLearningModule does not support FSDP: per-task functional parameter copies "
                 "need full tensors (spec §9). Use strategy: ddp"
             )
+        refuse_float64_on_mps(
+            self.trainer.strategy.root_device, "MetaLearningModule",
+            "accumulates its meta-gradients and task statistics",
+        )  # fmt: skip
         precision = str(self.trainer.precision)
         # Meta-gradients are written to .grad by hand, so a loss scaler never sees a scaled loss,
         # and FO-B-MAML divides the difference of two solves by alpha * nu, which turns bf16

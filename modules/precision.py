@@ -1,4 +1,5 @@
-"""Precision settings a module cannot train under, refused before the first step."""
+"""Precision settings (and float64 on devices without it) a module cannot run under, refused
+before the first step."""
 
 from __future__ import annotations
 
@@ -35,3 +36,14 @@ def refuse_fp16_training(
         "AdamW's eps=1e-8 rounds to 0 and the loss turns NaN after the first step; use "
         "'16-mixed' (GPU), 'bf16-mixed' or 'bf16-true' (16-true is fine for validate/test/predict)"
     )
+
+
+def refuse_float64_on_mps(device: torch.device, owner: str, what: str) -> None:
+    """Refuse the MPS backend (Apple GPUs, ``accelerator: mps``/``auto`` on a Mac) for parts that
+    compute in float64, which MPS does not support: at set-up, naming the setting, instead of a
+    ``TypeError`` at the first float64 tensor, possibly after training (an end-of-fit score)."""
+    if device.type == "mps":
+        raise ValueError(
+            f"{owner} {what} in float64, which the MPS backend (Apple GPUs) does not support: "
+            "run it on the CPU (--trainer.accelerator=cpu) or a CUDA GPU"
+        )

@@ -25,7 +25,12 @@ def trainable_names(module: nn.Module) -> set[str]:
 
 def frozen_fingerprint(module: nn.Module) -> Tensor:
     """``(tensors, 2)``: float64 sum and sum of squares of every frozen parameter, in order."""
-    frozen = [p.detach() for p in module.parameters() if not p.requires_grad]
+    # MPS (Apple GPUs) has no float64: sum those on the CPU.
+    frozen = [
+        p.detach().cpu() if p.device.type == "mps" else p.detach()
+        for p in module.parameters()
+        if not p.requires_grad
+    ]
     if not frozen:
         return torch.zeros(0, 2, dtype=torch.float64)
     return torch.stack(

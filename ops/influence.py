@@ -51,6 +51,8 @@ METHODS = (
     "exact_hessian",
     "lissa_hessian",
 )
+#: The methods whose solves run in float64 (whatever ``grads.dtype`` says).
+FLOAT64_METHODS = ("exact_gfim", "exact_fim", "exact_hessian")
 
 
 def orient_grad(name: str, grad: torch.Tensor, batched: bool = False) -> torch.Tensor:
