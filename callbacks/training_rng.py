@@ -34,7 +34,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 
 def rng_states() -> dict[str, Any]:
-    """torch (CPU, and the current CUDA device once CUDA is in use), NumPy and Python states."""
+    """torch (CPU, the current CUDA device once CUDA is in use, MPS on a Mac), NumPy and Python
+    states."""
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
@@ -44,6 +45,8 @@ def rng_states() -> dict[str, Any]:
         # This process's device only: a list of every visible device's state failed to load
         # on a machine with fewer GPUs, and gave rank r rank 0's untouched cuda:r state.
         states["cuda"] = torch.cuda.get_rng_state()
+    if torch.backends.mps.is_available():  # Apple GPUs: dropout there draws from this one
+        states["mps"] = torch.mps.get_rng_state()
     return states
 
 
@@ -52,6 +55,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
 
