@@ -72,6 +72,18 @@ def fake_scontrol(tmp_path) -> tuple[Path, Path]:
     return bin_dir, log
 
 
+@pytest.fixture
+def slurm_env(monkeypatch) -> None:
+    """The environment of one SLURM task of job 4242 (no array job), as Lightning reads it."""
+    for key, value in {
+        "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "mlo-test", "SLURM_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+
+
 @pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
     """A function returning a TCP port free right now (``MASTER_PORT`` of a multi-process run

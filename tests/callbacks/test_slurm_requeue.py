@@ -39,15 +39,8 @@ def _fit(module: FederatedLoRAModule, root, rounds: int, callbacks: list) -> Non
 
 
 @pytest.fixture
-def fake_slurm(fake_scontrol, monkeypatch):
+def fake_slurm(slurm_env, fake_scontrol, monkeypatch):
     """One SLURM task, job 4242; ``scontrol`` writes its arguments to ``scontrol.log``."""
-    for key, value in {
-        "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NAME": "mlo-test", "SLURM_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1",
-    }.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     bin_dir, log = fake_scontrol
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return log

@@ -17,17 +17,6 @@ from tests.signal_testkit import SignallingRegression, fit_regression
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def slurm_env(monkeypatch):
-    for key, value in {
-        "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NAME": "mlo-test", "SLURM_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1",
-    }.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
-
-
 def test_an_array_task_is_requeued_as_array_job_underscore_task(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "107")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "100")

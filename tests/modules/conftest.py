@@ -17,3 +17,12 @@ def tiny_llama_dir(tmp_path_factory):
         path
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_8l_dir(tmp_path_factory):
+    """A random tiny 8-layer Llama saved like ExportPretrained does (layer-parallel tests)."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("lp") / "hf_model"
+    build_causal_lm("tiny-llama-8l").save_pretrained(out)
+    return out

@@ -23,17 +23,8 @@ from modules.layer_parallel_model import original_layers, sequential_layers
 from modules.token_perplexity import TokenPerplexity
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    """A random tiny 8-layer Llama saved like ExportPretrained does (no training needed)."""
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("lp") / "hf_model"
-    build_causal_lm("tiny-llama-8l").save_pretrained(out)
-    return out
-
-
-def test_only_paired_layers_are_trainable(hf_dir):
-    module = LayerParallelModule(model=str(hf_dir), plan={"start": 2, "end": 6})
+def test_only_paired_layers_are_trainable(tiny_llama_8l_dir):
+    module = LayerParallelModule(model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6})
     layers = original_layers(module.model)
     expected = {id(p) for k in (2, 3, 4, 5) for p in layers[k].parameters()}
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
@@ -42,8 +33,8 @@ def test_only_paired_layers_are_trainable(hf_dir):
     assert all(".layers.2." in n or ".layers.3." in n for n in names)  # pairs at LP positions 2, 3
 
 
-def test_helpers_decode_and_perplexity(hf_dir):
-    module = LayerParallelModule(model=str(hf_dir), plan={"start": 2, "end": 6})
+def test_helpers_decode_and_perplexity(tiny_llama_8l_dir):
+    module = LayerParallelModule(model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6})
     module.use_mode("fused")
     model, ids = module.model, torch.randint(0, 4096, (2, 12))
     with torch.no_grad():
@@ -66,8 +57,8 @@ def test_helpers_decode_and_perplexity(hf_dir):
     assert len(model.model.layers) == 6
 
 
-def test_decode_tokens_per_s_counts_every_row_of_the_batch(hf_dir, monkeypatch):
-    model = LayerParallelModule(model=str(hf_dir)).model
+def test_decode_tokens_per_s_counts_every_row_of_the_batch(tiny_llama_8l_dir, monkeypatch):
+    model = LayerParallelModule(model=str(tiny_llama_8l_dir)).model
     clock = iter([10.0, 11.0])  # one timed repeat of exactly 1 s
     monkeypatch.setattr(layer_parallel.time, "perf_counter", lambda: next(clock))
     prompt = torch.randint(0, 4096, (2, 4))
@@ -107,7 +98,7 @@ def test_token_perplexity_reduces_sums_across_ranks():
     assert expected != pytest.approx(mean_of_ranks, rel=1e-3)
 
 
-def test_fused_weights_follow_a_checkpoint_loaded_into_a_reused_module(hf_dir, tmp_path):
+def test_fused_weights_follow_a_checkpoint_loaded_into_a_reused_module(tiny_llama_8l_dir, tmp_path):
     """A second validate with ``ckpt_path`` on a module left fused must use the loaded weights."""
     import lightning as L
 
@@ -118,7 +109,9 @@ def test_fused_weights_follow_a_checkpoint_loaded_into_a_reused_module(hf_dir, t
         )  # fmt: skip
 
     def module() -> LayerParallelModule:
-        return LayerParallelModule(model=str(hf_dir), plan={"start": 2, "end": 6}, mode="fused")
+        return LayerParallelModule(
+            model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6}, mode="fused"
+        )
 
     ids = torch.randint(0, 4096, (4, 16), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in ids], batch_size=2)
@@ -147,20 +140,22 @@ def _cli(args: list[str]):
     return main(args)
 
 
-def _common(hf_dir: Path, tmp_path: Path) -> list[str]:
+def _common(tiny_llama_8l_dir: Path, tmp_path: Path) -> list[str]:
     return [
         "--config", "configs/layer_parallel/eval.yaml",
-        "--model.init_args.model", str(hf_dir),
+        "--model.init_args.model", str(tiny_llama_8l_dir),
         "--model.init_args.plan", "{start: 2, end: 6}",
         "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--data.init_args.batch_size", "4",
     ]  # fmt: skip
 
 
-def test_cli_test_logs_ppl_ratio_and_decode_speed(hf_dir, tmp_path, repo_root, monkeypatch):
+def test_cli_test_logs_ppl_ratio_and_decode_speed(
+    tiny_llama_8l_dir, tmp_path, repo_root, monkeypatch
+):
     monkeypatch.chdir(repo_root)
     cli = _cli(
-        ["test", *_common(hf_dir, tmp_path), "--trainer.limit_test_batches", "2",
+        ["test", *_common(tiny_llama_8l_dir, tmp_path), "--trainer.limit_test_batches", "2",
          "--model.init_args.decode_new_tokens", "4", "--model.init_args.decode_repeats", "1"]
     )  # fmt: skip
     metrics = cli.trainer.callback_metrics
@@ -169,7 +164,7 @@ def test_cli_test_logs_ppl_ratio_and_decode_speed(hf_dir, tmp_path, repo_root, m
     # construction, even if the "sequential" baseline silently ran the LP model).
     batches = itertools.islice(cli.datamodule.test_dataloader(), 2)
     ids = torch.cat([b["input_ids"] for b in batches])
-    plain = build_causal_lm(str(hf_dir)).eval()
+    plain = build_causal_lm(str(tiny_llama_8l_dir)).eval()
     assert metrics["test/ppl_seq"].item() == pytest.approx(perplexity(plain, ids), rel=1e-5)
     assert metrics["test/ppl"].item() != pytest.approx(metrics["test/ppl_seq"].item(), rel=1e-3)
     assert metrics["test/ideal_speedup"] == pytest.approx(8 / 6)
@@ -178,10 +173,10 @@ def test_cli_test_logs_ppl_ratio_and_decode_speed(hf_dir, tmp_path, repo_root, m
     assert "test/ppl_ratio" in json.dumps(written)
 
 
-def test_cli_predict_generates(hf_dir, tmp_path, repo_root, monkeypatch):
+def test_cli_predict_generates(tiny_llama_8l_dir, tmp_path, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
     _cli(
-        ["predict", *_common(hf_dir, tmp_path), "--config", "configs/layer_parallel/predict.yaml",
+        ["predict", *_common(tiny_llama_8l_dir, tmp_path), "--config", "configs/layer_parallel/predict.yaml",
          "--model.init_args.generation.max_new_tokens", "5"]
     )  # fmt: skip
     rows = [json.loads(line) for line in next(tmp_path.rglob("predictions*.jsonl")).open()]
@@ -190,17 +185,17 @@ def test_cli_predict_generates(hf_dir, tmp_path, repo_root, monkeypatch):
 
 @pytest.mark.parametrize("train_with_lp", ["true", "false"])
 def test_cli_fit_changes_only_paired_layers_and_exports(
-    hf_dir, tmp_path, repo_root, monkeypatch, train_with_lp
+    tiny_llama_8l_dir, tmp_path, repo_root, monkeypatch, train_with_lp
 ):
     monkeypatch.chdir(repo_root)
     cli = _cli(
-        ["fit", *_common(hf_dir, tmp_path), "--config", "configs/layer_parallel/finetune.yaml",
+        ["fit", *_common(tiny_llama_8l_dir, tmp_path), "--config", "configs/layer_parallel/finetune.yaml",
          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
          "--trainer.val_check_interval", "2", "--model.init_args.optimizer.init_args.lr", "1e-2",
          "--model.init_args.train_with_lp", train_with_lp]
     )  # fmt: skip
     assert cli.model.model.layer_parallel.mode == "reference"  # back to training mode after val
-    before = build_causal_lm(str(hf_dir)).state_dict()
+    before = build_causal_lm(str(tiny_llama_8l_dir)).state_dict()
     export = next(tmp_path.rglob("layer_parallel.json")).parent
     after = build_causal_lm(str(export)).state_dict()
     assert json.loads((export / "layer_parallel.json").read_text())["plan"] == [[2, 3], [4, 5]]
@@ -214,12 +209,12 @@ def test_cli_fit_changes_only_paired_layers_and_exports(
 
 
 @pytest.mark.distributed
-def test_ddp_finetune_of_paired_layers(hf_dir):
+def test_ddp_finetune_of_paired_layers(tiny_llama_8l_dir):
     """2-process DDP (gloo): every trainable parameter gets a gradient each step (no unused ones)."""
     import lightning as L
 
     module = LayerParallelModule(
-        model=str(hf_dir), plan={"start": 2, "end": 6}, decode_new_tokens=0
+        model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6}, decode_new_tokens=0
     )
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     ids = torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -239,13 +234,13 @@ def _rows_loader(seed: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in ids], batch_size=2)
 
 
-def test_validate_then_fit_then_test_twice_start_from_fresh_state(hf_dir, tmp_path):
+def test_validate_then_fit_then_test_twice_start_from_fresh_state(tiny_llama_8l_dir, tmp_path):
     """A standalone ``validate`` resets its metrics under inference mode; fit's validation (no_grad)
     must still update them. A second ``test`` on other data decodes that data's prompt."""
     import lightning as L
 
     module = LayerParallelModule(
-        model=str(hf_dir), plan={"start": 2, "end": 6}, decode_new_tokens=2, decode_prompt_len=8,
+        model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6}, decode_new_tokens=2, decode_prompt_len=8,
         decode_repeats=1,
     )  # fmt: skip
     quiet = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
@@ -271,32 +266,37 @@ def test_validate_then_fit_then_test_twice_start_from_fresh_state(hf_dir, tmp_pa
         ("decode_new_tokens", -1, "decode_new_tokens=-1 must be >= 0"),
     ],
 )
-def test_bad_settings_are_refused_at_construction(hf_dir, key, value, message):
+def test_bad_settings_are_refused_at_construction(tiny_llama_8l_dir, key, value, message):
     with pytest.raises(ValueError, match=message):
-        LayerParallelModule(model=str(hf_dir), plan={"start": 2, "end": 6}, **{key: value})
+        LayerParallelModule(
+            model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6}, **{key: value}
+        )
 
 
 def test_cli_test_refuses_a_decode_prompt_longer_than_a_block_before_testing(
-    hf_dir, tmp_path, repo_root, monkeypatch
+    tiny_llama_8l_dir, tmp_path, repo_root, monkeypatch
 ):
     monkeypatch.chdir(repo_root)
     tested = []
     monkeypatch.setattr(LayerParallelModule, "test_step", lambda *a: tested.append(1))
     with pytest.raises(ValueError, match=r"decode_prompt_len=33 exceeds data\.block_size=32"):
         _cli(
-            ["test", *_common(hf_dir, tmp_path), "--data.init_args.block_size", "32",
+            ["test", *_common(tiny_llama_8l_dir, tmp_path), "--data.init_args.block_size", "32",
              "--model.init_args.decode_prompt_len", "33"]
         )  # fmt: skip
     assert tested == []
 
 
-def test_evaluation_choices_stay_out_of_the_checkpoint_hyperparameters(hf_dir):
+def test_evaluation_choices_stay_out_of_the_checkpoint_hyperparameters(tiny_llama_8l_dir):
     # LightningCLI applies checkpoint hyperparameters over the config: a model fine-tuned in
     # reference mode was then tested in reference mode whatever `mlo test` asked for
     from modules.layer_parallel import RUN_TIME_SETTINGS
 
     module = LayerParallelModule(
-        model=str(hf_dir), plan={"start": 2, "end": 6}, mode="reference", decode_repeats=2
+        model=str(tiny_llama_8l_dir),
+        plan={"start": 2, "end": 6},
+        mode="reference",
+        decode_repeats=2,
     )
     assert not set(RUN_TIME_SETTINGS) & set(module.hparams)
     assert {"model", "plan", "post_norm_mode", "train_with_lp"} <= set(module.hparams)
@@ -304,7 +304,7 @@ def test_evaluation_choices_stay_out_of_the_checkpoint_hyperparameters(hf_dir):
 
 
 def test_a_model_with_its_own_tokenizer_uses_it_and_data_of_another_vocabulary_is_refused(
-    hf_dir, tmp_path
+    tiny_llama_8l_dir, tmp_path
 ):
     """The model's own tokenizer is the default; the data's must have the same vocabulary
     (a 600-token model tokenizer against the project's 4096-token data used to run silently)."""
@@ -331,12 +331,14 @@ def test_a_model_with_its_own_tokenizer_uses_it_and_data_of_another_vocabulary_i
         trainer.validate(module, datamodule=data)
 
 
-def test_fused_mode_and_predict_are_refused_on_several_fsdp_processes(hf_dir):
+def test_fused_mode_and_predict_are_refused_on_several_fsdp_processes(tiny_llama_8l_dir):
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    module = LayerParallelModule(model=str(hf_dir), plan={"start": 2, "end": 6}, mode="fused")
+    module = LayerParallelModule(
+        model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6}, mode="fused"
+    )
     module._trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), world_size=2)
     # fused folds each pair's norms into whole matrices; FSDP hands it 1-D shards
     for hook in (module.on_fit_start, module.on_validation_start, module.on_test_start):
@@ -348,7 +350,7 @@ def test_fused_mode_and_predict_are_refused_on_several_fsdp_processes(hf_dir):
     module.on_validation_start()  # the reference pairs run on shards
 
 
-def test_checkpoints_hold_the_paired_layers_and_refuse_a_changed_base(hf_dir, tmp_path):
+def test_checkpoints_hold_the_paired_layers_and_refuse_a_changed_base(tiny_llama_8l_dir, tmp_path):
     """On a pretrained base only the trained paired layers are saved (the whole frozen model
     was: 95 % of a SmolLM2-135M checkpoint); a base that changed at that path is refused."""
     import lightning as L
@@ -361,7 +363,7 @@ def test_checkpoints_hold_the_paired_layers_and_refuse_a_changed_base(hf_dir, tm
 
     ids = torch.randint(0, 4096, (4, 16), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in ids], batch_size=2)
-    tuned = LayerParallelModule(model=str(hf_dir), plan={"start": 2, "end": 6})
+    tuned = LayerParallelModule(model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6})
     saver = trainer()
     saver.validate(tuned, loader, verbose=False)
     saver.save_checkpoint(tmp_path / "tuned.ckpt")
@@ -376,7 +378,7 @@ def test_checkpoints_hold_the_paired_layers_and_refuse_a_changed_base(hf_dir, tm
     with pytest.raises(ValueError, match=r"frozen weights rebuilt from model .* are not those"):
         trainer().validate(moved, loader, ckpt_path=str(tmp_path / "tuned.ckpt"), verbose=False)
     full = LayerParallelModule(
-        model=str(hf_dir), plan={"start": 2, "end": 6}, trainable_only_checkpoints=False
+        model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6}, trainable_only_checkpoints=False
     )
     keeper = trainer()
     keeper.validate(full, loader, verbose=False)

@@ -4,27 +4,17 @@ after fit's validation, the empty-plan optimizer and the export's model card."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from modules import layer_parallel
-from modules.hf_models import build_causal_lm
 from modules.layer_parallel import (
     LayerParallelModule,
     decode_tokens_per_s,
     layer_parallel_model_card,
 )
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("lp_settings") / "hf_model"
-    build_causal_lm("tiny-llama-8l").save_pretrained(out)
-    return out
 
 
 def _attach(module: LayerParallelModule, **trainer) -> None:
@@ -47,15 +37,17 @@ def test_the_warmup_run_is_not_timed(monkeypatch):
 
 
 @pytest.mark.parametrize("key", ["decode_prompt_len", "decode_batch_size"])
-def test_empty_decode_prompts_are_refused(hf_dir, key):
+def test_empty_decode_prompts_are_refused(tiny_llama_8l_dir, key):
     with pytest.raises(ValueError, match=f"{key}=0 must be >= 1"):
-        LayerParallelModule(model=str(hf_dir), **{key: 0})
+        LayerParallelModule(model=str(tiny_llama_8l_dir), **{key: 0})
 
 
-def test_decode_prompt_may_fill_a_whole_test_batch(hf_dir):
+def test_decode_prompt_may_fill_a_whole_test_batch(tiny_llama_8l_dir):
     """The prompt is cut from one test batch: as long and as wide as the batch is fine, one
     more row is refused before testing."""
-    module = LayerParallelModule(model=str(hf_dir), decode_prompt_len=32, decode_batch_size=4)
+    module = LayerParallelModule(
+        model=str(tiny_llama_8l_dir), decode_prompt_len=32, decode_batch_size=4
+    )
     _attach(module, datamodule=SimpleNamespace(block_size=32, batch_size=4))
     module._check_decode_fits_the_test_data()
     module.decode_batch_size = 5
@@ -64,9 +56,9 @@ def test_decode_prompt_may_fill_a_whole_test_batch(hf_dir):
 
 
 @torch.no_grad()
-def test_decode_prompt_is_taken_from_the_first_batch_large_enough(hf_dir):
+def test_decode_prompt_is_taken_from_the_first_batch_large_enough(tiny_llama_8l_dir):
     module = LayerParallelModule(
-        model=str(hf_dir), plan={"start": 2, "end": 6}, decode_prompt_len=8, decode_batch_size=2,
+        model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6}, decode_prompt_len=8, decode_batch_size=2,
         compare_sequential=False,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(0)
@@ -80,10 +72,10 @@ def test_decode_prompt_is_taken_from_the_first_batch_large_enough(hf_dir):
     assert torch.equal(module._decode_prompt, good[:2, :8])
 
 
-def test_fit_returns_to_reference_mode_after_its_validation(hf_dir):
+def test_fit_returns_to_reference_mode_after_its_validation(tiny_llama_8l_dir):
     """Validation runs the fused pairs; training must continue through the reference ones.
     A stand-alone validate keeps the requested mode."""
-    module = LayerParallelModule(model=str(hf_dir), plan={"start": 2, "end": 6})
+    module = LayerParallelModule(model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6})
     module.use_mode("fused")
     _attach(module, state=SimpleNamespace(fn="validate"))
     module.on_validation_end()
@@ -93,17 +85,17 @@ def test_fit_returns_to_reference_mode_after_its_validation(hf_dir):
     assert module.model.layer_parallel.mode == "reference"
 
 
-def test_fine_tuning_without_a_plan_is_refused(hf_dir):
+def test_fine_tuning_without_a_plan_is_refused(tiny_llama_8l_dir):
     """Only paired layers train: with no plan nothing is trainable."""
-    module = LayerParallelModule(model=str(hf_dir), plan=None)
+    module = LayerParallelModule(model=str(tiny_llama_8l_dir), plan=None)
     with pytest.raises(ValueError, match="plan is empty"):
         module.configure_optimizers()
 
 
-def test_decode_new_tokens_zero_skips_the_measurement(hf_dir):
+def test_decode_new_tokens_zero_skips_the_measurement(tiny_llama_8l_dir):
     """No prompt was captured, and none is needed: 0 means no decode measurement."""
     module = LayerParallelModule(
-        model=str(hf_dir), plan={"start": 2, "end": 6}, decode_new_tokens=0
+        model=str(tiny_llama_8l_dir), plan={"start": 2, "end": 6}, decode_new_tokens=0
     )
     logged = []
     module._log_ppl = logged.append  # the perplexity logging needs a Trainer
