@@ -377,7 +377,7 @@ class FederatedLoRAModule(L.LightningModule):
         self.log("secagg/clipped_coordinates_rank0", clipped)
         return aggregate.float(), {"secagg/max_abs_error": err, "secagg/clipped_rank0": clipped}
 
-    def uploaded_values(self, numel: int) -> int:
+    def _uploaded_values(self, numel: int) -> int:
         """Values one client uploads per round: its factors for LoRA (the server merges them)
         unless SecAgg must mask the dense merged delta (a masked sum of factors cannot give the
         sum of products), else the ``numel`` server parameters."""
@@ -393,7 +393,7 @@ class FederatedLoRAModule(L.LightningModule):
         stats = {
             "round/train_loss": sums.weighted_loss,
             "round/update_norm": float(aggregate.norm()),
-            "round/bytes_per_client": float(self.uploaded_values(sums.numel) * bits / 8),
+            "round/bytes_per_client": float(self._uploaded_values(sums.numel) * bits / 8),
             "round/clients": sums.clients,
             "round/local_steps": sums.mean_local_steps,
             "round/rank_desync": sums.rank_desync(self.trainer.world_size),
