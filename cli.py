@@ -322,16 +322,40 @@ def config_paths(args: list[str]) -> list[str]:
     return paths
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    PyYAML (and so jsonargparse) keeps the last of two equal keys: a config that sets
+    ``max_steps`` twice, e.g. after a copy-paste, silently ran with the second value.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                continue  # unhashable: SafeLoader reports it itself
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first given on line {first_line[key]})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def check_config_syntax(args: list[str]) -> None:
-    """Exit with the file's name on a YAML syntax error: the parser's own message names only
-    ``"<unicode string>"``, which does not say which of several ``--config`` files is broken."""
+    """Exit with the file's name on a YAML syntax error or a key given twice in one mapping:
+    the parser's own message names only ``"<unicode string>"``, which does not say which of
+    several ``--config`` files is broken, and it keeps the last of two equal keys silently."""
     for path in config_paths(args):
         file = Path(path)
         if not file.is_file():
             continue  # the parser reports missing files itself
         try:
             with file.open() as stream:  # a stream: the YAML error then names the file too
-                yaml.safe_load(stream)
+                yaml.load(stream, Loader=UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise SystemExit(f"error: --config {path}: invalid YAML: {err}") from err
 

@@ -108,6 +108,17 @@ def test_yaml_syntax_error_names_the_file(tmp_path, form):
         main(["fit", "--config", "configs/quickstart.yaml", *bad_args])
 
 
+def test_a_key_given_twice_in_a_config_is_named(tmp_path):
+    # PyYAML keeps the last of two equal keys: this ran 3 steps without a word.
+    bad = tmp_path / "twice.yaml"
+    bad.write_text("trainer:\n  max_steps: 2\n  max_steps: 3\n")
+    with pytest.raises(
+        SystemExit,
+        match=r"(?s)twice\.yaml: invalid YAML.*duplicate key 'max_steps' \(first given on line 2\).*line 3",
+    ):
+        _fit(tmp_path, "--config", str(bad))  # before the fix: a 3-step fit into tmp_path
+
+
 def test_fit_writes_all_artifacts_and_predict_generates(tmp_path):
     cli = _fit(tmp_path, "--trainer.max_steps=6", "--trainer.val_check_interval=3")
     log_dir = tmp_path / "run" / "version_0"
