@@ -299,6 +299,7 @@ class TextDataModule(L.LightningDataModule):
             # Its iterators do not draw from the global RNG (a validation inside fit shifted
             # the training dropout masks).
             return PrivateSeedDataLoader(dataset, sampler=sampler, **kwargs)
+        check_train_batches(len(dataset), self.batch_size, world, self.block_size)
         return resumable_train_loader(
             self, dataset, seed=self.hparams.shuffle_seed, drop_last=True, **kwargs
         )
@@ -317,6 +318,23 @@ class TextDataModule(L.LightningDataModule):
         if not prompts:
             raise ValueError("mlo predict needs prompts: set data.predict_prompts")
         return DataLoader(prompts, batch_size=1, shuffle=False, collate_fn=lambda p: {"prompts": p})
+
+
+def check_train_batches(n_blocks: int, batch_size: int, world_size: int, block_size: int) -> None:
+    """Refuse a train split too small for one full batch on every process.
+
+    The train loader drops the last partial batch, so ``data.batch_size`` above a process's
+    share of the blocks left no batch at all: Lightning stopped with "No training batches",
+    ``mlo fit`` exited 0 and exported the untrained model.
+    """
+    if n_blocks // world_size >= batch_size:
+        return
+    raise ValueError(
+        f"the train split has {n_blocks} blocks of block_size={block_size} tokens "
+        f"({n_blocks // world_size} per process on {world_size}), fewer than "
+        f"data.batch_size={batch_size}: no full batch, nothing would train; lower "
+        "data.batch_size or data.block_size, or use more data"
+    )
 
 
 def _collate(rows: list[tuple[torch.Tensor, bool]]) -> dict[str, torch.Tensor]:

@@ -252,6 +252,23 @@ def test_invalid_arguments(tokenizer_dir):
         TextDataModule(data_files=None, tokenizer=str(tokenizer_dir)).setup("fit")
 
 
+def test_a_batch_larger_than_the_train_split_is_refused(tmp_path, tokenizer_dir):
+    # drop_last left no batch: the fit "succeeded" (exit 0) without a single training step.
+    dm = TextDataModule(
+        data_files=str(_corpus(tmp_path)), tokenizer=str(tokenizer_dir), block_size=32, batch_size=4
+    )
+    dm.setup("fit")
+    n_blocks = len(dm.splits["train"])
+    dm.batch_size = n_blocks + 1
+    message = (
+        rf"train split has {n_blocks} blocks of block_size=32 .* data\.batch_size={n_blocks + 1}"
+    )
+    with pytest.raises(ValueError, match=message):
+        dm.train_dataloader()
+    dm.batch_size = n_blocks  # exactly one full batch is enough
+    assert len(dm.train_dataloader()) == 1
+
+
 def test_text_files_split_by_paragraph_line_or_file(tmp_path, tokenizer_dir):
     """A paragraph is one document by default: its line breaks reach the model and no
     paragraph straddles two splits (one document per line dropped every line break and
