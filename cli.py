@@ -157,6 +157,7 @@ class MloCLI(LightningCLI):
             self.config[subcommand]["ckpt_path"] = ckpt_path
         after = plain_settings(self.config[subcommand].get("model"))
         changes = changed_settings(before, after)
+        check_checkpoint_model_class(ckpt_path, changes)
         for key, old, new in [c for c in changes if moved_path(*c[1:])]:
             # A path saved where the run was trained (relative to its working directory, or a
             # directory moved since): the config's existing path, which loads the same
@@ -177,6 +178,24 @@ class MloCLI(LightningCLI):
                 return
             for note in unused_optimizer_settings(after, checkpoint):
                 rank_zero_warn(f"--ckpt_path {ckpt_path}: {note}")
+
+
+def check_checkpoint_model_class(ckpt_path: str, changes: list[tuple[str, Any, Any]]) -> None:
+    """Exit when ``--ckpt_path`` holds another model class than the config's ``model``.
+
+    LightningCLI builds the checkpoint's class in place of the config's, with a mere note: a
+    checkpoint of another experiment then ran the wrong module on the config's data, failing
+    with an unrelated error deep in a step (a cubic-Newton config) or "succeeding" with the
+    wrong model (a federated config). Setting ``model.class_path`` to the checkpoint's class
+    says the swap is meant.
+    """
+    for key, configured, saved in changes:
+        if key == "class_path":
+            raise SystemExit(
+                f"error: --ckpt_path {ckpt_path} holds a {saved}, but the config's model is "
+                f"{configured}: was it trained with another config? Pass the config of its run "
+                f"(config.yaml in its run directory), or --model.class_path={saved} to use it"
+            )
 
 
 def check_checkpoint_fits_strategy(ckpt_path: str | None, trainer: L.Trainer) -> None:

@@ -378,6 +378,22 @@ def test_a_checkpoint_that_changes_the_configured_model_says_so(tmp_path):
     assert "val/loss" in legacy_run.trainer.callback_metrics
 
 
+def test_a_checkpoint_of_another_model_class_is_refused(tmp_path):
+    # LightningCLI swapped in the checkpoint's class: a language model then validated on the
+    # saddle problem's data and failed with "list indices must be integers or slices, not str".
+    ckpt = tmp_path / "causal_lm.ckpt"
+    hparams = {"_class_path": "modules.causal_lm.CausalLMModule", "model": "micro-llama"}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams}, ckpt)
+    saddle = ["validate", "--config", "configs/cubic_newton/saddle.yaml", f"--ckpt_path={ckpt}",
+              f"--trainer.logger.init_args.save_dir={tmp_path}"]  # fmt: skip
+    message = (
+        r"causal_lm\.ckpt holds a modules\.causal_lm\.CausalLMModule, but the config's model is "
+        r"modules\.cubic_newton\.CubicNewtonModule: was it trained with another config\?"
+    )
+    with pytest.raises(SystemExit, match=message):
+        main(saddle)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
