@@ -90,3 +90,15 @@ def count_json_records(path: Path, text_field: str) -> int:
 def count_text_lines(path: Path) -> int:
     """Non-blank lines of a plain-text file (one document each, as ``datasets``' text builder)."""
     return sum(1 for _, text in _decoded_lines(path) if text.strip())
+
+
+def malformed_json_file(directory: Path) -> str | None:
+    """``"FILE: line L column C: MESSAGE"`` for the first ``*.json`` file of ``directory`` that
+    does not parse, or ``None``: ``json``'s own error (raised from inside ``transformers`` for a
+    truncated ``tokenizer.json``) gives the line but not the file."""
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        except json.JSONDecodeError as err:
+            return f"{path}: line {err.lineno} column {err.colno}: {err.msg}"
+    return None

@@ -25,6 +25,7 @@ from datamodules.even_eval_sampler import EvenEvalSampler, PaddedBlocks
 from datamodules.file_checks import (
     count_json_records,
     count_text_lines,
+    malformed_json_file,
     where_relative_paths_resolve,
 )
 from datamodules.private_seed_loader import PrivateSeedDataLoader
@@ -357,7 +358,15 @@ def load_tokenizer(name_or_path: str, setting: str = "tokenizer") -> PreTrainedT
         name_or_path = str(resolve_pretrained_preset(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
+            # transformers' errors name no setting, and a damaged file not even the file
+            broken = malformed_json_file(path)
+            cause = f"malformed JSON in {broken}" if broken else f"{type(err).__name__}: {err}"
+            raise ValueError(
+                f"{setting}: cannot load a tokenizer from {name_or_path!r}: {cause}"
+            ) from err
     elif os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(
             f"{setting}: no tokenizer directory {name_or_path!r}"

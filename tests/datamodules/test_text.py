@@ -1,6 +1,7 @@
 import itertools
 import json
 import re
+import shutil
 from collections import Counter
 
 import datasets
@@ -168,6 +169,22 @@ def test_missing_tokenizer_names_the_setting_and_the_directory(tmp_path, monkeyp
         match=f"^model.tokenizer: 'data/tokenizer' is neither a local directory {where}.* nor a loadable hub id: We",
     ):
         load_tokenizer("data/tokenizer", setting="model.tokenizer")
+
+
+def test_a_damaged_tokenizer_file_is_named_with_the_setting(tmp_path, tokenizer_dir):
+    # json's error from inside transformers named a line of no file and no setting.
+    damaged = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, damaged)
+    text = (damaged / "tokenizer.json").read_text()
+    (damaged / "tokenizer.json").write_text(text[: len(text) // 2])
+    message = (
+        r"^data\.tokenizer: cannot load .*malformed JSON in .*tokenizer\.json: line \d+ column"
+    )
+    with pytest.raises(ValueError, match=message):
+        TextDataModule(tokenizer=str(damaged)).tokenizer  # noqa: B018 (loads lazily)
+    (damaged / "tokenizer.json").unlink()  # no file to blame: transformers' own error
+    with pytest.raises(ValueError, match=r"^model\.tokenizer: cannot load .*: ValueError: "):
+        load_tokenizer(str(damaged), setting="model.tokenizer")
 
 
 def test_malformed_jsonl_reports_line_number(tmp_path, tokenizer_dir):
