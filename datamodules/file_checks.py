@@ -46,6 +46,13 @@ def _check_record(record: object, text_field: str, where: str) -> None:
         raise KeyError(
             f"{where}: record has no text field {text_field!r} (found {keys}); set data.text_field"
         )
+    value = record[text_field]
+    if value is not None and not isinstance(value, str):  # null is a blank document
+        # datasets' filter failed on it with "'int' object has no attribute 'strip'"
+        raise TypeError(
+            f"{where}: text field {text_field!r} holds a {type(value).__name__} ({value!r:.40}), "
+            "not a string"
+        )
 
 
 def _starts_with_array(path: Path) -> bool:

@@ -38,3 +38,10 @@ def test_an_array_line_of_a_json_lines_file_is_a_bad_record(tmp_path):
     path.write_text('[{"text": "a"}, {"text": "b"}]\n')
     with pytest.raises(KeyError, match=r"corpus\.jsonl:1: record has no text field"):
         count_json_records(path, "text")
+
+
+def test_a_text_field_that_is_no_string_is_named(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "a"}\n{"text": null}\n{"text": 5}\n')
+    with pytest.raises(TypeError, match=r"corpus\.jsonl:3: text field 'text' holds a int \(5\)"):
+        count_json_records(path, "text")
