@@ -145,6 +145,18 @@ def pad_collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def check_client_counts(client_sizes: list[int] | None, num_canaries: int) -> None:
+    """Refuse an empty ``client_sizes`` and a negative ``num_canaries``: the first silently became
+    the default three clients (``[]`` read as unset), the second silently meant no canaries."""
+    if client_sizes is not None and not client_sizes:
+        raise ValueError(
+            "data.client_sizes=[] names no client: list one size per client, or null for the "
+            "default [800, 1000, 1200]"
+        )
+    if num_canaries < 0:
+        raise ValueError(f"data.num_canaries must be >= 0 (0 = no canaries), got {num_canaries}")
+
+
 class FederatedTextDataModule(L.LightningDataModule):
     """Federated clients with canaries (see module docstring).
 
@@ -208,7 +220,8 @@ class FederatedTextDataModule(L.LightningDataModule):
                 raise ValueError(f"FederatedTextDataModule {key} must be >= 1, got {value}")
         self.num_rounds, self.source, self.client_files = num_rounds, source, client_files
         self.text_field = text_field
-        self.client_sizes_arg = client_sizes or [800, 1000, 1200]
+        check_client_counts(client_sizes, num_canaries)
+        self.client_sizes_arg = client_sizes if client_sizes is not None else [800, 1000, 1200]
         self.num_entities, self.val_questions = num_entities, val_questions_per_client
         self.partition, self.dirichlet_alpha = partition, dirichlet_alpha
         self.num_canaries = num_canaries

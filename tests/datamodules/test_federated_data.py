@@ -273,3 +273,16 @@ def test_sizes_below_one_are_refused(key):
 def test_code_faithful_canary_split_needs_a_validation_fraction():
     with pytest.raises(ValueError, match="canary_val_fraction"):
         FederatedTextDataModule(canary_split_after_replication=True)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"client_sizes": []}, r"client_sizes=\[\] names no client"),
+        ({"num_canaries": -1}, r"num_canaries must be >= 0 .*got -1"),
+    ],
+)
+def test_no_clients_or_negative_canaries_are_refused(setting, message):
+    # [] was read as unset (three default clients) and -1 as no canaries, without a word
+    with pytest.raises(ValueError, match=message):
+        FederatedTextDataModule(**setting)
