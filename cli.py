@@ -39,6 +39,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
@@ -57,6 +58,7 @@ from callbacks.slurm_requeue import SlurmRequeue
 from callbacks.training_rng import TrainingRng
 from modules.hf_models import TINY_PRESETS
 from modules.pretrained_presets import PRETRAINED_PRESETS
+from strategies.atomic_checkpoint_io import AtomicCheckpointIO
 from strategies.fsdp import sharded_checkpoint_meta
 
 DEFAULT_SEED = 1234
@@ -103,7 +105,7 @@ class MloCLI(LightningCLI):
             isinstance(c, LightningModelCheckpoint) for c in [*configured, *callbacks]
         ):
             callbacks = [*callbacks, ModelCheckpoint(**DEFAULT_CHECKPOINT)]
-        return super()._instantiate_trainer(config, callbacks)
+        return super()._instantiate_trainer(with_atomic_checkpoint_io(config), callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
         # Lightning loads --ckpt_path into the model before the precision plugin casts it, so
@@ -178,6 +180,18 @@ class MloCLI(LightningCLI):
                 return
             for note in unused_optimizer_settings(after, checkpoint):
                 rank_zero_warn(f"--ckpt_path {ckpt_path}: {note}")
+
+
+def with_atomic_checkpoint_io(config: dict[str, Any]) -> dict[str, Any]:
+    """The trainer config with ``AtomicCheckpointIO`` among its plugins, unless the config names
+    a ``CheckpointIO`` of its own (in ``plugins`` or on a strategy instance): Lightning's save
+    could truncate the last good checkpoint (``strategies/atomic_checkpoint_io.py``)."""
+    plugins = config.get("plugins")
+    plugins = [] if plugins is None else plugins if isinstance(plugins, list) else [plugins]
+    strategy_io = getattr(config.get("strategy"), "_checkpoint_io", None)
+    if strategy_io is not None or any(isinstance(p, CheckpointIO) for p in plugins):
+        return config
+    return {**config, "plugins": [*plugins, AtomicCheckpointIO()]}
 
 
 def check_checkpoint_model_class(ckpt_path: str, changes: list[tuple[str, Any, Any]]) -> None:

@@ -23,6 +23,7 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 
 import cli
 from modules.pretrained_presets import is_preset_available
+from strategies.atomic_checkpoint_io import AtomicCheckpointIO
 
 QUICKSTART = "configs/quickstart.yaml"
 LP_EVAL = "configs/layer_parallel/eval.yaml"
@@ -173,6 +174,9 @@ def _assert_trainer(trainer: Trainer, settings: dict, tmp_path: Path) -> None:
         assert trainer.progress_bar_callback is None
     if settings.get("enable_checkpointing") is False:
         assert trainer.checkpoint_callback is None
+    # No shipped config names a CheckpointIO: every one saves atomically (a failed save keeps
+    # the previous checkpoint).
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     accelerators = {"cpu": CPUAccelerator, "gpu": CUDAAccelerator}
     if settings.get("accelerator") in accelerators:
         assert isinstance(trainer.accelerator, accelerators[settings["accelerator"]])
