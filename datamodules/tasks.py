@@ -214,6 +214,7 @@ class LinearRegressionTasks(EpisodicTasks):
             seed=seed,
         )
         self.require_at_least(1, dim=dim, n_support=n_support, n_query=n_query)
+        self.dim = dim  # checked against the net's dim at setup
         self.full_batch = full_batch
         gen = torch.Generator().manual_seed(seed)
         sx, sy, qx, qy, _ = sample_linear_tasks(

@@ -230,13 +230,22 @@ class MetaLearningModule(L.LightningModule):
                 f"MetaLearningModule: trainer.precision={precision!r} is not supported with "
                 f"method={self.method!r}; use one of {allowed}"
             )
-        data_way = getattr(self.trainer.datamodule, "n_way", None)
-        net_way = getattr(self.net, "n_way", None)
-        if isinstance(data_way, int) and isinstance(net_way, int) and data_way != net_way:
-            raise ValueError(
-                f"MetaLearningModule: the net has {net_way} outputs (model.init_args.net."
-                f"init_args.n_way) but the tasks have {data_way} classes (data.init_args.n_way)"
-            )
+        # A mismatch failed in the first step with a bare shape error naming no setting.
+        data = self.trainer.datamodule
+        for key, net_has, tasks_have in (
+            ("n_way", "outputs", "classes"), ("dim", "input features", "input features"),
+        ):  # fmt: skip
+            net_value, data_value = getattr(self.net, key, None), getattr(data, key, None)
+            if (
+                isinstance(net_value, int)
+                and isinstance(data_value, int)
+                and net_value != data_value
+            ):
+                raise ValueError(
+                    f"MetaLearningModule: the net has {net_value} {net_has} (model.init_args.net."
+                    f"init_args.{key}) but the tasks have {data_value} {tasks_have} "
+                    f"(data.init_args.{key})"
+                )
 
     @property
     def proximal(self) -> bool:

@@ -20,6 +20,7 @@ class LinearRegressor(nn.Module):
 
     def __init__(self, dim: int = 20, init_std: float = 0.0) -> None:
         super().__init__()
+        self.dim = dim  # checked against the data's dim at setup
         self.weight = nn.Parameter(init_std * torch.randn(dim))
 
     def forward(self, x: Tensor) -> Tensor:

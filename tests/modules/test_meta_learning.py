@@ -245,6 +245,16 @@ def test_net_outputs_must_match_the_task_classes(tmp_path):
     assert trainer.global_step == 0
 
 
+def test_net_dim_must_match_the_task_dim(tmp_path):
+    # Was a bare "Expected size [50, 5] but got [50, 20]" from inside the first step.
+    module = MetaLearningModule(LinearRegressor(dim=20), method="fomaml")
+    trainer = _trainer(tmp_path, max_steps=1, precision="64-true")
+    with pytest.raises(ValueError, match=r"net has 20 input features .*net\.init_args\.dim\) but "
+                       r"the tasks have 5 input features \(data\.init_args\.dim\)"):  # fmt: skip
+        trainer.fit(module, LinearRegressionTasks(dim=5, num_tasks=10, episodes_per_epoch=1))
+    assert trainer.global_step == 0
+
+
 @pytest.mark.parametrize("method", ["fo_b_maml_forward", "fo_b_maml_symmetric"])
 def test_vectorized_and_per_task_paths_agree_with_warm_start(method):
     """Same estimate from the vmapped and the looped path, warm start included (float64)."""
