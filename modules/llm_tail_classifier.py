@@ -29,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from modules.precision import refuse_fp16_training
-from modules.sequence_classifier import ScoredEvalMetrics
+from modules.sequence_classifier import ScoredEvalMetrics, check_class_count
 from ops.seeding import seeded_cpu_init
 
 
@@ -197,7 +197,9 @@ class LoRATailClassifier(ScoredEvalMetrics, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         refuse_fp16_training(self.trainer, type(self).__name__, stage, self)
-        check_prefix_matches_tail(self.hparams, getattr(self.trainer, "datamodule", None))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        check_prefix_matches_tail(self.hparams, datamodule)
+        check_class_count(type(self).__name__, self.hparams.num_classes, datamodule)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -72,6 +72,17 @@ class ScoredEvalMetrics:
         self.test_acc.reset()
 
 
+def check_class_count(module: str, num_classes: int, datamodule: object) -> None:
+    """Refuse a head with fewer outputs than the data has classes: the first batch with a label
+    past the head failed with a bare "index 1 is out of bounds" (CPU) or a device assert (CUDA)."""
+    data_classes = getattr(datamodule, "num_classes", None)
+    if isinstance(data_classes, int) and num_classes < data_classes:
+        raise ValueError(
+            f"{module} num_classes={num_classes} (model.init_args.num_classes) but the data has "
+            f"{data_classes} classes: the head needs one output per class"
+        )
+
+
 class FrozenFeatures(nn.Module):
     """``x -> ReLU(hidden(x))``; ``hidden`` is the layer peft adapts."""
 
@@ -130,6 +141,7 @@ class LoRAClassifier(ScoredEvalMetrics, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         refuse_fp16_training(self.trainer, type(self).__name__, stage, self)
+        check_class_count(type(self).__name__, self.hparams.num_classes, self.trainer.datamodule)
         features = getattr(self.trainer.datamodule, "input_dim", None)
         if isinstance(features, int) and features != self.hparams.in_features:
             raise ValueError(

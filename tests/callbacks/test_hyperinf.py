@@ -295,6 +295,16 @@ def test_model_and_data_input_sizes_must_agree_before_training(tmp_path) -> None
     assert trainer.global_step == 0
 
 
+def test_a_head_with_fewer_outputs_than_classes_fails_before_training(tmp_path) -> None:
+    # Was "IndexError: index 1 is out of bounds" from inside the first training step.
+    trainer = _trainer(tmp_path, _callback(tmp_path / "inf", methods=["grad_dot"]))
+    model = LoRAClassifier(in_features=8, hidden_size=16, num_classes=1, lora_r=2, init_seed=0)
+    with pytest.raises(ValueError, match=r"num_classes=1 \(model.init_args.num_classes\) but "
+                       r"the data has 2 classes"):  # fmt: skip
+        trainer.fit(model, _data())
+    assert trainer.global_step == 0
+
+
 def test_an_empty_validation_set_fails_before_training(tmp_path) -> None:
     cb = _callback(tmp_path / "inf", methods=["grad_dot"])
     trainer = _trainer(tmp_path, cb)

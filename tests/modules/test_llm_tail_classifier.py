@@ -102,6 +102,22 @@ def test_the_tail_must_continue_the_datas_prefix(tiny_llama_dir, tokenizer_dir):
         check_prefix_matches_tail(module, data)
 
 
+def test_a_head_with_fewer_outputs_than_classes_is_refused_at_setup(
+    tiny_llama_dir, tokenizer_dir, tmp_path
+):
+    import lightning as L
+
+    data = SentimentNoisyDataModule(
+        tokenizer=str(tokenizer_dir), n_train=12, n_val=4, frozen_prefix_model=None
+    )
+    module = LoRATailClassifier(model=str(tiny_llama_dir), tail_layers=1, num_classes=1)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match=r"LoRATailClassifier num_classes=1 .* has 2 classes"):
+        trainer.fit(module, data)
+    assert trainer.global_step == 0
+
+
 def test_a_model_without_llama_style_decoder_parts_is_named():
     from modules.llm_tail_classifier import llama_style_decoder
 
