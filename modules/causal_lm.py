@@ -20,7 +20,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from datamodules.text import load_tokenizer
@@ -34,6 +33,7 @@ from modules.hf_models import (
 from modules.precision import refuse_fp16_training
 from modules.token_perplexity import TokenPerplexity
 from modules.trainable_checkpoint import TRAINABLE_ONLY, check_trainable_only, keep_trainable_only
+from modules.weighted_mean import update_weighted, weighted_mean
 from optim.schedules import fill_total_steps
 from strategies.fsdp import refuse_generation_under_sharded_fsdp
 
@@ -284,7 +284,7 @@ class CausalLMModule(L.LightningModule):
         self.val_ppl, self.test_ppl = TokenPerplexity(), TokenPerplexity()
         # Token-weighted means: reduced as sums over ranks, so batches and ranks holding
         # different numbers of tokens weigh what they hold (a mean of rank means would not).
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_loss, self.test_loss = weighted_mean(), weighted_mean()
 
     # ----------------------------------------------------------------- set-up checks
     def setup(self, stage: str) -> None:
@@ -321,7 +321,7 @@ class CausalLMModule(L.LightningModule):
         tokens = (targets != -100).sum()
         # A batch of padding blocks only (sharded eval) has a NaN mean loss: it enters with
         # weight 0 as a 0 (torch.where, not an `if`, which would sync the GPU every batch).
-        loss.update(torch.where(tokens > 0, out.loss.detach(), 0.0), weight=tokens)
+        update_weighted(loss, torch.where(tokens > 0, out.loss.detach(), 0.0), tokens)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
         self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
 

@@ -6,6 +6,7 @@ import torch
 from torch.nn import functional as F
 from torchmetrics import Metric
 
+from modules.weighted_mean import accumulation_dtype
 from ops.goldfish import IGNORE_INDEX
 
 
@@ -46,7 +47,10 @@ class TokenPerplexity(Metric):
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         nll, tokens = next_token_nll(logits, labels, self.ignore_index)
-        self.nll_sum += nll.to(self.nll_sum)
+        # Lightning casts the state to the half type under *-true half precision; re-widen it
+        # (only this state: set_dtype would turn the integer token count into a float too)
+        dtype = accumulation_dtype(torch.promote_types(self.nll_sum.dtype, nll.dtype))
+        self.nll_sum = self.nll_sum.to(dtype) + nll.to(dtype)
         self.tokens += tokens.to(self.tokens)
 
     def compute(self) -> torch.Tensor:

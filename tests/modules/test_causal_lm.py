@@ -273,3 +273,29 @@ def test_predict_is_refused_on_several_fsdp_processes_only(tokenizer_dir):
         module.on_predict_start()
     module._trainer = SimpleNamespace(strategy=fsdp, world_size=1)
     module.on_predict_start()
+
+
+@pytest.mark.parametrize("precision", ["16-true", "bf16-true"])
+def test_half_precision_evaluation_sums_its_metrics_in_float32(
+    tmp_path, tokenizer_dir, corpus_file, precision
+):
+    # Lightning casts metric states to the half type: fp16 sums overflowed to inf past 65504
+    # (val/loss=inf) and bf16 sums kept 8 bits (val/loss 8.125 for 8.104)
+    dm = TextDataModule(
+        data_files=str(corpus_file),
+        tokenizer=str(tokenizer_dir),
+        block_size=128,
+        batch_size=16,
+        val_fraction=0.2,
+    )
+    torch.manual_seed(0)
+    module = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir))
+    settings = dict(accelerator="cpu", limit_val_batches=5, logger=False, enable_progress_bar=False)
+    (metrics,) = L.Trainer(precision=precision, **settings).validate(module, dm, verbose=False)
+    # the same (half-representable) weights in a float32 module: only the forward's rounding
+    # differs (module.float() would leave the metric states half: torchmetrics skips them)
+    reference = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir))
+    reference.load_state_dict(module.state_dict())
+    (exact,) = L.Trainer(**settings).validate(reference, dm, verbose=False)
+    assert metrics["val/loss"] == pytest.approx(exact["val/loss"], rel=1e-4)
+    assert metrics["val/ppl"] == pytest.approx(exact["val/ppl"], rel=1e-3)
