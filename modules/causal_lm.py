@@ -30,7 +30,7 @@ from modules.hf_models import (
     own_tokenizer_dir,
     special_token_ids,
 )
-from modules.precision import refuse_fp16_training
+from modules.precision import refuse_fp16_training, warn_bf16_weights_training
 from modules.token_perplexity import TokenPerplexity
 from modules.trainable_checkpoint import TRAINABLE_ONLY, check_trainable_only, keep_trainable_only
 from modules.weighted_mean import update_weighted, weighted_mean
@@ -289,6 +289,7 @@ class CausalLMModule(L.LightningModule):
     # ----------------------------------------------------------------- set-up checks
     def setup(self, stage: str) -> None:
         refuse_fp16_training(self.trainer, type(self).__name__, stage, self)
+        warn_bf16_weights_training(self.trainer, type(self).__name__, stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         block_size = getattr(datamodule, "block_size", None)
         limit = max_positions(self.model.config)

@@ -40,7 +40,7 @@ from modules.layer_parallel_model import (
     sequential_layers,
     undo_layer_parallelism,
 )
-from modules.precision import refuse_fp16_training
+from modules.precision import refuse_fp16_training, warn_bf16_weights_training
 from modules.token_perplexity import TokenPerplexity, next_token_nll
 from modules.trainable_checkpoint import TRAINABLE_ONLY, check_trainable_only, keep_trainable_only
 from ops.layer_parallel import LayerParallelPlan, ideal_speedup
@@ -238,6 +238,7 @@ class LayerParallelModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         refuse_fp16_training(self.trainer, type(self).__name__, stage, self)
+        warn_bf16_weights_training(self.trainer, type(self).__name__, stage)
         check_data_tokenizer(getattr(self.trainer, "datamodule", None), self.tokenizer)
         if stage == "test":
             self._check_decode_fits_the_test_data()

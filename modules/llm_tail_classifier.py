@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from modules.precision import refuse_fp16_training
+from modules.precision import refuse_fp16_training, warn_bf16_weights_training
 from modules.sequence_classifier import ScoredEvalMetrics, check_class_count
 from ops.seeding import seeded_cpu_init
 
@@ -197,6 +197,7 @@ class LoRATailClassifier(ScoredEvalMetrics, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         refuse_fp16_training(self.trainer, type(self).__name__, stage, self)
+        warn_bf16_weights_training(self.trainer, type(self).__name__, stage)
         datamodule = getattr(self.trainer, "datamodule", None)
         check_prefix_matches_tail(self.hparams, datamodule)
         check_class_count(type(self).__name__, self.hparams.num_classes, datamodule)

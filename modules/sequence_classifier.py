@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.precision import refuse_fp16_training
+from modules.precision import refuse_fp16_training, warn_bf16_weights_training
 from modules.weighted_mean import update_weighted, weighted_mean
 from ops.seeding import seeded_cpu_init
 
@@ -141,6 +141,7 @@ class LoRAClassifier(ScoredEvalMetrics, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         refuse_fp16_training(self.trainer, type(self).__name__, stage, self)
+        warn_bf16_weights_training(self.trainer, type(self).__name__, stage)
         check_class_count(type(self).__name__, self.hparams.num_classes, self.trainer.datamodule)
         features = getattr(self.trainer.datamodule, "input_dim", None)
         if isinstance(features, int) and features != self.hparams.in_features:

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import lightning as L
 import pytest
@@ -180,6 +181,21 @@ def test_fp16_true_training_is_refused_but_evaluation_runs(tmp_path, tokenizer_d
     assert trainer.global_step == 0
     (metrics,) = _trainer(tmp_path, 1, precision="16-true").validate(module, datamodule)
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+def test_bf16_true_training_warns_that_small_updates_round_away(
+    tmp_path, tokenizer_dir, datamodule
+):
+    module = CausalLMModule("micro-llama", tokenizer=str(tokenizer_dir))
+    gains = {n: p.clone() for n, p in module.named_parameters() if n.endswith("layernorm.weight")}
+    with pytest.warns(UserWarning, match=r"precision='bf16-true' keeps the weights .*'bf16-mixed'"):
+        _trainer(tmp_path, 3, precision="bf16-true").fit(module, datamodule)
+    # what the warning is about: the norm gains (1.0) did not move in bfloat16
+    assert all(torch.equal(p.float(), gains[n]) for n, p in module.named_parameters() if n in gains)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*bf16-true")
+        _trainer(tmp_path, 1, precision="bf16-true").validate(module, datamodule)
+        _trainer(tmp_path, 1, precision="bf16-mixed").fit(module, datamodule)
 
 
 def test_lora_on_pretrained_weights_checkpoints_only_the_adapter(tmp_path, tokenizer_dir):
