@@ -369,11 +369,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
             if isinstance(key, list | dict):
                 continue  # unhashable: SafeLoader reports it itself
             if key in first_line:
+                problem = f"found duplicate key {key!r} (first given on line {first_line[key]})"
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r} (first given on line {first_line[key]})",
-                    key_node.start_mark,
-                )  # fmt: skip
+                    "while constructing a mapping", node.start_mark, problem, key_node.start_mark
+                )
             first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
