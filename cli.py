@@ -48,7 +48,7 @@ from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import strategies  # noqa: F401  (registers the project's strategies by name)
-from callbacks.checkpoint import ModelCheckpoint
+from callbacks.checkpoint import DivergedRunError, ModelCheckpoint
 from callbacks.graceful_stop import GracefulStop
 from callbacks.hparams_summary import HParamsSummary
 from callbacks.metrics_file import MetricsFile
@@ -427,6 +427,8 @@ def run() -> None:
         # own handling), it is a bare SystemExit: the run exited with status 0, as if finished. 128 + 15 is
         # what a shell reports for a process ended by SIGTERM: job scripts see a failure.
         raise SystemExit(128 + signal.SIGTERM) from None
+    except DivergedRunError as err:
+        raise SystemExit(f"error: {err}") from None  # the message says what was kept
     except ValueError as err:
         failure = unwrap_instantiation_error(err)
         if failure is None:
