@@ -51,14 +51,14 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # Every save (top-k, last, on exception) passes here before Lightning removes the file
         # it replaces: raising keeps every file as it was.
-        if self.stop_on_non_finite and self._diverged(trainer):
+        if self.stop_on_non_finite and self._diverged(trainer, trainer.lightning_module):
             raise DivergedRunError(self._divergence_message(trainer, filepath))
         super()._save_checkpoint(trainer, filepath)
 
-    def _diverged(self, trainer: L.Trainer) -> bool:
+    def _diverged(self, trainer: L.Trainer, module: L.LightningModule) -> bool:
         """Whether any rank's trainable weights are non-finite (a collective decision: every rank
         saves together, and FSDP shards can differ)."""
-        local = bool(non_finite_trainable(trainer.lightning_module))
+        local = bool(non_finite_trainable(module))
         if trainer.world_size == 1:
             return local
         return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
@@ -102,7 +102,11 @@ class ModelCheckpoint(LightningModelCheckpoint):
                     "join its save); the last regular checkpoint stands"
                 )
             return
-        if self.save_on_exception and self.stop_on_non_finite and self._diverged(trainer):
+        if (
+            self.save_on_exception
+            and self.stop_on_non_finite
+            and self._diverged(trainer, pl_module)
+        ):
             # raising here would hide the run's own exception behind this one
             log.warning(
                 f"{type(exception).__name__}: no on-exception checkpoint: the trainable weights "

@@ -44,8 +44,10 @@ def test_two_processes_save_only_on_interruptions_every_rank_gets(monkeypatch, e
     monkeypatch.setattr(
         LightningModelCheckpoint, "on_exception", lambda self, *args: calls.append(args[-1])
     )
-    trainer = SimpleNamespace(world_size=2, global_rank=1)
-    ModelCheckpoint(save_on_exception=True).on_exception(trainer, None, exception)
+    # every rank of the interrupted run agrees that its (finite) weights can be saved
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision)
+    trainer = SimpleNamespace(world_size=2, global_rank=1, strategy=strategy)
+    ModelCheckpoint(save_on_exception=True).on_exception(trainer, BoringModel(), exception)
     assert calls == ([exception] if saves else [])
 
 
