@@ -22,7 +22,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from callbacks.export import non_finite_trainable
+from callbacks.export import non_finite_on_any_rank, non_finite_trainable
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # Every save (top-k, last, on exception) passes here before Lightning removes the file
         # it replaces: raising keeps every file as it was.
-        if self.stop_on_non_finite and self._diverged(trainer, trainer.lightning_module):
+        if self.stop_on_non_finite and non_finite_on_any_rank(trainer, trainer.lightning_module):
             raise DivergedRunError(self._divergence_message(trainer, filepath))
         super()._save_checkpoint(trainer, filepath)
-
-    def _diverged(self, trainer: L.Trainer, module: L.LightningModule) -> bool:
-        """Whether any rank's trainable weights are non-finite (a collective decision: every rank
-        saves together, and FSDP shards can differ)."""
-        local = bool(non_finite_trainable(module))
-        if trainer.world_size == 1:
-            return local
-        return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
 
     def _divergence_message(self, trainer: L.Trainer, filepath: str) -> str:
         bad = non_finite_trainable(trainer.lightning_module)
@@ -105,7 +97,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if (
             self.save_on_exception
             and self.stop_on_non_finite
-            and self._diverged(trainer, pl_module)
+            and non_finite_on_any_rank(trainer, pl_module)
         ):
             # raising here would hide the run's own exception behind this one
             log.warning(

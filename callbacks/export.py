@@ -75,6 +75,15 @@ def non_finite_trainable(module: torch.nn.Module) -> list[tuple[str, int]]:
     ]
 
 
+def non_finite_on_any_rank(trainer: L.Trainer, module: torch.nn.Module) -> bool:
+    """Whether any rank's trainable weights hold NaN or inf (a diverged run). Collective when
+    several processes run: every rank must call it at the same point (FSDP shards differ)."""
+    local = bool(non_finite_trainable(module))
+    if trainer.world_size == 1:
+        return local
+    return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
+
+
 def gather_full_state_dict(
     fsdp_root: torch.nn.Module, offload_to_cpu: bool
 ) -> dict[str, torch.Tensor]:

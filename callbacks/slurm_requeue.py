@@ -24,6 +24,7 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.export import non_finite_on_any_rank
 from callbacks.step_boundary_signal import StepBoundarySignal
 
 
@@ -80,6 +81,14 @@ class SlurmRequeue(StepBoundarySignal):
             logger.save()
         # The file name Lightning's resume looks for (``hpc_ckpt_<max + 1>.ckpt``).
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        if non_finite_on_any_rank(trainer, trainer.lightning_module):
+            # The requeued job would resume the NaN weights, and be preempted again, forever.
+            rank_zero_warn(
+                f"SLURM requeue signal at step {trainer.global_step}: the trainable weights are "
+                "not finite (the run diverged): no hpc checkpoint written and the job is not "
+                "requeued; its earlier checkpoints stand"
+            )
+            return
         trainer.save_checkpoint(path)
         rank_zero_info(f"SLURM requeue signal: saved {path} at step {trainer.global_step}")
         if trainer.is_global_zero:

@@ -140,6 +140,24 @@ def test_signal_after_an_optimizer_step_is_not_replayed_on_resume(tmp_path, fake
     assert torch.equal(resumed, uninterrupted)
 
 
+class DivergesThenSignals(SignallingRegression):
+    """The weights turn NaN with the optimizer step that also sends SIGUSR1."""
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        if self.global_step == self.signal_step:
+            with torch.no_grad():
+                self.layer.weight.fill_(float("nan"))
+        super().optimizer_step(*args, **kwargs)
+
+
+def test_a_diverged_run_is_neither_saved_nor_requeued(tmp_path, fake_slurm):
+    # Saving would make the requeued job resume NaN weights (and be preempted again, forever).
+    with pytest.warns(UserWarning, match=r"step 4: the trainable weights are not finite"):
+        fit_regression(DivergesThenSignals(signal_step=3), tmp_path, 6, [SlurmRequeue()])
+    assert not list(tmp_path.glob("hpc_ckpt_*.ckpt"))
+    assert not fake_slurm.exists() or not fake_slurm.read_text()
+
+
 @pytest.mark.distributed
 def test_ranks_agree_on_a_signal_only_one_of_them_received(tmp_path, fake_slurm, monkeypatch):
     """Every rank saves at the same step (a rank saving alone would wait in its barrier)."""
