@@ -7,6 +7,7 @@ embeddings and an explicit causal mask) is the same.
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
@@ -105,8 +106,6 @@ def test_the_tail_must_continue_the_datas_prefix(tiny_llama_dir, tokenizer_dir):
 def test_a_head_with_fewer_outputs_than_classes_is_refused_at_setup(
     tiny_llama_dir, tokenizer_dir, tmp_path
 ):
-    import lightning as L
-
     data = SentimentNoisyDataModule(
         tokenizer=str(tokenizer_dir), n_train=12, n_val=4, frozen_prefix_model=None
     )
